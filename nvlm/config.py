@@ -1,0 +1,210 @@
+"""The model configuration: one typed, validated dataclass tree saved as ``config.json`` with every model.
+
+Sections follow the paper's nouns (§4): the vision pathway (tiling, encoder, pixel shuffle), the tile tags,
+the projector, and the gated cross-attention blocks of NVLM-X / NVLM-H. Unknown keys are errors, so a typo
+in a config file fails loudly instead of silently training the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ARCHS = ("D", "X", "H")
+TAG_STYLES = ("none", "1d", "2d_grid", "2d_bbox")
+TAG_MODES = ("text", "special")
+VISION_TYPES = ("internvl", "siglip", "clip")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the dotted key and the fix."""
+
+
+@dataclass(kw_only=True)
+class TilingConfig:
+    """Dynamic high-resolution tiling (paper §4.1, SPEC §2)."""
+
+    min_tiles: int = 1
+    """Fewest regular tiles per image."""
+    max_tiles: int = 6
+    """Most regular tiles per image (the paper uses 6; the thumbnail comes on top)."""
+    use_thumbnail: bool = True
+    """Append a global thumbnail tile (whole image at tile size) when an image has more than one tile."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels than this are refused before decoding."""
+
+    def validate(self, prefix: str = "tiling") -> None:
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"{prefix}.min_tiles/max_tiles must satisfy 1 <= min <= max, got "
+                              f"{self.min_tiles}/{self.max_tiles}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"{prefix}.max_pixels must be positive, got {self.max_pixels}")
+
+
+@dataclass(kw_only=True)
+class TagConfig:
+    """Tile tags (paper §4.2, Table 1) and the image-block strings of the released checkpoint."""
+
+    style: Literal["none", "1d", "2d_grid", "2d_bbox"] = "1d"
+    """`none`; `1d` = <tile_1>…<tile_K>; `2d_grid` = <tile_x{c}_y{r}>; `2d_bbox` = <box>(x0,y0),(x1,y1)</box>."""
+    mode: Literal["text", "special"] = "text"
+    """`text`: tags are plain BPE text (released NVLM-D-72B); `special`: one added token per tag."""
+    thumbnail_tag: str = "<tile_global_thumbnail>"
+    """Tag of the thumbnail (and of the lone tile of a 1×1 image)."""
+    image_start: str = "<Image>"
+    image_end: str = "</Image>"
+    image_pad: str = "<|vision_pad|>"
+    """Placeholder token, repeated once per image-feature token in the decoder sequence."""
+
+    def validate(self, prefix: str = "tags") -> None:
+        if self.style not in TAG_STYLES:
+            raise ConfigError(f"{prefix}.style must be one of {TAG_STYLES}, got {self.style!r}")
+        if self.mode not in TAG_MODES:
+            raise ConfigError(f"{prefix}.mode must be one of {TAG_MODES}, got {self.mode!r}")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """The vision encoder (a Hugging Face vision model) and what we take from it."""
+
+    type: Literal["internvl", "siglip", "clip"] = "internvl"
+    """Which transformers vision model: InternViT (`InternVLVisionModel`), `SiglipVisionModel`, `CLIPVisionModel`."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """The encoder's own Hugging Face config (saved so a checkpoint rebuilds without the original path)."""
+    select_layer: int = -1
+    """Which hidden layer to use; -1 = the last layer's output."""
+    downsample: float = 0.5
+    """Pixel-shuffle ratio: 0.5 merges 2×2 patches into one token of 4× width (paper §4.1); 1.0 = off."""
+    freeze: bool = True
+    """Keep the encoder frozen in both stages (the paper's recipe); unfreeze for weak encoders."""
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    """Normalisation; None = the encoder's own constants (ImageNet for InternViT)."""
+
+    def validate(self, prefix: str = "vision") -> None:
+        if self.type not in VISION_TYPES:
+            raise ConfigError(f"{prefix}.type must be one of {VISION_TYPES}, got {self.type!r}")
+        if self.downsample not in (0.5, 1.0):
+            raise ConfigError(f"{prefix}.downsample must be 0.5 (pixel shuffle) or 1.0 (off), got {self.downsample}")
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    """The backbone LLM: any Hugging Face causal decoder."""
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """The LLM's own Hugging Face config."""
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig:
+    """Modality-alignment MLP (paper §4.5): D/H: LayerNorm→Linear→GELU→Linear (no biases); X: one Linear."""
+
+    hidden_size: int | None = None
+    """Hidden width of the 2-layer MLP; None = the LLM's FFN size, as released (29568 for Qwen2-72B)."""
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(kw_only=True)
+class XAttnConfig:
+    """Gated cross-attention blocks of NVLM-X and NVLM-H (paper §4.3–4.4). Ignored for NVLM-D."""
+
+    every: int | None = None
+    """Insert a block before every `every`-th LLM layer (0, k, 2k, …); None = about 10 blocks, as in the paper."""
+    layers: list[int] | None = None
+    """Explicit LLM layer indices to put a block before; overrides `every`."""
+    ffn_size: int | None = None
+    """FFN width inside each block; None = the LLM's FFN size."""
+
+    def validate(self, prefix: str = "xattn") -> None:
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"{prefix}.every must be >= 1, got {self.every}")
+
+
+@dataclass(kw_only=True)
+class NVLMConfig:
+    """Everything needed to rebuild an NVLM model; saved as config.json next to the weights."""
+
+    arch: Literal["D", "X", "H"] = "D"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    tags: TagConfig = field(default_factory=TagConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    format_version: int = 1
+
+    def validate(self) -> NVLMConfig:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        self.vision.validate()
+        self.tiling.validate()
+        self.tags.validate()
+        self.xattn.validate()
+        return self
+
+    # ---- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NVLMConfig:
+        return _from_dict(cls, data, "").validate()
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NVLMConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, f"{prefix}{key}.")
+        elif _is_tuple(hint) and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _is_tuple(hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_tuple(a) for a in typing.get_args(hint))
+    return typing.get_origin(hint) is tuple
+
+
+def apply_overrides(cfg: NVLMConfig, overrides: dict[str, Any]) -> NVLMConfig:
+    """Set dotted keys (`tags.style="2d_grid"`) on a config, checking each key exists."""
+    data = cfg.to_dict()
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        node[parts[-1]] = value
+    return NVLMConfig.from_dict(data)

@@ -1,0 +1,74 @@
+"""Where each tile of an image goes for NVLM-D, NVLM-X and NVLM-H (paper §4.2–4.4, SPEC §3).
+
+An image block is two lists of pieces: what enters the decoder sequence, and what enters the
+cross-attention memory. With K ≥ 2 regular tiles (T = thumbnail, {256} = a tile's feature tokens):
+
+    D  decoder  <Image><tile_1>{256}…<tile_K>{256}<tile_global_thumbnail>{256}</Image>
+       memory   (none)
+    X  decoder  <Image><tile_1>…<tile_K><tile_global_thumbnail></Image>   each tag sees only its own tile
+       memory   {256} per tile, thumbnail last
+    H  decoder  <Image><tile_global_thumbnail>{256 of T}</Image>
+       memory   emb(<tile_1>){256}…emb(<tile_K>){256}                      tag text embeddings in the memory
+
+A 1×1 image has one tile and no thumbnail; it is tagged <tile_global_thumbnail> and, for H, goes to the decoder.
+The newline after </Image> belongs to the prompt text (``<image>\\n{question}``), as in the released model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvlm.data.tags import tile_tags
+from nvlm.vision.tiling import TilePlan
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``text``: plain text; ``tag``: the tile tag of tile `tile`; ``tile``: that tile's feature tokens.
+
+    `own_tile_only` marks a decoder tag whose cross-attention row sees only its own tile (NVLM-X).
+    """
+
+    kind: str
+    text: str = ""
+    tile: int = -1
+    own_tile_only: bool = False
+
+
+@dataclass(frozen=True)
+class ImageBlock:
+    decoder: list[Piece]
+    memory: list[Piece]
+
+    def feature_tiles(self, where: str) -> int:
+        return sum(p.kind == "tile" for p in (self.decoder if where == "decoder" else self.memory))
+
+    def tags(self, where: str) -> list[str]:
+        return [p.text for p in (self.decoder if where == "decoder" else self.memory) if p.kind == "tag"]
+
+
+def image_block(arch: str, plan: TilePlan, style: str, thumbnail_tag: str,
+                image_start: str = "<Image>", image_end: str = "</Image>") -> ImageBlock:
+    tags = tile_tags(plan, style, thumbnail_tag)
+    n = plan.num_tiles
+    start, end = Piece("text", image_start), Piece("text", image_end)
+    if arch == "D":
+        body = [p for k in range(n) for p in (_tag(tags[k], k), Piece("tile", tile=k))]
+        return ImageBlock(decoder=_compact([start, *body, end]), memory=[])
+    if arch == "X":
+        body = [_tag(tags[k], k, own_tile_only=True) for k in range(n)]
+        return ImageBlock(decoder=_compact([start, *body, end]), memory=[Piece("tile", tile=k) for k in range(n)])
+    if arch == "H":
+        g = n - 1  # the thumbnail (or the lone tile of a 1×1 image) goes to the decoder
+        decoder = _compact([start, _tag(tags[g], g), Piece("tile", tile=g), end])
+        memory = [p for k in range(g) for p in (_tag(tags[k], k), Piece("tile", tile=k))]
+        return ImageBlock(decoder=decoder, memory=_compact(memory))
+    raise ValueError(f"unknown architecture {arch!r}; use D, X or H")
+
+
+def _tag(text: str, tile: int, own_tile_only: bool = False) -> Piece | None:
+    return Piece("tag", text, tile=tile, own_tile_only=own_tile_only) if text else None
+
+
+def _compact(pieces: list[Piece | None]) -> list[Piece]:
+    return [p for p in pieces if p is not None]

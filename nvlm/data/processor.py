@@ -1,0 +1,164 @@
+"""Text + images → model inputs: the image blocks of §4.2–4.4 spliced into tokenized text, and batching.
+
+A prompt holds one ``<image>`` placeholder per image. Each is replaced by the architecture's image block
+(``nvlm.data.layout``): tags and ``<Image>``/``</Image>`` are tokenized as text (or as single added tokens in
+special-token mode), each decoder tile becomes ``tokens_per_tile`` copies of the image-pad token, and memory
+tiles are recorded for the cross-attention memory. Pieces are tokenized separately, so BPE never merges across
+a tag boundary (as in Megatron's training path).
+
+For X/H every token also gets a cross-attention range [lo, hi) into its sample's memory: tile tags of NVLM-X see
+only their tile; other tokens see every image whose ``</Image>`` is at or before them; padding sees nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from nvlm.config import NVLMConfig
+from nvlm.data.layout import image_block
+from nvlm.vision.image_io import load_image
+from nvlm.vision.tiling import TilePlan, plan_tiles, tile_image, tiles_to_tensor
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Encoded:
+    """One sample: token ids, its tiles, which tiles fill the decoder's pad runs, and its x-attn memory recipe."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # [tiles, 3, S, S]
+    decoder_tiles: list[int]  # local tile indices, in the order of their pad runs
+    memory: list[tuple[str, Any]]  # ("ids", [token ids]) | ("tile", local tile index)
+    memory_len: int
+    xattn_lo: list[int]
+    xattn_hi: list[int]
+    plans: list[TilePlan] = field(default_factory=list)
+
+
+class Processor:
+    """Tokenizer + tiling for one NVLM config; `encode` one sample, `collate` a batch."""
+
+    def __init__(self, tokenizer: Any, config: NVLMConfig, tile_size: int, tokens_per_tile: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.tile_size = tile_size
+        self.tokens_per_tile = tokens_per_tile
+        self.mean, self.std = mean, std
+        self.pad_id = tokenizer.convert_tokens_to_ids(config.tags.image_pad)
+        if self.pad_id is None or self.pad_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {config.tags.image_pad!r} token; build the model with nvlm.build")
+        self._cache: dict[str, list[int]] = {}
+
+    def tokens(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def encode(self, text: str, images: list[Any] | None = None) -> Encoded:
+        """`text` with one ``<image>`` per image (paths, bytes or PIL images) → an `Encoded` sample."""
+        images = list(images or [])
+        segments = text.split(IMAGE_PLACEHOLDER)
+        if len(segments) - 1 != len(images):
+            raise ValueError(f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                             f"{len(images)} image(s) were given: {text[:200]!r}")
+        cfg, arch = self.config, self.config.arch
+        ids: list[int] = []
+        lo: list[int] = []
+        hi: list[int] = []
+        bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
+        if bos is not None:
+            ids, lo, hi = [bos], [0], [0]
+        tiles: list[torch.Tensor] = []
+        plans: list[TilePlan] = []
+        decoder_tiles: list[int] = []
+        memory: list[tuple[str, Any]] = []
+        mem_len = 0  # memory tokens so far; regular text sees [0, seen)
+        seen = 0
+
+        def emit(new: list[int], lo_v: int, hi_v: int) -> None:
+            ids.extend(new)
+            lo.extend([lo_v] * len(new))
+            hi.extend([hi_v] * len(new))
+
+        for i, segment in enumerate(segments):
+            seg_ids = self.tokens(segment) if segment else []
+            if self.pad_id in seg_ids:
+                raise ValueError(f"prompt text contains the image-pad token {cfg.tags.image_pad!r}; remove it "
+                                 f"(images are passed as {IMAGE_PLACEHOLDER} placeholders): {segment[:200]!r}")
+            emit(seg_ids, 0, seen)
+            if i == len(images):
+                break
+            image = load_image(images[i], max_pixels=cfg.tiling.max_pixels)
+            plan = plan_tiles(image.width, image.height, self.tile_size, cfg.tiling.min_tiles,
+                              cfg.tiling.max_tiles, cfg.tiling.use_thumbnail)
+            base = sum(p.num_tiles for p in plans)
+            plans.append(plan)
+            tiles.append(tiles_to_tensor(tile_image(image, plan), self.mean, self.std))
+            block = image_block(arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag,
+                                cfg.tags.image_start, cfg.tags.image_end)
+            tile_span: dict[int, tuple[int, int]] = {}
+            for piece in block.memory:  # the memory of this image, appended after earlier images'
+                if piece.kind == "tile":
+                    memory.append(("tile", base + piece.tile))
+                    tile_span[piece.tile] = (mem_len, mem_len + self.tokens_per_tile)
+                    mem_len += self.tokens_per_tile
+                else:
+                    tag_ids = self.tokens(piece.text)
+                    memory.append(("ids", tag_ids))
+                    mem_len += len(tag_ids)
+            for j, piece in enumerate(block.decoder):
+                if j == len(block.decoder) - 1:  # </Image>: from here on this image is visible
+                    seen = mem_len
+                if piece.kind == "tile":
+                    decoder_tiles.append(base + piece.tile)
+                    emit([self.pad_id] * self.tokens_per_tile, 0, seen)
+                elif piece.own_tile_only:
+                    emit(self.tokens(piece.text), *tile_span[piece.tile])
+                else:
+                    emit(self.tokens(piece.text), 0, seen)
+        pixel_values = torch.cat(tiles) if tiles else None
+        return Encoded(ids, pixel_values, decoder_tiles, memory, mem_len, lo, hi, plans)
+
+    def collate(self, samples: list[Encoded], padding_side: str = "left") -> dict[str, Any]:
+        """Pad to a batch. Left padding for generation, right for training; padding sees no memory."""
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        width = max(len(s.input_ids) for s in samples)
+        rows, mask, lo, hi = [], [], [], []
+        decoder_tiles: list[int] = []
+        memory: list[list[tuple[str, Any]]] = []
+        pixel_values = []
+        offset = 0
+        for s in samples:
+            n = width - len(s.input_ids)
+            left, right = (n, 0) if padding_side == "left" else (0, n)
+            rows.append([pad] * left + s.input_ids + [pad] * right)
+            mask.append([0] * left + [1] * len(s.input_ids) + [0] * right)
+            lo.append([0] * left + s.xattn_lo + [0] * right)
+            hi.append([0] * left + s.xattn_hi + [0] * right)
+            decoder_tiles += [offset + t for t in s.decoder_tiles]
+            memory.append([(k, offset + v if k == "tile" else v) for k, v in s.memory])
+            if s.pixel_values is not None:
+                pixel_values.append(s.pixel_values)
+                offset += s.pixel_values.shape[0]
+        return {
+            "input_ids": torch.tensor(rows),
+            "attention_mask": torch.tensor(mask),
+            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+            "decoder_tiles": torch.tensor(decoder_tiles, dtype=torch.long),
+            "memory": memory,
+            "xattn_lo": torch.tensor(lo),
+            "xattn_hi": torch.tensor(hi),
+        }
+
+    def __call__(self, texts: str | list[str], images: list[Any] | list[list[Any]] | None = None,
+                 padding_side: str = "left") -> dict[str, Any]:
+        """Encode and collate: one text with its images, or a list of texts with a list of image lists."""
+        if isinstance(texts, str):
+            return self.collate([self.encode(texts, images)], padding_side)
+        images = images or [[] for _ in texts]
+        return self.collate([self.encode(t, im) for t, im in zip(texts, images, strict=True)], padding_side)

@@ -1,0 +1,112 @@
+"""Building an NVLM model from a backbone LLM and a vision encoder, and its on-disk format.
+
+    out/
+      config.json              NVLMConfig (architecture, tiling, tags, projector, x-attn; backbone configs)
+      model.safetensors        NVLM's own modules: projector.*, xattn.* (cross-attention blocks)
+      preprocessor_config.json tile size, tiling limits, normalisation (for other tools; config.json rules)
+      tokenizer.json, …        the tokenizer, with NVLM's tokens added
+      llm/                     the backbone LLM as an ordinary Hugging Face checkpoint
+      vision/                  the vision encoder as an ordinary Hugging Face checkpoint
+
+Every file is JSON or safetensors: no pickle, no remote code. The backbones load through the same
+``from_pretrained`` calls a user's own checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides
+from nvlm.data.tags import all_tags
+from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
+from nvlm.models.nvlm import NVLM
+from nvlm.vision.encoder import load_vision_model
+
+_OWN = ("projector.", "xattn.")
+
+
+def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any = None,
+          dtype: torch.dtype | None = None, **overrides: Any) -> NVLM:
+    """Compose NVLM-`arch` from a local HF LLM folder (or config) and a vision encoder folder (or config).
+
+    `tokenizer` defaults to the LLM folder. `overrides` are dotted config keys with dots as double
+    underscores or a dict under `config=`: ``build("X", llm, vision, tags__style="2d_grid", xattn__every=4)``.
+    """
+    if llm is None or vision is None:
+        raise ValueError("nvlm.build needs llm= (a local HF model folder or config) and vision= (same)")
+    if tokenizer is None:
+        if not isinstance(llm, (str, os.PathLike)):
+            raise ValueError("nvlm.build: give tokenizer= (a folder or tokenizer object) when llm is a config")
+        tokenizer = llm
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    llm_model = load_llm(llm, dtype)
+    vision_model, kind = load_vision_model(vision)
+    if dtype is not None:
+        vision_model = vision_model.to(dtype)
+    flat = dict(overrides.pop("config", {}))
+    flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+    cfg = apply_overrides(NVLMConfig(arch=arch, vision=VisionConfig(type=kind)), flat)
+    _add_tokens(tokenizer, cfg, vision_model)
+    resize_embeddings(llm_model, len(tokenizer))
+    cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
+    cfg.vision.hf_config = vision_model.config.to_dict()
+    return NVLM(cfg.validate(), llm_model, vision_model, tokenizer)
+
+
+def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
+    """The image-pad token is always one token; in special-token mode so are the tags and image markers."""
+    tokens = [cfg.tags.image_pad]
+    if cfg.tags.mode == "special":
+        size = vision_model.config.image_size
+        size = size if isinstance(size, int) else size[0]
+        tokens += [cfg.tags.image_start, cfg.tags.image_end]
+        tokens += all_tags(cfg.tags.style, cfg.tags.thumbnail_tag, size, cfg.tiling.min_tiles, cfg.tiling.max_tiles)
+    add_special_tokens(tokenizer, tokens)
+
+
+def save_pretrained(model: NVLM, path: str | os.PathLike) -> None:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.llm.hf_config = config_dict(model.llm)
+    model.config.save(out / "config.json")
+    own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith(_OWN)}
+    save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
+    model.tokenizer.save_pretrained(out)
+    model.llm.save_pretrained(out / "llm")
+    model.vision.model.save_pretrained(out / "vision")
+    p = model.processor
+    pre = {"tile_size": p.tile_size, "tokens_per_tile": p.tokens_per_tile, "image_mean": list(p.mean),
+           "image_std": list(p.std), "min_tiles": model.config.tiling.min_tiles,
+           "max_tiles": model.config.tiling.max_tiles, "use_thumbnail": model.config.tiling.use_thumbnail}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> NVLM:
+    """Load a model written by ``save_pretrained``."""
+    root = Path(path)
+    if not (root / "config.json").is_file() or not (root / "llm").is_dir():
+        raise FileNotFoundError(f"{root} is not an nvlm checkpoint (needs config.json and llm/); "
+                                "write one with model.save_pretrained or nvlm.build(...).save_pretrained")
+    cfg = NVLMConfig.load(root / "config.json")
+    llm = load_llm(root / "llm", dtype)
+    vision_model, _ = load_vision_model(root / "vision")
+    if dtype is not None:
+        vision_model = vision_model.to(dtype)
+    model = NVLM(cfg, llm, vision_model, load_tokenizer(root))
+    state = load_file(str(root / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith(_OWN)]
+    if missing or unexpected:
+        raise ValueError(f"{root}/model.safetensors does not match NVLM-{cfg.arch}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device) if device is not None else model

@@ -1,0 +1,89 @@
+"""The backbone LLM and its tokenizer: the one file that touches transformers' causal-LM and tokenizer APIs.
+
+Any Hugging Face decoder (Qwen2, Llama, Mistral, …) works: NVLM only needs its input embeddings, its list of
+decoder layers (to insert gated cross-attention before some of them) and its usual forward with a KV cache.
+Nothing here runs remote code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """The shapes NVLM's modules take from the LLM."""
+
+    hidden_size: int
+    ffn_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    rms_norm_eps: float
+
+
+def dims_of(config: Any) -> LLMDims:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return LLMDims(
+        hidden_size=config.hidden_size,
+        ffn_size=config.intermediate_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        num_layers=config.num_hidden_layers,
+        rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6),
+    )
+
+
+def load_llm(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """A causal LM from a local HF folder, or a randomly initialised one from a config object or dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"LLM {source}: not a folder; give a local Hugging Face model folder")
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    if isinstance(source, dict):
+        cfg = dict(source)
+        source = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(source, trust_remote_code=False)
+    return model.to(dtype) if dtype is not None else model
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The LLM's decoder blocks, in order (where gated cross-attention blocks are hooked in)."""
+    return llm.get_decoder().layers
+
+
+def config_dict(llm: nn.Module) -> dict[str, Any]:
+    """The LLM's HF config as a plain dict (stored inside NVLM's config.json)."""
+    d = llm.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
+        d.pop(key, None)
+    return d
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
+    """Register `tokens` as single special tokens (those not already in the vocabulary); returns how many."""
+    new = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if not new:
+        return 0
+    return tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+
+
+def resize_embeddings(llm: nn.Module, vocab_size: int) -> None:
+    if llm.get_input_embeddings().weight.shape[0] < vocab_size:
+        llm.resize_token_embeddings(vocab_size, mean_resizing=False)

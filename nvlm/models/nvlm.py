@@ -1,0 +1,189 @@
+"""The NVLM model: vision encoder → projector → LLM, for the three architectures of paper §4.2–4.4.
+
+One class serves D, X and H because they differ only in *where* each tile's tokens go, which the prompt
+layout decides (``nvlm.data.layout``): NVLM-D scatters all tile features into the decoder's image-pad slots;
+NVLM-X puts them all in the cross-attention memory; NVLM-H puts the thumbnail in the decoder and the regular
+tiles (with their tags' text embeddings) in the memory. X and H add gated cross-attention blocks
+(``nvlm.models.xattn``) before scheduled LLM layers through forward pre-hooks, so the backbone's own modules,
+parameter names, masks, RoPE and KV cache stay exactly those of the Hugging Face model.
+
+The model knows nothing of data loading, distribution or logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvlm.config import NVLMConfig
+from nvlm.data.processor import Processor
+from nvlm.models.llm import LLMDims, decoder_layers, dims_of
+from nvlm.models.xattn import GatedCrossAttentionBlock, XAttnState, schedule, xattn_mask
+from nvlm.vision.encoder import VisionEncoder, default_mean_std
+from nvlm.vision.projector import build_projector
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, vocab] (or only the last positions when logits_to_keep is set)
+    past_key_values: Any = None
+    xattn_state: XAttnState | None = None
+
+
+class NVLM(nn.Module):
+    """NVLM-D / NVLM-X / NVLM-H over a Hugging Face causal LLM and vision tower. Build with ``nvlm.build``."""
+
+    def __init__(self, config: NVLMConfig, llm: nn.Module, vision_model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.vision = VisionEncoder(vision_model, config.vision.type, config.vision.select_layer,
+                                    config.vision.downsample)
+        self.vision.requires_grad_(not config.vision.freeze)  # frozen by default, as in both NVLM stages
+        self.dims: LLMDims = dims_of(llm.config)
+        d = self.dims.hidden_size
+        hidden = config.projector.hidden_size or self.dims.ffn_size
+        self.projector = build_projector(config.arch, self.vision.out_dim, d, hidden, config.projector.layer_norm_eps)
+        self.xattn_layers: list[int] = []
+        self.xattn = nn.ModuleList()
+        if config.arch in ("X", "H"):
+            self.xattn_layers = schedule(self.dims.num_layers, config.xattn.every, config.xattn.layers)
+            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(self.dims, config.xattn.ffn_size)
+                                       for _ in self.xattn_layers)
+            layers = decoder_layers(llm)
+            for block_idx, layer_idx in enumerate(self.xattn_layers):
+                layers[layer_idx].register_forward_pre_hook(self._xattn_hook(block_idx), with_kwargs=True)
+        self.tokenizer = tokenizer
+        mean, std = default_mean_std(config.vision.type)
+        self.processor = Processor(tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
+                                   config.vision.image_mean or mean, config.vision.image_std or std)
+        self.gate_off = False  # text-only use: skip every cross-attention block
+        self._ctx: tuple[XAttnState, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    # ---- vision → projector ------------------------------------------------------------------------------
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] tiles → [N, tokens_per_tile, d] projected features."""
+        pixel_values = pixel_values.to(self.device, next(self.vision.parameters()).dtype)
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = self.vision(pixel_values)  # [N, 256, 4C]
+        return self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              decoder_tiles: torch.Tensor | None = None, memory: list | None = None
+              ) -> tuple[torch.Tensor, XAttnState | None]:
+        """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, d]
+        feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
+        is_pad = input_ids == self.processor.pad_id
+        n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
+        if int(is_pad.sum()) != n_dec * self.vision.tokens_per_tile:
+            per_sample = is_pad.sum(-1).tolist()
+            raise ValueError(
+                f"image placeholders and image features disagree: {int(is_pad.sum())} "
+                f"{self.config.tags.image_pad!r} tokens in the batch (per sample {per_sample}) but {n_dec} decoder "
+                f"tile(s) × {self.vision.tokens_per_tile} = {n_dec * self.vision.tokens_per_tile} feature tokens; "
+                "build inputs with model.processor so each <image> expands to its tiles"
+            )
+        if n_dec:
+            dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
+            embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
+        state = None
+        if self.xattn and memory is not None and any(memory):
+            state = self._memory(memory, feats, embeds.dtype)
+        return embeds, state
+
+    def _memory(self, memory: list, feats: torch.Tensor | None, dtype: torch.dtype) -> XAttnState:
+        embed = self.llm.get_input_embeddings()
+        rows = []
+        for recipe in memory:  # per sample: tag-text embeddings and tile features, in layout order
+            parts = [embed(torch.tensor(v, device=self.device)) if k == "ids" else feats[v] for k, v in recipe]
+            rows.append(torch.cat(parts).to(dtype) if parts else torch.zeros(0, self.dims.hidden_size,
+                                                                                dtype=dtype, device=self.device))
+        lens = torch.tensor([r.shape[0] for r in rows], device=self.device)
+        mem = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, M, d]
+        return XAttnState(memory=mem, memory_len=lens)
+
+    # ---- the forward pass --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, decoder_tiles: torch.Tensor | None = None,
+                memory: list | None = None, xattn_lo: torch.Tensor | None = None,
+                xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
+                xattn_state: XAttnState | None = None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> Output:
+        """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
+
+        While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
+        image, so they see the whole memory of their sample unless `xattn_lo`/`xattn_hi` say otherwise.
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory)
+        state = state or xattn_state
+        if position_ids is None:  # left padding: count only real tokens
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        if state is not None and not self.gate_off:
+            b, t = input_ids.shape
+            if xattn_lo is None:  # decode step: see the sample's whole memory
+                xattn_lo = torch.zeros(b, t, dtype=torch.long)
+                xattn_hi = state.memory_len[:, None].expand(b, t)
+            self._ctx = (state, xattn_lo.to(self.device), xattn_hi.to(self.device))
+        try:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        finally:
+            self._ctx = None
+        return Output(out.logits, out.past_key_values if use_cache else None, state)
+
+    def _xattn_hook(self, block_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._ctx is None:  # text-only batch or gate off: the block is skipped entirely
+                return None
+            state, lo, hi = self._ctx
+            block = self.xattn[block_idx]
+            if block_idx not in state.kv:  # K/V of the image memory: once per image, reused while decoding
+                state.kv[block_idx] = block.memory_kv(state.memory)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            allowed, row = xattn_mask(lo, hi, state.memory.shape[1])
+            hidden = block(hidden, state.kv[block_idx], allowed, row)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    # ---- convenience ---------------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        from nvlm.inference.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+    def chat(self, question: str, image: Any = None, images: list | None = None, **kwargs: Any) -> Any:
+        from nvlm.inference.generate import chat
+
+        return chat(self, question, image=image, images=images, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        from nvlm.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    def describe(self) -> str:
+        """A one-paragraph summary: architecture, backbone shapes, tiles, cross-attention schedule."""
+        c, v = self.config, self.vision
+        lines = [f"NVLM-{c.arch}: LLM {self.llm.config.model_type} ({self.dims.num_layers} layers, width "
+                 f"{self.dims.hidden_size}), vision {v.kind} ({v.tile_size} px tiles → {v.tokens_per_tile} tokens × "
+                 f"{v.out_dim}), tags {c.tags.style}/{c.tags.mode}"]
+        if self.xattn_layers:
+            lines.append(f"gated cross-attention: {len(self.xattn_layers)} blocks, before LLM layers "
+                         f"{self.xattn_layers}")
+        return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Gated cross-attention (paper §4.3–4.4, SPEC §3): the block NVLM-X and NVLM-H insert among LLM layers.
+
+    h   = x + tanh(g_attn) · row_mask · XAttn(RMSNorm(x), memory)
+    out = h + tanh(g_ffn)  · row_mask · FFN(RMSNorm(h))
+
+Both gates are scalars initialised to 0, so an untrained block is an exact identity and the LLM's text
+behaviour is untouched. Queries come from the text stream, keys/values from the image memory (projected tile
+tokens; for NVLM-H also the tile tags' text embeddings). q and k get a per-head RMSNorm; there is no RoPE.
+Which memory tokens a text token may see is a range [lo, hi) per token (see ``xattn_mask``): a tile tag sees
+only its own tile, other tokens see the images that came before them, and a token that sees nothing has its
+row zeroed (``row_mask``) instead of producing NaN from an empty softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvlm.models.llm import LLMDims
+
+
+def xattn_mask(lo: torch.Tensor, hi: torch.Tensor, memory_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ranges → (allowed [B, T, M] bool, row_mask [B, T, 1] float: 1 where the row sees anything)."""
+    m = torch.arange(memory_len, device=lo.device)  # [M]
+    allowed = (m >= lo[..., None]) & (m < hi[..., None])  # [B, T, M]
+    row = allowed.any(-1, keepdim=True)  # [B, T, 1]
+    # Rows that see nothing attend everywhere (finite softmax) and are then multiplied by 0.
+    allowed = allowed | ~row
+    return allowed, row.float()
+
+
+@dataclass
+class XAttnState:
+    """The image memory of a batch and each block's K/V of it, computed once per image and reused while decoding."""
+
+    memory: torch.Tensor  # [B, M, d]
+    memory_len: torch.Tensor  # [B] valid memory tokens per sample
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block → ([B,kvH,M,hd], …)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """One gated cross-attention block with its own norms, attention, FFN (SwiGLU) and two tanh gates."""
+
+    def __init__(self, dims: LLMDims, ffn_size: int | None = None) -> None:
+        super().__init__()
+        d, hd = dims.hidden_size, dims.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = dims.num_heads, dims.num_kv_heads, hd
+        ffn = ffn_size or dims.ffn_size
+        eps = dims.rms_norm_eps
+        self.input_norm = nn.RMSNorm(d, eps=eps)
+        self.q_proj = nn.Linear(d, dims.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, dims.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, dims.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(dims.num_heads * hd, d, bias=False)
+        self.q_norm = nn.RMSNorm(hd, eps=eps)
+        self.k_norm = nn.RMSNorm(hd, eps=eps)
+        self.post_norm = nn.RMSNorm(d, eps=eps)
+        self.gate_proj = nn.Linear(d, ffn, bias=False)
+        self.up_proj = nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, M, d] → K, V of shape [B, kvH, M, hd]; done once per image memory."""
+        b, m, _ = memory.shape
+        k = self.k_norm(self.k_proj(memory).view(b, m, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(memory).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor, row_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, T, d]; kv from ``memory_kv``; allowed [B, T, M] bool; row_mask [B, T, 1]."""
+        b, t, _ = x.shape
+        k, v = kv
+        q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        rep = self.num_heads // self.num_kv_heads  # grouped-query attention: share each K/V head
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None].to(q.device))  # [B, H, T, hd]
+        a = self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [B, T, d]
+        h = x + torch.tanh(self.gate_attn).to(x.dtype) * (a * row_mask.to(a.dtype))
+        n = self.post_norm(h)
+        f = self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+        return h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype))
+
+
+def schedule(num_layers: int, every: int | None, layers: list[int] | None) -> list[int]:
+    """LLM layer indices that get a block before them. Default: every ≈ L/10, i.e. 10 blocks (paper §4.5)."""
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"xattn.layers {bad} out of range for an LLM with {num_layers} layers")
+        return sorted(set(layers))
+    k = every or max(1, round(num_layers / 10))
+    return list(range(0, num_layers, k))

@@ -1,0 +1,47 @@
+"""What trains in which stage (paper §4.5, Tables 10–11, SPEC §3): the one place that decides freezing.
+
+    stage        D                   X                                   H
+    pretrain     projector           projector + x-attn                  projector + x-attn
+    sft          projector + LLM     projector + x-attn + LLM            projector + x-attn + LLM
+
+The vision encoder is frozen in both stages (``unfreeze_vision=True`` for weak encoders); NVLM-X's SFT can keep
+the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues against in §4.3).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+STAGES = ("pretrain", "sft")
+COMPONENTS = ("vision", "projector", "xattn", "llm")
+
+
+def components(model: nn.Module) -> dict[str, nn.Module]:
+    return {"vision": model.vision, "projector": model.projector, "xattn": model.xattn, "llm": model.llm}
+
+
+def apply_stage(model: nn.Module, stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> None:
+    """Set ``requires_grad`` on every parameter for `stage` ("pretrain" = stage 1, "sft" = stage 2)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} (stage 1 = pretrain, stage 2 = sft), got {stage!r}")
+    trains = {
+        "vision": unfreeze_vision,
+        "projector": True,
+        "xattn": True,
+        "llm": stage == "sft" and not freeze_llm,
+    }
+    for name, module in components(model).items():
+        module.requires_grad_(trains[name])
+
+
+def trainable_table(model: nn.Module) -> str:
+    """A table of trainable and frozen parameters per component."""
+    rows = [f"{'component':<10} {'trainable':>14} {'frozen':>14}"]
+    total_t = total_f = 0
+    for name, module in components(model).items():
+        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        f = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        total_t, total_f = total_t + t, total_f + f
+        rows.append(f"{name:<10} {t:>14,} {f:>14,}")
+    rows.append(f"{'total':<10} {total_t:>14,} {total_f:>14,}")
+    return "\n".join(rows)

@@ -1,0 +1,127 @@
+"""The vision encoder (paper §4.1): a Hugging Face vision tower, layer selection, CLS removal, pixel shuffle.
+
+This is the one file that touches transformers' vision models. Supported towers: InternViT (transformers'
+``InternVLVisionModel``, what NVLM uses), ``SiglipVisionModel`` and ``CLIPVisionModel``. A tile goes in as
+[3, S, S] and comes out as (S/patch · downsample)² tokens of width C/downsample² (256 × 4C for 448 px, 14 px
+patches, downsample 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvlm.vision.pixel_shuffle import pixel_shuffle
+from nvlm.vision.tiling import IMAGENET_MEAN, IMAGENET_STD
+
+# Normalisation constants each encoder family was trained with.
+_MEAN_STD = {
+    "internvl": (IMAGENET_MEAN, IMAGENET_STD),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+_MODEL_TYPES = {"internvl_vision": "internvl", "internvl": "internvl", "siglip_vision_model": "siglip",
+                "siglip": "siglip", "clip_vision_model": "clip", "clip": "clip"}
+
+
+def _classes(kind: str) -> tuple[type, type]:
+    import transformers as tf
+
+    return {
+        "internvl": (tf.InternVLVisionConfig, tf.InternVLVisionModel),
+        "siglip": (tf.SiglipVisionConfig, tf.SiglipVisionModel),
+        "clip": (tf.CLIPVisionConfig, tf.CLIPVisionModel),
+    }[kind]
+
+
+def default_mean_std(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return _MEAN_STD[kind]
+
+
+def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
+    """Build a randomly initialised vision tower from its HF config dict (weights are loaded afterwards)."""
+    config_cls, model_cls = _classes(kind)
+    cfg = dict(hf_config)
+    cfg.pop("model_type", None)
+    return model_cls(config_cls(**cfg))
+
+
+def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
+    """Load a vision tower from a local HF folder or build one from a config object; returns (model, kind).
+
+    A folder may hold a vision-only model (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel) or a full
+    SigLIP / CLIP / InternVL-hf model, from which the vision tower is taken. Remote code is never run.
+    """
+    if not isinstance(source, (str, os.PathLike)):  # a PretrainedConfig object: tiny / random models
+        kind = _kind_of(source.model_type, str(source))
+        return vision_model_from_config(kind, source.to_dict()), kind
+    path = Path(source)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
+    cfg = json.loads(cfg_file.read_text())
+    kind = _kind_of(cfg.get("model_type", ""), str(path))
+    config_cls, model_cls = _classes(kind)
+    if cfg.get("model_type") == "internvl":  # full InternVL-hf checkpoint: take the vision tower's weights
+        model = vision_model_from_config(kind, cfg["vision_config"])
+        _load_prefixed(model, path, ("model.vision_tower.", "vision_tower."))
+        return model, kind
+    return model_cls.from_pretrained(path, trust_remote_code=False), kind
+
+
+def _kind_of(model_type: str, where: str) -> str:
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"vision encoder {where}: model_type {model_type!r} is not supported; use a transformers "
+            "InternVL vision (internvl_vision), SigLIP or CLIP model (original remote-code InternViT checkpoints "
+            "must first be converted to transformers' InternVL format)"
+        )
+    return _MODEL_TYPES[model_type]
+
+
+def _load_prefixed(model: nn.Module, path: Path, prefixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        for key, value in load_file(file).items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    state[key[len(prefix):]] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"vision encoder {path}: weights missing for {missing[:5]} (and {max(0, len(missing) - 5)} more)")
+
+
+class VisionEncoder(nn.Module):
+    """HF vision tower → selected layer → CLS dropped → pixel shuffle. Output: [tiles, tokens, out_dim]."""
+
+    def __init__(self, model: nn.Module, kind: str, select_layer: int = -1, downsample: float = 0.5) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.select_layer = select_layer
+        self.downsample = downsample
+        cfg = model.config
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
+        self.tile_size: int = int(size)
+        self.grid: int = int(size) // int(patch)
+        self.has_cls = kind in ("internvl", "clip")  # SigLIP has no class token
+        self.hidden_size: int = cfg.hidden_size
+        scale = int(round(1 / downsample))
+        self.tokens_per_tile: int = (self.grid // scale) ** 2
+        self.out_dim: int = self.hidden_size * scale * scale
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        want_hidden = self.select_layer != -1
+        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+        feats = out.hidden_states[self.select_layer] if want_hidden else out.last_hidden_state  # [N, (1+)g², C]
+        if self.has_cls:
+            feats = feats[:, 1:]  # drop CLS → [N, g², C]
+        return pixel_shuffle(feats, self.downsample)  # [N, (g/2)², 4C]
