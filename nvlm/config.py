@@ -194,6 +194,15 @@ def _is_tuple(hint: Any) -> bool:
     return typing.get_origin(hint) is tuple
 
 
+_VOLATILE_HF_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
+def clean_hf_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's HF config dict without the keys that change on every save/load (paths, versions, dtype),
+    in its JSON form (so what is in memory equals what a reload gives)."""
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in _VOLATILE_HF_KEYS}))
+
+
 def apply_overrides(cfg: NVLMConfig, overrides: dict[str, Any]) -> NVLMConfig:
     """Set dotted keys (`tags.style="2d_grid"`) on a config, checking each key exists."""
     data = cfg.to_dict()

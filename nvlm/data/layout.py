@@ -16,6 +16,7 @@ The newline after </Image> belongs to the prompt text (``<image>\\n{question}``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nvlm.data.tags import tile_tags
@@ -40,11 +41,15 @@ class ImageBlock:
     decoder: list[Piece]
     memory: list[Piece]
 
+    def pieces(self, where: str) -> list[Piece]:
+        """`where` is "decoder" or "xattn" (the cross-attention memory)."""
+        return self.decoder if where == "decoder" else self.memory
+
     def feature_tiles(self, where: str) -> int:
-        return sum(p.kind == "tile" for p in (self.decoder if where == "decoder" else self.memory))
+        return sum(p.kind == "tile" for p in self.pieces(where))
 
     def tags(self, where: str) -> list[str]:
-        return [p.text for p in (self.decoder if where == "decoder" else self.memory) if p.kind == "tag"]
+        return [p.text for p in self.pieces(where) if p.kind == "tag"]
 
 
 def image_block(arch: str, plan: TilePlan, style: str, thumbnail_tag: str,
@@ -72,3 +77,25 @@ def _tag(text: str, tile: int, own_tile_only: bool = False) -> Piece | None:
 
 def _compact(pieces: list[Piece | None]) -> list[Piece]:
     return [p for p in pieces if p is not None]
+
+
+def render(block: ImageBlock, where: str, tokens_per_tile: int) -> str:
+    """The block as a readable string: tiles as ``{256}``, memory pieces joined by spaces."""
+    return "".join(f"{{{tokens_per_tile}}}" if p.kind == "tile" else p.text for p in block.pieces(where))
+
+
+def describe(plan: TilePlan, tokens_per_tile: int, style: str, thumbnail_tag: str,
+             count_tokens: Callable[[str], int] = lambda s: 1 if s else 0) -> dict:
+    """What `nvlm inspect` reports for one image: the tiling, and per architecture the image-feature tokens
+    (and, separately, tile-tag tokens) in the decoder sequence and in the cross-attention memory."""
+    info = plan.to_dict()
+    info["tiles"] = [{"index": k, "kind": "tile", "box": list(b)} for k, b in enumerate(plan.boxes)]
+    if plan.thumbnail:
+        info["tiles"].append({"index": plan.num_regular, "kind": "thumbnail", "box": [0, 0, plan.width, plan.height]})
+    info["tokens"], info["tag_tokens"], info["layout"] = {}, {}, {}
+    for arch in ("D", "X", "H"):
+        block = image_block(arch, plan, style, thumbnail_tag)
+        info["tokens"][arch] = {w: block.feature_tiles(w) * tokens_per_tile for w in ("decoder", "xattn")}
+        info["tag_tokens"][arch] = {w: sum(count_tokens(t) for t in block.tags(w)) for w in ("decoder", "xattn")}
+        info["layout"][arch] = {w: render(block, w, tokens_per_tile) for w in ("decoder", "xattn")}
+    return info

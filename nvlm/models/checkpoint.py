@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides
+from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
 from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
 from nvlm.models.nvlm import NVLM
@@ -56,7 +56,7 @@ def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any =
     _add_tokens(tokenizer, cfg, vision_model)
     resize_embeddings(llm_model, len(tokenizer))
     cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
-    cfg.vision.hf_config = vision_model.config.to_dict()
+    cfg.vision.hf_config = clean_hf_config(vision_model.config.to_dict())
     return NVLM(cfg.validate(), llm_model, vision_model, tokenizer)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nvlm.config import clean_hf_config
+
 
 @dataclass(frozen=True)
 class LLMDims:
@@ -64,10 +66,7 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
 
 def config_dict(llm: nn.Module) -> dict[str, Any]:
     """The LLM's HF config as a plain dict (stored inside NVLM's config.json)."""
-    d = llm.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"):
-        d.pop(key, None)
-    return d
+    return clean_hf_config(llm.config.to_dict())
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -81,7 +80,7 @@ def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
     new = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if not new:
         return 0
-    return tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_additional_special_tokens=False)
+    return tokenizer.add_tokens(new, special_tokens=True)
 
 
 def resize_embeddings(llm: nn.Module, vocab_size: int) -> None:

@@ -1,0 +1,138 @@
+"""The ``nvlm`` command: ``inspect`` (tiling and token layout), ``chat`` (ask a saved model), ``eval``.
+
+    nvlm inspect doc.png
+    nvlm inspect --size 1000x800 --size 500x400 --json
+    nvlm chat --model out/ --image doc.png "What is the total?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes WIDTHxHEIGHT, e.g. 1000x800; got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"--size needs positive width and height, got {text!r}")
+    return w, h
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from nvlm.data.layout import describe
+    from nvlm.vision.image_io import ImageLoadError, load_image
+    from nvlm.vision.tiling import plan_tiles
+
+    count = (lambda s: 1 if s else 0)  # special-token mode: one token per tag
+    tile, per_tile, style, thumb = args.tile_size, args.tokens_per_tile, args.tags, "<tile_global_thumbnail>"
+    if args.model:  # take tiling, tags and tokenizer from a saved model
+        from nvlm.config import NVLMConfig
+        from nvlm.models.llm import load_tokenizer
+
+        cfg = NVLMConfig.load(f"{args.model}/config.json")
+        pre = json.loads(open(f"{args.model}/preprocessor_config.json").read())
+        tile, per_tile, style, thumb = pre["tile_size"], pre["tokens_per_tile"], cfg.tags.style, cfg.tags.thumbnail_tag
+        args.min_tiles, args.max_tiles = cfg.tiling.min_tiles, cfg.tiling.max_tiles
+        args.tokenizer = args.tokenizer or args.model
+    if args.tokenizer:
+        from nvlm.models.llm import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        count = (lambda s: len(tok(s, add_special_tokens=False)["input_ids"]) if s else 0)
+    sources: list[tuple[str, int, int]] = [(f"{w}x{h}", w, h) for w, h in args.size]
+    for path in args.images:
+        try:
+            im = load_image(path)
+        except ImageLoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sources.append((path, im.width, im.height))
+    if not sources:
+        print("error: give image files or --size WxH", file=sys.stderr)
+        return 2
+    report = []
+    for name, w, h in sources:
+        plan = plan_tiles(w, h, tile, args.min_tiles, args.max_tiles, not args.no_thumbnail)
+        report.append({"source": name, **describe(plan, per_tile, style, thumb, count)})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for info in report:
+            _print_inspect(info)
+    return 0
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    cols, rows = info["grid"]
+    print(f"{info['source']}: {info['width']}×{info['height']} → grid {cols}×{rows} (cols×rows), "
+          f"{info['num_tiles']} tiles{' incl. thumbnail' if info['thumbnail'] else ', no thumbnail'}")
+    for t in info["tiles"]:
+        print(f"  tile {t['index']:>2} {t['kind']:<9} box {tuple(t['box'])}")
+    print(f"  {'arch':<4} {'decoder':>8} {'x-attn':>8} {'tag tok (dec/x)':>16}   layout")
+    for arch in ("D", "X", "H"):
+        tok, tag, lay = info["tokens"][arch], info["tag_tokens"][arch], info["layout"][arch]
+        layout = lay["decoder"] + (f"   memory: {lay['xattn']}" if lay["xattn"] else "")
+        print(f"  {arch:<4} {tok['decoder']:>8} {tok['xattn']:>8} {tag['decoder']:>7}/{tag['xattn']:<8}   {layout}")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import nvlm
+
+    model = nvlm.from_pretrained(args.model)
+    model.eval()
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                  temperature=args.temperature, top_p=args.top_p)
+    for piece in model.chat(args.question, images=args.image, stream=True, **kwargs):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show how images are tiled and laid out for D, X and H")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--size", action="append", type=_size, default=[], help="an image size WxH instead of a file")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    p.add_argument("--model", help="a saved nvlm model folder: use its tiling, tags and tokenizer")
+    p.add_argument("--tokenizer", help="count tag tokens with this tokenizer (default: one token per tag)")
+    p.add_argument("--tile-size", type=int, default=448)
+    p.add_argument("--tokens-per-tile", type=int, default=256)
+    p.add_argument("--min-tiles", type=int, default=1)
+    p.add_argument("--max-tiles", type=int, default=6)
+    p.add_argument("--no-thumbnail", action="store_true")
+    p.add_argument("--tags", default="1d", choices=["none", "1d", "2d_grid", "2d_bbox"])
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("chat", help="ask a saved model a question about images")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=cmd_chat)
+
+    try:
+        from nvlm.eval.cli import add_eval_subcommands
+    except ImportError:  # pragma: no cover - the eval package is part of nvlm; this guards partial installs
+        add_eval_subcommands = None
+    if add_eval_subcommands is not None:
+        add_eval_subcommands(sub.add_parser("eval", help="score predictions, run benchmarks, report tables"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny backbones saved to disk in HF format once per session, and loaders for them.
+
+Run: python -m pytest tests -q
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_seeded():
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory):
+    """{(llm_kind | vision_kind): path} of tiny HF checkpoints written to disk."""
+    from transformers.utils import logging
+
+    from nvlm.tiny import save_tiny_backbones
+
+    logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("backbones")
+    paths = {}
+    for llm_kind, vision_kind in (("qwen2", "internvl"), ("llama", "siglip"), ("qwen2", "clip")):
+        llm, vision = save_tiny_backbones(root, llm_kind, vision_kind)
+        paths[llm_kind], paths[vision_kind] = llm, vision
+    return paths
+
+
+@pytest.fixture(scope="session")
+def build_model(backbones):
+    """build_model("X", llm="qwen2", vision="internvl", **overrides) → an NVLM model in eval mode."""
+    import nvlm
+
+    def make(arch: str, llm: str = "qwen2", vision: str = "internvl", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        model = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), **overrides)
+        return model.eval()
+
+    return make
+
+
+def set_gates(model, value: float) -> None:
+    with torch.no_grad():
+        for block in model.xattn:
+            block.gate_attn.fill_(value)
+            block.gate_ffn.fill_(value)
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic test picture with some structure (so tiles differ)."""
+    g = torch.Generator().manual_seed(seed)
+    im = Image.new("RGB", (width, height), tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g)))
+    d = ImageDraw.Draw(im)
+    for _ in range(8):
+        x0, y0 = int(torch.randint(0, width, (1,), generator=g)), int(torch.randint(0, height, (1,), generator=g))
+        color = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
+        d.rectangle([x0, y0, x0 + width // 4, y0 + height // 4], fill=color)
+    return im

@@ -1,0 +1,100 @@
+"""Generation: cached == uncached, batched == one by one, sampling, stop strings, streaming.
+
+python -m pytest tests/test_generate.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import picture, set_gates
+
+from nvlm.data.chat import chat_prompt
+from nvlm.inference.generate import generate_ids, sample_next
+
+
+def _run(model, batch, n, **kw):
+    return torch.stack(list(generate_ids(model, batch, n, **kw)), dim=1)
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_cached_generation_equals_uncached(build_model, arch):
+    model = build_model(arch)
+    set_gates(model, 0.5)
+    batch = model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+    cached = _run(model, batch, 12, use_cache=True)
+    uncached = _run(model, batch, 12, use_cache=False)
+    assert cached.shape == (2, 12)
+    assert torch.equal(cached, uncached)
+
+
+def test_cross_attention_kv_computed_once_per_image(build_model):
+    model = build_model("X")
+    set_gates(model, 0.5)
+    calls = []
+    for block in model.xattn:
+        orig = block.memory_kv
+        block.memory_kv = lambda m, orig=orig: calls.append(1) or orig(m)
+    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    _run(model, batch, 6)
+    assert len(calls) == len(model.xattn)  # once per block in the prefill, never while decoding
+
+
+@pytest.mark.parametrize("arch", ["D", "H"])
+def test_batched_generation_equals_one_by_one(build_model, arch):
+    model = build_model(arch)
+    set_gates(model, 0.5)
+    texts = [chat_prompt("What is 2+2?", 0), chat_prompt("Describe the two.", 2), chat_prompt("One", 1)]
+    images = [[], [picture(120, 60), picture(50, 50, 1)], [picture(150, 100, 2)]]
+    together = _run(model, model.processor(texts, images), 8)
+    for i, (t, im) in enumerate(zip(texts, images)):
+        assert torch.equal(together[i], _run(model, model.processor(t, im), 8)[0])
+
+
+def test_sampling_is_seeded_and_top_p_small_is_greedy():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 2.9]])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = [sample_next(logits, True, 1.0, 1.0, g1) for _ in range(20)]
+    b = [sample_next(logits, True, 1.0, 1.0, g2) for _ in range(20)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len({tuple(x.tolist()) for x in a}) > 1  # it really samples
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        assert torch.equal(sample_next(logits, True, 1.0, 0.01, g), logits.argmax(-1))
+    # top-p 0.8 on [0.5, 0.3, 0.2]: keeps the first two only
+    probs_logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    seen = {int(sample_next(probs_logits, True, 1.0, 0.8, g)) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_stop_strings_streaming_and_eos(build_model):
+    model = build_model("D")
+    prompt = chat_prompt("Describe.", 1)
+    full = model.generate(prompt, [picture(120, 60)], max_new_tokens=16)
+    assert isinstance(full, str) and len(full) > 3
+    pieces = list(model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stream=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[2:4]
+    cut = model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop])
+    assert cut == full[: full.find(stop)]
+    streamed = "".join(model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop], stream=True))
+    assert streamed == cut
+    # an eos token ends the sample: make <|im_end|> the only possible token
+    im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+
+    class OnlyEos(torch.nn.Module):
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], vocab)
+            out[..., im_end] = 1.0
+            return out
+
+    model.llm.lm_head = OnlyEos()
+    steps = list(generate_ids(model, model.processor(prompt, [picture(120, 60)]), 10, eos_token_ids=[im_end]))
+    assert len(steps) == 1 and model.generate(prompt, [picture(120, 60)], max_new_tokens=10) == ""
+
+
+def test_chat_answers_a_string(build_model):
+    model = build_model("H")
+    answer = model.chat("What is in the picture?", image=picture(150, 100), max_new_tokens=5)
+    assert isinstance(answer, str)
