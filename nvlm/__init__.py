@@ -1,13 +1,24 @@
 """nvlm: NVLM 1.0 (NVLM-D, NVLM-X, NVLM-H) in PyTorch over any Hugging Face LLM and vision encoder.
 
-    model = nvlm.build(arch="H", llm="path/to/Qwen2-0.5B-Instruct", vision="path/to/internvit")
+    model = nvlm.build(arch="H", llm="path/to/Qwen2-0.5B-Instruct", vision="path/to/internvl-vision")
     model.save_pretrained("out/");  model = nvlm.from_pretrained("out/")
     text = model.chat("What is the total?", image="doc.png")
+
+The names below load lazily, so ``nvlm eval score`` (pure Python scorers) does not import torch.
 """
 
-from nvlm.config import NVLMConfig
-from nvlm.models.checkpoint import build, from_pretrained
-from nvlm.models.nvlm import NVLM
+from typing import Any
 
 __all__ = ["NVLM", "NVLMConfig", "build", "from_pretrained"]
 __version__ = "0.1.0"
+
+_LAZY = {"NVLM": "nvlm.models.nvlm", "NVLMConfig": "nvlm.config", "build": "nvlm.models.checkpoint",
+         "from_pretrained": "nvlm.models.checkpoint"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nvlm' has no attribute {name!r}")

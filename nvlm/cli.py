@@ -23,17 +23,19 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _one_per_tag(text: str) -> int:
+    return 1 if text else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from nvlm.data.layout import describe
     from nvlm.vision.image_io import ImageLoadError, load_image
     from nvlm.vision.tiling import plan_tiles
 
-    count = (lambda s: 1 if s else 0)  # special-token mode: one token per tag
+    count = _one_per_tag  # special-token mode: one token per tag
     tile, per_tile, style, thumb = args.tile_size, args.tokens_per_tile, args.tags, "<tile_global_thumbnail>"
     if args.model:  # take tiling, tags and tokenizer from a saved model
         from nvlm.config import NVLMConfig
-        from nvlm.models.llm import load_tokenizer
-
         cfg = NVLMConfig.load(f"{args.model}/config.json")
         pre = json.loads(open(f"{args.model}/preprocessor_config.json").read())
         tile, per_tile, style, thumb = pre["tile_size"], pre["tokens_per_tile"], cfg.tags.style, cfg.tags.thumbnail_tag
@@ -43,7 +45,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from nvlm.models.llm import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
-        count = (lambda s: len(tok(s, add_special_tokens=False)["input_ids"]) if s else 0)
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
     sources: list[tuple[str, int, int]] = [(f"{w}x{h}", w, h) for w, h in args.size]
     for path in args.images:
         try:
@@ -93,6 +97,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nvlm.config import ConfigError
+    from nvlm.data.blend import TooManyBadSamples
+    from nvlm.recipes import RECIPES, get_recipe
+    from nvlm.training.config import load_run_config, override
+    from nvlm.training.trainer import NonFiniteLoss, Trainer
+
+    try:
+        if args.recipe in RECIPES:
+            cfg = get_recipe(args.recipe)
+        elif Path(args.recipe).is_file():
+            cfg = load_run_config(args.recipe)
+        else:
+            print(f"error: {args.recipe!r} is neither a recipe ({', '.join(sorted(RECIPES))}) nor a config file",
+                  file=sys.stderr)
+            return 2
+        cfg = override(cfg, args.overrides)
+    except (ConfigError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = Trainer(cfg, args.out).run()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return NonFiniteLoss.exit_code
+    except TooManyBadSamples as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    print(f"{'saved and stopped' if result.interrupted else 'finished'} at step {result.steps}: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", default="1d", choices=["none", "1d", "2d_grid", "2d_bbox"])
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft)")
+    p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
+    p.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("chat", help="ask a saved model a question about images")
     p.add_argument("question")
     p.add_argument("--model", required=True, help="a folder written by save_pretrained")
@@ -120,12 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_chat)
 
-    try:
-        from nvlm.eval.cli import add_eval_subcommands
-    except ImportError:  # pragma: no cover - the eval package is part of nvlm; this guards partial installs
-        add_eval_subcommands = None
-    if add_eval_subcommands is not None:
-        add_eval_subcommands(sub.add_parser("eval", help="score predictions, run benchmarks, report tables"))
+    from nvlm.eval.cli import add_eval_subcommands
+
+    add_eval_subcommands(sub.add_parser("eval", help="score predictions, run benchmarks, report tables"))
     return parser
 
 
