@@ -154,7 +154,7 @@ class NVLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NVLMConfig:
-        return _from_dict(cls, data, "").validate()
+        return from_dict(cls, data, "").validate()
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -166,7 +166,7 @@ class NVLMConfig:
             return cls.from_dict(json.load(f))
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
@@ -180,7 +180,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _from_dict(hint, value, f"{prefix}{key}.")
+            kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
         elif _is_tuple(hint) and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

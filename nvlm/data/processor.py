@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from nvlm.config import NVLMConfig
 from nvlm.data.layout import image_block
 from nvlm.vision.image_io import load_image
@@ -36,6 +37,7 @@ class Encoded:
     xattn_lo: list[int]
     xattn_hi: list[int]
     plans: list[TilePlan] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # -100 where no loss
 
 
 class Processor:
@@ -60,75 +62,85 @@ class Processor:
 
     def encode(self, text: str, images: list[Any] | None = None) -> Encoded:
         """`text` with one ``<image>`` per image (paths, bytes or PIL images) → an `Encoded` sample."""
+        return self.encode_segments([(text, False)], images)
+
+    def encode_segments(self, segments: list[tuple[str, bool]], images: list[Any] | None = None) -> Encoded:
+        """Like `encode` for text given as (piece, trainable) segments; `labels` copy the ids of trainable
+        pieces and are -100 elsewhere (image tokens and tags are never trainable)."""
         images = list(images or [])
-        segments = text.split(IMAGE_PLACEHOLDER)
-        if len(segments) - 1 != len(images):
-            raise ValueError(f"prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but "
+        n_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t, _ in segments)
+        if n_placeholders != len(images):
+            text = "".join(t for t, _ in segments)
+            raise ValueError(f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
                              f"{len(images)} image(s) were given: {text[:200]!r}")
         cfg, arch = self.config, self.config.arch
         ids: list[int] = []
+        labels: list[int] = []
         lo: list[int] = []
         hi: list[int] = []
-        bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
-        if bos is not None:
-            ids, lo, hi = [bos], [0], [0]
         tiles: list[torch.Tensor] = []
         plans: list[TilePlan] = []
         decoder_tiles: list[int] = []
         memory: list[tuple[str, Any]] = []
-        mem_len = 0  # memory tokens so far; regular text sees [0, seen)
-        seen = 0
+        mem_len = 0  # memory tokens so far
+        seen = 0  # regular text sees memory [0, seen): the images whose block has closed
 
-        def emit(new: list[int], lo_v: int, hi_v: int) -> None:
+        def emit(new: list[int], lo_v: int, hi_v: int, train: bool = False) -> None:
             ids.extend(new)
+            labels.extend(new if train else [-100] * len(new))
             lo.extend([lo_v] * len(new))
             hi.extend([hi_v] * len(new))
 
-        for i, segment in enumerate(segments):
-            seg_ids = self.tokens(segment) if segment else []
-            if self.pad_id in seg_ids:
-                raise ValueError(f"prompt text contains the image-pad token {cfg.tags.image_pad!r}; remove it "
-                                 f"(images are passed as {IMAGE_PLACEHOLDER} placeholders): {segment[:200]!r}")
-            emit(seg_ids, 0, seen)
-            if i == len(images):
-                break
-            image = load_image(images[i], max_pixels=cfg.tiling.max_pixels)
-            plan = plan_tiles(image.width, image.height, self.tile_size, cfg.tiling.min_tiles,
-                              cfg.tiling.max_tiles, cfg.tiling.use_thumbnail)
-            base = sum(p.num_tiles for p in plans)
-            plans.append(plan)
-            tiles.append(tiles_to_tensor(tile_image(image, plan), self.mean, self.std))
-            block = image_block(arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag,
-                                cfg.tags.image_start, cfg.tags.image_end)
-            tile_span: dict[int, tuple[int, int]] = {}
-            for piece in block.memory:  # the memory of this image, appended after earlier images'
-                if piece.kind == "tile":
-                    memory.append(("tile", base + piece.tile))
-                    tile_span[piece.tile] = (mem_len, mem_len + self.tokens_per_tile)
-                    mem_len += self.tokens_per_tile
-                else:
-                    tag_ids = self.tokens(piece.text)
-                    memory.append(("ids", tag_ids))
-                    mem_len += len(tag_ids)
-            for j, piece in enumerate(block.decoder):
-                if j == len(block.decoder) - 1:  # </Image>: from here on this image is visible
-                    seen = mem_len
-                if piece.kind == "tile":
-                    decoder_tiles.append(base + piece.tile)
-                    emit([self.pad_id] * self.tokens_per_tile, 0, seen)
-                elif piece.own_tile_only:
-                    emit(self.tokens(piece.text), *tile_span[piece.tile])
-                else:
-                    emit(self.tokens(piece.text), 0, seen)
+        bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
+        if bos is not None:
+            emit([bos], 0, 0)
+        for seg_text, train in segments:
+            parts = seg_text.split(IMAGE_PLACEHOLDER)
+            for j, part in enumerate(parts):
+                part_ids = self.tokens(part) if part else []
+                if self.pad_id in part_ids:
+                    raise ValueError(f"prompt text contains the image-pad token {cfg.tags.image_pad!r}; remove it "
+                                     f"(images are passed as {IMAGE_PLACEHOLDER} placeholders): {part[:200]!r}")
+                emit(part_ids, 0, seen, train)
+                if j == len(parts) - 1:
+                    break
+                image = load_image(images[len(plans)], max_pixels=cfg.tiling.max_pixels)
+                plan = plan_tiles(image.width, image.height, self.tile_size, cfg.tiling.min_tiles,
+                                  cfg.tiling.max_tiles, cfg.tiling.use_thumbnail)
+                base = sum(p.num_tiles for p in plans)
+                plans.append(plan)
+                tiles.append(tiles_to_tensor(tile_image(image, plan), self.mean, self.std))
+                block = image_block(arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag,
+                                    cfg.tags.image_start, cfg.tags.image_end)
+                tile_span: dict[int, tuple[int, int]] = {}
+                for piece in block.memory:  # this image's memory, appended after earlier images'
+                    if piece.kind == "tile":
+                        memory.append(("tile", base + piece.tile))
+                        tile_span[piece.tile] = (mem_len, mem_len + self.tokens_per_tile)
+                        mem_len += self.tokens_per_tile
+                    else:
+                        tag_ids = self.tokens(piece.text)
+                        memory.append(("ids", tag_ids))
+                        mem_len += len(tag_ids)
+                for k, piece in enumerate(block.decoder):
+                    if k == len(block.decoder) - 1:  # </Image>: from here on this image is visible
+                        seen = mem_len
+                    if piece.kind == "tile":
+                        decoder_tiles.append(base + piece.tile)
+                        emit([self.pad_id] * self.tokens_per_tile, 0, seen)
+                    elif piece.own_tile_only:
+                        emit(self.tokens(piece.text), *tile_span[piece.tile])
+                    else:
+                        emit(self.tokens(piece.text), 0, seen)
         pixel_values = torch.cat(tiles) if tiles else None
-        return Encoded(ids, pixel_values, decoder_tiles, memory, mem_len, lo, hi, plans)
+        return Encoded(ids, pixel_values, decoder_tiles, memory, mem_len, lo, hi, plans, labels)
 
     def collate(self, samples: list[Encoded], padding_side: str = "left") -> dict[str, Any]:
         """Pad to a batch. Left padding for generation, right for training; padding sees no memory."""
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         width = max(len(s.input_ids) for s in samples)
-        rows, mask, lo, hi = [], [], [], []
+        rows, mask, lo, hi, labels = [], [], [], [], []
         decoder_tiles: list[int] = []
         memory: list[list[tuple[str, Any]]] = []
         pixel_values = []
@@ -140,6 +152,7 @@ class Processor:
             mask.append([0] * left + [1] * len(s.input_ids) + [0] * right)
             lo.append([0] * left + s.xattn_lo + [0] * right)
             hi.append([0] * left + s.xattn_hi + [0] * right)
+            labels.append([-100] * left + (s.labels or [-100] * len(s.input_ids)) + [-100] * right)
             decoder_tiles += [offset + t for t in s.decoder_tiles]
             memory.append([(k, offset + v if k == "tile" else v) for k, v in s.memory])
             if s.pixel_values is not None:
@@ -153,6 +166,7 @@ class Processor:
             "memory": memory,
             "xattn_lo": torch.tensor(lo),
             "xattn_hi": torch.tensor(hi),
+            "labels": torch.tensor(labels),
         }
 
     def __call__(self, texts: str | list[str], images: list[Any] | list[list[Any]] | None = None,

@@ -35,6 +35,7 @@ def generate_ids(model: Any, batch: dict[str, Any], max_new_tokens: int = 64, *,
                  use_cache: bool = True, seed: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, step by step ([B] tensors). Finished samples get eos."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    batch = {k: v for k, v in batch.items() if k != "labels"}
     eos = torch.tensor(eos_token_ids or [], dtype=torch.long)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     out = model(**batch, use_cache=use_cache, logits_to_keep=1)

@@ -60,6 +60,23 @@ def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any =
     return NVLM(cfg.validate(), llm_model, vision_model, tokenizer)
 
 
+def build_meta(arch: str, llm_config: dict[str, Any], vision_config: dict[str, Any],
+               overrides: dict[str, Any] | None = None) -> NVLM:
+    """NVLM-`arch` from architecture dicts on the meta device: shapes and parameter counts, no memory, no
+    weights, no tokenizer (for dry runs and recipe checks)."""
+    from nvlm.vision.encoder import vision_config as make_vision_config
+
+    vision = dict(vision_config)
+    kind = vision.pop("type")
+    with torch.device("meta"):
+        llm_model = load_llm(dict(llm_config))
+        vision_model, _ = load_vision_model(make_vision_config(kind, **vision))
+        cfg = apply_overrides(NVLMConfig(arch=arch, vision=VisionConfig(type=kind)), dict(overrides or {}))
+        cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
+        cfg.vision.hf_config = clean_hf_config(vision_model.config.to_dict())
+        return NVLM(cfg.validate(), llm_model, vision_model, tokenizer=None)
+
+
 def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
     """The image-pad token is always one token; in special-token mode so are the tags and image markers."""
     tokens = [cfg.tags.image_pad]

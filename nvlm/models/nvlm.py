@@ -31,6 +31,12 @@ class Output:
     logits: torch.Tensor  # [B, T, vocab] (or only the last positions when logits_to_keep is set)
     past_key_values: Any = None
     xattn_state: XAttnState | None = None
+    loss_sum: torch.Tensor | None = None  # with labels: summed token cross-entropy …
+    num_tokens: int = 0  # … over this many labelled tokens
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        return None if self.loss_sum is None else self.loss_sum / max(self.num_tokens, 1)
 
 
 class NVLM(nn.Module):
@@ -58,8 +64,9 @@ class NVLM(nn.Module):
                 layers[layer_idx].register_forward_pre_hook(self._xattn_hook(block_idx), with_kwargs=True)
         self.tokenizer = tokenizer
         mean, std = default_mean_std(config.vision.type)
-        self.processor = Processor(tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
-                                   config.vision.image_mean or mean, config.vision.image_std or std)
+        self.processor = None if tokenizer is None else Processor(  # None: a weight-less (meta) build
+            tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
+            config.vision.image_mean or mean, config.vision.image_std or std)
         self.gate_off = False  # text-only use: skip every cross-attention block
         self._ctx: tuple[XAttnState, torch.Tensor, torch.Tensor] | None = None
 
@@ -117,20 +124,21 @@ class NVLM(nn.Module):
                 memory: list | None = None, xattn_lo: torch.Tensor | None = None,
                 xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
                 xattn_state: XAttnState | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> Output:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None) -> Output:
         """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
 
         While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
         image, so they see the whole memory of their sample unless `xattn_lo`/`xattn_hi` say otherwise.
         """
         input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
         embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory)
         state = state or xattn_state
-        if position_ids is None:  # left padding: count only real tokens
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            if position_ids is None:  # left padding: count only real tokens
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        # With position_ids that restart and no attention_mask (a packed row), the LLM attends within each
+        # packed sample only (transformers derives the block-diagonal causal mask from the restarts).
         if state is not None and not self.gate_off:
             b, t = input_ids.shape
             if xattn_lo is None:  # decode step: see the sample's whole memory
@@ -142,7 +150,18 @@ class NVLM(nn.Module):
                            past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
         finally:
             self._ctx = None
-        return Output(out.logits, out.past_key_values if use_cache else None, state)
+        loss_sum, n = self.loss(out.logits, labels) if labels is not None else (None, 0)
+        return Output(out.logits, out.past_key_values if use_cache else None, state, loss_sum, n)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over labelled tokens, and their count (mean = sum / count, taken
+        over the whole global batch by the trainer, as Megatron does)."""
+        shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+        shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss, int((shift_labels != -100).sum())
 
     def _xattn_hook(self, block_idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -43,6 +43,13 @@ def default_mean_std(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return _MEAN_STD[kind]
 
 
+def vision_config(kind: str, **hf_config: Any) -> Any:
+    """An HF vision config object of the given family (for random towers: tiny runs, dry runs)."""
+    if kind not in _MEAN_STD:
+        raise ValueError(f"vision type must be one of {sorted(_MEAN_STD)}, got {kind!r}")
+    return _classes(kind)[0](**hf_config)
+
+
 def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
     """Build a randomly initialised vision tower from its HF config dict (weights are loaded afterwards)."""
     config_cls, model_cls = _classes(kind)

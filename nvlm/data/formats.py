@@ -1,0 +1,180 @@
+"""Training data in the formats users already have → one `Conversation`, and ChatML with loss masks (§5, App. E).
+
+Accepted records (JSON list or JSONL, one record a line):
+- LLaVA: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\n…"}], "image": "a.png" | [...]}``
+  (an image with no ``<image>`` in the text goes in front of the first user turn, as LLaVA does);
+- OpenAI / ShareGPT messages: ``{"messages": [{"role": "user", "content": [{"type": "text", "text": …},
+  {"type": "image_url", "image_url": {"url": "a.png" | "file://…" | "data:image/png;base64,…"}}]}]}``;
+- text-only conversations in either form.
+Image paths are relative to `image_root` (default: the data file's folder). Loss goes only on assistant
+content and its ``<|im_end|>`` (``chatml_segments``), never on system/user text, image tokens or tags.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvlm.data.chat import IM_END, IM_START
+from nvlm.data.processor import IMAGE_PLACEHOLDER
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """A record is malformed; the message names the file and line."""
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str with <image>}]
+    images: list[Any] = field(default_factory=list)  # resolved paths, bytes or PIL images, in placeholder order
+    source: str = ""  # "file:line", for error messages and skip counts
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images)
+
+
+def parse_record(obj: Any, image_root: str | os.PathLike = ".", where: str = "<record>") -> Conversation:
+    """Detect the record's format and return a `Conversation`; `DataFormatError` says what is wrong."""
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        conv = _from_llava(obj, Path(image_root), where)
+    elif "messages" in obj:
+        conv = _from_openai(obj, Path(image_root), where)
+    else:
+        raise DataFormatError(f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, "
+                              f"got keys {sorted(obj)}")
+    n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in conv.messages)
+    if n != len(conv.images):
+        raise DataFormatError(f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(conv.images)} image(s)")
+    if not any(m["role"] == "assistant" for m in conv.messages):
+        raise DataFormatError(f"{where}: no assistant turn, so nothing to learn from")
+    conv.source = where
+    return conv
+
+
+def _from_llava(obj: dict, root: Path, where: str) -> Conversation:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataFormatError(f"{where}: 'conversations' must be a non-empty list")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise DataFormatError(f"{where}: turn {k} needs 'from' in {sorted(_ROLES)} and a string 'value'")
+        messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+    image = obj.get("image", obj.get("images"))
+    images = [] if image is None else [image] if isinstance(image, str) else list(image)
+    if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user]["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + messages[first_user]["content"]
+    return Conversation(messages, [str(root / p) for p in images])
+
+
+def _from_openai(obj: dict, root: Path, where: str) -> Conversation:
+    messages, images = [], []
+    for k, msg in enumerate(obj["messages"]):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise DataFormatError(f"{where}: message {k} needs a 'role' of system, user or assistant")
+        content = msg.get("content")
+        if isinstance(content, str):
+            messages.append({"role": msg["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise DataFormatError(f"{where}: message {k} 'content' must be a string or a list of parts")
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(part["text"])
+            elif kind in ("image_url", "image"):
+                ref = part["image_url"]["url"] if kind == "image_url" else part["image"]
+                images.append(_image_ref(ref, root, where))
+                text.append(IMAGE_PLACEHOLDER + "\n")
+            else:
+                raise DataFormatError(f"{where}: message {k} has a part of unknown type {kind!r} "
+                                      "(use 'text', 'image_url' or 'image')")
+        messages.append({"role": msg["role"], "content": "".join(text)})
+    return Conversation(messages, images)
+
+
+def _image_ref(ref: str, root: Path, where: str) -> Any:
+    if ref.startswith("data:"):
+        header, _, payload = ref.partition(",")
+        if ";base64" not in header:
+            raise DataFormatError(f"{where}: data URL must be base64 ('data:image/png;base64,…')")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except ValueError as e:
+            raise DataFormatError(f"{where}: bad base64 in data URL ({e})") from e
+    if ref.startswith(("http://", "https://")):
+        raise DataFormatError(f"{where}: remote image URLs are not fetched; download {ref} and give a local path")
+    return str(root / ref.removeprefix("file://"))
+
+
+def read_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Conversation]:
+    """Conversations from a .json (a list) or .jsonl file; a malformed line raises naming file and line."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    with open(path) as f:
+        if path.suffix == ".json":
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}: not valid JSON ({e})") from e
+            for i, obj in enumerate(items if isinstance(items, list) else [items]):
+                yield parse_record(obj, root, f"{path}[{i}]")
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            yield parse_record(obj, root, f"{path}:{n}")
+
+
+def chatml_segments(conv: Conversation, system: str | None = None) -> list[tuple[str, bool]]:
+    """ChatML as (text, trainable) segments: only assistant content and its <|im_end|> carry loss."""
+    messages = conv.messages
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    segments = []
+    for m in messages:
+        train = m["role"] == "assistant"
+        segments += [(f"{IM_START}{m['role']}\n", False), (m["content"] + IM_END, train), ("\n", False)]
+    return segments
+
+
+def to_llava(conv: Conversation) -> dict[str, Any]:
+    back = {"user": "human", "assistant": "gpt", "system": "system"}
+    out: dict[str, Any] = {"conversations": [{"from": back[m["role"]], "value": m["content"]} for m in conv.messages]}
+    if conv.images:
+        out["image"] = [str(p) for p in conv.images]
+    return out
+
+
+def to_openai(conv: Conversation) -> dict[str, Any]:
+    images = iter(conv.images)
+    messages = []
+    for m in conv.messages:
+        pieces = m["content"].split(IMAGE_PLACEHOLDER + "\n")
+        if len(pieces) == 1:
+            messages.append({"role": m["role"], "content": m["content"]})
+            continue
+        parts: list[dict[str, Any]] = []
+        for k, text in enumerate(pieces):
+            if text:
+                parts.append({"type": "text", "text": text})
+            if k < len(pieces) - 1:
+                parts.append({"type": "image_url", "image_url": {"url": str(next(images))}})
+        messages.append({"role": m["role"], "content": parts})
+    return {"messages": messages}

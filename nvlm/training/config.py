@@ -1,0 +1,154 @@
+"""A training run's configuration: which model, which data, which stage and hyper-parameters.
+
+Named recipes (``nvlm.recipes``) return a `RunConfig`; a YAML/JSON file gives the same tree; ``key=value``
+overrides set dotted fields (``train.max_steps=20``). Unknown keys are errors. The resolved config is saved
+as ``run_config.json`` in the run folder and beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nvlm.config import ConfigError, from_dict
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    arch: str = "D"
+    llm: Any = None
+    """A local HF folder, or an HF config dict with `model_type` (built with random weights: tiny runs, dry runs)."""
+    vision: Any = None
+    """A local HF folder, or {"type": "internvl"|"siglip"|"clip", **HF vision config} (random weights)."""
+    llm_config: dict[str, Any] | None = None
+    """The LLM's architecture (HF config dict with `model_type`), for builds without weights (meta device)."""
+    vision_config: dict[str, Any] | None = None
+    """The vision tower's architecture ({"type": …, **HF config}), for builds without weights."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: the LLM folder."""
+    init_from: str | None = None
+    """Start from an nvlm checkpoint (e.g. stage 1's final model for stage 2) instead of the backbones."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """NVLMConfig dotted keys, e.g. {"tags.style": "1d", "tiling.max_tiles": 6}."""
+
+
+@dataclass(kw_only=True)
+class SourceSpec:
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    image_root: str | None = None
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """[{"path": "train.jsonl", "weight": 1.0, "name": ..., "image_root": ...}, …] (LLaVA or OpenAI records)."""
+    max_seq_len: int = 4096
+    system: str | None = None
+    """System message added to samples that have none (the paper's SFT uses one)."""
+    pack: bool = False
+    """Pack several samples per row up to max_seq_len (no attention across them)."""
+    max_bad_in_row: int = 100
+    max_bad_fraction: float = 0.1
+
+    def source_specs(self) -> list[SourceSpec]:
+        return [from_dict(SourceSpec, s, f"data.sources[{i}].") for i, s in enumerate(self.sources)]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    stage: str = "sft"
+    """"pretrain" (stage 1: alignment modules only) or "sft" (stage 2: + LLM)."""
+    max_steps: int = 100
+    batch_size: int = 8
+    """Samples per optimizer step (the global batch)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward; batch_size / micro_batch_size = gradient accumulation steps."""
+    lr: float = 1e-5
+    min_lr: float = 1e-7
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    seed: int = 0
+    freeze_llm: bool = False
+    unfreeze_vision: bool = False
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end and on SIGTERM)."""
+    keep_last: int = 2
+    log_every: int = 1
+    max_nonfinite_in_row: int = 5
+    """Non-finite losses in a row before the run stops (exit code 3)."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    activation_checkpointing: bool = False
+    num_threads: int = 0
+    """torch CPU threads (0: leave torch's default)."""
+
+    def validate(self) -> None:
+        if self.stage not in ("pretrain", "sft"):
+            raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
+                              f"({self.micro_batch_size})")
+        if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        self.train.validate()
+        self.data.source_specs()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, data).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return RunConfig.from_dict(data or {})
+
+
+def override(cfg: RunConfig, items: list[str]) -> RunConfig:
+    """Apply ``key=value`` strings (values parsed as YAML: numbers, bools, lists) to a run config.
+
+    Keys must exist, except inside free-form mappings (``model.overrides.*``, HF config dicts).
+    """
+    data = cfg.to_dict()
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.max_steps=20")
+        parts = key.split(".")
+        free = parts[:2] in (["model", "overrides"], ["model", "llm"], ["model", "vision"])
+        node = data
+        for k, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if not (free and k >= 2):
+                    raise ConfigError(f"unknown config key {key!r}")
+                node[part] = {}
+            node = node[part]
+        if parts[-1] not in node and not (free and len(parts) > 2):
+            raise ConfigError(f"unknown config key {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return RunConfig.from_dict(data)
