@@ -15,8 +15,15 @@ from conftest import picture, set_gates
 
 from nvlm.data import templates
 from nvlm.data.blend import Blend, SampleStream, Source
-from nvlm.data.formats import (Conversation, DataFormatError, chatml_segments, parse_record, read_records,
-                               to_llava, to_openai)
+from nvlm.data.formats import (
+    Conversation,
+    DataFormatError,
+    chatml_segments,
+    parse_record,
+    read_records,
+    to_llava,
+    to_openai,
+)
 from nvlm.data.packing import collate_packed, pack_greedy
 
 
