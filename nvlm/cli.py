@@ -131,6 +131,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nvlm.demo.pipeline import run_demo
+
+    run_demo(args.out, arch=args.arch, quick=args.quick, seed=args.seed, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-thumbnail", action="store_true")
     p.add_argument("--tags", default="1d", choices=["none", "1d", "2d_grid", "2d_bbox"])
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="the whole pipeline in miniature on synthetic data (CPU, no downloads)")
+    p.add_argument("--quick", action="store_true", help="about 3 minutes instead of about 15")
+    p.add_argument("--arch", default="D", choices=["D", "X", "H", "all", "d", "x", "h"])
+    p.add_argument("--out", default="runs/demo", help="where data, backbones, checkpoints and results go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft)")
     p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")

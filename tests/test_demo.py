@@ -1,0 +1,28 @@
+"""`nvlm demo --quick` end to end: held-out accuracy above chance, results.json, a chat-able checkpoint.
+
+python -m pytest tests/test_demo.py -q      (about 3 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+
+from nvlm.cli import main
+
+
+def test_demo_quick_learns_every_task(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "fresh image" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["arch"] == "D" and results["wall_s"] > 0
+    for task, r in results["tasks"].items():
+        assert r["n"] >= 100
+        assert r["accuracy"] > 1.5 * r["chance"], (task, r)  # clearly above chance, on held-out images
+    assert set(results["tasks"]) == {"color", "quadrant", "count", "bars", "read"}
+    assert 0.0 <= results["text"]["backbone"] <= 1.0 and 0.0 <= results["text"]["final"] <= 1.0
+    ckpt = results["runs"][0]["checkpoint"]
+    assert (out / "nvlm-d" / "loss.png").is_file()
+    assert main(["chat", "--model", ckpt, "--image", str(out / "fresh.png"), "--max-new-tokens", "3",
+                 "How many shapes are there?"]) == 0
