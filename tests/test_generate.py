@@ -98,3 +98,21 @@ def test_chat_answers_a_string(build_model):
     model = build_model("H")
     answer = model.chat("What is in the picture?", image=picture(150, 100), max_new_tokens=5)
     assert isinstance(answer, str)
+
+
+def test_image_pad_token_is_never_generated(build_model):
+    model = build_model("X")
+    pad = model.processor.pad_id
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+
+    class PreferPad(torch.nn.Module):  # a head that always ranks the image-pad token first
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], vocab)
+            out[..., pad] = 5.0
+            out[..., 7] = 1.0
+            return out
+
+    model.llm.lm_head = PreferPad()
+    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    steps = torch.stack(list(generate_ids(model, batch, 4)), 1)
+    assert (steps != pad).all() and (steps == 7).all()

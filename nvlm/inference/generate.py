@@ -43,7 +43,9 @@ def generate_ids(model: Any, batch: dict[str, Any], max_new_tokens: int = 64, *,
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     full = dict(batch)
     for _ in range(max_new_tokens):
-        nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, gen).to(ids.device)
+        logits = out.logits[:, -1].clone()
+        logits[:, model.processor.pad_id] = float("-inf")  # the image-pad token is never generated: no features
+        nxt = sample_next(logits, do_sample, temperature, top_p, gen).to(ids.device)
         if eos.numel():
             nxt = torch.where(done, eos[0].to(ids.device), nxt)
             done |= torch.isin(nxt, eos.to(ids.device))

@@ -70,16 +70,12 @@ def paper_recipe(arch: str, size: str, stage: str) -> RunConfig:
 
 
 def tiny_recipe(arch: str, demo_dir: str = "runs/demo") -> RunConfig:
-    """Stage 2 on the demo's data, starting from the demo's backbone stand-ins (run `nvlm demo` first)."""
-    model = ModelSpec(arch=arch, llm=f"{demo_dir}/backbones/llm", vision=f"{demo_dir}/backbones/vision",
-                      overrides={"tags.mode": "special", "xattn.every": 1})
-    data = DataSpec(sources=[{"path": f"{demo_dir}/data/train/{t}.jsonl", "weight": 1.0}
-                             for t in ("color", "quadrant", "count", "bars", "read")]
-                    + [{"path": f"{demo_dir}/data/train/add.jsonl", "weight": 1.0}], max_seq_len=256)
-    train = TrainConfig(stage="sft", max_steps=200, batch_size=32, micro_batch_size=32, lr=2e-3, min_lr=2e-4,
-                        warmup_steps=10, betas=(0.9, 0.95), weight_decay=0.01, grad_clip=1.0,
-                        unfreeze_vision=True, num_threads=2)
-    return RunConfig(model=model, data=data, train=train)
+    """The demo's stage 2 on the demo's data, from its backbone stand-ins (run `nvlm demo` first)."""
+    from pathlib import Path
+
+    from nvlm.demo.pipeline import BUDGETS, stage_config
+
+    return stage_config(arch, "sft", Path(demo_dir), BUDGETS["default"])
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
