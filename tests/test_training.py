@@ -181,3 +181,41 @@ def test_sigterm_saves_and_exits_zero(backbones, dataset, tmp_path):
     assert "saved and stopped" in output
     step = complete_checkpoints(out / "checkpoints")[-1].name
     assert 3 <= int(step.split("_")[1]) < 400
+
+
+def test_yaml_config_overrides_and_cli_errors(backbones, dataset, tmp_path, capsys):
+    import yaml
+
+    from nvlm.cli import main
+    from nvlm.config import ConfigError
+    from nvlm.training.config import load_run_config, override
+
+    cfg = make_cfg(backbones, dataset, steps=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict()))))
+    loaded = load_run_config(tmp_path / "run.yaml")
+    assert json.loads(json.dumps(loaded.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
+    changed = override(loaded, ["train.max_steps=3", "train.betas=[0.9, 0.95]", "model.overrides.tags.style=none"])
+    assert changed.train.max_steps == 3 and changed.model.overrides["tags"]["style"] == "none"
+    with pytest.raises(ConfigError, match="unknown config key 'train.max_step'"):
+        override(loaded, ["train.max_step=3"])
+    bad = cfg.to_dict()
+    bad["train"]["learning_rate"] = 1.0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(bad))))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["train", "no-such-recipe", "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "ok"), "train.max_steps=2"]) == 0
+    out = tmp_path / "ok"
+    assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 2
+    assert list((out / "tb").glob("events.out.tfevents.*")), "TensorBoard events written"
+    assert (out / "checkpoints" / "step_0000002" / "run_config.json").is_file()
+    assert {"step", "loss", "lr", "grad_norm", "samples_per_s"} <= set(read_metrics(out / "metrics.jsonl")[0])
+
+
+def test_activation_checkpointing_gives_the_same_losses(backbones, dataset, tmp_path):
+    plain = Trainer(make_cfg(backbones, dataset, steps=3), tmp_path / "a", log=quiet)
+    plain.run()
+    ckpt = Trainer(make_cfg(backbones, dataset, steps=3, activation_checkpointing=True), tmp_path / "b", log=quiet)
+    ckpt.run()
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
+                               rtol=1e-5, atol=1e-6)

@@ -80,7 +80,8 @@ class Trainer:
         self.model.to(self.device)
         apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
         if t.activation_checkpointing:
-            self.model.llm.gradient_checkpointing_enable()
+            llm = self.model.llm  # transformers ≥ 5 renamed gradient_checkpointing_enable
+            (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         self.stream = SampleStream(load_blend(cfg), self.model.processor, cfg.data.max_seq_len, cfg.data.system,
                                    cfg.data.max_bad_in_row, cfg.data.max_bad_fraction)
