@@ -51,6 +51,9 @@ def add_eval_subcommands(eval_parser: argparse.ArgumentParser) -> argparse._SubP
     report.set_defaults(func=run_report)
 
     # ---- `nvlm eval run` (model -> predictions -> scores) is registered on `sub` by nvlm/eval/runner.py ----
+    from nvlm.eval.runner import add_run_subcommand
+
+    add_run_subcommand(sub)
     return sub
 
 
