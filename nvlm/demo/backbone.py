@@ -47,9 +47,12 @@ def save_vision(out: Path, seed: int) -> Path:
     return out
 
 
-def pretrain_llm(out: Path, tokenizer, sources: list[Path], steps: int, batch_size: int = 64, lr: float = 3e-3,
+def pretrain_llm(out: Path, tokenizer, sources: list[tuple[Path, float]], steps: int, batch_size: int = 64, lr: float = 3e-3,
                  seed: int = 0, log=print) -> dict:
-    """Train the stand-in LLM on text-only ChatML data (loss on answers only); save it as an HF folder."""
+    """Train the stand-in LLM on text-only ChatML data (loss on answers only); save it as an HF folder.
+
+    `sources` are (JSONL path, weight): each batch draws from them by weight, so the 80 addition pairs are
+    not drowned by the thousands of scene descriptions."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -57,8 +60,9 @@ def pretrain_llm(out: Path, tokenizer, sources: list[Path], steps: int, batch_si
     config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
-    rows = []
-    for path in sources:
+    per_source: list[list[tuple[list[int], list[int]]]] = []
+    for path, _ in sources:
+        rows = []
         for conv in read_records(path):
             ids, labels = [], []
             for text, train in chatml_segments(conv):
@@ -66,12 +70,14 @@ def pretrain_llm(out: Path, tokenizer, sources: list[Path], steps: int, batch_si
                 ids += t
                 labels += t if train else [-100] * len(t)
             rows.append((ids, labels))
+        per_source.append(rows)
     rng = random.Random(seed)
     opt = make_optimizer(model, lr, 0.01, (0.9, 0.95))
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(steps):
-        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        picks = rng.choices(per_source, weights=[w for _, w in sources], k=batch_size)
+        batch = [rows[rng.randrange(len(rows))] for rows in picks]
         width = max(len(i) for i, _ in batch)
         ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])

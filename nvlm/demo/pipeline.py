@@ -40,8 +40,10 @@ class Budget:
     batch: int = 32
 
 
-BUDGETS = {"quick": Budget(1500, 100, 250, 120, 360), "default": Budget(6000, 200, 300, 400, 2400)}
+BUDGETS = {"quick": Budget(1500, 100, 250, 80, 480), "default": Budget(6000, 200, 300, 400, 2400)}
 VISION_TASKS = tuple(synthetic.TASKS)
+TEXT_MIX = (0.1, 0.9)  # text LLM pretraining: share of addition vs scene-description batches
+TASK_MIX = {t: 1 / len(VISION_TASKS) for t in VISION_TASKS}  # stage-2 blend weights of the vision tasks
 
 
 def stage_config(arch: str, stage: str, root: Path, budget: Budget, init_from: str | None = None,
@@ -55,7 +57,7 @@ def stage_config(arch: str, stage: str, root: Path, budget: Budget, init_from: s
     if stage == "pretrain":  # paper Table 4: captioning plus task data, LLM frozen
         sources = [src("caption", 1.0)] + [src(t, 1.0) for t in VISION_TASKS]
     else:  # stage 2: the tasks with 20 % text-only SFT data, which keeps the text skills (paper §5.2)
-        sources = [src(t, 0.8 / len(VISION_TASKS)) for t in VISION_TASKS] + [src("add", 0.1), src("text_scene", 0.1)]
+        sources = [src(t, 0.8 * TASK_MIX[t]) for t in VISION_TASKS] + [src("add", 0.1), src("text_scene", 0.1)]
     model = ModelSpec(arch=arch, llm=str(root / "backbones" / "llm"), vision=str(root / "backbones" / "vision"),
                       init_from=init_from, overrides={"tags.mode": "special", "xattn.every": 1})
     steps = budget.stage1_steps if stage == "pretrain" else budget.stage2_steps
@@ -119,7 +121,8 @@ def run_demo(out: str | Path = "runs/demo", arch: str = "D", quick: bool = False
         f" held-out items in {time.perf_counter() - t:.0f} s → {root / 'data'}")
     tokenizer = build_tokenizer(root / "data")
     text = pretrain_llm(root / "backbones" / "llm", tokenizer,
-                        [root / "data" / "train" / "add.jsonl", root / "data" / "train" / "text_scene.jsonl"],
+                        [(root / "data" / "train" / "add.jsonl", TEXT_MIX[0]),
+                         (root / "data" / "train" / "text_scene.jsonl", TEXT_MIX[1])],
                         budget.text_steps, seed=seed, log=log)
     save_vision(root / "backbones" / "vision", seed)
     backbone = nvlm.build("D", llm=str(root / "backbones" / "llm"), vision=str(root / "backbones" / "vision"))
