@@ -56,6 +56,7 @@ class Processor:
         self._cache: dict[str, list[int]] = {}
 
     def tokens(self, text: str) -> list[int]:
+        """Token ids of a tag or image marker; cached, since these strings form a small fixed set."""
         if text not in self._cache:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
@@ -97,7 +98,8 @@ class Processor:
         for seg_text, train in segments:
             parts = seg_text.split(IMAGE_PLACEHOLDER)
             for j, part in enumerate(parts):
-                part_ids = self.tokens(part) if part else []
+                # free text is not cached: a long run sees millions of distinct strings
+                part_ids = self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
                 if self.pad_id in part_ids:
                     raise ValueError(f"prompt text contains the image-pad token {cfg.tags.image_pad!r}; remove it "
                                      f"(images are passed as {IMAGE_PLACEHOLDER} placeholders): {part[:200]!r}")
