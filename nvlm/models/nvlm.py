@@ -68,6 +68,7 @@ class NVLM(nn.Module):
             tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
             config.vision.image_mean or mean, config.vision.image_std or std)
         self.gate_off = False  # text-only use: skip every cross-attention block
+        # per forward: (image memory, allowed [B, T, M], row mask [B, T, 1]), read by the x-attn hooks
         self._ctx: tuple[XAttnState, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -144,7 +145,9 @@ class NVLM(nn.Module):
             if xattn_lo is None:  # decode step: see the sample's whole memory
                 xattn_lo = torch.zeros(b, t, dtype=torch.long)
                 xattn_hi = state.memory_len[:, None].expand(b, t)
-            self._ctx = (state, xattn_lo.to(self.device), xattn_hi.to(self.device))
+            # one mask for all blocks of this forward
+            allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
+            self._ctx = (state, allowed, row)
         try:
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
@@ -167,12 +170,11 @@ class NVLM(nn.Module):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._ctx is None:  # text-only batch or gate off: the block is skipped entirely
                 return None
-            state, lo, hi = self._ctx
+            state, allowed, row = self._ctx
             block = self.xattn[block_idx]
             if block_idx not in state.kv:  # K/V of the image memory: once per image, reused while decoding
                 state.kv[block_idx] = block.memory_kv(state.memory)
             hidden = args[0] if args else kwargs["hidden_states"]
-            allowed, row = xattn_mask(lo, hi, state.memory.shape[1])
             hidden = block(hidden, state.kv[block_idx], allowed, row)
             if args:
                 return (hidden, *args[1:]), kwargs
