@@ -91,6 +91,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop = False
+        self._saved_step = -1
 
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
@@ -130,10 +131,12 @@ class Trainer:
         state = load_checkpoint(done[-1], self.model, self.optimizer)
         self.stream.load_state_dict(state["data"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
+        self._saved_step = self.step
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {done[-1]} (step {self.step})")
 
     def save(self) -> Path:
+        self._saved_step = self.step
         extra = {"data": self.stream.state_dict(), "skipped": self.skipped}
         return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, extra,
                                self.cfg.to_dict(), self.cfg.train.keep_last)
@@ -182,7 +185,8 @@ class Trainer:
             progress.close()
             self.metrics.close()
         elapsed = time.perf_counter() - start
-        self.save()
+        if self._saved_step != self.step:  # save_every may have just saved this step
+            self.save()
         interrupted = self.step < t.max_steps
         final = None
         if not interrupted:
