@@ -86,15 +86,16 @@ def generate(model: Any, prompts: str | list[str], images: list | None = None, *
     """Complete prompt string(s) with ``<image>`` placeholders. Returns str (one prompt), list[str], or with
     ``stream=True`` (one prompt) an iterator of text pieces."""
     single = isinstance(prompts, str)
+    if stream and not single:
+        raise ValueError("stream=True takes one prompt")
     texts = [prompts] if single else list(prompts)
     image_lists = [images or []] if single else (images or [[] for _ in texts])
     batch = model.processor(texts, image_lists, padding_side="left")
+    stop_ids = _stop_ids(model.tokenizer)
     steps = generate_ids(model, batch, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                         eos_token_ids=_stop_ids(model.tokenizer), use_cache=use_cache, seed=seed)
-    decoder = _Detok(model.tokenizer, len(texts), stop or [], _stop_ids(model.tokenizer))
+                         eos_token_ids=stop_ids, use_cache=use_cache, seed=seed)
+    decoder = _Detok(model.tokenizer, len(texts), stop or [], stop_ids)
     if stream:
-        if not single:
-            raise ValueError("stream=True takes one prompt")
         return decoder.stream(steps)
     decoder.run(steps)
     return decoder.texts[0] if single else decoder.texts
@@ -148,7 +149,7 @@ class _Detok:
         for s in self.stop:  # a suffix that starts a stop string may still turn into it
             for k in range(min(len(s) - 1, n), 0, -1):
                 if text[:n].endswith(s[:k]):
-                    n = min(n, n - k)
+                    n -= k
                     break
         return n
 
