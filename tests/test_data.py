@@ -90,6 +90,13 @@ def test_templates_follow_the_paper():
     c = templates.ocr("x.png", (100, 100), [("Herald", (60, 89, 67, 93))])
     assert c.messages[1]["content"] == "<ref>Herald</ref><box>(600,890),(670,930)</box>"
     assert "single word or phrase" in templates.vqa("x.png", "Q?", "A", short=True).messages[0]["content"]
+    c = templates.referring("x.png", (1000, 500), "VINEGAR", (743, 310.5, 886, 336))
+    assert c.messages[0]["content"].endswith('Identify the text "VINEGAR" in the image and provide the coordinates.')
+    assert c.messages[1]["content"] == "<box>(743,621),(886,672)</box>"
+    assert templates.latex("x.png", "a^2").messages[0]["content"].endswith("using LaTeX format.")
+    assert templates.transcription("x.png", "t").messages[0]["content"].endswith("provided document.")
+    assert templates.caption("x.png", "a dog").messages[0]["content"].split("\n")[1] in templates.CAPTION_PROMPTS
+    assert templates.box((0, 0, 2000, 10), 1000, 10) == "<box>(0,0),(1000,1000)</box>"  # clamped to 0–1000
 
 
 def test_blend_is_weighted_deterministic_and_resumable():
