@@ -90,10 +90,10 @@ def test_tag_row_sees_only_its_tile(build_model):
     x = torch.randn(1, len(ids), model.dims.hidden_size)
     memory = torch.randn(1, enc.memory_len, model.dims.hidden_size)
     allowed, row = xattn_mask(lo, hi, enc.memory_len)
-    out1 = block(x, block.memory_kv(memory), allowed, row)
+    out1 = block(x, memory, allowed, row)[0]
     memory2 = memory.clone()
     memory2[:, 2 * tpt:] += 1.0  # perturb tiles 3..7
-    out2 = block(x, block.memory_kv(memory2), allowed, row)
+    out2 = block(x, memory2, allowed, row)[0]
     tag2 = [t for t in range(len(ids)) if (enc.xattn_lo[t], enc.xattn_hi[t]) == (tpt, 2 * tpt)]
     assert tag2 and torch.equal(out1[0, tag2], out2[0, tag2])
     after = len(ids) - 1  # the last token sees the whole image
@@ -113,7 +113,7 @@ def test_block_rows_that_see_nothing_are_identity_and_finite():
     lo = torch.zeros(2, 5, dtype=torch.long)
     hi = torch.tensor([[0, 0, 6, 6, 6], [0, 0, 0, 0, 0]])
     allowed, row = xattn_mask(lo, hi, 6)
-    out = block(x, block.memory_kv(memory), allowed, row)
+    out = block(x, memory, allowed, row)[0]
     assert torch.isfinite(out).all()
     assert torch.equal(out[0, :2], x[0, :2]) and torch.equal(out[1], x[1])
     assert not torch.allclose(out[0, 2:], x[0, 2:])
@@ -166,3 +166,28 @@ def test_xattn_every_is_configurable_and_reported(build_model):
     assert model.xattn_layers == [0, 2] and len(model.xattn) == 2
     assert "2 blocks, before LLM layers [0, 2]" in model.describe()
     assert len(build_model("D").xattn) == 0
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_touch_all_runs_every_module_without_changing_the_result(build_model, arch):
+    """Sharded training runs the vision tower, projector and each x-attn block on every process, even for a
+    text-only batch (a blank tile, a memory no row sees): the logits stay bit-identical, and the modules
+    get (zero) gradients, so every process takes part in the same collectives."""
+    model = build_model(arch)
+    set_gates(model, 0.5)
+    model.vision.requires_grad_(True)
+    batch = model.processor(chat_prompt("What is 3+4?", 0))
+    plain = model(**batch).logits
+    called = []
+    hooks = [m.register_forward_hook(lambda *a, n=n: called.append(n))
+             for n, m in [("vision", model.vision), ("projector", model.projector), *
+                          [(f"xattn.{i}", b) for i, b in enumerate(model.xattn)]]]
+    out = model(**batch, touch_all=True)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out.logits, plain)
+    assert set(called) == {"vision", "projector", *[f"xattn.{i}" for i in range(len(model.xattn))]}
+    out.logits.sum().backward()
+    for name, p in [*model.vision.named_parameters(), *model.projector.named_parameters(),
+                    *model.xattn.named_parameters()]:
+        assert p.grad is not None and not p.grad.any(), name

@@ -85,10 +85,26 @@ class NVLM(nn.Module):
         return self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              decoder_tiles: torch.Tensor | None = None, memory: list | None = None
+              decoder_tiles: torch.Tensor | None = None, memory: list | None = None, touch_all: bool = False
               ) -> tuple[torch.Tensor, XAttnState | None]:
-        """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory."""
-        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, d]
+        """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory.
+
+        `touch_all` runs the vision tower and projector on one blank tile when this batch has no image, and
+        adds its features times zero: the output is unchanged, but every process of a sharded run calls the
+        same modules in the same order (FSDP gathers weights collectively; a process that skipped the
+        vision tower while another ran it would wait forever)."""
+        b, t = input_ids.shape
+        memory = memory if self.xattn and memory is not None and any(memory) else None
+        # one call of the embedding table for the text and the H tile tags in the memory (a sharded table
+        # is gathered once per call)
+        tag_ids = [v for recipe in memory or [] for k, v in recipe if k == "ids"]
+        flat = torch.cat([input_ids.reshape(-1)] + [torch.tensor(v, device=input_ids.device) for v in tag_ids])
+        table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
+        embeds = table[:b * t].reshape(b, t, -1)  # [B, T, d]
+        if pixel_values is None and touch_all:
+            s = self.vision.tile_size
+            blank = self.encode_tiles(torch.zeros(1, 3, s, s, device=self.device))
+            embeds = embeds + 0 * blank.sum().to(embeds.dtype)
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
         is_pad = input_ids == self.processor.pad_id
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
@@ -104,15 +120,21 @@ class NVLM(nn.Module):
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         state = None
-        if self.xattn and memory is not None and any(memory):
-            state = self._memory(memory, feats, embeds.dtype)
+        if memory is not None:
+            state = self._memory(memory, feats, table[b * t:], embeds.dtype)
         return embeds, state
 
-    def _memory(self, memory: list, feats: torch.Tensor | None, dtype: torch.dtype) -> XAttnState:
-        embed = self.llm.get_input_embeddings()
-        rows = []
+    def _memory(self, memory: list, feats: torch.Tensor | None, tag_embeds: torch.Tensor,
+                dtype: torch.dtype) -> XAttnState:
+        rows, used = [], 0
         for recipe in memory:  # per sample: tag-text embeddings and tile features, in layout order
-            parts = [embed(torch.tensor(v, device=self.device)) if k == "ids" else feats[v] for k, v in recipe]
+            parts = []
+            for kind, v in recipe:
+                if kind == "ids":
+                    parts.append(tag_embeds[used:used + len(v)])
+                    used += len(v)
+                else:
+                    parts.append(feats[v])
             rows.append(torch.cat(parts).to(dtype) if parts else torch.zeros(0, self.dims.hidden_size,
                                                                                 dtype=dtype, device=self.device))
         lens = torch.tensor([r.shape[0] for r in rows], device=self.device)
@@ -125,15 +147,23 @@ class NVLM(nn.Module):
                 memory: list | None = None, xattn_lo: torch.Tensor | None = None,
                 xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
                 xattn_state: XAttnState | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None) -> Output:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None,
+                touch_all: bool = False) -> Output:
         """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
 
         While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
         image, so they see the whole memory of their sample unless `xattn_lo`/`xattn_hi` say otherwise.
+        `touch_all=True` runs every module (vision, projector, each x-attn block) even without an image, with
+        no effect on the result: sharded training needs it when another process's batch holds images.
         """
         input_ids = input_ids.to(self.device)
-        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory)
+        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory, touch_all)
         state = state or xattn_state
+        if state is None and touch_all and self.xattn:  # a one-token memory that no row may see: exact no-op
+            b = input_ids.shape[0]
+            state = XAttnState(memory=embeds.new_zeros(b, 1, embeds.shape[-1]),
+                               memory_len=torch.zeros(b, dtype=torch.long, device=self.device))
+            xattn_lo = xattn_hi = torch.zeros_like(input_ids)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
             if position_ids is None:  # left padding: count only real tokens
@@ -171,11 +201,10 @@ class NVLM(nn.Module):
             if self._ctx is None:  # text-only batch or gate off: the block is skipped entirely
                 return None
             state, allowed, row = self._ctx
-            block = self.xattn[block_idx]
-            if block_idx not in state.kv:  # K/V of the image memory: once per image, reused while decoding
-                state.kv[block_idx] = block.memory_kv(state.memory)
             hidden = args[0] if args else kwargs["hidden_states"]
-            hidden = block(hidden, state.kv[block_idx], allowed, row)
+            # K/V of the image memory: computed in the first call, reused while decoding
+            hidden, state.kv[block_idx] = self.xattn[block_idx](hidden, state.kv.get(block_idx, state.memory),
+                                                                allowed, row)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}

@@ -72,10 +72,16 @@ class GatedCrossAttentionBlock(nn.Module):
         return k, v
 
     def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor, row_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """x [B, T, d]; kv from ``memory_kv``; allowed [B, T, M] bool; row_mask [B, T, 1]."""
+        self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor,
+        row_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, T, d]; memory [B, M, d] or its cached (K, V) from an earlier call; allowed [B, T, M] bool;
+        row_mask [B, T, 1]. Returns the new hidden states and (K, V), which decoding reuses.
+
+        K/V are computed inside ``forward`` (not by the caller) so that a sharded block (FSDP) gathers its
+        weights once per call."""
         b, t, _ = x.shape
+        kv = self.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
         k, v = kv
         q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
         rep = self.num_heads // self.num_kv_heads  # grouped-query attention: share each K/V head
@@ -86,7 +92,7 @@ class GatedCrossAttentionBlock(nn.Module):
         h = x + torch.tanh(self.gate_attn).to(x.dtype) * (a * row_mask.to(a.dtype))
         n = self.post_norm(h)
         f = self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
-        return h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype))
+        return h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype)), kv
 
 
 def schedule(num_layers: int, every: int | None, layers: list[int] | None) -> list[int]:
