@@ -1,6 +1,9 @@
-"""The ``nvlm`` command: ``inspect`` (tiling and token layout), ``chat`` (ask a saved model), ``eval``.
+"""The ``nvlm`` command: ``inspect`` (tiling and token layout), ``demo``, ``train`` (one process or torchrun),
+``chat`` (ask a saved model), ``eval``, ``bench``.
 
     nvlm inspect doc.png
+    torchrun --nproc_per_node=8 -m nvlm train d-72b-sft --out runs/sft
+    nvlm train h-34b-sft --dry-run --world-size 128
     nvlm inspect --size 1000x800 --size 500x400 --json
     nvlm chat --model out/ --image doc.png "What is the total?"
 """
@@ -119,15 +122,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from nvlm.distributed.plan import plan, render
+
+        report = plan(cfg, args.world_size)
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0
+    if args.out is None:
+        print("error: nvlm train needs --out DIR (the run folder; re-running with it resumes)", file=sys.stderr)
+        return 2
+    from nvlm.distributed.parallel import init_world, shutdown
+    from nvlm.training.trainer import PeerFailed
+
+    world = init_world(cfg.train.collective_timeout_s)
     try:
-        result = Trainer(cfg, args.out).run()
+        result = Trainer(cfg, args.out, world=world).run()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return NonFiniteLoss.exit_code
-    except TooManyBadSamples as e:
+    except (TooManyBadSamples, PeerFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
-    print(f"{'saved and stopped' if result.interrupted else 'finished'} at step {result.steps}: {args.out}")
+    finally:
+        shutdown(world)
+    if world.main:
+        print(f"{'saved and stopped' if result.interrupted else 'finished'} at step {result.steps}: {args.out}")
     return 0
 
 
@@ -167,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft)")
     p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
-    p.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
+    p.add_argument("--out", help="run folder; re-running with the same folder resumes")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build on the meta device and print parameters, sharding plan and GiB per GPU; no training")
+    p.add_argument("--world-size", type=int, default=8, help="processes (GPUs) for --dry-run's estimate")
+    p.add_argument("--json", action="store_true", help="--dry-run: print JSON")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("chat", help="ask a saved model a question about images")

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import picture
 
+from nvlm.distributed.checkpoint import complete_checkpoints
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import read_metrics
-from nvlm.training.state import complete_checkpoints
 from nvlm.training.trainer import NonFiniteLoss, Trainer
 
 
@@ -52,7 +52,7 @@ def make_cfg(backbones, dataset, arch="D", stage="sft", steps=6, **train) -> Run
     return RunConfig.from_dict({
         "model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
         "data": {"sources": sources, "max_seq_len": 256, "pack": train.pop("pack", False)},
-        "train": {"stage": stage, "max_steps": steps, "batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
+        "train": {"stage": stage, "max_steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
                   "min_lr": 3e-4, "warmup_steps": 2, **train}})
 
 
@@ -95,14 +95,17 @@ def test_torn_checkpoint_is_never_loaded(backbones, dataset, tmp_path, monkeypat
     # a save killed half-way: the .tmp folder and an unmarked folder must be ignored
     (ckpts / "step_0000006.tmp").mkdir()
     (ckpts / "step_0000008").mkdir()
-    (ckpts / "step_0000008" / "trainable.safetensors").write_bytes(b"garbage")
-    # and a save that dies between files
-    import nvlm.training.state as state
+    (ckpts / "step_0000008" / "trainer_state.json").write_bytes(b"garbage")
+    # and a save that dies between files: the weights are written, then the disk is full
+    import nvlm.distributed.checkpoint as state
+
+    real_save = state.dcp.save
 
     def boom(*a, **k):
+        real_save(*a, **k)
         raise OSError("disk full")
 
-    monkeypatch.setattr(state.torch, "save", boom)
+    monkeypatch.setattr(state.dcp, "save", boom)
     trainer = Trainer(make_cfg(backbones, dataset, steps=6, save_every=2), tmp_path, log=quiet)
     with pytest.raises(OSError, match="disk full"):
         trainer.run()

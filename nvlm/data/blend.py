@@ -76,8 +76,12 @@ class SampleStream:
     """Conversations from a blend → encoded samples with labels; bad and too-long samples are counted."""
 
     def __init__(self, blend: Blend, processor: Any, max_seq_len: int, system: str | None = None,
-                 max_bad_in_row: int = 100, max_bad_fraction: float = 0.1) -> None:
+                 max_bad_in_row: int = 100, max_bad_fraction: float = 0.1, rank: int = 0, world_size: int = 1) -> None:
+        """With `world_size` > 1 every process walks the same blend sequence (cheap: no image is read) and
+        takes the positions p with p % world_size == rank, so processes never share a sample and together
+        read the samples one process would read, in the same global order."""
         self.blend, self.processor, self.max_seq_len, self.system = blend, processor, max_seq_len, system
+        self.rank, self.world_size = rank, world_size
         self.max_bad_in_row, self.max_bad_fraction = max_bad_in_row, max_bad_fraction
         self.counts: Counter[str] = Counter()
         self.recent_errors: deque[str] = deque(maxlen=5)
@@ -86,6 +90,8 @@ class SampleStream:
     def next(self) -> Encoded:
         while True:
             name, idx, conv = self.blend.next()
+            if (self.blend.position - 1) % self.world_size != self.rank:
+                continue  # another process's sample
             self.counts["read"] += 1
             try:
                 enc = self.processor.encode_segments(chatml_segments(conv, self.system), conv.images)

@@ -61,7 +61,7 @@ def stage_config(arch: str, stage: str, root: Path, budget: Budget, init_from: s
     model = ModelSpec(arch=arch, llm=str(root / "backbones" / "llm"), vision=str(root / "backbones" / "vision"),
                       init_from=init_from, overrides={"tags.mode": "special", "xattn.every": 1})
     steps = budget.stage1_steps if stage == "pretrain" else budget.stage2_steps
-    train = TrainConfig(stage=stage, max_steps=steps, batch_size=budget.batch, micro_batch_size=budget.batch,
+    train = TrainConfig(stage=stage, max_steps=steps, global_batch_size=budget.batch, micro_batch_size=budget.batch,
                         lr=2e-3, min_lr=2e-4, warmup_steps=max(1, steps // 20), betas=(0.9, 0.95),
                         weight_decay=0.01, grad_clip=1.0, unfreeze_vision=True, seed=seed, keep_last=1,
                         log_every=5)

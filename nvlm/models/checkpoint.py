@@ -77,6 +77,19 @@ def build_meta(arch: str, llm_config: dict[str, Any], vision_config: dict[str, A
         return NVLM(cfg.validate(), llm_model, vision_model, tokenizer=None)
 
 
+def meta_from_pretrained(path: str | os.PathLike) -> NVLM:
+    """The model ``from_pretrained(path)`` returns, on the meta device: same modules and names, no weight read
+    (a sharded run builds this on every process and fills it from process 0)."""
+    from nvlm.vision.encoder import vision_config as make_vision_config
+
+    root = Path(path)
+    cfg = NVLMConfig.load(root / "config.json")
+    with torch.device("meta"):
+        llm_model = load_llm(dict(cfg.llm.hf_config))
+        vision_model, _ = load_vision_model(make_vision_config(cfg.vision.type, **cfg.vision.hf_config))
+        return NVLM(cfg, llm_model, vision_model, load_tokenizer(root))
+
+
 def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
     """The image-pad token is always one token; in special-token mode so are the tags and image markers."""
     tokens = [cfg.tags.image_pad]
@@ -88,16 +101,23 @@ def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
     add_special_tokens(tokenizer, tokens)
 
 
-def save_pretrained(model: NVLM, path: str | os.PathLike) -> None:
+def save_pretrained(model: NVLM, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `model` in nvlm's format. `state_dict`: the full weights to write instead of the module's own
+    (a sharded model's, gathered onto one process by ``nvlm.distributed.checkpoint.export_pretrained``)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.config.llm.hf_config = config_dict(model.llm)
     model.config.save(out / "config.json")
-    own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith(_OWN)}
+    state = model.state_dict() if state_dict is None else state_dict
+    own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(_OWN)}
     save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
     model.tokenizer.save_pretrained(out)
-    model.llm.save_pretrained(out / "llm")
-    model.vision.model.save_pretrained(out / "vision")
+
+    def part(prefix: str) -> dict[str, torch.Tensor] | None:
+        return None if state_dict is None else {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
+    model.vision.model.save_pretrained(out / "vision", state_dict=part("vision.model."))
     p = model.processor
     pre = {"tile_size": p.tile_size, "tokens_per_tile": p.tokens_per_tile, "image_mean": list(p.mean),
            "image_std": list(p.std), "min_tiles": model.config.tiling.min_tiles,

@@ -59,6 +59,13 @@ def load_llm(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) 
     return model.to(dtype) if dtype is not None else model
 
 
+def load_llm_config(path: str | os.PathLike) -> Any:
+    """The LLM's config object from a local HF folder, reading no weights (for meta-device builds)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     """The LLM's decoder blocks, in order (where gated cross-attention blocks are hooked in)."""
     return llm.get_decoder().layers

@@ -32,17 +32,17 @@ _LLMS = {"72b": (QWEN2_72B, "weights/Qwen2-72B-Instruct", 8), "34b": (YI_34B, "w
 # Table 10 (pretrain) and Table 11 (SFT): lr, min_lr, warmup, betas, weight decay, clip, global batch, seq len.
 _HPARAMS = {
     ("D", "pretrain"): dict(lr=1e-4, min_lr=2.5e-5, warmup_steps=500, betas=(0.9, 0.95), weight_decay=0.1,
-                            grad_clip=10.0, batch_size=2048, seq=512, steps=20_000),
+                            grad_clip=10.0, global_batch_size=2048, seq=512, steps=20_000),
     ("X", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup_steps=1000, betas=(0.9, 0.95), weight_decay=0.05,
-                            grad_clip=1.0, batch_size=2048, seq=512, steps=20_000),
+                            grad_clip=1.0, global_batch_size=2048, seq=512, steps=20_000),
     ("H", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.05,
-                            grad_clip=1.0, batch_size=2048, seq=512, steps=20_000),
+                            grad_clip=1.0, global_batch_size=2048, seq=512, steps=20_000),
     ("D", "sft"): dict(lr=2e-6, min_lr=2.5e-7, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.1,
-                       grad_clip=10.0, batch_size=128, seq=3200, steps=10_000),
+                       grad_clip=10.0, global_batch_size=128, seq=3200, steps=10_000),
     ("X", "sft"): dict(lr=1e-5, min_lr=1e-7, warmup_steps=500, betas=(0.9, 0.98), weight_decay=0.05,
-                       grad_clip=1.0, batch_size=256, seq=1024, steps=10_000),
+                       grad_clip=1.0, global_batch_size=256, seq=1024, steps=10_000),
     ("H", "sft"): dict(lr=1e-5, min_lr=1e-7, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.05,
-                       grad_clip=1.0, batch_size=256, seq=1280, steps=10_000),
+                       grad_clip=1.0, global_batch_size=256, seq=1280, steps=10_000),
 }
 # The paper gives no SFT step counts (Table 11): steps=10_000 is a placeholder; set train.max_steps.
 
@@ -51,7 +51,7 @@ def paper_recipe(arch: str, size: str, stage: str) -> RunConfig:
     llm_cfg, llm_path, every = _LLMS[size]
     h = dict(_HPARAMS[(arch, stage)])
     if (arch, size, stage) == ("X", "34b", "sft"):
-        h.update(batch_size=512, min_lr=1e-6)  # Table 11: X 34B uses GBS 512 and min LR 1e-6
+        h.update(global_batch_size=512, min_lr=1e-6)  # Table 11: X 34B uses GBS 512 and min LR 1e-6
     seq, steps = h.pop("seq"), h.pop("steps")
     # Stage 1 of D and X: one 448 px tile per image, no tags (Table 10: "# of tiles 1"); H: 6 + 1 tiles.
     one_tile = stage == "pretrain" and arch in ("D", "X")

@@ -66,10 +66,12 @@ class TrainConfig:
     stage: str = "sft"
     """"pretrain" (stage 1: alignment modules only) or "sft" (stage 2: + LLM)."""
     max_steps: int = 100
-    batch_size: int = 8
-    """Samples per optimizer step (the global batch)."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all processes: each of N processes reads global_batch_size / N of them,
+    so 1 or N processes take the same steps over the same samples."""
     micro_batch_size: int = 8
-    """Samples per forward/backward; batch_size / micro_batch_size = gradient accumulation steps."""
+    """Samples per forward/backward on one process; global_batch_size / (N · micro_batch_size) = gradient
+    accumulation steps."""
     lr: float = 1e-5
     min_lr: float = 1e-7
     warmup_steps: int = 0
@@ -88,15 +90,26 @@ class TrainConfig:
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
     activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each decoder layer and x-attn block (GPU, multi-process runs; a loss on CPU)."""
+    collective_timeout_s: float = 1800.0
+    """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        per = self.micro_batch_size * world_size
+        if self.global_batch_size % per:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size × processes ({self.micro_batch_size} × {world_size}); "
+                              "change one of them")
+        return self.global_batch_size // per
 
     def validate(self) -> None:
         if self.stage not in ("pretrain", "sft"):
             raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
-                              f"({self.micro_batch_size})")
+        self.accumulation(1)
         if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
 

@@ -1,15 +1,21 @@
 """The training loop for stage 1 (pretrain) and stage 2 (SFT), read top to bottom (paper §4.5, Tables 10–11).
 
-One optimizer step reads `batch_size` samples from the blend, splits them into micro-batches (gradient
-accumulation), and normalises the loss by the labelled tokens of the whole step, as Megatron does. Faults do
-not lose work: checkpoints are atomic and a restarted run with the same ``--out`` resumes exactly; SIGTERM
-saves and exits 0; a non-finite loss skips its step (weights untouched) and too many in a row stop the run
-(`NonFiniteLoss`, exit code 3). The trainer knows nothing of parallelism; it is applied from outside.
+One optimizer step reads `global_batch_size` samples from the blend, split over the processes (each reads its
+own share, see ``SampleStream``) and into micro-batches (gradient accumulation), and normalises the loss by
+the labelled tokens of the whole global step, as Megatron does: 1 or N processes take the same steps over the
+same samples. Under torchrun the model is sharded with FSDP2 (``nvlm.distributed``), built on the meta
+device on every process and filled from process 0, and every process runs the same modules each
+micro-batch even when only some hold images (``touch_all``), so mixed text-only / image steps never hang.
+Faults do not lose work: checkpoints (DCP) are atomic and a restarted run with the same ``--out`` resumes
+exactly, also on another number of processes; SIGTERM saves and exits 0; a non-finite loss skips its step
+(weights untouched) and too many in a row stop the run (`NonFiniteLoss`, exit code 3); a data error on one
+process stops all of them with its message instead of leaving the others waiting.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -23,11 +29,17 @@ import nvlm
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy
+from nvlm.distributed.checkpoint import (
+    complete_checkpoints,
+    export_pretrained,
+    load_checkpoint,
+    save_checkpoint,
+)
+from nvlm.distributed.parallel import World, all_reduce, grad_norm, parallelize, reshard
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.training.stages import apply_stage, trainable_table
-from nvlm.training.state import complete_checkpoints, load_checkpoint, save_checkpoint
 from nvlm.vision.encoder import vision_config
 
 
@@ -46,17 +58,62 @@ class TrainResult:
     samples_per_s: float = 0.0
 
 
-def build_model(cfg: RunConfig) -> nvlm.NVLM:
+def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
+    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding)."""
     spec = cfg.model
     torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
     if spec.init_from:
-        return nvlm.from_pretrained(spec.init_from)
-    vision = spec.vision
+        from nvlm.models.checkpoint import meta_from_pretrained
+
+        return meta_from_pretrained(spec.init_from) if meta else nvlm.from_pretrained(spec.init_from)
+    llm, vision = spec.llm, spec.vision
     if isinstance(vision, dict):  # {"type": ..., **hf config}: a random vision tower
         vision = dict(vision)
         vision = vision_config(vision.pop("type"), **vision)
-    return nvlm.build(spec.arch, llm=spec.llm, vision=vision, tokenizer=spec.tokenizer,
-                      config={k: v for k, v in spec.overrides.items()})
+    tokenizer = spec.tokenizer or (llm if isinstance(llm, (str, os.PathLike)) else None)
+    overrides = {k: v for k, v in spec.overrides.items()}
+    if not meta:
+        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
+    from nvlm.models.llm import load_llm_config
+    from nvlm.vision.encoder import load_vision_config
+
+    if isinstance(llm, (str, os.PathLike)):
+        llm = load_llm_config(llm)
+    if isinstance(vision, (str, os.PathLike)):
+        vision = load_vision_config(vision)
+    with torch.device("meta"):
+        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
+
+
+def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
+    """Every process builds the model on the meta device and shards it; process 0 alone builds it for real
+    (loads the backbones) and broadcasts the weights: host memory holds one full copy per node, not one per
+    process."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    t = cfg.train
+    real = build_model(cfg) if world.main else None
+    model = build_model(cfg, meta=True)
+    apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
+    if t.activation_checkpointing:
+        _activation_checkpointing(model)
+    parallelize(model, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
+    model.to_empty(device=world.device)
+    full = real.state_dict() if real is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    real_buffers = dict(real.named_buffers()) if real is not None else {}
+    for name, buf in model.named_buffers():  # e.g. RoPE's inv_freq: not in the state dict, empty after meta
+        if real is not None:
+            buf.copy_(real_buffers[name])
+        dist.broadcast(buf, src=0)
+    del real, full
+    return model
+
+
+def _activation_checkpointing(model: nvlm.NVLM) -> None:
+    llm = model.llm  # per decoder layer, x-attn block included (its hook runs inside the layer's call)
+    (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
 
 
 def load_blend(cfg: RunConfig) -> Blend:
@@ -67,29 +124,55 @@ def load_blend(cfg: RunConfig) -> Blend:
     return Blend(sources, seed=cfg.train.seed)
 
 
+class PeerFailed(RuntimeError):
+    """Another process hit an error while reading its data; this one stops too (the error is in its log)."""
+
+    exit_code = 4
+
+
+class _NoMetrics:  # processes other than 0 log nothing
+    path = None
+
+    def write(self, row: dict[str, Any]) -> None: ...
+    def truncate_after(self, step: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: str | Path, model: nvlm.NVLM | None = None, log=print) -> None:
-        self.cfg, self.out, self.log = cfg, Path(out), log
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.out / "run_config.json")
+    def __init__(self, cfg: RunConfig, out: str | Path, model: nvlm.NVLM | None = None, log=print,
+                 world: World | None = None) -> None:
         t = cfg.train
+        self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg, self.out = cfg, Path(out)
+        self.log = log if self.world.main else (lambda *a, **k: None)
+        self.accum = t.accumulation(self.world.size)  # checked before any work
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "run_config.json")
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.model = model if model is not None else build_model(cfg)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-        if t.activation_checkpointing:
-            llm = self.model.llm  # transformers ≥ 5 renamed gradient_checkpointing_enable
-            (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
+        self.device = self.world.device
+        if self.world.distributed:
+            self.model = model if model is not None else build_sharded(cfg, self.world)
+        else:
+            self.model = model if model is not None else build_model(cfg)
+            self.model.to(self.device)
+            apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
+            if t.activation_checkpointing:
+                _activation_checkpointing(self.model)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
+        if self.world.size > 1:
+            self.log(f"{self.world.size} processes × {t.micro_batch_size} samples × {self.accum} accumulation "
+                     f"steps = global batch {t.global_batch_size}")
         self.stream = SampleStream(load_blend(cfg), self.model.processor, cfg.data.max_seq_len, cfg.data.system,
-                                   cfg.data.max_bad_in_row, cfg.data.max_bad_fraction)
+                                   cfg.data.max_bad_in_row, cfg.data.max_bad_fraction, self.world.rank,
+                                   self.world.size)
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.metrics = MetricsWriter(self.out)
+        self.metrics = MetricsWriter(self.out) if self.world.main else _NoMetrics()
         self.step = 0
         self.nonfinite_in_row = 0
         self.skipped = 0
+        self.mixed = 0  # micro-batches where some processes held images and others none
         self._stop = False
         self._saved_step = -1
 
@@ -107,39 +190,87 @@ class Trainer:
         return out
 
     def train_step(self, batches: list[dict[str, Any]]) -> tuple[float, float, int]:
-        """Forward/backward over the micro-batches; returns (loss, grad norm, labelled tokens)."""
+        """Forward/backward over this process's micro-batches; returns the global (loss, grad norm, labelled
+        tokens). Every process calls it with the same number of micro-batches."""
         self.model.train()
-        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        w = self.world
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        images = [float(b.get("pixel_values") is not None) for b in batches]
+        tokens, *with_images = all_reduce([local_tokens, *images], w)  # one small collective per step
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         total = 0.0
-        for b in batches:
+        for b, anyone in zip(batches, with_images):
+            # some process's micro-batch has images: every process runs the vision tower, projector and each
+            # x-attn block (the model adds a blank tile or an empty memory where its own batch lacks them)
+            touch = w.distributed and anyone > 0
+            self.mixed += int(w.main and anyone > 0 and anyone < w.size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                out = self.model(**b)
-            loss = out.loss_sum / max(tokens, 1)
-            if loss.requires_grad:  # stage 1, text-only micro-batch: nothing trainable on its path
+                out = self.model(**b, touch_all=touch)
+            # × processes: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
+            loss = out.loss_sum * w.size / max(tokens, 1)
+            if loss.requires_grad:
                 loss.backward()
-            total += float(loss.detach())
+            elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
+                reshard(self.model)  # so free the weights FSDP kept gathered for it
+            total += float(out.loss_sum.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        return total, norm, tokens
+        for p in params:  # a module no sample used this step: a zero gradient, so AdamW still steps (momentum,
+            if p.grad is None:  # weight decay) as Megatron's grad buffers do, on 1 process as on N
+                p.grad = torch.zeros_like(p)
+        norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        (total,) = all_reduce([total], w)
+        return total / max(tokens, 1), norm, int(tokens)
+
+    def _next_batches(self) -> list[dict[str, Any]] | None:
+        """This process's micro-batches for the next step, or None when the run must stop (SIGTERM on any
+        process). A data error on any process stops every process with that error."""
+        error: Exception | None = None
+        batches: list[dict[str, Any]] = []
+        before = self.stream.state_dict()
+        try:
+            samples = self.stream.batch(self.cfg.train.global_batch_size // self.world.size)
+            batches = self.batches(samples)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = e
+        failed, stop = all_reduce([float(error is not None), float(self._stop)], self.world)
+        if error is not None:
+            raise error
+        if failed:
+            raise PeerFailed("another process failed while reading its data (see its error); stopping")
+        if stop:  # the checkpoint must not count the batch just read: the resumed run reads it
+            self.stream.load_state_dict(before)
+            return None
+        return batches
 
     # ---- the loop --------------------------------------------------------------------------------------
     def resume(self) -> None:
         done = complete_checkpoints(self.out / "checkpoints")
         if not done:
             return
-        state = load_checkpoint(done[-1], self.model, self.optimizer)
-        self.stream.load_state_dict(state["data"])
-        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        state = load_checkpoint(done[-1], self.model, self.optimizer, self.world)
+        if state["rank_state"] is not None:
+            self.stream.load_state_dict(state["rank_state"]["data"])
+        else:  # another world size: go on from the furthest position any process had reached
+            furthest = max(state["ranks"], key=lambda r: r["data"]["blend"]["position"])
+            data = dict(furthest["data"])
+            counts: dict[str, int] = {}
+            for r in state["ranks"] if self.world.main else []:
+                for k, v in r["data"]["counts"].items():
+                    counts[k] = counts.get(k, 0) + v
+            self.stream.load_state_dict({**data, "counts": counts})
+            self.log(f"resuming a {state['world_size']}-process checkpoint on {self.world.size}: data continues "
+                     f"from blend position {data['blend']['position']} (no sample is read twice)")
+        self.step = state["step"]
+        self.skipped = state["ranks"][0].get("skipped", 0)
         self._saved_step = self.step
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {done[-1]} (step {self.step})")
 
     def save(self) -> Path:
         self._saved_step = self.step
-        extra = {"data": self.stream.state_dict(), "skipped": self.skipped}
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, extra,
-                               self.cfg.to_dict(), self.cfg.train.keep_last)
+        rank_state = {"data": self.stream.state_dict(), "skipped": self.skipped}
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.world,
+                               rank_state, self.cfg.to_dict(), self.cfg.train.keep_last)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True
@@ -148,18 +279,22 @@ class Trainer:
         t = self.cfg.train
         self.resume()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        progress = _progress(t.max_steps, self.step)
+        progress = _progress(t.max_steps, self.step, self.world.main)
         start, seen = time.perf_counter(), 0
+        stopped = False
         try:
-            while self.step < t.max_steps and not self._stop:
+            while self.step < t.max_steps:
                 t0 = time.perf_counter()
-                samples = self.stream.batch(t.batch_size)
+                batches = self._next_batches()
+                if batches is None:
+                    stopped = True
+                    break
                 lr = lr_at(self.step, t.max_steps, t.lr, t.min_lr, t.warmup_steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, norm, tokens = self.train_step(self.batches(samples))
-                if math.isfinite(loss) and math.isfinite(norm):
+                loss, norm, tokens = self.train_step(batches)
+                if math.isfinite(loss) and math.isfinite(norm):  # global values: every process agrees
                     self.optimizer.step()
                     self.nonfinite_in_row = 0
                 else:  # skip: no update, weights untouched
@@ -170,10 +305,10 @@ class Trainer:
                         raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step "
                                             f"{self.step}; lower train.lr or check the data")
                 self.step += 1
-                seen += len(samples)
+                seen += t.global_batch_size
                 dt = time.perf_counter() - t0
                 row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens,
-                       "samples_per_s": len(samples) / dt, "skipped_nonfinite": self.skipped}
+                       "samples_per_s": t.global_batch_size / dt, "skipped_nonfinite": self.skipped}
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self.metrics.write(row)
                 progress.update(1)
@@ -187,20 +322,31 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if self._saved_step != self.step:  # save_every may have just saved this step
             self.save()
-        interrupted = self.step < t.max_steps
+        interrupted = stopped or self.step < t.max_steps
         final = None
         if not interrupted:
             final = self.out / "final"
-            self.model.save_pretrained(final)
-            rows = read_metrics(self.metrics.path)
-            plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
-        counts = dict(self.stream.counts)
+            export_pretrained(self.model, final, self.world)
+            if self.world.main:
+                rows = read_metrics(self.metrics.path)
+                plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
+        counts = self._counts()
         self.log(f"{'stopped by SIGTERM' if interrupted else 'done'} at step {self.step}; data: {counts}; "
-                 f"non-finite steps skipped: {self.skipped}")
+                 f"non-finite steps skipped: {self.skipped}; mixed image/text-only micro-batches: {self.mixed}")
         return TrainResult(self.step, final, interrupted, counts, seen / elapsed if elapsed else 0.0)
 
+    def _counts(self) -> dict[str, int]:
+        """Data counts summed over processes."""
+        keys = sorted(set(self.stream.counts) | {"read", "used", "used_with_images", "used_text_only",
+                                                 "bad_sample", "dropped_too_long"})
+        values = all_reduce([float(self.stream.counts.get(k, 0)) for k in keys], self.world)
+        counts = {k: int(v) for k, v in zip(keys, values) if v}
+        counts["mixed_microbatches"] = self.mixed
+        return counts
 
-def _progress(total: int, initial: int) -> Any:
+
+def _progress(total: int, initial: int, show: bool = True) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False,
+                disable=not show)

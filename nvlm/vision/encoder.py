@@ -81,6 +81,20 @@ def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
     return model_cls.from_pretrained(path, trust_remote_code=False), kind
 
 
+def load_vision_config(path: str | os.PathLike) -> Any:
+    """The vision tower's config object from a local HF folder, reading no weights (for meta-device builds)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") == "internvl":
+        cfg = cfg["vision_config"]
+    elif cfg.get("model_type") in ("siglip", "clip"):  # a full two-tower model: its vision half
+        cfg = {"model_type": f"{cfg['model_type']}_vision_model", **cfg.get("vision_config", {})}
+    kind = _kind_of(cfg.get("model_type", ""), str(path))
+    return _classes(kind)[0](**{k: v for k, v in cfg.items() if k != "model_type"})
+
+
 def _kind_of(model_type: str, where: str) -> str:
     if model_type not in _MODEL_TYPES:
         raise ValueError(

@@ -1,0 +1,128 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP), and the final ``from_pretrained`` export.
+
+    checkpoints/step_0000100/
+      weights/              DCP: trainable weights and AdamW state, each process writing its own shards
+      rng_rank00000.pt …    each process's RNG states
+      trainer_state.json    step, world size, each process's data position and counts
+      run_config.json       the resolved run config
+      COMPLETE              written last
+
+A checkpoint is written into ``step_XXXXXXX.tmp/`` by every process and renamed by process 0 only after all
+of them have finished and the marker is on disk, so a run killed mid-save leaves a ``.tmp`` folder that is
+never loaded (the folder must be on a file system all processes share). Frozen weights are not saved: they
+are the backbones', rebuilt from them. DCP reshards on load, so a run saved on N processes resumes on M
+(one process without torchrun included). The same code serves a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from nvlm.distributed.parallel import World, barrier
+
+MARKER = "COMPLETE"
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+
+
+def _gather(obj: Any, world: World) -> list[Any]:
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
+                    rank_state: dict[str, Any], run_config: dict[str, Any], keep_last: int = 2) -> Path:
+    """Save step `step` (every process calls this); `rank_state` is this process's data position."""
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"))
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
+    ranks = _gather(rank_state, world)
+    if world.main:
+        state = {"step": step, "world_size": world.size, "ranks": ranks}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    barrier(world)  # every process's shards are on disk
+    if world.main:
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic on one file system: a reader sees all of it or none
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+            and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+                    ) -> dict[str, Any]:
+    """Restore trainable weights, AdamW state and RNG from `path` (saved on any number of processes).
+
+    Returns {"step", "world_size", "rank_state"}: this process's data position when the world size is the
+    one saved, else None (the caller then continues from the furthest position any process had reached)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path / "weights"))
+    except Exception as e:  # DCP names the missing keys; say what it means
+        raise ValueError(f"checkpoint {path} does not match this run's trainable weights ({e}); was it written by "
+                         "a different stage or model? Use a new --out folder.") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: the backbones'
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    same = trainer["world_size"] == world.size
+    rng_file = path / f"rng_rank{world.rank if same else 0:05d}.pt"
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate((3, tuple(rng["python"]), None))
+    if rng["cuda"] and torch.cuda.is_available() and same:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return {"step": trainer["step"], "world_size": trainer["world_size"], "ranks": trainer["ranks"],
+            "rank_state": trainer["ranks"][world.rank] if same else None}
+
+
+def export_pretrained(model: nn.Module, path: Path, world: World) -> None:
+    """Write the (possibly sharded) model as an ordinary ``nvlm.from_pretrained`` folder from process 0.
+
+    The full weights are gathered onto process 0's CPU: it needs host memory for the whole model."""
+    from nvlm.models.checkpoint import save_pretrained
+
+    if not world.distributed:
+        save_pretrained(model, path)
+        return
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.main:
+        save_pretrained(model, path, state_dict=full)
+    barrier(world)

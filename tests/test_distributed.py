@@ -1,0 +1,232 @@
+"""Scale-out invariants on CPU: 2 processes (gloo, FSDP2, DCP) against 1 process.
+
+python -m pytest tests/test_distributed.py -q
+
+One spawn of 2 worker processes runs a list of jobs (training runs into their own folders); the test process
+then compares their metrics with one-process runs of the same recipes. Every spawn is guarded by a timeout: a
+hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import picture
+
+from nvlm.distributed.checkpoint import complete_checkpoints
+from nvlm.training.config import RunConfig
+from nvlm.training.metrics import read_metrics
+from nvlm.training.trainer import Trainer, build_model
+
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Half image samples, half text-only, so that steps mix them across processes."""
+    root = tmp_path_factory.mktemp("ddata")
+    (root / "img").mkdir()
+    colors = ["red", "green", "blue"]
+    with open(root / "images.jsonl", "w") as f:
+        for i in range(24):
+            picture([56, 112, 150][i % 3], [56, 56, 100][i % 3], seed=i).save(root / f"img/{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": colors[i % 3]}]}) + "\n")
+    with open(root / "text.jsonl", "w") as f:
+        for a in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+1?"},
+                                             {"role": "assistant", "content": str(a + 1)}]}) + "\n")
+    data = (root / "img/0.png").read_bytes()
+    (root / "img/broken.png").write_bytes(data[: len(data) // 2])
+    with open(root / "broken.jsonl", "w") as f:
+        f.write(json.dumps({"image": "img/broken.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    return root
+
+
+def cfg_dict(backbones, dataset, arch="D", stage="sft", steps=5, broken=False, **train) -> dict:
+    sources = [{"path": str(dataset / "images.jsonl")}, {"path": str(dataset / "text.jsonl")}]
+    data = {"sources": sources, "max_seq_len": 256}
+    if broken:
+        data.update(sources=[*sources, {"path": str(dataset / "broken.jsonl"), "weight": 4}], max_bad_in_row=0)
+    return {"model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": data,
+            "train": {"stage": stage, "max_steps": steps, "global_batch_size": 4, "micro_batch_size": 1,
+                      "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "collective_timeout_s": 120, **train}}
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+# ---- the worker side ---------------------------------------------------------------------------------------
+def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nvlm.distributed.parallel import barrier, init_world, shutdown
+
+    world = init_world(timeout_s=120)
+    try:
+        for job in jobs:
+            result: dict = {}
+            if job["kind"] == "copy":
+                if world.main:
+                    shutil.copytree(job["src"], job["dst"])
+                barrier(world)
+                continue
+            cfg = RunConfig.from_dict(job["cfg"])
+            try:
+                trainer = Trainer(cfg, job["out"], log=quiet, world=world)
+                result["optimizer_params"] = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
+                result["trainable_params"] = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+                if job.get("stop_at") is not None and rank == world_size - 1:
+                    original = trainer.train_step  # SIGTERM seen by the last process only
+
+                    def stop(batches, trainer=trainer, original=original, at=job["stop_at"]):
+                        out = original(batches)
+                        if trainer.step == at - 1:
+                            trainer._stop = True
+                        return out
+
+                    trainer.train_step = stop
+                if job["kind"] == "mixed":  # process 0 holds only text, process 1 only images
+                    proc = trainer.model.processor
+                    if rank == 0:
+                        enc = proc.encode_segments([("What is 2+2? ", False), ("4", True)], [])
+                    else:
+                        enc = proc.encode_segments([("<image>\nWhat color? ", False), ("red", True)],
+                                                   [picture(150, 100)])
+                    loss, norm, tokens = trainer.train_step([proc.collate([enc], padding_side="right")])
+                    trainer.optimizer.step()
+                    result.update(loss=loss, norm=norm, tokens=tokens, mixed=trainer.mixed)
+                else:
+                    r = trainer.run()
+                    result.update(steps=r.steps, interrupted=r.interrupted, counts=r.counts)
+            except Exception as e:  # noqa: BLE001 - reported to the test process
+                result["error"] = f"{type(e).__name__}: {e}"
+                result["trace"] = traceback.format_exc()
+            with open(f"{job['out']}.rank{rank}.json", "w") as f:
+                json.dump(result, f)
+            if "error" in result and not job.get("expect_error"):
+                raise RuntimeError(result["trace"])
+            if job.get("expect_error"):
+                break  # the process group may be unusable after a failed step
+    finally:
+        shutdown(world)
+
+
+def spawn(jobs: list[dict], world_size: int = 2) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_worker, args=(world_size, port, jobs), nprocs=world_size, join=False,
+                             start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world_size}-process jobs did not finish within {TIMEOUT_S} s (a hang)")
+
+
+def result(out, rank=0) -> dict:
+    return json.loads(open(f"{out}.rank{rank}.json").read())
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
+
+
+# ---- the tests ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(backbones, dataset, tmp_path_factory):
+    """All 2-process jobs of this module in one spawn (process start-up dominates on 2 cores)."""
+    root = tmp_path_factory.mktemp("druns")
+    jobs = [{"kind": "train", "cfg": cfg_dict(backbones, dataset, arch), "out": str(root / f"two-{arch}")}
+            for arch in ("D", "X", "H")]
+    jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "H", stage="pretrain", steps=3),
+                 "out": str(root / "two-H-pretrain")})
+    resume = cfg_dict(backbones, dataset, "X", steps=6, save_every=3)
+    jobs += [{"kind": "train", "cfg": resume, "out": str(root / "straight")},
+             {"kind": "train", "cfg": resume, "out": str(root / "stopped"), "stop_at": 3},
+             {"kind": "copy", "src": str(root / "stopped"), "dst": str(root / "one-proc-resume")},
+             {"kind": "train", "cfg": resume, "out": str(root / "stopped")},
+             {"kind": "mixed", "cfg": cfg_dict(backbones, dataset, "H"), "out": str(root / "mixed")},
+             {"kind": "train", "cfg": cfg_dict(backbones, dataset, "D", broken=True), "out": str(root / "broken"),
+              "expect_error": True}]
+    spawn(jobs)
+    return root
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_two_processes_equal_one(runs, backbones, dataset, tmp_path, arch):
+    one = tmp_path / "one"
+    Trainer(RunConfig.from_dict(cfg_dict(backbones, dataset, arch)), one, log=quiet).run()
+    two = runs / f"two-{arch}"
+    assert close(losses(two), losses(one)), (losses(two), losses(one))
+    counts = result(two)["counts"]
+    assert counts["used"] == 5 * 4 and counts["used_text_only"] > 0 and counts["used_with_images"] > 0
+    assert counts["mixed_microbatches"] > 0  # some micro-batches had images on one process only
+    # the exported final model equals the one-process one
+    import nvlm
+
+    m1, m2 = nvlm.from_pretrained(one / "final"), nvlm.from_pretrained(two / "final")
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    worst = max(float((s1[k] - s2[k]).abs().max()) for k in s1)
+    assert worst < 1e-4, worst
+
+
+def test_stage1_frozen_weights_unchanged_under_fsdp(runs, backbones, dataset):
+    import nvlm
+
+    out = runs / "two-H-pretrain"
+    r = result(out)
+    assert r["steps"] == 3 and r["optimizer_params"] == r["trainable_params"]
+    fresh = build_model(RunConfig.from_dict(cfg_dict(backbones, dataset, "H", stage="pretrain"))).state_dict()
+    trained = nvlm.from_pretrained(out / "final").state_dict()
+    for k, v in fresh.items():
+        if k.startswith(("llm.", "vision.")):
+            assert torch.equal(trained[k], v), k
+    changed = [k for k in fresh if k.startswith(("projector.", "xattn.")) and not torch.equal(trained[k], fresh[k])]
+    assert any(k.startswith("projector.") for k in changed) and any(k.startswith("xattn.") for k in changed)
+
+
+def test_resume_on_two_processes_is_exact_and_on_one_is_correct(runs, backbones, dataset):
+    straight, stopped = losses(runs / "straight"), losses(runs / "stopped")
+    assert result(runs / "stopped")["steps"] == 6
+    assert len(straight) == 6 and straight == stopped  # bit-identical after a stop on one process
+    # the 2-process checkpoint of step 3, resumed on 1 process: same weights, same next samples
+    one = runs / "one-proc-resume"
+    assert [p.name for p in complete_checkpoints(one / "checkpoints")][-1] == "step_0000003"
+    Trainer(RunConfig.from_dict(cfg_dict(backbones, dataset, "X", steps=6, save_every=3)), one, log=quiet).run()
+    resumed = losses(one)
+    assert close(resumed[3:], straight[3:]), (resumed, straight)
+
+
+def test_mixed_step_text_only_and_images_completes(runs):
+    r0, r1 = result(runs / "mixed", 0), result(runs / "mixed", 1)
+    assert "error" not in r0 and "error" not in r1
+    assert r0["loss"] == r1["loss"] and torch.isfinite(torch.tensor(r0["loss"])) and r0["tokens"] == r1["tokens"]
+    assert r0["norm"] > 0 and r0["mixed"] == 1
+
+
+def test_a_data_error_on_one_process_stops_every_process(runs):
+    errors = [result(runs / "broken", k).get("error", "") for k in (0, 1)]
+    assert all(errors), errors
+    assert any("TooManyBadSamples" in e and "broken.png" in e for e in errors), errors
+    assert all("TooManyBadSamples" in e or "PeerFailed" in e for e in errors), errors
