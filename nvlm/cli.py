@@ -125,7 +125,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from nvlm.distributed.plan import plan, render
 
-        report = plan(cfg, args.world_size)
+        try:
+            report = plan(cfg, args.world_size)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(report, indent=2) if args.json else render(report))
         return 0
     if args.out is None:

@@ -15,7 +15,6 @@ process stops all of them with its message instead of leaving the others waiting
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -35,12 +34,12 @@ from nvlm.distributed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from nvlm.distributed.parallel import World, all_reduce, grad_norm, parallelize, reshard
+from nvlm.distributed.parallel import World, all_reduce, grad_norm, reshard
+from nvlm.training.build import activation_checkpointing, build_model, build_sharded
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.training.stages import apply_stage, trainable_table
-from nvlm.vision.encoder import vision_config
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,64 +55,6 @@ class TrainResult:
     interrupted: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     samples_per_s: float = 0.0
-
-
-def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
-    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding)."""
-    spec = cfg.model
-    torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
-    if spec.init_from:
-        from nvlm.models.checkpoint import meta_from_pretrained
-
-        return meta_from_pretrained(spec.init_from) if meta else nvlm.from_pretrained(spec.init_from)
-    llm, vision = spec.llm, spec.vision
-    if isinstance(vision, dict):  # {"type": ..., **hf config}: a random vision tower
-        vision = dict(vision)
-        vision = vision_config(vision.pop("type"), **vision)
-    tokenizer = spec.tokenizer or (llm if isinstance(llm, (str, os.PathLike)) else None)
-    overrides = {k: v for k, v in spec.overrides.items()}
-    if not meta:
-        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
-    from nvlm.models.llm import load_llm_config
-    from nvlm.vision.encoder import load_vision_config
-
-    if isinstance(llm, (str, os.PathLike)):
-        llm = load_llm_config(llm)
-    if isinstance(vision, (str, os.PathLike)):
-        vision = load_vision_config(vision)
-    with torch.device("meta"):
-        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
-
-
-def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
-    """Every process builds the model on the meta device and shards it; process 0 alone builds it for real
-    (loads the backbones) and broadcasts the weights: host memory holds one full copy per node, not one per
-    process."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    t = cfg.train
-    real = build_model(cfg) if world.main else None
-    model = build_model(cfg, meta=True)
-    apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-    if t.activation_checkpointing:
-        _activation_checkpointing(model)
-    parallelize(model, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
-    model.to_empty(device=world.device)
-    full = real.state_dict() if real is not None else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    real_buffers = dict(real.named_buffers()) if real is not None else {}
-    for name, buf in model.named_buffers():  # e.g. RoPE's inv_freq: not in the state dict, empty after meta
-        if real is not None:
-            buf.copy_(real_buffers[name])
-        dist.broadcast(buf, src=0)
-    del real, full
-    return model
-
-
-def _activation_checkpointing(model: nvlm.NVLM) -> None:
-    llm = model.llm  # per decoder layer, x-attn block included (its hook runs inside the layer's call)
-    (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
 
 
 def load_blend(cfg: RunConfig) -> Blend:
@@ -159,7 +100,7 @@ class Trainer:
             self.model.to(self.device)
             apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
             if t.activation_checkpointing:
-                _activation_checkpointing(self.model)
+                activation_checkpointing(self.model)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
             self.log(f"{self.world.size} processes × {t.micro_batch_size} samples × {self.accum} accumulation "

@@ -1,0 +1,191 @@
+"""Check the dry-run memory estimate (``nvlm.distributed.plan``) against a measured peak on one GPU.
+
+    python benchmarks/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
+    python benchmarks/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
+    python benchmarks/plan_vs_measured.py --device cpu    # tiny shapes; runs the steps, prints "measured: n/a"
+
+For NVLM-D and NVLM-X, with activation checkpointing off and on, it plans a `RunConfig` built here, then
+builds the same model with ``nvlm.build`` and trains a few steps in one process with the plan's policy:
+trainable weights fp32, frozen ones bf16, ``torch.autocast`` bf16, AdamW, one micro-batch of
+``--micro-batch`` samples × ``--seq`` tokens with one image at the most tiles (rows 8 tokens apart, so there
+is a padding mask as in training). The peak is ``torch.cuda.max_memory_allocated()`` (no CUDA context, no
+fragmentation: compare ``max_memory_reserved`` for those).
+
+Without ``--fsdp`` the plan's ``gathered`` and ``unsharded_grads`` terms do not apply; instead autocast keeps
+bf16 copies of the trainable matmul weights for backward (``cache_enabled=False`` bounds them to what autograd
+saves: all of them without AC, one layer's with AC), and fp32 norm weights make fp32 norm outputs with one
+bf16 cast per consuming Linear (a few ×d bytes per token per layer the plan, which assumes bf16 compute
+weights, does not count). The "single-proc" column is params + grads + optimizer + activations + those
+copies. The input embeddings' output is cast to bf16, as FSDP2's bf16 compute weights would make it. With
+``--fsdp`` the model goes through ``nvlm.distributed.parallel.parallelize`` (bf16 gathered weights, fp32
+reduction) and "plan W=1" is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
+
+import nvlm  # noqa: E402
+from nvlm.distributed.plan import BF16, GIB, meta_model, plan  # noqa: E402
+from nvlm.models.llm import decoder_layers  # noqa: E402
+from nvlm.tiny import tiny_tokenizer  # noqa: E402
+from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig  # noqa: E402
+from nvlm.training.stages import apply_stage  # noqa: E402
+from nvlm.vision.encoder import vision_config  # noqa: E402
+
+# (llm config, vision config, overrides, seq, micro-batch)
+SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, int]] = {
+    "cuda": (dict(model_type="qwen2", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, rope_theta=1e6,
+                  rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False),
+             dict(type="internvl", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                  num_attention_heads=8, image_size=[448, 448], patch_size=[14, 14], norm_type="rms_norm",
+                  use_qk_norm=True, use_mean_pooling=True),
+             {"tiling.max_tiles": 6, "xattn.every": 4}, 2048, 2),
+    "cpu": (dict(model_type="qwen2", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=False),
+            dict(type="internvl", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=[56, 56], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True),
+            {"tiling.max_tiles": 2, "xattn.every": 1}, 64, 2),
+}
+
+
+def run_config(arch: str, stage: str, ac: bool, shapes: tuple, seq: int, micro: int) -> RunConfig:
+    llm, vision, overrides = shapes[:3]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}  # the global batch field was renamed once
+    gbs = {"global_batch_size" if "global_batch_size" in names else "batch_size": micro}
+    return RunConfig(model=ModelSpec(arch=arch, llm_config=dict(llm), vision_config=dict(vision),
+                                     overrides=dict(overrides)),
+                     data=DataSpec(max_seq_len=seq),
+                     train=TrainConfig(stage=stage, micro_batch_size=micro, activation_checkpointing=ac, **gbs))
+
+
+def _linear(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad)
+
+
+def autocast_copies(model: nn.Module, ac: bool) -> int:
+    """Bytes of bf16 weight copies autograd saves under autocast (trainable fp32 Linear weights)."""
+    if not ac:
+        return BF16 * _linear(model)
+    layers, blocks = list(decoder_layers(model.llm)), list(model.xattn)
+    inside = sum(_linear(m) for m in layers + blocks)  # recomputed per layer in backward
+    one = max(map(_linear, layers)) + max(map(_linear, blocks), default=0)
+    return BF16 * (_linear(model) - inside + one)
+
+
+def make_batch(model: Any, seq: int, micro: int) -> dict[str, Any]:
+    """`micro` samples with one image at the most tiles; rows 8 tokens shorter each (a padding mask, as in
+    training), truncated to `seq` tokens."""
+    proc, c = model.processor, model.config
+    side = proc.tile_size
+    cols = max(1, c.tiling.max_tiles // 2)
+    image = Image.new("RGB", (side * cols, side * max(1, c.tiling.max_tiles // cols)), (120, 60, 200))
+    answer = "the red circle is left of 42 blue squares . " * seq
+    samples = []
+    for i in range(micro):
+        s = proc.encode_segments([("<image>\nDescribe the picture.", False), (answer, True)], [image])
+        n = seq - 8 * i
+        samples.append(dataclasses.replace(s, input_ids=s.input_ids[:n], labels=s.labels[:n],
+                                           xattn_lo=s.xattn_lo[:n], xattn_hi=s.xattn_hi[:n]))
+    return proc.collate(samples, padding_side="right")
+
+
+def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, fsdp: bool) -> float | None:
+    """Peak GiB allocated over `steps` training steps, or None off CUDA (the steps still run)."""
+    llm, vision, overrides = shapes[:3]
+    v = dict(vision)
+    torch.manual_seed(0)
+    model = nvlm.build(arch, llm=dict(llm), vision=vision_config(v.pop("type"), **v), tokenizer=tiny_tokenizer(),
+                       config=dict(overrides))
+    apply_stage(model, cfg.train.stage)
+    cuda = device == "cuda"
+    if cfg.train.activation_checkpointing:
+        llm_m = model.llm
+        (getattr(llm_m, "activation_checkpointing_enable", None) or llm_m.gradient_checkpointing_enable)()
+    model.to(device).train()
+    if fsdp:
+        from nvlm.distributed.parallel import parallelize
+
+        parallelize(model, mixed_precision=cuda)
+    elif cuda:
+        for p in model.parameters():  # the plan's policy: frozen weights bf16, trainable ones fp32
+            p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+        model.llm.get_input_embeddings().register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda and not fsdp)
+    batch = make_batch(model, cfg.data.max_seq_len, cfg.train.micro_batch_size)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+            out = model(**batch)
+        (out.loss_sum / max(out.num_tokens, 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # grads stay allocated, as under gradient accumulation
+        del out
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return peak
+
+
+def _one_process_group(cuda: bool) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    ap.add_argument("--archs", nargs="+", default=["D", "X"])
+    ap.add_argument("--stage", default="sft", choices=["pretrain", "sft"])
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default: the preset's)")
+    ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--fsdp", action="store_true", help="shard with parallelize() in a 1-process group")
+    args = ap.parse_args()
+    shapes = SHAPES[args.device]
+    seq, micro = args.seq or shapes[3], args.micro_batch or shapes[4]
+    cuda = args.device == "cuda"
+    unit, scale = ("GiB", 1.0) if cuda else ("MiB", 1024.0)  # tiny CPU shapes read better in MiB
+    if args.fsdp:
+        _one_process_group(cuda)
+    print(f"device {args.device}{' + FSDP2' if args.fsdp else ''}, stage {args.stage}, micro-batch {micro} × "
+          f"{seq} tokens, {args.steps} steps; {unit}")
+    print(f"{'arch':<5}{'AC':<5}{'params':>8}{'grads':>8}{'optim':>8}{'gather':>8}{'activ':>8}{'casts':>8}"
+          f"{'plan W=1':>10}{'single-proc':>13}{'measured':>10}{'meas/est':>10}")
+    for arch in args.archs:
+        for ac in (False, True):
+            cfg = run_config(arch, args.stage, ac, shapes, seq, micro)
+            p = plan(cfg, 1)
+            casts = 0.0 if args.fsdp else autocast_copies(meta_model(cfg), ac) / GIB
+            m = {k: v * scale for k, v in p["memory_gib"].items()}
+            single = m["params"] + m["grads"] + m["optimizer"] + m["activations"] + casts * scale
+            est = p["gib_per_gpu"] * scale if args.fsdp else single
+            peak = measure(arch, cfg, shapes, args.device, args.steps, args.fsdp)
+            meas = f"{peak:10.2f}{peak / est:10.2f}" if peak is not None else "  measured: n/a"
+            print(f"{arch:<5}{'on' if ac else 'off':<5}{m['params']:8.2f}{m['grads']:8.2f}{m['optimizer']:8.2f}"
+                  f"{m['gathered'] + m['unsharded_grads']:8.2f}{m['activations']:8.2f}{casts * scale:8.2f}"
+                  f"{p['gib_per_gpu'] * scale:10.2f}{single:13.2f}{meas}")
+
+
+if __name__ == "__main__":
+    main()

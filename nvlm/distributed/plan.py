@@ -1,0 +1,295 @@
+"""``nvlm train RECIPE --dry-run``: what a run would train, how FSDP2 shards it, and GPU memory per process.
+
+Nothing is loaded: the model is built on the meta device from the recipe (architecture dicts for the paper
+recipes of Tables 10–11, the backbones' config.json for local folders, the checkpoint's config.json for
+``init_from``), so a 79 B-parameter plan takes seconds on a laptop.
+
+Memory per GPU for world size W, as ``nvlm.distributed.parallel.parallelize`` runs on GPU:
+
+    params       trainable fp32 (4 B) / W + frozen bf16 (2 B) / W     (each tensor sharded on dim 0, rounded up)
+    grads        fp32 for trainable parameters, sharded: 4 B / W
+    optimizer    AdamW exp_avg + exp_avg_sq: 8 B per trainable parameter / W
+    gathered     bf16 unsharded weights: the two last units (norm + LM head, root) stay gathered from forward to
+                 backward; of the others, the largest twice (the unit computing + the one prefetched)
+    unsharded_grads  the largest trainable unit's full gradient before reduce-scatter: bf16 + its fp32 copy
+    activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below
+
+Activations are what autograd holds at the start of backward (the peak): per decoder layer the tensors in
+`llm_layer_bytes`; with activation checkpointing each layer's input plus one layer being recomputed; the
+x-attn blocks of NVLM-X/H (text side over T tokens, K/V over the memory of M = tiles × tokens per tile, for
+H plus the tile tags); SDPA's bf16 bias of a padding mask (micro-batches > 1); the LM head's logits and
+loss; the projector. The frozen vision tower runs under
+no_grad, so it only costs a transient (its largest MLP intermediate over the micro-batch's tiles), which
+comes before the LLM's activations and is taken as max(·), not summed. A frozen LLM (stage 1) still sits on
+the gradient path to the projector / x-attn blocks, so it stores activations, but not the inputs of its
+matmuls and norm weights (those serve only weight gradients). The per-token formulas were checked against
+the tensors autograd saves (``saved_tensors_hooks``, bf16 weights, CPU): within 3 %, slightly above.
+
+An estimate, not a measurement. Not counted: the CUDA context and kernels (~0.5–1 GiB), NCCL buffers,
+allocator fragmentation and caching (``max_memory_reserved`` exceeds ``max_memory_allocated``), AdamW's
+foreach temporaries during ``step``, the RoPE tables and tiny buffers, more than one image per sample.
+Grads are summed with the activation peak, which is exact under gradient accumulation and an upper bound
+(by up to `grads`) without it. ``benchmarks/plan_vs_measured.py`` compares this with a measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from nvlm.distributed.parallel import fsdp_units
+from nvlm.training.config import RunConfig
+from nvlm.training.stages import apply_stage, components
+
+GIB = 1024**3
+BF16, FP32 = 2, 4
+
+
+# ---- the model, weight-free ------------------------------------------------------------------------------
+def meta_model(cfg: RunConfig) -> nn.Module:
+    """The run's NVLM model on the meta device, with the config's stage applied (``requires_grad`` set)."""
+    import nvlm
+    from nvlm.config import clean_hf_config
+    from nvlm.models.checkpoint import build_meta, meta_from_pretrained
+    from nvlm.models.llm import load_llm_config
+    from nvlm.vision.encoder import load_vision_config, vision_config
+
+    spec, t = cfg.model, cfg.train
+    llm = spec.llm_config or (spec.llm if isinstance(spec.llm, dict) else None)
+    vision = spec.vision_config or (spec.vision if isinstance(spec.vision, dict) else None)
+    if spec.init_from and os.path.isfile(os.path.join(spec.init_from, "config.json")):
+        model = meta_from_pretrained(spec.init_from)  # what the trainer starts from, whatever the recipe says
+    else:
+        for what, conf, folder in (("llm", llm, spec.llm), ("vision", vision, spec.vision)):
+            if conf is None and not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
+                raise FileNotFoundError(f"model.{what}={folder!r} is not a local folder and the run gives no "
+                                        f"model.{what}_config (nor an existing model.init_from) to plan from")
+        if llm is None:
+            llm = clean_hf_config(load_llm_config(spec.llm).to_dict())
+        if vision is None:
+            obj = load_vision_config(spec.vision)
+            vision = {"type": _vision_kind(obj.model_type), **clean_hf_config(obj.to_dict())}
+        vision = {k: v for k, v in vision.items() if k != "model_type"}
+        tok = spec.tokenizer or (spec.llm if isinstance(spec.llm, (str, os.PathLike)) else None)
+        if tok is not None and os.path.isdir(tok):
+            # nvlm.build itself on the meta device: the same added tokens and embedding resize as a real build
+            rest = dict(vision)
+            with torch.device("meta"):
+                model = nvlm.build(spec.arch, llm=dict(llm), vision=vision_config(rest.pop("type"), **rest),
+                                   tokenizer=tok, config=dict(spec.overrides))
+        else:  # no tokenizer at hand (paper recipes): NVLM's tokens fit in the LLM's padded vocabulary
+            model = build_meta(spec.arch, dict(llm), vision, dict(spec.overrides))
+    apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
+    return model
+
+
+def _vision_kind(model_type: str) -> str:
+    from nvlm.vision.encoder import _kind_of
+
+    return _kind_of(model_type, "vision config")
+
+
+# ---- parameters and FSDP units ---------------------------------------------------------------------------
+def _shard(p: nn.Parameter, world: int) -> int:
+    """Elements of `p` on the busiest rank: FSDP2 splits dim 0 in `world` chunks, the first ones rounded up."""
+    if p.dim() == 0:
+        return 1
+    return math.ceil(p.shape[0] / world) * (p.numel() // max(p.shape[0], 1))
+
+
+def _units(model: nn.Module, world: int) -> list[dict[str, Any]]:
+    """One row per FSDP unit, in `fsdp_units` order: each unit owns the parameters no earlier unit took."""
+    taken: set[int] = set()
+    rows = []
+    for name, modules in fsdp_units(model):
+        params = [p for m in modules for p in m.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in params)
+        rows.append({"name": name, "params": sum(p.numel() for p in params),
+                     "trainable": sum(p.numel() for p in params if p.requires_grad),
+                     "shard_trainable": sum(_shard(p, world) for p in params if p.requires_grad),
+                     "shard_frozen": sum(_shard(p, world) for p in params if not p.requires_grad)})
+    return rows
+
+
+def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive units that differ only in their index (llm.layers.0 … 79) → one row with a count."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        head, _, idx = r["name"].rpartition(".")
+        key = f"{head}.*" if idx.isdigit() else r["name"]
+        row = {"unit": key, "count": 1, "params_each": r["params"], "trainable": r["trainable"] > 0,
+               "per_gpu_each": r["shard_trainable"] + r["shard_frozen"]}
+        last = out[-1] if out else None
+        if last and all(last[k] == row[k] for k in ("unit", "params_each", "trainable")):
+            last["count"] += 1
+        else:
+            out.append(row)
+    return out
+
+
+# ---- activations (bytes) ---------------------------------------------------------------------------------
+def llm_layer_bytes(d: int, q: int, kv: int, f: int, heads: int, trainable: bool) -> int:
+    """Bytes per token a Llama/Qwen2 decoder layer (RMSNorm, SDPA/flash attention, SwiGLU) keeps for backward.
+
+    q = heads × head_dim, kv = K/V width at the SDPA call (kv heads × head_dim, or q when repeat_kv expanded
+    them because a padding mask disables SDPA's native GQA). With trainable (bf16-gathered) weights:
+        2 RMSNorms   fp32 copy of the input (4d), the bf16 normalised input kept for the weight's gradient (2d),
+                     the bf16 output (2d, shared by q/k/v or gate/up as their input)
+        attention    q and k after RoPE, v (2q + 2·2kv), SDPA output (2q), its contiguous copy = o_proj input
+                     (2q), logsumexp (4 B per head); flash/efficient kernels store no T×T scores
+        SwiGLU FFN   gate (2f, for silu), silu(gate) (2f), up (2f), silu·up = down_proj input (2f)
+    Frozen weights need no weight gradients: the norms keep only their fp32 input, o/down_proj no input.
+    """
+    weight_only = 2 * (2 * d + 2 * d) + 2 * q + 2 * f  # tensors that exist only to form weight gradients
+    total = 2 * (FP32 * d + 2 * BF16 * d) + BF16 * (q + 2 * kv + q + q) + FP32 * heads + 4 * BF16 * f
+    return total if trainable else total - weight_only
+
+
+def xattn_text_bytes(d: int, q: int, f: int, heads: int) -> int:
+    """Per text token, one gated cross-attention block (``nvlm.models.xattn``). Its ``nn.RMSNorm``s keep an
+    fp32 input and an fp32 normalised copy (8 B) plus their bf16 output: input/post norm 2 × (8d + 2d), q's
+    per-head norm 8q + 2q; SDPA output + o_proj input (2q + 2q), the two gated branches kept for the tanh-gate
+    gradients (2d + 2d), the SwiGLU FFN (8f), logsumexp."""
+    return 2 * 10 * d + 10 * q + 4 * q + 4 * d + 4 * BF16 * f + FP32 * heads
+
+
+def xattn_memory_bytes(q: int, kv: int) -> int:
+    """Per memory token, one block: k's norm (8kv fp32 + 2kv bf16 output, kept in XAttnState with v: 2kv), and
+    K/V repeated to all query heads for SDPA (4q) when the block uses grouped-query attention."""
+    return 2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)
+
+
+def activation_bytes(model: nn.Module, micro_batch: int, seq: int, ac: bool) -> dict[str, int]:
+    """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring)."""
+    dm, c = model.dims, model.config
+    d, f, heads, L = dm.hidden_size, dm.ffn_size, dm.num_heads, dm.num_layers
+    q, kv = heads * dm.head_dim, dm.num_kv_heads * dm.head_dim
+    tokens = micro_batch * seq
+    llm_trains = any(p.requires_grad for p in model.llm.parameters())
+    padded = micro_batch > 1  # a padding mask turns SDPA's GQA off: HF repeats K/V to all heads
+    layer = tokens * llm_layer_bytes(d, q, q if padded and kv < q else kv, f, heads, llm_trains)
+    # the boolean [B, 1, T, T] padding mask, which SDPA turns into a bf16 bias per call, kept for backward
+    mask, bias = (micro_batch * seq * seq, micro_batch * seq * seq * BF16) if padded else (0, 0)
+    out = {"llm_layers": L * tokens * BF16 * d + layer if ac else L * layer,
+           "attn_mask": mask + (bias if ac else L * bias)}
+    # images: one per sample, at the most tiles (and the thumbnail) the config allows
+    tiles = c.tiling.max_tiles + (1 if c.tiling.use_thumbnail and c.tiling.max_tiles > 1 else 0)
+    tpt = model.vision.tokens_per_tile
+    mem = 0
+    if c.arch == "X":
+        mem = tiles * tpt
+    elif c.arch == "H" and c.tiling.max_tiles > 1:  # regular tiles with their tags; the thumbnail is decoded
+        tag = 0 if c.tags.style == "none" else 1 if c.tags.mode == "special" else 5  # ~5 BPE tokens per tag
+        mem = c.tiling.max_tiles * (tpt + tag)
+    n_x = len(model.xattn)
+    if n_x and mem:
+        m_tok = micro_batch * mem
+        shared = m_tok * BF16 * d + tokens * mem  # the memory itself and the bool [B, T, M] mask, once
+        text = tokens * (xattn_text_bytes(d, q, f, heads) + BF16 * mem)  # + SDPA's bf16 bias of that mask
+        if ac:  # text side recomputed with its host layer (the hook runs inside the checkpoint)
+            out["xattn"] = shared + n_x * m_tok * 2 * BF16 * kv + text
+        else:
+            out["xattn"] = shared + n_x * (m_tok * xattn_memory_bytes(q, kv) + text)
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    # final norm (as in a layer), bf16 logits (2V), their fp32 copy → log-probs (4V) and its gradient (4V)
+    out["logits"] = tokens * ((8 if llm_trains else 4) * d + (BF16 + FP32 + FP32) * vocab)
+    n_tok = micro_batch * tiles * tpt
+    proj_in = model.vision.out_dim
+    if c.arch == "X":  # one Linear: its bf16-cast input
+        out["projector"] = n_tok * BF16 * proj_in
+    else:  # LayerNorm's fp32 input, Linear 1's bf16 input, GELU's input and output
+        hidden = model.projector.linear_1.out_features
+        out["projector"] = n_tok * ((FP32 + BF16) * proj_in + 2 * BF16 * hidden)
+    vc = model.vision.model.config
+    patches = micro_batch * tiles * (model.vision.grid**2 + int(model.vision.has_cls))
+    n_vl = vc.num_hidden_layers
+    if any(p.requires_grad for p in model.vision.parameters()):  # unfrozen tower: a ViT layer's saved tensors
+        # 2 norms (6C each), q/k/v/SDPA out/o_proj input (10C), layer-scale products (4C), fc1 + GELU out (4F)
+        out["vision"] = n_vl * patches * (2 * 6 * vc.hidden_size + 14 * vc.hidden_size + 4 * vc.intermediate_size)
+    else:  # transient, before the LLM runs: residual + norm output + fc1 output + GELU output of one layer
+        transient = patches * BF16 * (2 * vc.hidden_size + 2 * vc.intermediate_size)
+        stored = sum(out.values())
+        out["vision"] = max(0, transient - stored)  # only what exceeds the later peak
+    return out
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Parameters per component, the FSDP2 units and an estimate of GiB per GPU for `world_size` processes."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    model = meta_model(cfg)
+    t = cfg.train
+    gbs = getattr(t, "global_batch_size", None) or t.batch_size
+    comps = {name: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                    "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad)}
+             for name, m in components(model).items()}
+    units = _units(model, world_size)
+    shard_t = sum(u["shard_trainable"] for u in units)
+    shard_f = sum(u["shard_frozen"] for u in units)
+    kept = units[-2:]  # parallelize keeps the last two units gathered between forward and backward
+    largest = max((u["params"] for u in units[:-2]), default=0)
+    largest_t = max((u["trainable"] for u in units), default=0)
+    mem = {"params": FP32 * shard_t + BF16 * shard_f, "grads": FP32 * shard_t, "optimizer": 2 * FP32 * shard_t,
+           "gathered": BF16 * (sum(u["params"] for u in kept) + 2 * largest),
+           "unsharded_grads": (BF16 + FP32) * largest_t}
+    static = sum(mem.values())
+    acts = {ac: activation_bytes(model, t.micro_batch_size, cfg.data.max_seq_len, ac) for ac in (False, True)}
+    act = acts[t.activation_checkpointing]
+    gib = {k: v / GIB for k, v in {**mem, "activations": sum(act.values())}.items()}
+    dm = model.dims
+    return {
+        "arch": model.config.arch, "stage": t.stage, "world_size": world_size,
+        "micro_batch_size": t.micro_batch_size, "global_batch_size": gbs, "seq_len": cfg.data.max_seq_len,
+        "grad_accum_steps": max(1, gbs // (t.micro_batch_size * world_size)),
+        "activation_checkpointing": t.activation_checkpointing,
+        "shapes": {"hidden": dm.hidden_size, "layers": dm.num_layers, "ffn": dm.ffn_size,
+                   "vocab": model.llm.get_output_embeddings().weight.shape[0], "xattn_blocks": len(model.xattn),
+                   "max_tiles": model.config.tiling.max_tiles, "tokens_per_tile": model.vision.tokens_per_tile},
+        "components": comps,
+        "params_total": sum(v["trainable"] + v["frozen"] for v in comps.values()),
+        "params_trainable": sum(v["trainable"] for v in comps.values()),
+        "params_per_gpu": shard_t + shard_f,
+        "units": _grouped(units),
+        "memory_gib": gib,
+        "activations_gib": {"no_ac": {k: v / GIB for k, v in acts[False].items()},
+                            "ac": {k: v / GIB for k, v in acts[True].items()}},
+        "gib_per_gpu": (static + sum(act.values())) / GIB,
+        "gib_per_gpu_no_ac": (static + sum(acts[False].values())) / GIB,
+        "gib_per_gpu_ac": (static + sum(acts[True].values())) / GIB,
+        "not_counted": ["CUDA context (~0.5-1 GiB)", "NCCL buffers", "allocator fragmentation/caching",
+                        "AdamW step temporaries", "more than one image per sample"],
+        "notes": [] if gbs % (t.micro_batch_size * world_size) == 0 else [
+            f"global batch {gbs} is not a multiple of micro-batch × world size ({t.micro_batch_size} × "
+            f"{world_size}): the trainer refuses this run"],
+    }
+
+
+def render(p: dict[str, Any]) -> str:
+    """The plan as a text report: what trains, the FSDP units, memory per GPU."""
+    ac = "on" if p["activation_checkpointing"] else "off"
+    lines = [f"NVLM-{p['arch']} dry run: stage {p['stage']}, {p['world_size']} GPU(s), micro-batch "
+             f"{p['micro_batch_size']} × {p['seq_len']} tokens, global batch {p['global_batch_size']} "
+             f"({p['grad_accum_steps']} accumulation step(s)), activation checkpointing {ac}", "",
+             f"{'component':<12}{'trainable':>18}{'frozen':>18}"]
+    for name, c in p["components"].items():
+        lines.append(f"{name:<12}{c['trainable']:>18,}{c['frozen']:>18,}")
+    frozen = p["params_total"] - p["params_trainable"]
+    lines += [f"{'total':<12}{p['params_trainable']:>18,}{frozen:>18,}   ({p['params_total'] / 1e9:.2f} B)", "",
+              f"FSDP2 units (in fully_shard order), {p['params_per_gpu']:,} parameters per GPU",
+              f"{'unit':<22}{'count':>6}{'params each':>16}{'per GPU each':>15}  trains"]
+    for u in p["units"]:
+        lines.append(f"{u['unit']:<22}{u['count']:>6}{u['params_each']:>16,}{u['per_gpu_each']:>15,}  "
+                     f"{'yes' if u['trainable'] else 'no'}")
+    lines += ["", f"memory per GPU (GiB, estimate), world size {p['world_size']}:"]
+    lines += [f"  {k:<16}{v:>9.2f}" for k, v in p["memory_gib"].items()]
+    lines.append(f"  {'total':<16}{p['gib_per_gpu']:>9.2f}   (+ CUDA context, NCCL buffers, fragmentation)")
+    for key, label in (("no_ac", "AC off"), ("ac", "AC on ")):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in p["activations_gib"][key].items() if v)
+        lines.append(f"  {label}: {p[f'gib_per_gpu_{key}']:8.2f} GiB per GPU  (activations: {parts})")
+    lines += [f"  note: {n}" for n in p["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Building the model a training run trains: from backbone folders or configs, from a stage-1 checkpoint
+(paper §4.5: stage 2 starts from stage 1's model), on the meta device, and sharded over processes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import nvlm
+from nvlm.distributed.parallel import World, parallelize
+from nvlm.training.config import RunConfig
+from nvlm.training.stages import apply_stage
+from nvlm.vision.encoder import vision_config
+
+
+def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
+    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding)."""
+    spec = cfg.model
+    torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
+    if spec.init_from:
+        from nvlm.models.checkpoint import meta_from_pretrained
+
+        return meta_from_pretrained(spec.init_from) if meta else nvlm.from_pretrained(spec.init_from)
+    llm, vision = spec.llm, spec.vision
+    if isinstance(vision, dict):  # {"type": ..., **hf config}: a random vision tower
+        vision = dict(vision)
+        vision = vision_config(vision.pop("type"), **vision)
+    tokenizer = spec.tokenizer or (llm if isinstance(llm, (str, os.PathLike)) else None)
+    overrides = {k: v for k, v in spec.overrides.items()}
+    if not meta:
+        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
+    from nvlm.models.llm import load_llm_config
+    from nvlm.vision.encoder import load_vision_config
+
+    if isinstance(llm, (str, os.PathLike)):
+        llm = load_llm_config(llm)
+    if isinstance(vision, (str, os.PathLike)):
+        vision = load_vision_config(vision)
+    with torch.device("meta"):
+        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
+
+
+def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
+    """Every process builds the model on the meta device and shards it; process 0 alone builds it for real
+    (loads the backbones) and broadcasts the weights: host memory holds one full copy per node, not one per
+    process."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    t = cfg.train
+    real = build_model(cfg) if world.main else None
+    model = build_model(cfg, meta=True)
+    apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
+    if t.activation_checkpointing:
+        activation_checkpointing(model)
+    parallelize(model, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
+    model.to_empty(device=world.device)
+    full = real.state_dict() if real is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    real_buffers = dict(real.named_buffers()) if real is not None else {}
+    for name, buf in model.named_buffers():  # e.g. RoPE's inv_freq: not in the state dict, empty after meta
+        if real is not None:
+            buf.copy_(real_buffers[name])
+        dist.broadcast(buf, src=0)
+    del real, full
+    return model
+
+
+def activation_checkpointing(model: nvlm.NVLM) -> None:
+    llm = model.llm  # per decoder layer, x-attn block included (its hook runs inside the layer's call)
+    (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
