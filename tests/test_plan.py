@@ -108,3 +108,13 @@ def test_json_and_text(d72):
     assert set(data["memory_gib"]) >= {"params", "grads", "optimizer", "gathered", "activations"}
     text = render(d72)
     assert "llm.layers.*" in text and "AC on" in text and "AC off" in text and "78.86 B" in text
+
+
+def test_cli_dry_run_json(capsys):
+    from nvlm.cli import main
+
+    assert main(["train", "d-72b-sft", "--dry-run", "--json", "--world-size", "128"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["params_total"] - 78.86e9) / 78.86e9 < 0.01
+    assert report["world_size"] == 128 and 0 < report["gib_per_gpu"] < report["gib_per_gpu_no_ac"]
+    assert main(["train", "tiny-d", "--dry-run", "model.llm=/nonexistent"]) == 2

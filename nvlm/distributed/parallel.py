@@ -19,6 +19,7 @@ places that shard or communicate.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -128,6 +129,9 @@ def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: boo
     if compile:
         for block in [*decoder_layers(model.llm), *model.xattn]:
             block.forward = torch.compile(block.forward)  # hooks (FSDP, x-attn) stay eager around it
+    # FSDP2 warns when a unit returns a view (the x-attn block's K/V, the logits), because an in-place op on
+    # it would skip its pre-backward hook; nothing here modifies a unit's output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = fsdp_units(model)
     for k, (_, modules) in enumerate(units):
         # the last units before the root are needed again at once by backward: keep them gathered
