@@ -158,6 +158,8 @@ def runs(backbones, dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("druns")
     jobs = [{"kind": "train", "cfg": cfg_dict(backbones, dataset, arch), "out": str(root / f"two-{arch}")}
             for arch in ("D", "X", "H")]
+    jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "X", activation_checkpointing=True),
+                 "out": str(root / "two-X-ac")})
     jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "H", stage="pretrain", steps=3),
                  "out": str(root / "two-H-pretrain")})
     resume = cfg_dict(backbones, dataset, "X", steps=6, save_every=3)
@@ -189,6 +191,10 @@ def test_two_processes_equal_one(runs, backbones, dataset, tmp_path, arch):
     assert s1.keys() == s2.keys()
     worst = max(float((s1[k] - s2[k]).abs().max()) for k in s1)
     assert worst < 1e-4, worst
+
+
+def test_activation_checkpointing_under_fsdp_keeps_the_losses(runs):
+    assert close(losses(runs / "two-X-ac"), losses(runs / "two-X"))
 
 
 def test_stage1_frozen_weights_unchanged_under_fsdp(runs, backbones, dataset):
