@@ -209,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_chat)
 
+    from nvlm.bench.cli import add_bench_subcommands
     from nvlm.eval.cli import add_eval_subcommands
+
+    add_bench_subcommands(sub.add_parser("bench", help="training throughput of NVLM-D/X/H at equal shapes (Table 3)"))
 
     add_eval_subcommands(sub.add_parser("eval", help="score predictions, run benchmarks, report tables"))
     return parser

@@ -1,0 +1,128 @@
+"""``nvlm bench train`` (paper Table 3 at our scale) and its analytic FLOP counter.
+
+python -m pytest tests/test_bench.py -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from nvlm.bench.cli import add_bench_subcommands
+from nvlm.bench.flops import train_flops
+from nvlm.bench.train import Shape, build_models, make_batch, synthetic_image
+
+# A smaller cousin of the cpu preset: 16 tokens per 112 px tile, 6+1 tiles, x-attn before every 2nd layer.
+TINY = Shape(llm=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=384, tie_word_embeddings=False),
+             vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                         image_size=[112, 112], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True,
+                         use_mean_pooling=True),
+             text_tokens=24, batch_size=2, xattn_every=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread here (two OpenMP threads spin-wait for each other when other jobs share the two
+    cores, which made these tests 10× slower), and the session's own count back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bench(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="nvlm bench")
+    add_bench_subcommands(parser)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.mark.parametrize("arch,stage", [("D", "sft"), ("X", "sft"), ("H", "sft"), ("X", "pretrain")])
+def test_analytic_flops_match_flop_counter(arch, stage):
+    model = build_models([arch], TINY, stage)[arch]
+    batch, tokens = make_batch(model, TINY, synthetic_image(TINY.tiles, model.vision.tile_size))
+    counter = FlopCounterMode(display=False)
+    # FlopCounterMode has no formula for CPU's fused attention kernel
+    # (aten::_scaled_dot_product_flash_attention_for_cpu) and would count it as 0 FLOPs; the math backend runs
+    # attention as bmm/matmul, which it does count (2 forward, 4 backward: exactly the analytic 3×). All else
+    # it counts (mm/addmm/bmm/convolution, the patch Conv2d included) is in the analytic model; what it does
+    # not count (norms, softmax, the embedding gather, the loss, AdamW) is not matmul work and not in the
+    # analytic count either. The one matmul the analytic count leaves out is the rotary-angle outer product
+    # (hd/2 × T per forward, far below 0.1%).
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(**batch).loss.backward()
+    measured = counter.get_total_flops() / TINY.batch_size
+    analytic = train_flops(model, tokens, stage)
+    assert analytic["total"] == pytest.approx(measured, rel=0.05)
+    # the vision tower ran forward only, and the count says so: its FLOPs are all in the forward pass
+    per_module = counter.get_flop_counts()
+    vision = sum(per_module["NVLM.vision"].values()) / TINY.batch_size
+    assert vision == pytest.approx(analytic["vision"], rel=0.05)
+
+
+def test_bench_train_runs_all_three_archs(capsys):
+    # the cpu preset's backbones with a shorter sample (2+1 tiles, 16 text tokens) to keep the test quick
+    code = _bench("train", "--arch", "D,X,H", "--preset", "cpu", "--device", "cpu", "--steps", "2",
+                  "--warmup", "1", "--batch-size", "1", "--tiles", "2", "--text-tokens", "16", "--threads", "1",
+                  "--json")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    archs = result["archs"]
+    assert set(archs) == {"D", "X", "H"}
+    for r in archs.values():
+        assert r["samples_per_s"] > 0 and len(r["step_s_all"]) == 2
+        assert r["tflop_per_sample"] > 0 and r["mfu"] is None and r["peak_mem_gib"] is None
+        assert r["tiles"] == 3
+    # the point of Table 3: X and H shorten the decoder sequence (X most), D has no x-attn memory
+    assert archs["X"]["decoder_tokens"] < archs["H"]["decoder_tokens"] < archs["D"]["decoder_tokens"]
+    assert archs["D"]["memory_tokens"] == 0
+    assert archs["X"]["memory_tokens"] > 0 and archs["H"]["memory_tokens"] > 0
+    for arch, paper in (("X", 1.76), ("H", 1.26)):
+        ratio = result["ratios"][f"{arch}/D"]
+        assert ratio["measured"] == pytest.approx(archs[arch]["samples_per_s"] / archs["D"]["samples_per_s"])
+        assert ratio["flops_predicted"] == pytest.approx(archs["D"]["tflop_per_sample"]
+                                                         / archs[arch]["tflop_per_sample"])
+        assert ratio["paper"] == paper
+        assert ratio["flops_predicted"] > 1  # fewer decoder tokens → fewer FLOPs per sample
+
+
+def test_bench_table_output(capsys):
+    code = _bench("train", "--arch", "d,x", "--steps", "1", "--warmup", "0", "--batch-size", "1",
+                  "--text-tokens", "8", "--tiles", "1", "--device", "cpu", "--park", "--threads", "1")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "X/D" in out and "1.76" in out and "n/a" in out
+
+
+@pytest.mark.parametrize("value", ["D,Q", "", "D,D", "all"])
+def test_bad_arch_is_a_clear_error(capsys, value):
+    assert _bench("train", "--arch", value) == 2
+    err = capsys.readouterr().err
+    assert "--arch" in err and "D, X, H" in err
+
+
+def test_synthetic_image_tiles_to_the_requested_grid():
+    from nvlm.vision.tiling import plan_tiles
+
+    for tiles in (1, 2, 4, 6, 9):
+        image = synthetic_image(tiles, 56)
+        plan = plan_tiles(image.width, image.height, 56, 1, tiles)
+        assert plan.num_regular == tiles and plan.thumbnail == (tiles > 1)
+
+
+def test_dry_run_counts_gpu_shapes_without_weights(capsys):
+    # the gpu-1b proxy (~1.5B LLM + 300M ViT) on the meta device: tokens and FLOPs, no memory, no timing
+    assert _bench("train", "--preset", "gpu-1b", "--dry-run", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    archs = result["archs"]
+    assert archs["D"]["decoder_tokens"] > 7 * 256 and archs["X"]["memory_tokens"] == 7 * 256
+    assert all(r["samples_per_s"] is None for r in archs.values())
+    # performance.md §3.3 predicts X ≈ 2.0–2.1× and H ≈ 1.7–1.8× D's sample rate from FLOPs at 34B
+    assert 1.7 < result["ratios"]["X/D"]["flops_predicted"] < 2.3
+    assert 1.4 < result["ratios"]["H/D"]["flops_predicted"] < 1.9
