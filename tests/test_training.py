@@ -150,6 +150,20 @@ def test_corrupt_image_is_skipped_and_counted(backbones, dataset, tmp_path):
         Trainer(cfg, tmp_path / "b", log=quiet).run()
 
 
+def test_read_ahead_thread_changes_nothing(backbones, dataset, tmp_path):
+    """Batches read ahead in a thread (data.prefetch) give the same losses, counts and checkpointed data
+    position as reading in the step: the checkpoint records the last batch trained on, not read."""
+    results = {}
+    for depth in (0, 3):
+        cfg = make_cfg(backbones, dataset, steps=5, broken=True)
+        cfg.data.prefetch = depth
+        r = Trainer(cfg, tmp_path / str(depth), log=quiet).run()
+        state = json.loads((tmp_path / str(depth) / "checkpoints/step_0000005/trainer_state.json").read_text())
+        results[depth] = (losses(tmp_path / str(depth)), r.counts, state["ranks"])
+    assert results[0] == results[3]
+    assert results[0][1]["used"] == 5 * 4
+
+
 def test_stage1_checkpoint_hands_over_to_stage2(backbones, dataset, tmp_path):
     r1 = Trainer(make_cfg(backbones, dataset, "H", stage="pretrain", steps=3), tmp_path / "s1", log=quiet).run()
     assert r1.final_dir is not None and (r1.final_dir / "config.json").is_file()

@@ -224,7 +224,7 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     model = meta_model(cfg)
     t = cfg.train
-    gbs = getattr(t, "global_batch_size", None) or t.batch_size
+    gbs = t.global_batch_size
     comps = {name: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                     "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad)}
              for name, m in components(model).items()}

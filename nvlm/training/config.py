@@ -56,6 +56,8 @@ class DataSpec:
     """Pack several samples per row up to max_seq_len (no attention across them)."""
     max_bad_in_row: int = 100
     max_bad_fraction: float = 0.1
+    prefetch: int = 1
+    """Steps of batches read ahead in a background thread while the current one computes (0: read in step)."""
 
     def source_specs(self) -> list[SourceSpec]:
         return [from_dict(SourceSpec, s, f"data.sources[{i}].") for i, s in enumerate(self.sources)]

@@ -28,6 +28,7 @@ import nvlm
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy
+from nvlm.data.prefetch import Prefetcher
 from nvlm.distributed.checkpoint import (
     complete_checkpoints,
     export_pretrained,
@@ -116,6 +117,8 @@ class Trainer:
         self.mixed = 0  # micro-batches where some processes held images and others none
         self._stop = False
         self._saved_step = -1
+        self._prefetch: Prefetcher | None = None
+        self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
 
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
@@ -162,15 +165,20 @@ class Trainer:
         (total,) = all_reduce([total], w)
         return total / max(tokens, 1), norm, int(tokens)
 
+    def _read(self) -> list[dict[str, Any]]:
+        return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.size))
+
     def _next_batches(self) -> list[dict[str, Any]] | None:
         """This process's micro-batches for the next step, or None when the run must stop (SIGTERM on any
         process). A data error on any process stops every process with that error."""
         error: Exception | None = None
         batches: list[dict[str, Any]] = []
-        before = self.stream.state_dict()
+        state = None
         try:
-            samples = self.stream.batch(self.cfg.train.global_batch_size // self.world.size)
-            batches = self.batches(samples)
+            if self._prefetch is not None:
+                batches, state = self._prefetch.next()
+            else:
+                batches, state = self._read(), self.stream.state_dict()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
             error = e
         failed, stop = all_reduce([float(error is not None), float(self._stop)], self.world)
@@ -178,9 +186,9 @@ class Trainer:
             raise error
         if failed:
             raise PeerFailed("another process failed while reading its data (see its error); stopping")
-        if stop:  # the checkpoint must not count the batch just read: the resumed run reads it
-            self.stream.load_state_dict(before)
+        if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
             return None
+        self._data_state = state
         return batches
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -201,6 +209,7 @@ class Trainer:
             self.stream.load_state_dict({**data, "counts": counts})
             self.log(f"resuming a {state['world_size']}-process checkpoint on {self.world.size}: data continues "
                      f"from blend position {data['blend']['position']} (no sample is read twice)")
+        self._data_state = self.stream.state_dict()
         self.step = state["step"]
         self.skipped = state["ranks"][0].get("skipped", 0)
         self._saved_step = self.step
@@ -209,7 +218,7 @@ class Trainer:
 
     def save(self) -> Path:
         self._saved_step = self.step
-        rank_state = {"data": self.stream.state_dict(), "skipped": self.skipped}
+        rank_state = {"data": self._data_state, "skipped": self.skipped}
         return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.world,
                                rank_state, self.cfg.to_dict(), self.cfg.train.keep_last)
 
@@ -219,6 +228,8 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.cfg.train
         self.resume()
+        if self.cfg.data.prefetch > 0:
+            self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         progress = _progress(t.max_steps, self.step, self.world.main)
         start, seen = time.perf_counter(), 0
@@ -257,6 +268,9 @@ class Trainer:
                 if t.save_every and self.step % t.save_every == 0:
                     self.save()
         finally:
+            if self._prefetch is not None:
+                self._prefetch.close()
+                self._prefetch = None
             signal.signal(signal.SIGTERM, previous)
             progress.close()
             self.metrics.close()
@@ -278,9 +292,10 @@ class Trainer:
 
     def _counts(self) -> dict[str, int]:
         """Data counts summed over processes."""
-        keys = sorted(set(self.stream.counts) | {"read", "used", "used_with_images", "used_text_only",
-                                                 "bad_sample", "dropped_too_long"})
-        values = all_reduce([float(self.stream.counts.get(k, 0)) for k in keys], self.world)
+        mine = self._data_state["counts"]  # of the batches trained on, not those read ahead
+        keys = sorted(set(mine) | {"read", "used", "used_with_images", "used_text_only", "bad_sample",
+                                   "dropped_too_long"})
+        values = all_reduce([float(mine.get(k, 0)) for k in keys], self.world)
         counts = {k: int(v) for k, v in zip(keys, values) if v}
         counts["mixed_microbatches"] = self.mixed
         return counts
