@@ -70,3 +70,27 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
         color = tuple(int(v) for v in torch.randint(0, 255, (3,), generator=g))
         d.rectangle([x0, y0, x0 + width // 4, y0 + height // 4], fill=color)
     return im
+
+
+def write_color_dataset(root, images: int, texts: int):
+    """`images` LLaVA samples (what color?), `texts` OpenAI text-only samples and a truncated image
+    (broken.jsonl), as JSONL files under `root`."""
+    import json
+
+    (root / "img").mkdir()
+    colors = ["red", "green", "blue"]
+    with open(root / "images.jsonl", "w") as f:
+        for i in range(images):
+            picture([56, 112, 150][i % 3], [56, 56, 100][i % 3], seed=i).save(root / f"img/{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": colors[i % 3]}]}) + "\n")
+    data = (root / "img/0.png").read_bytes()
+    (root / "img/broken.png").write_bytes(data[: len(data) // 2])
+    with open(root / "broken.jsonl", "w") as f:
+        f.write(json.dumps({"image": "img/broken.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    with open(root / "text.jsonl", "w") as f:
+        for a in range(texts):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+1?"},
+                                             {"role": "assistant", "content": str(a + 1)}]}) + "\n")
+    return root

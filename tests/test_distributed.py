@@ -18,7 +18,7 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import picture
+from conftest import picture, write_color_dataset
 
 from nvlm.distributed.checkpoint import complete_checkpoints
 from nvlm.training.config import RunConfig
@@ -31,24 +31,7 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Half image samples, half text-only, so that steps mix them across processes."""
-    root = tmp_path_factory.mktemp("ddata")
-    (root / "img").mkdir()
-    colors = ["red", "green", "blue"]
-    with open(root / "images.jsonl", "w") as f:
-        for i in range(24):
-            picture([56, 112, 150][i % 3], [56, 56, 100][i % 3], seed=i).save(root / f"img/{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": colors[i % 3]}]}) + "\n")
-    with open(root / "text.jsonl", "w") as f:
-        for a in range(24):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+1?"},
-                                             {"role": "assistant", "content": str(a + 1)}]}) + "\n")
-    data = (root / "img/0.png").read_bytes()
-    (root / "img/broken.png").write_bytes(data[: len(data) // 2])
-    with open(root / "broken.jsonl", "w") as f:
-        f.write(json.dumps({"image": "img/broken.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n")
-    return root
+    return write_color_dataset(tmp_path_factory.mktemp("ddata"), 24, 24)
 
 
 def cfg_dict(backbones, dataset, arch="D", stage="sft", steps=5, broken=False, **train) -> dict:

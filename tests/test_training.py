@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import picture
+from conftest import write_color_dataset
 
 from nvlm.distributed.checkpoint import complete_checkpoints
 from nvlm.training.config import RunConfig
@@ -25,24 +25,7 @@ from nvlm.training.trainer import NonFiniteLoss, Trainer
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """30 image samples (colors), 10 text-only, and one truncated image, as LLaVA / OpenAI JSONL."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "img").mkdir()
-    colors = ["red", "green", "blue"]
-    with open(root / "images.jsonl", "w") as f:
-        for i in range(30):
-            picture([56, 112, 150][i % 3], [56, 56, 100][i % 3], seed=i).save(root / f"img/{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": colors[i % 3]}]}) + "\n")
-    data = (root / "img/0.png").read_bytes()
-    (root / "img/broken.png").write_bytes(data[: len(data) // 2])
-    with open(root / "broken.jsonl", "w") as f:
-        f.write(json.dumps({"image": "img/broken.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n")
-    with open(root / "text.jsonl", "w") as f:
-        for a in range(10):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+1?"},
-                                             {"role": "assistant", "content": str(a + 1)}]}) + "\n")
-    return root
+    return write_color_dataset(tmp_path_factory.mktemp("data"), 30, 10)
 
 
 def make_cfg(backbones, dataset, arch="D", stage="sft", steps=6, **train) -> RunConfig:
