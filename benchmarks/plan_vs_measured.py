@@ -2,14 +2,15 @@
 
     python benchmarks/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
     python benchmarks/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
-    python benchmarks/plan_vs_measured.py --device cpu    # tiny shapes; runs the steps, prints "measured: n/a"
+    python benchmarks/plan_vs_measured.py --device cpu    # small shapes; peak from the profiler's memory timeline
 
 For NVLM-D and NVLM-X, with activation checkpointing off and on, it plans a `RunConfig` built here, then
 builds the same model with ``nvlm.build`` and trains a few steps in one process with the plan's policy:
 trainable weights fp32, frozen ones bf16, ``torch.autocast`` bf16, AdamW, one micro-batch of
 ``--micro-batch`` samples × ``--seq`` tokens with one image at the most tiles (rows 8 tokens apart, so there
 is a padding mask as in training). The peak is ``torch.cuda.max_memory_allocated()`` (no CUDA context, no
-fragmentation: compare ``max_memory_reserved`` for those).
+fragmentation: compare ``max_memory_reserved`` for those); on CPU (the same policy, CPU autocast) it is the
+peak of ``torch.profiler``'s memory timeline over the steps (every tensor the profiler saw alive).
 
 Without ``--fsdp`` the plan's ``gathered`` and ``unsharded_grads`` terms do not apply; instead autocast keeps
 bf16 copies of the trainable matmul weights for backward (``cache_enabled=False`` bounds them to what autograd
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -53,12 +55,12 @@ SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, int
                   num_attention_heads=8, image_size=[448, 448], patch_size=[14, 14], norm_type="rms_norm",
                   use_qk_norm=True, use_mean_pooling=True),
              {"tiling.max_tiles": 6, "xattn.every": 4}, 2048, 2),
-    "cpu": (dict(model_type="qwen2", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    "cpu": (dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
                  tie_word_embeddings=False),
-            dict(type="internvl", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 image_size=[56, 56], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True),
-            {"tiling.max_tiles": 2, "xattn.every": 1}, 64, 2),
+            dict(type="internvl", hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=[112, 112], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True),
+            {"tiling.max_tiles": 6, "xattn.every": 2}, 512, 2),
 }
 
 
@@ -103,8 +105,8 @@ def make_batch(model: Any, seq: int, micro: int) -> dict[str, Any]:
     return proc.collate(samples, padding_side="right")
 
 
-def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, fsdp: bool) -> float | None:
-    """Peak GiB allocated over `steps` training steps, or None off CUDA (the steps still run)."""
+def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, fsdp: bool) -> float:
+    """Peak GiB allocated over `steps` training steps (CUDA allocator; on CPU the profiler's memory timeline)."""
     llm, vision, overrides = shapes[:3]
     v = dict(vision)
     torch.manual_seed(0)
@@ -119,8 +121,8 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
     if fsdp:
         from nvlm.distributed.parallel import parallelize
 
-        parallelize(model, mixed_precision=cuda)
-    elif cuda:
+        parallelize(model, mixed_precision=True)  # the plan's policy, on CPU (gloo) too
+    else:
         for p in model.parameters():  # the plan's policy: frozen weights bf16, trainable ones fp32
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
         model.llm.get_input_embeddings().register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
@@ -129,18 +131,41 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        _steps(model, opt, batch, device, steps)
+        peak = torch.cuda.max_memory_allocated() / GIB
+    else:
+        peak = _cpu_peak(functools.partial(_steps, model, opt, batch, device, steps))
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return peak
+
+
+def _steps(model: Any, opt: Any, batch: dict[str, Any], device: str, steps: int) -> None:
     for _ in range(steps):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+        with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):
             out = model(**batch)
         (out.loss_sum / max(out.num_tokens, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)  # grads stay allocated, as under gradient accumulation
         del out
-    peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
-    del model, opt
-    if cuda:
-        torch.cuda.empty_cache()
-    return peak
+
+
+def _cpu_peak(fn: Any) -> float:
+    """GiB: the peak of the CPU memory timeline torch.profiler records while `fn` runs."""
+    import json
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA's snapshots; the CPU path stays
+        prof.export_memory_timeline(f"{tmp}/mem.json", device="cpu")
+        _, sizes = json.load(open(f"{tmp}/mem.json"))
+    return max(sum(s) for s in sizes) / GIB
 
 
 def _one_process_group(cuda: bool) -> None:
@@ -181,7 +206,7 @@ def main() -> None:
             single = m["params"] + m["grads"] + m["optimizer"] + m["activations"] + casts * scale
             est = p["gib_per_gpu"] * scale if args.fsdp else single
             peak = measure(arch, cfg, shapes, args.device, args.steps, args.fsdp)
-            meas = f"{peak:10.2f}{peak / est:10.2f}" if peak is not None else "  measured: n/a"
+            meas = f"{peak * scale:10.2f}{peak * scale / est:10.2f}"
             print(f"{arch:<5}{'on' if ac else 'off':<5}{m['params']:8.2f}{m['grads']:8.2f}{m['optimizer']:8.2f}"
                   f"{m['gathered'] + m['unsharded_grads']:8.2f}{m['activations']:8.2f}{casts * scale:8.2f}"
                   f"{p['gib_per_gpu'] * scale:10.2f}{single:13.2f}{meas}")
