@@ -16,10 +16,13 @@ are the backbones', rebuilt from them. DCP reshards on load, so a run saved on N
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +30,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nvlm.distributed.parallel import World, barrier
 
 MARKER = "COMPLETE"
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+
+
+@contextlib.contextmanager
+def _one_process_ok() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _gather(obj: Any, world: World) -> list[Any]:
@@ -57,7 +63,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         tmp.mkdir(parents=True)
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"))
+    with _one_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"),
+                 no_dist=not world.distributed)
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
@@ -95,7 +103,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=str(path / "weights"))
+        with _one_process_ok():
+            dcp.load(state, checkpoint_id=str(path / "weights"), no_dist=not world.distributed)
     except Exception as e:  # DCP names the missing keys; say what it means
         raise ValueError(f"checkpoint {path} does not match this run's trainable weights ({e}); was it written by "
                          "a different stage or model? Use a new --out folder.") from e
@@ -113,16 +122,25 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             "rank_state": trainer["ranks"][world.rank] if same else None}
 
 
-def export_pretrained(model: nn.Module, path: Path, world: World) -> None:
+def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.dtype | None = None) -> None:
     """Write the (possibly sharded) model as an ordinary ``nvlm.from_pretrained`` folder from process 0.
 
-    The full weights are gathered onto process 0's CPU: it needs host memory for the whole model."""
+    Weights are gathered one tensor at a time onto process 0's CPU (cast to `dtype` if given, e.g. bf16 after
+    a bf16 run: the fp32 optimizer copy stays in the DCP checkpoints), so its host memory holds the model
+    once, never a second full copy."""
     from nvlm.models.checkpoint import save_pretrained
 
-    if not world.distributed:
+    if not world.distributed and dtype is None:
         save_pretrained(model, path)
         return
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        gather = getattr(tensor, "full_tensor", None)  # a DTensor shard: every process takes part
+        value = gather() if gather is not None else tensor
+        if world.main:
+            cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
+            full[name] = value.detach().to("cpu", cast)
+        del value
     if world.main:
         save_pretrained(model, path, state_dict=full)
     barrier(world)

@@ -281,7 +281,9 @@ class Trainer:
         final = None
         if not interrupted:
             final = self.out / "final"
-            export_pretrained(self.model, final, self.world)
+            # a bf16 sharded run exports bf16 weights (its fp32 master copy lives on in the DCP checkpoints)
+            bf16 = self.world.distributed and t.bf16 and self.device.type == "cuda"
+            export_pretrained(self.model, final, self.world, torch.bfloat16 if bf16 else None)
             if self.world.main:
                 rows = read_metrics(self.metrics.path)
                 plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
