@@ -135,12 +135,28 @@ def close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
 
 
 # ---- the tests ---------------------------------------------------------------------------------------------
+def tied_bf16_llm(backbones, root):
+    """The tiny Qwen2 with tied input/output embeddings, saved in bf16 as real checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm = AutoModelForCausalLM.from_pretrained(backbones["qwen2"])
+    llm.config.tie_word_embeddings = True
+    llm.tie_weights()
+    out = root / "llm-tied-bf16"
+    llm.to(torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(backbones["qwen2"]).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(backbones, dataset, tmp_path_factory):
     """All 2-process jobs of this module in one spawn (process start-up dominates on 2 cores)."""
     root = tmp_path_factory.mktemp("druns")
+    tied = cfg_dict(backbones, dataset, "H", steps=2)
+    tied["model"]["llm"] = str(tied_bf16_llm(backbones, root))
     jobs = [{"kind": "train", "cfg": cfg_dict(backbones, dataset, arch), "out": str(root / f"two-{arch}")}
             for arch in ("D", "X", "H")]
+    jobs.append({"kind": "train", "cfg": tied, "out": str(root / "two-tied-bf16")})
     jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "X", activation_checkpointing=True),
                  "out": str(root / "two-X-ac")})
     jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "H", stage="pretrain", steps=3),
@@ -178,6 +194,17 @@ def test_two_processes_equal_one(runs, backbones, dataset, tmp_path, arch):
 
 def test_activation_checkpointing_under_fsdp_keeps_the_losses(runs):
     assert close(losses(runs / "two-X-ac"), losses(runs / "two-X"))
+
+
+def test_tied_embeddings_from_a_bf16_checkpoint_train_sharded(runs):
+    """A bf16 checkpoint with tied embeddings (they stay in the root unit with the fp32 projector): trainable
+    weights become fp32 master weights, and the exported model keeps the embeddings tied."""
+    import nvlm
+
+    out = runs / "two-tied-bf16"
+    assert result(out)["steps"] == 2 and all(torch.isfinite(torch.tensor(losses(out))))
+    model = nvlm.from_pretrained(out / "final")
+    assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
 
 
 def test_stage1_frozen_weights_unchanged_under_fsdp(runs, backbones, dataset):

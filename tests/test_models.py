@@ -44,6 +44,26 @@ def test_zero_gates_x_with_image_equals_plain_backbone_on_ids(build_model):
         assert torch.equal(model(**batch).logits, _backbone_logits(model, batch))
 
 
+@pytest.mark.parametrize("arch", ["X", "H"])
+def test_bf16_llm_with_fp32_blocks_zero_gates_equal_backbone(backbones, tmp_path, arch):
+    """A bf16 checkpoint (as released LLMs are) keeps its dtype; NVLM's own blocks stay fp32 and cast at
+    their boundary, so with zero gates the logits are still exactly the bf16 backbone's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nvlm
+
+    folder = tmp_path / "llm-bf16"
+    AutoModelForCausalLM.from_pretrained(backbones["qwen2"]).to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(backbones["qwen2"]).save_pretrained(folder)
+    model = nvlm.build(arch, llm=str(folder), vision=str(backbones["internvl"])).eval()
+    assert model.llm.dtype == torch.bfloat16 and model.xattn[0].q_proj.weight.dtype == torch.float32
+    batch = model.processor(chat_prompt("Describe it.", 1), [picture(150, 100)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"])
+        assert torch.equal(logits, _backbone_logits(model, batch, embeds))
+
+
 def test_d_without_image_equals_backbone(build_model):
     model = build_model("D", llm="llama", vision="siglip")
     batch = model.processor(chat_prompt("What is 3+4?", 0))

@@ -6,6 +6,7 @@ python -m pytest tests/test_training.py -q
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -219,3 +220,22 @@ def test_activation_checkpointing_gives_the_same_losses(backbones, dataset, tmp_
     ckpt.run()
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_bf16_backbone_checkpoint_trains_with_fp32_master_weights(backbones, dataset, tmp_path, stage):
+    """Real checkpoints are bf16: the trainer keeps what trains in fp32, the frozen rest in bf16, and the
+    fp32 x-attn blocks sit between bf16 LLM layers (stage 1) without a dtype clash."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm = tmp_path / "llm-bf16"
+    AutoModelForCausalLM.from_pretrained(backbones["qwen2"]).to(torch.bfloat16).save_pretrained(llm)
+    AutoTokenizer.from_pretrained(backbones["qwen2"]).save_pretrained(llm)
+    cfg = make_cfg(backbones, dataset, "H", stage=stage, steps=2)
+    cfg.model.llm = str(llm)
+    trainer = Trainer(cfg, tmp_path / "run", log=quiet)
+    dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.llm.parameters()}
+    assert dtypes == ({(False, torch.bfloat16)} if stage == "pretrain" else {(True, torch.float32)})
+    assert all(p.dtype == torch.float32 for p in trainer.model.xattn.parameters())
+    trainer.run()
+    assert all(math.isfinite(x) for x in losses(tmp_path / "run")) and len(losses(tmp_path / "run")) == 2

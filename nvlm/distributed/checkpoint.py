@@ -130,17 +130,20 @@ def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.d
     once, never a second full copy."""
     from nvlm.models.checkpoint import save_pretrained
 
-    if not world.distributed and dtype is None:
-        save_pretrained(model, path)
-        return
-    full: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        gather = getattr(tensor, "full_tensor", None)  # a DTensor shard: every process takes part
-        value = gather() if gather is not None else tensor
-        if world.main:
-            cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
-            full[name] = value.detach().to("cpu", cast)
-        del value
-    if world.main:
-        save_pretrained(model, path, state_dict=full)
+    full: dict[str, torch.Tensor] | None = None
+    if world.distributed or dtype is not None:
+        full = {}
+        for name, tensor in model.state_dict().items():
+            gather = getattr(tensor, "full_tensor", None)  # a DTensor shard: every process takes part
+            value = gather() if gather is not None else tensor
+            if world.main:
+                cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
+                full[name] = value.detach().to("cpu", cast)
+            del value
+    if world.main:  # written aside and renamed: a half-written final/ is never loaded (e.g. by stage 2)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tmp, state_dict=full)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
     barrier(world)

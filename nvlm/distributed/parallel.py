@@ -115,14 +115,15 @@ def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: boo
     """Shard `model` in place with FSDP2 over the default process group. Call after ``apply_stage`` (so that
     which weights train is known) and after activation checkpointing is switched on.
 
-    `mixed_precision` (GPU): frozen weights are stored in bf16, trainable ones in fp32; weights are gathered
-    in bf16 and gradients reduced in fp32. `compile`: ``torch.compile`` each decoder layer's and x-attn
+    Trainable weights are kept in fp32. `mixed_precision` (GPU): frozen weights are stored in bf16; weights
+    are gathered in bf16 and gradients reduced in fp32. `compile`: ``torch.compile`` each decoder layer's and x-attn
     block's forward (GPU; on CPU compilation costs more than it saves)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if mixed_precision:
-        for p in model.parameters():
+    for p in model.parameters():  # trainable weights in fp32 (the optimizer's master copy, one dtype per unit)
+        if p.requires_grad or mixed_precision:
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+    if mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
@@ -133,9 +134,9 @@ def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: boo
     # it would skip its pre-backward hook; nothing here modifies a unit's output in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = fsdp_units(model)
-    for k, (_, modules) in enumerate(units):
-        # the last units before the root are needed again at once by backward: keep them gathered
-        last = k >= len(units) - 2
+    for name, modules in units:
+        # the head and the root run last in forward and first in backward: keep them gathered in between
+        last = name in ("llm.norm+lm_head", "root")
         fully_shard(modules if len(modules) > 1 else modules[0], mp_policy=policy,
                     reshard_after_forward=not last)
     return model

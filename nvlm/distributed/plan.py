@@ -9,7 +9,7 @@ Memory per GPU for world size W, as ``nvlm.distributed.parallel.parallelize`` ru
     params       trainable fp32 (4 B) / W + frozen bf16 (2 B) / W     (each tensor sharded on dim 0, rounded up)
     grads        fp32 for trainable parameters, sharded: 4 B / W
     optimizer    AdamW exp_avg + exp_avg_sq: 8 B per trainable parameter / W
-    gathered     bf16 unsharded weights: the two last units (norm + LM head, root) stay gathered from forward to
+    gathered     bf16 unsharded weights: norm + LM head and the root stay gathered from forward to
                  backward; of the others, the largest twice (the unit computing + the one prefetched)
     unsharded_grads  the largest trainable unit's full gradient before reduce-scatter: bf16 + its fp32 copy
     activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below
@@ -231,8 +231,8 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     units = _units(model, world_size)
     shard_t = sum(u["shard_trainable"] for u in units)
     shard_f = sum(u["shard_frozen"] for u in units)
-    kept = units[-2:]  # parallelize keeps the last two units gathered between forward and backward
-    largest = max((u["params"] for u in units[:-2]), default=0)
+    kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
+    largest = max((u["params"] for u in units if u not in kept), default=0)
     largest_t = max((u["trainable"] for u in units), default=0)
     mem = {"params": FP32 * shard_t + BF16 * shard_f, "grads": FP32 * shard_t, "optimizer": 2 * FP32 * shard_t,
            "gathered": BF16 * (sum(u["params"] for u in kept) + 2 * largest),

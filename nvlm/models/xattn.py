@@ -81,7 +81,9 @@ class GatedCrossAttentionBlock(nn.Module):
         K/V are computed inside ``forward`` (not by the caller) so that a sharded block (FSDP) gathers its
         weights once per call."""
         b, t, _ = x.shape
-        kv = self.memory_kv(memory) if isinstance(memory, torch.Tensor) else memory
+        dtype, out_dtype = self.q_proj.weight.dtype, x.dtype  # a bf16 LLM may host fp32 blocks (or the reverse)
+        x = x.to(dtype)
+        kv = self.memory_kv(memory.to(dtype)) if isinstance(memory, torch.Tensor) else memory
         k, v = kv
         q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
         rep = self.num_heads // self.num_kv_heads  # grouped-query attention: share each K/V head
@@ -92,7 +94,7 @@ class GatedCrossAttentionBlock(nn.Module):
         h = x + torch.tanh(self.gate_attn).to(x.dtype) * (a * row_mask.to(a.dtype))
         n = self.post_norm(h)
         f = self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
-        return h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype)), kv
+        return (h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype))).to(out_dtype), kv
 
 
 def schedule(num_layers: int, every: int | None, layers: list[int] | None) -> list[int]:

@@ -15,6 +15,7 @@ process stops all of them with its message instead of leaving the others waiting
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -91,15 +92,24 @@ class Trainer:
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "run_config.json")
+            for torn in (self.out / "checkpoints").glob("step_*.tmp"):  # saves a killed run never finished
+                shutil.rmtree(torn, ignore_errors=True)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.device = self.world.device
         if self.world.distributed:
-            self.model = model if model is not None else build_sharded(cfg, self.world)
+            if model is not None:
+                raise ValueError("a sharded run builds its own model on every process: pass no model= under torchrun")
+            self.model = build_sharded(cfg, self.world)
+            if not self.world.main:  # distinct random streams per process (dropout, if a backbone has any)
+                torch.manual_seed(t.seed + self.world.rank)
         else:
             self.model = model if model is not None else build_model(cfg)
             self.model.to(self.device)
             apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
+            for p in self.model.parameters():  # fp32 master weights for what trains (checkpoints are often bf16)
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
             if t.activation_checkpointing:
                 activation_checkpointing(self.model)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
