@@ -246,3 +246,27 @@ def test_a_data_error_on_one_process_stops_every_process(runs):
     assert all(errors), errors
     assert any("TooManyBadSamples" in e and "broken.png" in e for e in errors), errors
     assert all("TooManyBadSamples" in e or "PeerFailed" in e for e in errors), errors
+
+
+def test_torchrun_cli_two_processes(backbones, dataset, tmp_path):
+    """The user's command: `torchrun --nproc_per_node=2 -m nvlm train CONFIG --out DIR`; one summary line
+    (process 0), a DCP checkpoint with each process's RNG, and the exported model."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = cfg_dict(backbones, dataset, "D", steps=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "nvlm", "train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished at step 2") == 1, proc.stdout
+    step = tmp_path / "out" / "checkpoints" / "step_0000002"
+    assert (step / "COMPLETE").is_file() and len(list(step.glob("rng_rank*.pt"))) == 2
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
