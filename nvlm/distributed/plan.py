@@ -38,7 +38,6 @@ import math
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from nvlm.distributed.parallel import fsdp_units
@@ -51,46 +50,31 @@ BF16, FP32 = 2, 4
 
 # ---- the model, weight-free ------------------------------------------------------------------------------
 def meta_model(cfg: RunConfig) -> nn.Module:
-    """The run's NVLM model on the meta device, with the config's stage applied (``requires_grad`` set)."""
-    import nvlm
-    from nvlm.config import clean_hf_config
-    from nvlm.models.checkpoint import build_meta, meta_from_pretrained
-    from nvlm.models.llm import load_llm_config
-    from nvlm.vision.encoder import load_vision_config, vision_config
+    """The run's NVLM model on the meta device, with the config's stage applied (``requires_grad`` set):
+    what the trainer builds when the backbone folders (or ``init_from``) exist, else from the recipe's
+    architecture dicts (paper recipes: NVLM's tokens fit in the LLM's padded vocabulary)."""
+    import dataclasses
+
+    from nvlm.models.checkpoint import build_meta
+    from nvlm.training.build import build_model
 
     spec, t = cfg.model, cfg.train
+    local = all(isinstance(x, (str, os.PathLike)) and os.path.isdir(x) for x in (spec.llm, spec.vision))
+    started = bool(spec.init_from) and os.path.isfile(os.path.join(spec.init_from, "config.json"))
     llm = spec.llm_config or (spec.llm if isinstance(spec.llm, dict) else None)
     vision = spec.vision_config or (spec.vision if isinstance(spec.vision, dict) else None)
-    if spec.init_from and os.path.isfile(os.path.join(spec.init_from, "config.json")):
-        model = meta_from_pretrained(spec.init_from)  # what the trainer starts from, whatever the recipe says
+    if started or local:
+        # an init_from not written yet (stage 2 planned before stage 1 ran) starts from the backbones
+        model_spec = spec if started else dataclasses.replace(spec, init_from=None)
+        model = build_model(dataclasses.replace(cfg, model=model_spec), meta=True)
+    elif llm is not None and vision is not None:
+        model = build_meta(spec.arch, dict(llm), dict(vision), dict(spec.overrides))
     else:
-        for what, conf, folder in (("llm", llm, spec.llm), ("vision", vision, spec.vision)):
-            if conf is None and not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
-                raise FileNotFoundError(f"model.{what}={folder!r} is not a local folder and the run gives no "
-                                        f"model.{what}_config (nor an existing model.init_from) to plan from")
-        if llm is None:
-            llm = clean_hf_config(load_llm_config(spec.llm).to_dict())
-        if vision is None:
-            obj = load_vision_config(spec.vision)
-            vision = {"type": _vision_kind(obj.model_type), **clean_hf_config(obj.to_dict())}
-        vision = {k: v for k, v in vision.items() if k != "model_type"}
-        tok = spec.tokenizer or (spec.llm if isinstance(spec.llm, (str, os.PathLike)) else None)
-        if tok is not None and os.path.isdir(tok):
-            # nvlm.build itself on the meta device: the same added tokens and embedding resize as a real build
-            rest = dict(vision)
-            with torch.device("meta"):
-                model = nvlm.build(spec.arch, llm=dict(llm), vision=vision_config(rest.pop("type"), **rest),
-                                   tokenizer=tok, config=dict(spec.overrides))
-        else:  # no tokenizer at hand (paper recipes): NVLM's tokens fit in the LLM's padded vocabulary
-            model = build_meta(spec.arch, dict(llm), vision, dict(spec.overrides))
+        missing = "model.llm" if llm is None else "model.vision"
+        raise FileNotFoundError(f"{missing}={getattr(spec, missing.split('.')[1])!r} is not a local folder and the "
+                                f"run gives no {missing}_config (nor an existing model.init_from) to plan from")
     apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
     return model
-
-
-def _vision_kind(model_type: str) -> str:
-    from nvlm.vision.encoder import _kind_of
-
-    return _kind_of(model_type, "vision config")
 
 
 # ---- parameters and FSDP units ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
         vision = dict(vision)
         vision = vision_config(vision.pop("type"), **vision)
     tokenizer = spec.tokenizer or (llm if isinstance(llm, (str, os.PathLike)) else None)
-    overrides = {k: v for k, v in spec.overrides.items()}
+    overrides = dict(spec.overrides)
     if not meta:
         return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
     from nvlm.models.llm import load_llm_config
@@ -43,8 +43,8 @@ def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
 
 def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
     """Every process builds the model on the meta device and shards it; process 0 alone builds it for real
-    (loads the backbones) and broadcasts the weights: host memory holds one full copy per node, not one per
-    process."""
+    (loads the backbones) and broadcasts the weights: host memory holds one full copy (process 0's), not one
+    per process."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
