@@ -111,6 +111,14 @@ def fsdp_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return units
 
 
+def cast_for_training(model: nn.Module, mixed_precision: bool = False) -> None:
+    """What trains is kept in fp32, the optimizer's master copy (released checkpoints are bf16; FSDP also
+    needs one dtype per unit); with `mixed_precision` frozen weights are stored in bf16."""
+    for p in model.parameters():
+        if p.requires_grad or mixed_precision:
+            p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+
+
 def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: bool = False) -> nn.Module:
     """Shard `model` in place with FSDP2 over the default process group. Call after ``apply_stage`` (so that
     which weights train is known) and after activation checkpointing is switched on.
@@ -120,9 +128,7 @@ def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: boo
     block's forward (GPU; on CPU compilation costs more than it saves)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    for p in model.parameters():  # trainable weights in fp32 (the optimizer's master copy, one dtype per unit)
-        if p.requires_grad or mixed_precision:
-            p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
+    cast_for_training(model, mixed_precision)
     if mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

@@ -40,6 +40,7 @@ from typing import Any
 
 from torch import nn
 
+from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage, components
@@ -226,10 +227,14 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     act = acts[t.activation_checkpointing]
     gib = {k: v / GIB for k, v in {**mem, "activations": sum(act.values())}.items()}
     dm = model.dims
+    try:
+        accumulation, notes = t.accumulation(world_size), []
+    except ConfigError as e:  # the trainer refuses this run; the plan says why
+        accumulation, notes = 1, [str(e)]
     return {
         "arch": model.config.arch, "stage": t.stage, "world_size": world_size,
         "micro_batch_size": t.micro_batch_size, "global_batch_size": gbs, "seq_len": cfg.data.max_seq_len,
-        "grad_accum_steps": max(1, gbs // (t.micro_batch_size * world_size)),
+        "grad_accum_steps": accumulation,
         "activation_checkpointing": t.activation_checkpointing,
         "shapes": {"hidden": dm.hidden_size, "layers": dm.num_layers, "ffn": dm.ffn_size,
                    "vocab": model.llm.get_output_embeddings().weight.shape[0], "xattn_blocks": len(model.xattn),
@@ -247,9 +252,7 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "gib_per_gpu_ac": (static + sum(acts[True].values())) / GIB,
         "not_counted": ["CUDA context (~0.5-1 GiB)", "NCCL buffers", "allocator fragmentation/caching",
                         "AdamW step temporaries", "more than one image per sample"],
-        "notes": [] if gbs % (t.micro_batch_size * world_size) == 0 else [
-            f"global batch {gbs} is not a multiple of micro-batch × world size ({t.micro_batch_size} × "
-            f"{world_size}): the trainer refuses this run"],
+        "notes": notes,
     }
 
 

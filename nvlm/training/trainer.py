@@ -36,7 +36,7 @@ from nvlm.distributed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from nvlm.distributed.parallel import World, all_reduce, grad_norm, reshard
+from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard
 from nvlm.training.build import activation_checkpointing, build_model, build_sharded
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
@@ -107,9 +107,7 @@ class Trainer:
             self.model = model if model is not None else build_model(cfg)
             self.model.to(self.device)
             apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-            for p in self.model.parameters():  # fp32 master weights for what trains (checkpoints are often bf16)
-                if p.requires_grad and p.dtype != torch.float32:
-                    p.data = p.data.float()
+            cast_for_training(self.model)  # fp32 master weights for what trains, as a sharded run keeps
             if t.activation_checkpointing:
                 activation_checkpointing(self.model)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")

@@ -68,10 +68,7 @@ def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
         kind = _kind_of(source.model_type, str(source))
         return vision_model_from_config(kind, source.to_dict()), kind
     path = Path(source)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _config_json(path)
     kind = _kind_of(cfg.get("model_type", ""), str(path))
     config_cls, model_cls = _classes(kind)
     if cfg.get("model_type") == "internvl":  # full InternVL-hf checkpoint: take the vision tower's weights
@@ -83,16 +80,20 @@ def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
 
 def load_vision_config(path: str | os.PathLike) -> Any:
     """The vision tower's config object from a local HF folder, reading no weights (for meta-device builds)."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _config_json(Path(path))
     if cfg.get("model_type") == "internvl":
         cfg = cfg["vision_config"]
     elif cfg.get("model_type") in ("siglip", "clip"):  # a full two-tower model: its vision half
         cfg = {"model_type": f"{cfg['model_type']}_vision_model", **cfg.get("vision_config", {})}
     kind = _kind_of(cfg.get("model_type", ""), str(path))
     return _classes(kind)[0](**{k: v for k, v in cfg.items() if k != "model_type"})
+
+
+def _config_json(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
+    return json.loads(cfg_file.read_text())
 
 
 def _kind_of(model_type: str, where: str) -> str:
