@@ -98,8 +98,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     ) -> dict[str, Any]:
     """Restore trainable weights, AdamW state and RNG from `path` (saved on any number of processes).
 
-    Returns {"step", "world_size", "rank_state"}: this process's data position when the world size is the
-    one saved, else None (the caller then continues from the furthest position any process had reached)."""
+    Returns {"step", "world_size", "ranks", "rank_state"}: every process's saved data state, and this
+    process's own when the world size is the one saved, else None (the caller then continues from the
+    furthest position any process had reached)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
     state = {"model": model_sd, "optim": optim_sd}
     try:
