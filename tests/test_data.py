@@ -157,7 +157,7 @@ def test_packing_equals_unpacked_loss(build_model, arch):
 
 
 def test_every_recipe_builds_on_meta_with_the_papers_modules():
-    from nvlm.models.checkpoint import build_meta
+    from nvlm.models.pretrained import build_meta
     from nvlm.recipes import RECIPES, get_recipe
 
     def count(m):

@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import picture, write_color_dataset
 
-from nvlm.distributed.checkpoint import complete_checkpoints
+from nvlm.distributed.dcp import complete_checkpoints
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import Trainer, build_model

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import write_color_dataset
 
-from nvlm.distributed.checkpoint import complete_checkpoints
+from nvlm.distributed.dcp import complete_checkpoints
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import NonFiniteLoss, Trainer
@@ -81,7 +81,7 @@ def test_torn_checkpoint_is_never_loaded(backbones, dataset, tmp_path, monkeypat
     (ckpts / "step_0000008").mkdir()
     (ckpts / "step_0000008" / "trainer_state.json").write_bytes(b"garbage")
     # and a save that dies between files: the weights are written, then the disk is full
-    import nvlm.distributed.checkpoint as state
+    import nvlm.distributed.dcp as state
 
     real_save = state.dcp.save
 

@@ -12,7 +12,7 @@ vision tower) are sharded too but get no gradient and no optimizer state; gradie
 frozen LLM to the projector. On GPU, frozen weights are stored in bf16 and trainable ones in fp32 (the
 optimizer's master copy), computed in bf16 with fp32 gradient reduction.
 
-The model never imports ``torch.distributed``; this file and ``nvlm.distributed.checkpoint`` are the only
+The model never imports ``torch.distributed``; this file and ``nvlm.distributed.dcp`` are the only
 places that shard or communicate.
 """
 

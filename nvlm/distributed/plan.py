@@ -56,7 +56,7 @@ def meta_model(cfg: RunConfig) -> nn.Module:
     architecture dicts (paper recipes: NVLM's tokens fit in the LLM's padded vocabulary)."""
     import dataclasses
 
-    from nvlm.models.checkpoint import build_meta
+    from nvlm.models.pretrained import build_meta
     from nvlm.training.build import build_model
 
     spec, t = cfg.model, cfg.train

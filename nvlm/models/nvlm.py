@@ -223,7 +223,7 @@ class NVLM(nn.Module):
         return chat(self, question, image=image, images=images, **kwargs)
 
     def save_pretrained(self, path: str) -> None:
-        from nvlm.models.checkpoint import save_pretrained
+        from nvlm.models.pretrained import save_pretrained
 
         save_pretrained(self, path)
 

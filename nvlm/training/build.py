@@ -19,7 +19,7 @@ def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
     spec = cfg.model
     torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
     if spec.init_from:
-        from nvlm.models.checkpoint import meta_from_pretrained
+        from nvlm.models.pretrained import meta_from_pretrained
 
         return meta_from_pretrained(spec.init_from) if meta else nvlm.from_pretrained(spec.init_from)
     llm, vision = spec.llm, spec.vision

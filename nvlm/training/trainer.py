@@ -30,7 +30,7 @@ from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy
 from nvlm.data.prefetch import Prefetcher
-from nvlm.distributed.checkpoint import (
+from nvlm.distributed.dcp import (
     complete_checkpoints,
     export_pretrained,
     load_checkpoint,

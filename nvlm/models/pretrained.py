@@ -103,7 +103,7 @@ def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
 
 def save_pretrained(model: NVLM, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `model` in nvlm's format. `state_dict`: the full weights to write instead of the module's own
-    (a sharded model's, gathered onto one process by ``nvlm.distributed.checkpoint.export_pretrained``)."""
+    (a sharded model's, gathered onto one process by ``nvlm.distributed.dcp.export_pretrained``)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.config.llm.hf_config = config_dict(model.llm)
