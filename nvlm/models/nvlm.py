@@ -3,9 +3,11 @@
 One class serves D, X and H because they differ only in *where* each tile's tokens go, which the prompt
 layout decides (``nvlm.data.layout``): NVLM-D scatters all tile features into the decoder's image-pad slots;
 NVLM-X puts them all in the cross-attention memory; NVLM-H puts the thumbnail in the decoder and the regular
-tiles (with their tags' text embeddings) in the memory. X and H add gated cross-attention blocks
-(``nvlm.models.xattn``) before scheduled LLM layers through forward pre-hooks, so the backbone's own modules,
-parameter names, masks, RoPE and KV cache stay exactly those of the Hugging Face model.
+tiles (with their tags' text embeddings) in the memory. X and H put a gated cross-attention block
+(``nvlm.models.xattn``) before scheduled LLM layers: each such layer is replaced in the LLM's layer list by a
+``CrossAttentionDecoderLayer`` that visibly runs block → layer, and the image memory with its masks is passed
+down to it as the ``xattn`` argument of the LLM's forward. The backbone's own modules, masks, RoPE and KV cache
+stay those of the Hugging Face model.
 
 The model knows nothing of data loading, distribution or logging.
 """
@@ -21,7 +23,14 @@ from torch import nn
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
 from nvlm.models.llm import LLMDims, decoder_layers, dims_of
-from nvlm.models.xattn import GatedCrossAttentionBlock, XAttnState, schedule, xattn_mask
+from nvlm.models.xattn import (
+    CrossAttentionDecoderLayer,
+    GatedCrossAttentionBlock,
+    XAttnInputs,
+    XAttnState,
+    schedule,
+    xattn_mask,
+)
 from nvlm.vision.encoder import VisionEncoder, default_mean_std
 from nvlm.vision.projector import build_projector
 
@@ -61,15 +70,13 @@ class NVLM(nn.Module):
                                        for _ in self.xattn_layers)
             layers = decoder_layers(llm)
             for block_idx, layer_idx in enumerate(self.xattn_layers):
-                layers[layer_idx].register_forward_pre_hook(self._xattn_hook(block_idx), with_kwargs=True)
+                layers[layer_idx] = CrossAttentionDecoderLayer(layers[layer_idx], self.xattn[block_idx], block_idx)
         self.tokenizer = tokenizer
         mean, std = default_mean_std(config.vision.type)
         self.processor = None if tokenizer is None else Processor(  # None: a weight-less (meta) build
             tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
             config.vision.image_mean or mean, config.vision.image_std or std)
         self.gate_off = False  # text-only use: skip every cross-attention block
-        # per forward: (image memory, allowed [B, T, M], row mask [B, T, 1]), read by the x-attn hooks
-        self._ctx: tuple[XAttnState, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -170,21 +177,20 @@ class NVLM(nn.Module):
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         # With position_ids that restart and no attention_mask (a packed row), the LLM attends within each
         # packed sample only (transformers derives the block-diagonal causal mask from the restarts).
+        xattn = None  # what the CrossAttentionDecoderLayers read; None skips every block
         if state is not None and not self.gate_off:
             b, t = input_ids.shape
             if xattn_lo is None:  # decode step: see the sample's whole memory
-                xattn_lo = torch.zeros(b, t, dtype=torch.long)
+                xattn_lo = torch.zeros(b, t, dtype=torch.long, device=self.device)
                 xattn_hi = state.memory_len[:, None].expand(b, t)
             # one mask for all blocks of this forward
             allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
-            self._ctx = (state, allowed, row)
-        try:
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
-        finally:
-            self._ctx = None
+            xattn = XAttnInputs(state, allowed, row)
+        extra = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its decoder layers
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
         loss_sum, n = self.loss(out.logits, labels) if labels is not None else (None, 0)
-        return Output(out.logits, out.past_key_values if use_cache else None, state, loss_sum, n)
+        return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n)
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -195,21 +201,6 @@ class NVLM(nn.Module):
         loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
                                                  shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
         return loss, int((shift_labels != -100).sum())
-
-    def _xattn_hook(self, block_idx: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if self._ctx is None:  # text-only batch or gate off: the block is skipped entirely
-                return None
-            state, allowed, row = self._ctx
-            hidden = args[0] if args else kwargs["hidden_states"]
-            # K/V of the image memory: computed in the first call, reused while decoding
-            hidden, state.kv[block_idx] = self.xattn[block_idx](hidden, state.kv.get(block_idx, state.memory),
-                                                                allowed, row)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return hook
 
     # ---- convenience ---------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:

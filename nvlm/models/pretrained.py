@@ -24,7 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
-from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
+from nvlm.models.llm import (
+    add_special_tokens,
+    config_dict,
+    decoder_layers,
+    load_llm,
+    load_tokenizer,
+    resize_embeddings,
+)
 from nvlm.models.nvlm import NVLM
 from nvlm.vision.encoder import load_vision_model
 
@@ -108,13 +115,13 @@ def save_pretrained(model: NVLM, path: str | os.PathLike, state_dict: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     model.config.llm.hf_config = config_dict(model.llm)
     model.config.save(out / "config.json")
-    state = model.state_dict() if state_dict is None else state_dict
+    state = backbone_names(model, model.state_dict() if state_dict is None else state_dict)
     own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(_OWN)}
     save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
     model.tokenizer.save_pretrained(out)
 
-    def part(prefix: str) -> dict[str, torch.Tensor] | None:
-        return None if state_dict is None else {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
     model.vision.model.save_pretrained(out / "vision", state_dict=part("vision.model."))
@@ -123,6 +130,22 @@ def save_pretrained(model: NVLM, path: str | os.PathLike, state_dict: dict[str, 
            "image_std": list(p.std), "min_tiles": model.config.tiling.min_tiles,
            "max_tiles": model.config.tiling.max_tiles, "use_thumbnail": model.config.tiling.use_thumbnail}
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+
+
+def backbone_names(model: NVLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the names our format saves: NVLM-X/H hold each scheduled LLM layer inside a
+    ``CrossAttentionDecoderLayer`` (``llm.model.layers.3.layer.mlp.…``); on disk the backbone keeps its own names
+    (``llm.model.layers.3.mlp.…``), so ``llm/`` is an ordinary Hugging Face checkpoint, as before X/H wrapped it."""
+    if not model.xattn_layers:
+        return state
+    layers = decoder_layers(model.llm)
+    prefix = next(name for name, m in model.named_modules() if m is layers)  # e.g. "llm.model.layers"
+    renames = {f"{prefix}.{i}.layer.": f"{prefix}.{i}." for i in model.xattn_layers}
+    out = {}
+    for k, v in state.items():
+        old = next((o for o in renames if k.startswith(o)), None)
+        out[k if old is None else renames[old] + k[len(old):]] = v
+    return out
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -14,10 +14,12 @@ row zeroed (``row_mask``) instead of producing NaN from an empty softmax.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nvlm.models.llm import LLMDims
 
@@ -95,6 +97,58 @@ class GatedCrossAttentionBlock(nn.Module):
         n = self.post_norm(h)
         f = self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
         return (h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype))).to(out_dtype), kv
+
+
+@dataclass
+class XAttnInputs:
+    """What every gated block of one forward reads, passed down to the decoder layers as an argument."""
+
+    state: XAttnState  # the image memory and, while decoding, each block's cached K/V
+    allowed: torch.Tensor  # [B, T, M] bool: which memory tokens each text token may see
+    row_mask: torch.Tensor  # [B, T, 1]: 0 for rows that see no memory token
+
+
+class CrossAttentionDecoderLayer(nn.Module):
+    """A scheduled LLM decoder layer with its gated cross-attention block run first (paper §4.3):
+
+        hidden = block(hidden, image memory, allowed, row_mask)   # skipped when the batch has no memory
+        return layer(hidden, ...)                                  # the backbone's own layer, untouched
+
+    It takes the layer's place in the LLM's layer list; the LLM calls it like its other layers and passes
+    NVLM's ``xattn=XAttnInputs`` keyword down (transformers hands extra keyword arguments to every decoder
+    layer). With ``checkpointing`` on, block and layer are recomputed together in backward, so neither keeps
+    its activations. The block is owned by ``NVLM.xattn`` (saved as ``xattn.{i}.*``, trained in both stages,
+    an FSDP unit of its own): this module only calls it, and registers only the layer (as ``layer``).
+    """
+
+    def __init__(self, layer: nn.Module, block: GatedCrossAttentionBlock, block_idx: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.block_idx = block_idx
+        self._block = (block,)  # a tuple: not registered here (NVLM.xattn owns it)
+        self.checkpointing = False
+
+    @property
+    def block(self) -> GatedCrossAttentionBlock:
+        return self._block[0]
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None,
+                **kwargs: Any) -> Any:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._block_then_layer, hidden_states, *args, xattn=xattn, use_reentrant=False,
+                              **kwargs)
+        return self._block_then_layer(hidden_states, *args, xattn=xattn, **kwargs)
+
+    def _block_then_layer(self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None,
+                          **kwargs: Any) -> Any:
+        if xattn is not None:  # None: a text-only batch, or the gates switched off
+            state = xattn.state
+            # K/V of the image memory: computed by the prefill's call, reused by every decoding step
+            hidden_states, kv = self.block(hidden_states, state.kv.get(self.block_idx, state.memory),
+                                           xattn.allowed, xattn.row_mask)
+            if kwargs.get("use_cache"):  # only a decoding cache keeps them (training would hold them all)
+                state.kv[self.block_idx] = kv
+        return self.layer(hidden_states, *args, **kwargs)
 
 
 def schedule(num_layers: int, every: int | None, layers: list[int] | None) -> list[int]:

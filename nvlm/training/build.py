@@ -9,6 +9,8 @@ import torch
 
 import nvlm
 from nvlm.distributed.parallel import World, parallelize
+from nvlm.models.llm import decoder_layers
+from nvlm.models.xattn import CrossAttentionDecoderLayer
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage
 from nvlm.vision.encoder import vision_config
@@ -68,5 +70,11 @@ def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
 
 
 def activation_checkpointing(model: nvlm.NVLM) -> None:
-    llm = model.llm  # per decoder layer, x-attn block included (its hook runs inside the layer's call)
-    (getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable)()
+    """Recompute each decoder layer in backward instead of keeping its activations. A layer with a gated
+    cross-attention block is recomputed together with its block (``CrossAttentionDecoderLayer``); the others
+    use transformers' own per-layer checkpointing."""
+    model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for layer in decoder_layers(model.llm):
+        if isinstance(layer, CrossAttentionDecoderLayer):
+            layer.layer.gradient_checkpointing = False  # the wrapper's checkpoint covers block and layer
+            layer.checkpointing = True

@@ -41,7 +41,7 @@ from nvlm.training.build import activation_checkpointing, build_model, build_sha
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
-from nvlm.training.stages import apply_stage, trainable_table
+from nvlm.training.stages import apply_stage, components, trainable_table
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,6 +65,25 @@ def load_blend(cfg: RunConfig) -> Blend:
         records = list(read_records(s.path, s.image_root))
         sources.append(Source(s.name or Path(s.path).stem, records, s.weight))
     return Blend(sources, seed=cfg.train.seed)
+
+
+def fill_unused_grads(model: nvlm.NVLM, used: dict[str, bool]) -> list[torch.nn.Parameter]:
+    """The trainable parameters, each with a gradient. A component that no sample of the step used (on any
+    process: no image → no projector; no image memory → no x-attn block) gets zero gradients, so AdamW still
+    steps (momentum, weight decay) as Megatron's grad buffers do, on 1 process as on N. A missing gradient in a
+    component the step did use is a wiring bug (a block cut off the graph): raised, never trained on as zeros.
+    The vision tower, when unfrozen, may hold heads the NVLM path never runs (a pooling layer)."""
+    missing = []
+    for name, module in components(model).items():
+        for pname, p in module.named_parameters():
+            if p.requires_grad and p.grad is None:
+                if used[name] and name != "vision":
+                    missing.append(f"{name}.{pname}")
+                p.grad = torch.zeros_like(p)
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable tensor(s) of modules this step used got no gradient, e.g. "
+                           f"{missing[:3]}: the model's graph is broken (a bug, please report it); not training")
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class PeerFailed(RuntimeError):
@@ -148,7 +167,8 @@ class Trainer:
         w = self.world
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         images = [float(b.get("pixel_values") is not None) for b in batches]
-        tokens, *with_images = all_reduce([local_tokens, *images], w)  # one small collective per step
+        memory = float(any(any(m) for b in batches for m in b.get("memory") or []))
+        tokens, any_memory, *with_images = all_reduce([local_tokens, memory, *images], w)  # one small collective
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         total = 0.0
         for b, anyone in zip(batches, with_images):
@@ -165,10 +185,9 @@ class Trainer:
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
                 reshard(self.model)  # so free the weights FSDP kept gathered for it
             total += float(out.loss_sum.detach())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:  # a module no sample used this step: a zero gradient, so AdamW still steps (momentum,
-            if p.grad is None:  # weight decay) as Megatron's grad buffers do, on 1 process as on N
-                p.grad = torch.zeros_like(p)
+        used = {"llm": True, "projector": any(with_images), "vision": any(with_images),
+                "xattn": any_memory > 0 and not self.model.gate_off}
+        params = fill_unused_grads(self.model, used)
         norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
         (total,) = all_reduce([total], w)
         return total / max(tokens, 1), norm, int(tokens)
