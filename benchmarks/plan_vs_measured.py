@@ -1,4 +1,4 @@
-"""Check the dry-run memory estimate (``nvlm.distributed.plan``) against a measured peak on one GPU.
+"""Check the dry-run memory estimate (``nvlm.training.plan``) against a measured peak on one GPU.
 
     python benchmarks/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
     python benchmarks/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
@@ -39,10 +39,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
 
 import nvlm  # noqa: E402
-from nvlm.distributed.plan import BF16, GIB, meta_model, plan  # noqa: E402
 from nvlm.models.llm import decoder_layers  # noqa: E402
 from nvlm.tiny import tiny_tokenizer  # noqa: E402
+from nvlm.training.build import activation_checkpointing  # noqa: E402
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig  # noqa: E402
+from nvlm.training.plan import BF16, GIB, meta_model, plan  # noqa: E402
 from nvlm.training.stages import apply_stage  # noqa: E402
 from nvlm.vision.encoder import vision_config  # noqa: E402
 
@@ -115,8 +116,7 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
     apply_stage(model, cfg.train.stage)
     cuda = device == "cuda"
     if cfg.train.activation_checkpointing:
-        llm_m = model.llm
-        (getattr(llm_m, "activation_checkpointing_enable", None) or llm_m.gradient_checkpointing_enable)()
+        activation_checkpointing(model)  # the trainer's: x-attn blocks recomputed with their layers
     model.to(device).train()
     if fsdp:
         from nvlm.distributed.parallel import parallelize

@@ -103,6 +103,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import nvlm.demo  # noqa: F401 - registers the demo's tiny-{d,x,h} recipes
     from nvlm.config import ConfigError
     from nvlm.data.blend import TooManyBadSamples
     from nvlm.recipes import RECIPES, get_recipe
@@ -123,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        from nvlm.distributed.plan import plan, render
+        from nvlm.training.plan import plan, render
 
         try:
             report = plan(cfg, args.world_size)

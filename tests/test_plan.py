@@ -1,4 +1,4 @@
-"""The dry-run planner (``nvlm.distributed.plan``): counts equal real builds, paper-scale sizes, memory trends.
+"""The dry-run planner (``nvlm.training.plan``): counts equal real builds, paper-scale sizes, memory trends.
 
 Tiny recipes are planned from their HF folders and compared with ``nvlm.build`` of the same folders; the
 paper recipes (Tables 10–11) are planned from their architecture dicts on the meta device.
@@ -11,9 +11,9 @@ import json
 import pytest
 
 import nvlm
-from nvlm.distributed.plan import plan, render
 from nvlm.recipes import get_recipe
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig
+from nvlm.training.plan import plan, render
 from nvlm.training.stages import apply_stage, components
 
 TINY = {"tags.mode": "special", "xattn.every": 1}  # the demo's overrides: special tokens → a resized vocab

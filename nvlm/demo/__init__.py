@@ -1,1 +1,22 @@
-"""``nvlm demo``: the NVLM 1.0 pipeline in miniature (synthetic data, tiny models, stage 1 and 2, held-out eval)."""
+"""``nvlm demo``: the NVLM 1.0 pipeline in miniature (synthetic data, tiny models, stage 1 and 2, held-out eval).
+
+Importing this package registers the demo's ``tiny-{d,x,h}`` training recipes (its stage 2 on the data and
+backbone stand-ins ``nvlm demo`` writes to ``runs/demo``); the command line imports it, the library never does.
+"""
+
+from __future__ import annotations
+
+from nvlm.recipes import register
+
+
+def tiny_recipe(arch: str, demo_dir: str = "runs/demo"):
+    """The demo's stage 2 on the demo's data, from its backbone stand-ins (run `nvlm demo` first)."""
+    from pathlib import Path
+
+    from nvlm.demo.pipeline import BUDGETS, stage_config
+
+    return stage_config(arch, "sft", Path(demo_dir), BUDGETS["default"])
+
+
+for _arch in "DXH":
+    register(f"tiny-{_arch.lower()}", lambda a=_arch: tiny_recipe(a))

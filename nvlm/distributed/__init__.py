@@ -1,2 +1,2 @@
-"""Scale-out training: process groups and FSDP2 sharding (`parallel`), distributed checkpoints (`dcp`), the
-dry-run memory planner (`plan`). The model code never imports these."""
+"""Scale-out training: process groups and FSDP2 sharding (`parallel`), distributed checkpoints (`dcp`). The model
+code never imports these, and these never import the trainer (``nvlm.training`` builds on them)."""

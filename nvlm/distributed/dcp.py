@@ -129,7 +129,7 @@ def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.d
     Weights are gathered one tensor at a time onto process 0's CPU (cast to `dtype` if given, e.g. bf16 after
     a bf16 run: the fp32 optimizer copy stays in the DCP checkpoints), so its host memory holds the model
     once, never a second full copy."""
-    from nvlm.models.pretrained import save_pretrained
+    from nvlm.models.saving import save_pretrained
 
     full: dict[str, torch.Tensor] | None = None
     if world.distributed or dtype is not None:

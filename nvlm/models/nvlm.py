@@ -23,6 +23,7 @@ from torch import nn
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
 from nvlm.models.llm import LLMDims, decoder_layers, dims_of
+from nvlm.models.saving import save_pretrained
 from nvlm.models.xattn import (
     CrossAttentionDecoderLayer,
     GatedCrossAttentionBlock,
@@ -214,8 +215,6 @@ class NVLM(nn.Module):
         return chat(self, question, image=image, images=images, **kwargs)
 
     def save_pretrained(self, path: str) -> None:
-        from nvlm.models.pretrained import save_pretrained
-
         save_pretrained(self, path)
 
     def describe(self) -> str:

@@ -1,41 +1,23 @@
-"""Building an NVLM model from a backbone LLM and a vision encoder, and its on-disk format.
-
-    out/
-      config.json              NVLMConfig (architecture, tiling, tags, projector, x-attn; backbone configs)
-      model.safetensors        NVLM's own modules: projector.*, xattn.* (cross-attention blocks)
-      preprocessor_config.json tile size, tiling limits, normalisation (for other tools; config.json rules)
-      tokenizer.json, …        the tokenizer, with NVLM's tokens added
-      llm/                     the backbone LLM as an ordinary Hugging Face checkpoint
-      vision/                  the vision encoder as an ordinary Hugging Face checkpoint
-
-Every file is JSON or safetensors: no pickle, no remote code. The backbones load through the same
-``from_pretrained`` calls a user's own checkpoint takes.
+"""Building an NVLM model from a backbone LLM and a vision encoder (folders or config objects), and loading
+it from nvlm's format (the layout is described in ``nvlm.models.saving``, which writes it). The backbones load
+through the same ``from_pretrained`` calls a user's own checkpoint takes; no pickle, no remote code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
-from nvlm.models.llm import (
-    add_special_tokens,
-    config_dict,
-    decoder_layers,
-    load_llm,
-    load_tokenizer,
-    resize_embeddings,
-)
+from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
 from nvlm.models.nvlm import NVLM
+from nvlm.models.saving import OWN_PREFIXES
 from nvlm.vision.encoder import load_vision_model
-
-_OWN = ("projector.", "xattn.")
 
 
 def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any = None,
@@ -108,46 +90,6 @@ def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
     add_special_tokens(tokenizer, tokens)
 
 
-def save_pretrained(model: NVLM, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write `model` in nvlm's format. `state_dict`: the full weights to write instead of the module's own
-    (a sharded model's, gathered onto one process by ``nvlm.distributed.dcp.export_pretrained``)."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.llm.hf_config = config_dict(model.llm)
-    model.config.save(out / "config.json")
-    state = backbone_names(model, model.state_dict() if state_dict is None else state_dict)
-    own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(_OWN)}
-    save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
-    model.tokenizer.save_pretrained(out)
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-    model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
-    model.vision.model.save_pretrained(out / "vision", state_dict=part("vision.model."))
-    p = model.processor
-    pre = {"tile_size": p.tile_size, "tokens_per_tile": p.tokens_per_tile, "image_mean": list(p.mean),
-           "image_std": list(p.std), "min_tiles": model.config.tiling.min_tiles,
-           "max_tiles": model.config.tiling.max_tiles, "use_thumbnail": model.config.tiling.use_thumbnail}
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-
-
-def backbone_names(model: NVLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` under the names our format saves: NVLM-X/H hold each scheduled LLM layer inside a
-    ``CrossAttentionDecoderLayer`` (``llm.model.layers.3.layer.mlp.…``); on disk the backbone keeps its own names
-    (``llm.model.layers.3.mlp.…``), so ``llm/`` is an ordinary Hugging Face checkpoint, as before X/H wrapped it."""
-    if not model.xattn_layers:
-        return state
-    layers = decoder_layers(model.llm)
-    prefix = next(name for name, m in model.named_modules() if m is layers)  # e.g. "llm.model.layers"
-    renames = {f"{prefix}.{i}.layer.": f"{prefix}.{i}." for i in model.xattn_layers}
-    out = {}
-    for k, v in state.items():
-        old = next((o for o in renames if k.startswith(o)), None)
-        out[k if old is None else renames[old] + k[len(old):]] = v
-    return out
-
-
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> NVLM:
     """Load a model written by ``save_pretrained``."""
@@ -163,7 +105,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model = NVLM(cfg, llm, vision_model, load_tokenizer(root))
     state = load_file(str(root / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k.startswith(_OWN)]
+    missing = [k for k in missing if k.startswith(OWN_PREFIXES)]
     if missing or unexpected:
         raise ValueError(f"{root}/model.safetensors does not match NVLM-{cfg.arch}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

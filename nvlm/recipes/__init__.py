@@ -2,8 +2,8 @@
 
 ``{d,x,h}-{72b,34b}-{pretrain,sft}`` carry their backbones' architecture (Qwen2-72B-Instruct or
 Nous-Hermes-2-Yi-34B, and InternViT-6B-448px-V1-5) as config dicts, plus the local folders their weights are
-expected in (override ``model.llm=…``, ``model.vision=…``, ``data.sources=…``). ``tiny-{d,x,h}`` train
-on the data and backbone stand-ins that ``nvlm demo`` writes (``runs/demo`` by default).
+expected in (override ``model.llm=…``, ``model.vision=…``, ``data.sources=…``). ``tiny-{d,x,h}``, registered
+by ``nvlm.demo``, train on the data and backbone stand-ins that ``nvlm demo`` writes (``runs/demo``).
 
 Recipes are Python functions returning a `RunConfig`: a variant copies its base and changes a few fields.
 """
@@ -69,20 +69,15 @@ def paper_recipe(arch: str, size: str, stage: str) -> RunConfig:
     return RunConfig(model=model, data=data, train=train)
 
 
-def tiny_recipe(arch: str, demo_dir: str = "runs/demo") -> RunConfig:
-    """The demo's stage 2 on the demo's data, from its backbone stand-ins (run `nvlm demo` first)."""
-    from pathlib import Path
-
-    from nvlm.demo.pipeline import BUDGETS, stage_config
-
-    return stage_config(arch, "sft", Path(demo_dir), BUDGETS["default"])
-
-
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     f"{a.lower()}-{size}-{stage}": (lambda a=a, size=size, stage=stage: paper_recipe(a, size, stage))
     for a in "DXH" for size in ("72b", "34b") for stage in ("pretrain", "sft")
 }
-RECIPES.update({f"tiny-{a.lower()}": (lambda a=a: tiny_recipe(a)) for a in "DXH"})
+
+
+def register(name: str, recipe: Callable[[], RunConfig]) -> None:
+    """Add a named recipe (the demo registers its ``tiny-{d,x,h}`` this way: the library never imports it)."""
+    RECIPES[name] = recipe
 
 
 def get_recipe(name: str) -> RunConfig:

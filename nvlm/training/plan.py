@@ -175,8 +175,8 @@ def activation_bytes(model: nn.Module, micro_batch: int, seq: int, ac: bool) -> 
         m_tok = micro_batch * mem
         shared = m_tok * BF16 * d + tokens * mem  # the memory itself and the bool [B, T, M] mask, once
         text = tokens * (xattn_text_bytes(d, q, f, heads) + BF16 * mem)  # + SDPA's bf16 bias of that mask
-        if ac:  # text side recomputed with its host layer (the hook runs inside the checkpoint)
-            out["xattn"] = shared + n_x * m_tok * 2 * BF16 * kv + text
+        if ac:  # each block is recomputed with its layer (CrossAttentionDecoderLayer), K/V included: one at a time
+            out["xattn"] = shared + m_tok * xattn_memory_bytes(q, kv) + text
         else:
             out["xattn"] = shared + n_x * (m_tok * xattn_memory_bytes(q, kv) + text)
     vocab = model.llm.get_output_embeddings().weight.shape[0]
