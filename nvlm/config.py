@@ -181,11 +181,52 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
-        elif _is_tuple(hint) and isinstance(value, list):
-            kwargs[key] = tuple(value)
         else:
-            kwargs[key] = value
+            if not _matches(value, hint):  # a string where a number belongs fails here, naming the key
+                raise ConfigError(f"{prefix}{key} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+            kwargs[key] = tuple(value) if _is_tuple(hint) and isinstance(value, list) else value
     return cls(**kwargs)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON/YAML value fits a field's type hint (an int is a float; a bool is not a number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and Ellipsis not in args:  # tuple[int, str]: fixed length
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)  # list[int], tuple[float, ...]
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _is_tuple(hint: Any) -> bool:

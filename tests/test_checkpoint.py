@@ -68,3 +68,17 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 def test_from_pretrained_refuses_a_non_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an nvlm checkpoint"):
         nvlm.from_pretrained(tmp_path)
+
+
+def test_config_values_are_type_checked_when_read():
+    from nvlm.training.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"tiling\.max_tiles must be an integer, got '6' \(str\)"):
+        NVLMConfig.from_dict({"tiling": {"max_tiles": "6"}})
+    with pytest.raises(ConfigError, match=r"tiling\.use_thumbnail must be true or false, got 1"):
+        NVLMConfig.from_dict({"tiling": {"use_thumbnail": 1}})
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be an integer, got 'ten'"):
+        RunConfig.from_dict({"train": {"max_steps": "ten"}})
+    with pytest.raises(ConfigError, match=r"train\.lr must be a number, got True"):
+        RunConfig.from_dict({"train": {"lr": True}})
+    assert RunConfig.from_dict({"train": {"lr": 1}}).train.lr == 1  # an integer is a number
