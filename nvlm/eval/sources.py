@@ -163,7 +163,7 @@ def find(paths: list[Path], task: str, patterns: tuple[str, ...]) -> list[Path]:
             raise DataError(
                 f"{path}: holds none of {', '.join(patterns)} (--data for {task}: {LAYOUTS[task]})"
             )
-    return list(dict.fromkeys(files))
+    return list({f.resolve(): f for f in files}.values())  # a shard named twice is read once
 
 
 def single(paths: list[Path], task: str) -> Path:
