@@ -13,7 +13,8 @@ from nvlm.eval.runner import render
 from nvlm.eval.scorers import score_items
 from nvlm.vision.image_io import load_image
 
-from . import layout_data as L
+from . import layout_data as T
+from . import layout_vision as L
 
 LAYOUTS = {
     ("vqav2", "lmms-lab parquet, 2 shards"): L.vqav2_hf,
@@ -29,12 +30,12 @@ LAYOUTS = {
     ("mmmu", "MMMU/MMMU root, subject folders"): L.mmmu_hf,
     ("mathvista", "GitHub data/ with query.json"): L.mathvista_github,
     ("mathvista", "AI4Math parquet"): L.mathvista_hf,
-    ("mmlu", "CSV with quoted line breaks"): L.mmlu_csv,
-    ("mmlu", "cais/mmlu parquet"): L.mmlu_hf,
-    ("gsm8k", "openai/gsm8k parquet"): L.gsm8k_hf,
-    ("math", "MATH-500 test.jsonl"): L.math500,
-    ("math", "hendrycks_math parquet"): L.math_hf,
-    ("humaneval", "openai_humaneval parquet"): L.humaneval_hf,
+    ("mmlu", "CSV with quoted line breaks"): T.mmlu_csv,
+    ("mmlu", "cais/mmlu parquet"): T.mmlu_hf,
+    ("gsm8k", "openai/gsm8k parquet"): T.gsm8k_hf,
+    ("math", "MATH-500 test.jsonl"): T.math500,
+    ("math", "hendrycks_math parquet"): T.math_hf,
+    ("humaneval", "openai_humaneval parquet"): T.humaneval_hf,
 }
 
 
@@ -60,9 +61,9 @@ def test_layout_reads_and_right_answers_score_full_marks(task, layout, tmp_path)
 
 
 def test_mmlu_keeps_line_breaks_in_quoted_fields_in_both_releases(tmp_path):
-    for build in (L.mmlu_csv, L.mmlu_hf):
+    for build in (T.mmlu_csv, T.mmlu_hf):
         items = read_benchmark("mmlu", build(tmp_path / build.__name__)[0])
-        assert L.CODE_Q + "\nA. 0 1\nB. 0\n1\nC. 1 2\nD. error\nAnswer:" in items[0].prompt
+        assert T.CODE_Q + "\nA. 0 1\nB. 0\n1\nC. 1 2\nD. error\nAnswer:" in items[0].prompt
         assert items[0].fields["choices"] == ["0 1", "0\n1", "1 2", "error"]
         assert items[0].prompt.count("Answer: B") == 5  # the five dev shots, from dev-*.parquet or dev/*.csv
 
@@ -99,7 +100,7 @@ def test_shards_as_folder_or_files_give_the_same_items(tmp_path):
     ],
 )
 def test_ai2d_field_types_are_checked_per_item(tmp_path, change, message):
-    L.parquet(tmp_path / "test-00000-of-00001.parquet", [{**L.AI2D_ROWS[0], **change}])
+    T.parquet(tmp_path / "test-00000-of-00001.parquet", [{**L.AI2D_ROWS[0], **change}])
     with pytest.raises(DataError, match=message):
         read_benchmark("ai2d", tmp_path)
 
@@ -112,10 +113,10 @@ def test_ai2d_field_types_are_checked_per_item(tmp_path, change, message):
     ],
 )
 def test_cais_mmlu_field_types_are_checked_per_item(tmp_path, change, message):
-    L.mmlu_hf(tmp_path)
+    T.mmlu_hf(tmp_path)
     test = tmp_path / "all" / "test-00000-of-00001.parquet"
-    rows = [{**r, **change} for r in json.loads(json.dumps(L.pq.read_table(test).to_pylist()))]
-    L.parquet(test, rows)
+    rows = [{**r, **change} for r in json.loads(json.dumps(T.pq.read_table(test).to_pylist()))]
+    T.parquet(test, rows)
     with pytest.raises(DataError, match=rf"test-00000-of-00001.parquet\[row 0\]: {message}"):
         read_benchmark("mmlu", tmp_path)
 

@@ -12,7 +12,7 @@ from nvlm.cli import main
 from nvlm.eval.scorers import score_items
 from nvlm.models.nvlm import NVLM
 
-from . import layout_data as L
+from . import layout_vision as L
 
 
 @pytest.fixture(scope="module")
