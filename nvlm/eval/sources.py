@@ -173,17 +173,6 @@ def single(paths: list[Path], task: str) -> Path:
     return paths[0]
 
 
-def is_table(paths: list[Path], patterns: tuple[str, ...]) -> bool:
-    """Whether ``paths`` are data files, or folders holding files that match ``patterns`` (e.g. parquet shards)."""
-    return all(
-        p.is_file()
-        and p.name.endswith(TABLES)
-        or p.is_dir()
-        and any(next(p.glob(pat), None) for pat in patterns)
-        for p in paths
-    )
-
-
 # ---- fields -----------------------------------------------------------------------------------------------
 def get(rec: dict, key: str, where: str) -> Any:
     if rec.get(key) is None:
