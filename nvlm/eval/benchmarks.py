@@ -1,206 +1,112 @@
-"""Benchmarks of ``nvlm eval run``: the pinned prompts (``PROMPTS``) and ``read_benchmark``.
+"""Benchmarks of ``nvlm eval run`` (paper Sec. 6, Tables 7 and 8): ``read_benchmark`` and ``load_benchmark``.
 
-``read_benchmark(task, data)`` reads a benchmark from local files in the layout of its public release (the
-readers are in ``nvlm.eval.benchmark_readers``; what ``--data`` points at is in ``LAYOUTS`` and the README) and
-returns a list of ``Item``: a stable ``id``, the model input (``prompt``, built by ``build_prompt``), the images
-in placeholder order and the ``fields`` the scorer needs (``answers`` plus the task's own fields, named as in
-``nvlm/eval/README.md``). Nothing is downloaded. Problems raise ``DataError`` naming the file.
-
-Prompts: vision benchmarks use those of NVIDIA's NVLM evaluation code, ``NVIDIA/Megatron-LM``
-``examples/multimodal/run_text_generation.py`` (``get_conversation``: the system prompt and the suffix) and
-``examples/multimodal/evaluation/evaluation_datasets.py`` (how options are listed): a ChatML conversation of a
-system message and ``<image>\\n{text}``. NVIDIA released no prompts for the text benchmarks; there MMLU and
-HumanEval follow their official harnesses (raw completion, no chat template) and GSM8K and MATH use the
-instruction below (chat template). Decoding is greedy everywhere.
+``read_benchmark(task, data)`` reads a benchmark from local files as users download them: the official
+release or the Hugging Face parquet release, as a file, several shards (``data`` may be a list) or the
+dataset's folder (``LAYOUTS``; the readers are in ``readers_vqa``, ``readers_choice`` and ``readers_text``).
+It returns a list of ``Item``: a stable ``id`` (the dataset's own where it has one), the model input
+(``prompt``, built by ``nvlm.eval.prompts.build_prompt``), the images in placeholder order and the ``fields``
+the scorer needs (named as in ``nvlm/eval/README.md``). Nothing is downloaded. Problems raise ``DataError``
+naming the file and the item. ``load_benchmark`` also returns the files read and a ``fingerprint`` of the data,
+which a run folder records so that it is never resumed with other data.
 
 Pure Python (no torch): images are only located here, and loaded by the runner.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from dataclasses import dataclass, field
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FOLLOW = "Follow the user's instruction and answer questions."
-LETTER = "Answer with the option's letter from the given choices directly."
-WORD = "Answer the question using a single word or phrase."
-WORD_NUMBER = "Answer the question using a single word, phrase, or number."
+from nvlm.eval.items import BASE64, DataError, EncodedImage, Item, ParquetImage
+from nvlm.eval.layouts import LAYOUTS
+from nvlm.eval.prompts import PROMPTS, VISION, Prompt, build_prompt, mmmu_image_tag, options_text
+from nvlm.eval.readers_choice import read_ai2d, read_mathvista, read_mmmu, read_realworldqa
+from nvlm.eval.readers_text import read_demo, read_gsm8k, read_humaneval, read_math, read_mmlu
+from nvlm.eval.readers_vqa import read_chartqa, read_docvqa, read_ocrbench, read_textvqa, read_vqav2
+from nvlm.eval.sources import track
 
+__all__ = [
+    "BASE64",
+    "LAYOUTS",
+    "PROMPTS",
+    "READERS",
+    "VISION",
+    "Benchmark",
+    "DataError",
+    "EncodedImage",
+    "Item",
+    "ParquetImage",
+    "Prompt",
+    "build_prompt",
+    "load_benchmark",
+    "mmmu_image_tag",
+    "options_text",
+    "read_benchmark",
+]
 
-@dataclass(frozen=True)
-class Prompt:
-    """How one benchmark item becomes the model's input.
-
-    ``user`` maps a question kind (``"default"``, or e.g. ``"multiple-choice"``) to the user message, where
-    ``{question}`` is the benchmark's question and ``{options}`` its options, one a line, each written as
-    ``option_line``. Vision tasks get ``<image>\\n`` in front of the user message (one per image).
-    ``chat=False``: the text is completed as it is (no ChatML). Predictions of chat tasks are stripped, as
-    Megatron's ``get_prompt_and_generated`` does; completions are kept verbatim.
-    """
-
-    system: str | None
-    user: dict[str, str]
-    max_new_tokens: int
-    chat: bool = True
-    stop: tuple[str, ...] = ()
-    option_line: str = "{letter}. {text}\n"
-    source: str = ""
-
-
-PROMPTS: dict[str, Prompt] = {
-    "vqav2": Prompt(FOLLOW, {"default": "{question}\n" + WORD}, 16, source="Megatron VQAv2"),
-    "textvqa": Prompt(FOLLOW, {"default": "{question}\n" + WORD_NUMBER}, 16, source="Megatron TextVQA"),
-    "docvqa": Prompt(FOLLOW, {"default": "{question}\n" + WORD_NUMBER}, 16, source="Megatron SPDocVQA"),
-    "chartqa": Prompt(FOLLOW, {"default": "{question}\n" + WORD}, 16, source="Megatron ChartQA"),
-    "ocrbench": Prompt(FOLLOW, {"default": "{question}"}, 64, source="Megatron OCRBench"),
-    "ai2d": Prompt(FOLLOW, {"default": "{question}\n{options}" + LETTER}, 16,
-                   source="Megatron AI2D (options as in its MathVista/RealworldQA datasets)"),
-    "realworldqa": Prompt(FOLLOW, {"default": "{question}"}, 16,
-                          source="Megatron RealworldQA (the public question already lists the options)"),
-    "mmmu": Prompt("Answer the questions.",
-                   {"multiple-choice": "{question}\n{options}\n" + LETTER, "open": "{question}\n" + WORD}, 16,
-                   option_line="({letter}) {text}\n",
-                   source="Megatron MMMU, prompt_style single_image (MMMU repo llava1.5 config)"),
-    "mathvista": Prompt("You are math expert. Use your math knowledge to calculate the answer.",
-                        {"multi_choice": "{question}\n{options}" + LETTER, "free_form": "{question}"}, 64,
-                        source="Megatron MathVista (free_form: the dataset's query without 'Hint: ')"),
-    "mmlu": Prompt(None, {"default": "{question}"}, 8, chat=False,
-                   source="hendrycks/test evaluate.py 5-shot prompt; letter by log-probability"),
-    "gsm8k": Prompt(None, {"default": "{question}\nSolve the problem step by step. Write the final answer "
-                                      "on the last line in the form \"#### <number>\"."}, 512, source="ours"),
-    "math": Prompt(None, {"default": "{question}\nPlease reason step by step, and put your final answer "
-                                     "within \\boxed{{}}."}, 1024, source="ours"),
-    "humaneval": Prompt(None, {"default": "{question}"}, 512, chat=False,
-                        stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
-                        source="openai/human-eval: complete the prompt; lm-eval humaneval stop strings"),
-    "demo": Prompt(None, {"default": "{question}"}, 4,
-                   source="nvlm demo: the LLaVA record's question, as the demo's own evaluation"),
-}
-VISION = ("vqav2", "textvqa", "docvqa", "chartqa", "ocrbench", "ai2d", "realworldqa", "mmmu", "mathvista")
-
-
-def options_text(task: str, options: list[str]) -> str:
-    line = PROMPTS[task].option_line
-    return "".join(line.format(letter=chr(65 + i), text=text) for i, text in enumerate(options))
-
-
-def build_prompt(task: str, question: str, options: list[str] | None = None, kind: str = "default",
-                 num_images: int = 0) -> str | list[dict[str, str]]:
-    """The model input for one item: chat messages (system, user; the runner renders them as ChatML with the
-    generation prompt) or, for ``chat=False`` tasks, the raw text to complete."""
-    spec = PROMPTS[task]
-    text = spec.user[kind].format(question=question, options=options_text(task, options or []))
-    if task == "mmmu":
-        text = mmmu_image_tag(text)
-    if not spec.chat:
-        return text
-    text = "".join("<image>\n" for _ in range(num_images)) + text
-    system = [{"role": "system", "content": spec.system}] if spec.system else []
-    return system + [{"role": "user", "content": text}]
-
-
-def mmmu_image_tag(q: str) -> str:
-    """Megatron's ``MMMUDataset.process_image_tag`` (single-image style): word the ``<image 1>`` reference,
-    drop ``<image 2>``..``<image 7>``. Applied to the whole prompt (question, options and instruction)."""
-    q = q.strip()
-    if q == "<image 1>":
-        q = "Answer the question in the image."
-    elif ":<image 1>" in q:
-        q = q.replace(":<image 1>", " in the image. ").strip()
-    elif ": <image 1>" in q:
-        q = q.replace(": <image 1>", " in the image. ").strip()
-    elif ".<image 1>" in q or ". <image 1>" in q:
-        q = " ".join(part.strip() for part in q.split("<image 1>") if part.strip() != "")
-    elif q.startswith("<image 1> "):
-        q = q.replace("<image 1>", "" if q[10].isupper() else "The image").strip()
-    elif q.startswith("<image 1>"):
-        q = q.replace("<image 1>", "")
-    elif q.endswith("<image 1>?"):
-        q = q.replace("<image 1>", "the image")
-    elif q.endswith("?<image 1>") or q.endswith("? <image 1>") or q.endswith("\n<image 1>"):
-        q = q.replace("<image 1>", "").strip()
-    elif " <image 1> " in q or " <image 1>" in q:
-        q = q.replace("<image 1>", "the image")
-    elif "()<image 1>" in q:
-        q = q.replace("()<image 1>", "")
-    elif "(<image 1>)" in q:
-        q = q.replace("(<image 1>)", "")
-    elif "<image 1>." in q:
-        q = q.replace("<image 1>.", ". ")
-    else:
-        q = q.replace("<image 1>", ". ").strip()
-    for i in range(2, 8):
-        q = q.replace(f"<image {i}>", "")
-    return q
-
-
-LAYOUTS = {
-    "vqav2": "the folder holding v2_OpenEnded_mscoco_val2014_questions.json, v2_mscoco_val2014_annotations.json "
-             "and val2014/ (COCO images)",
-    "textvqa": "TextVQA_0.5.1_val.json, with train_images/ beside it",
-    "docvqa": "val_v1.0.json, with documents/ beside it",
-    "chartqa": "the ChartQA test/ folder (test_human.json, test_augmented.json, png/) or one of its JSON files",
-    "ocrbench": "OCRBench.json, with OCRBench_Images/ beside it (or a folder holding both)",
-    "ai2d": "a JSON/JSONL export of lmms-lab/ai2d (question, options, answer, image)",
-    "realworldqa": "a JSON/JSONL export of RealWorldQA (question, answer, image)",
-    "mmmu": "a JSON/JSONL export of MMMU/MMMU validation, or a folder of them (validation*.json[l])",
-    "mathvista": "a JSON/JSONL export of AI4Math/MathVista testmini (or its testmini.json)",
-    "mmlu": "the MMLU data/ folder (dev/*_dev.csv and test/*_test.csv)",
-    "gsm8k": "grade_school_math/data/test.jsonl",
-    "math": "the MATH test/ folder (one folder of JSON files per subject)",
-    "humaneval": "HumanEval.jsonl or HumanEval.jsonl.gz",
-    "demo": "a held-out JSONL written by nvlm demo (e.g. runs/demo/data/test/color.jsonl) or that test/ folder",
+READERS: dict[str, Callable[[list[Path]], list[Item]]] = {
+    "vqav2": read_vqav2, "textvqa": read_textvqa, "docvqa": read_docvqa, "chartqa": read_chartqa,
+    "ocrbench": read_ocrbench, "ai2d": read_ai2d, "realworldqa": read_realworldqa, "mmmu": read_mmmu,
+    "mathvista": read_mathvista, "mmlu": read_mmlu, "gsm8k": read_gsm8k, "math": read_math,
+    "humaneval": read_humaneval, "demo": read_demo,
 }  # fmt: skip
 
 
-BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
-
-
-class DataError(ValueError):
-    """--data is missing or malformed; the message names the file (and the item where it can)."""
-
-
 @dataclass
-class EncodedImage:
-    """An image stored inline in the data file (base64); decoded when its batch runs."""
+class Benchmark:
+    items: list[Item]
+    files: list[Path]  # the data files read (JSON, CSV, parquet, ...), not the image files
 
-    data: str
-    where: str
-
-    def load(self) -> bytes:
-        try:
-            return base64.b64decode("".join(self.data.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise DataError(f"{self.where}: image is neither a file nor valid base64") from None
-
-
-@dataclass
-class Item:
-    id: str
-    prompt: str | list[dict[str, str]]  # raw text to complete, or chat messages (rendered by the runner)
-    images: list[Any] = field(default_factory=list)  # file paths (str) or EncodedImage
-    fields: dict[str, Any] = field(default_factory=dict)  # answers + task fields, for the scorer
+    def fingerprint(self) -> dict[str, Any]:
+        """What a run folder records about its data: the files with their sizes, and a hash of every item read
+        (id, prompt, answers and fields, image identity), so other data (another shard, another release) is
+        told apart even where item ids are positions."""
+        digest = hashlib.sha256()
+        for it in self.items:
+            images = [Path(im).name if isinstance(im, str) else im.identity() for im in it.images]
+            digest.update(
+                json.dumps([it.id, it.prompt, it.fields, images], sort_keys=True, default=str).encode()
+            )
+        files = [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in self.files]
+        return {"items": len(self.items), "items_sha256": digest.hexdigest()[:16], "files": files}
 
 
-def read_benchmark(task: str, data: str | Path) -> list[Item]:
-    """All items of ``task`` under ``data``, in the release's order; DataError naming the file on problems."""
+def _paths(task: str, data: str | Path | Sequence[str | Path]) -> list[Path]:
+    paths = [Path(d) for d in ([data] if isinstance(data, str | Path) else data)]
+    if not paths:
+        raise DataError(f"no --data given for {task}: {LAYOUTS[task]}")
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder (--data for {task}: {LAYOUTS[task]})")
+    return paths
+
+
+def load_benchmark(task: str, data: str | Path | Sequence[str | Path]) -> Benchmark:
+    """All items of ``task`` under ``data`` (one path, or several shards), in the release's order, with the data
+    files read; DataError naming the file on problems."""
     if task not in PROMPTS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(PROMPTS)}")
-    path = Path(data)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder (--data for {task}: {LAYOUTS[task]})")
-    from nvlm.eval.benchmark_readers import READERS
-
-    items = READERS[task](path)
+    paths = _paths(task, data)
+    with track() as files:
+        items = READERS[task](paths)
+    where = ", ".join(map(str, paths))
     if not items:
-        raise DataError(f"{path}: no {task} items found (--data for {task}: {LAYOUTS[task]})")
+        raise DataError(f"{where}: no {task} items found (--data for {task}: {LAYOUTS[task]})")
     seen: set[str] = set()
     for it in items:
         if it.id in seen:
-            raise DataError(f"{path}: item id {it.id!r} occurs twice; ids must be unique to resume a run")
+            raise DataError(
+                f"{where}: item id {it.id!r} occurs twice (the same shard given twice?); ids must be "
+                "unique to resume a run"
+            )
         seen.add(it.id)
-    return items
+    return Benchmark(items, list(files))
+
+
+def read_benchmark(task: str, data: str | Path | Sequence[str | Path]) -> list[Item]:
+    """``load_benchmark(task, data).items``."""
+    return load_benchmark(task, data).items

@@ -1,4 +1,5 @@
-"""``nvlm eval`` sub-commands: ``score`` (score a JSONL of predictions, no model needed) and ``report``.
+"""``nvlm eval`` sub-commands (paper Sec. 6): ``score`` (score a JSONL of predictions, no model needed),
+``report`` (Tables 7 and 8) and ``run`` (a model answers a benchmark, ``nvlm.eval.runner``).
 
 The main CLI creates the ``eval`` parser and calls ``add_eval_subcommands(eval_parser)``; every sub-command
 sets ``func(args) -> int`` (the exit status). Exit status 2 means bad input, reported as
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nvlm.eval.benchmarks import LAYOUTS, PROMPTS, DataError
 from nvlm.eval.report import build_report, render_report
+from nvlm.eval.run_folder import RunError
 from nvlm.eval.scorers import MODES, SCORERS, SandboxError, ScoringError, score_items
 
 BAD_INPUT = 2
@@ -50,11 +53,76 @@ def add_eval_subcommands(eval_parser: argparse.ArgumentParser) -> argparse._SubP
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.set_defaults(func=run_report)
 
-    # ---- `nvlm eval run` (model -> predictions -> scores) is registered on `sub` by nvlm/eval/runner.py ----
-    from nvlm.eval.runner import add_run_subcommand
-
     add_run_subcommand(sub)
     return sub
+
+
+def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a saved model on a benchmark: predictions (resumable), then the official score",
+        description="Answer a benchmark with a saved model and score it. TASK's --data: "
+        + "; ".join(f"{t}: {layout}" for t, layout in LAYOUTS.items())
+        + ". See nvlm/eval/README.md.",
+    )
+    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p.add_argument("--task", required=True, choices=list(PROMPTS), help="benchmark")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="the benchmark's local files: a file, several shards, or the dataset's folder "
+        "(see nvlm/eval/README.md)",
+    )
+    p.add_argument(
+        "--out", default="evals", help="run folder; writes OUT/TASK/{predictions.jsonl,summary.json}"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="forget OUT/TASK's earlier predictions (needed to reuse a folder for other data or settings)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (see README)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from nvlm.eval.runner import run_benchmark  # imports torch only when a run is asked for
+
+    try:
+        result = run_benchmark(
+            args.model,
+            args.task,
+            args.data,
+            args.out,
+            args.limit,
+            args.batch_size,
+            args.mode,
+            args.max_new_tokens,
+            device=args.device,
+            dtype=args.dtype,
+            restart=args.restart,
+        )
+    except (DataError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    except SandboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_result(
+        {k: v for k, v in result.items() if k not in ("predictions", "summary", "generated", "reused")}
+    )
+    print(f"  generated: {result['generated']}, reused from an earlier run: {result['reused']}")
+    print(f"  predictions: {result['predictions']}\n  summary: {result['summary']}")
+    return 0
 
 
 def read_jsonl(path: str | Path) -> tuple[list[Any], list[int]]:

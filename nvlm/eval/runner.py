@@ -1,7 +1,7 @@
 """``nvlm eval run``: a model answers a benchmark, then the official scorer scores the answers.
 
-    nvlm eval run --model DIR --task TASK --data PATH [--limit N] [--batch-size B] [--mode official|nvlm]
-                  [--max-new-tokens N] [--out evals/]
+    nvlm eval run --model DIR --task TASK --data PATH [PATH ...] [--limit N] [--batch-size B]
+                  [--mode official|nvlm] [--max-new-tokens N] [--out evals/] [--restart]
 
 ``run_benchmark`` reads the benchmark (``nvlm.eval.benchmarks``), builds each item's pinned prompt, and answers
 in left-padded batches with greedy decoding (``model.generate``). MMLU takes the letter with the highest
@@ -11,43 +11,58 @@ model gives logits; otherwise it generates and the letter is parsed). Every batc
 so the file can also be scored with ``nvlm eval score``. A re-run skips the ids already in the file (a line
 torn by a crash is dropped and redone), then scores every item of the current run with ``score_items`` and
 writes ``OUT/TASK/summary.json`` (``nvlm.eval.report.write_summary``). ``OUT/TASK/run.json`` records the
-settings; resuming with another model, prompt or ``max_new_tokens`` is refused.
+settings and a fingerprint of the data; resuming with another model, prompt, ``max_new_tokens`` or other data
+is refused (``nvlm.eval.run_folder``) unless ``restart`` says to start over.
 
-torch, tqdm and the model are imported only when predictions are generated.
+The command line (``nvlm.eval.cli``) calls this module; it imports nothing back from there. torch, tqdm and the model are imported only when predictions are generated.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import sys
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nvlm.eval.benchmarks import LAYOUTS, PROMPTS, DataError, EncodedImage, Item, read_benchmark
+from nvlm.eval.benchmarks import PROMPTS, DataError, Item, load_benchmark
 from nvlm.eval.report import write_summary
-from nvlm.eval.scorers import MODES, SandboxError, ScoringError, check_mode, score_items
+from nvlm.eval.run_folder import (
+    PREDICTIONS,
+    SETTINGS,
+    RunError,
+    check_settings,
+    read_predictions,
+    settings,
+    start_over,
+)
+from nvlm.eval.scorers import ScoringError, check_mode, score_items
 from nvlm.eval.scorers.mmlu import LETTERS, letter_from_logprobs
 
-PREDICTIONS, SETTINGS = "predictions.jsonl", "run.json"
-BAD_INPUT = 2
+__all__ = ["RunError", "letter_logprobs", "load_model", "render", "run_benchmark", "score_predictions"]
 
 
-class RunError(ValueError):
-    """A problem with the run's arguments or its output folder; the message names the file."""
-
-
-def run_benchmark(model: Any, task: str, data: str | Path, out: str | Path, limit: int | None = None,
-                  batch_size: int = 8, mode: str = "official", max_new_tokens: int | None = None, *,
-                  progress: bool = True, device: str = "auto", dtype: str = "auto") -> dict:
+def run_benchmark(
+    model: Any,
+    task: str,
+    data: str | Path | Sequence[str | Path],
+    out: str | Path,
+    limit: int | None = None,
+    batch_size: int = 8,
+    mode: str = "official",
+    max_new_tokens: int | None = None,
+    *,
+    progress: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    restart: bool = False,
+) -> dict:
     """Answer ``task`` from ``data`` with ``model`` (an NVLM model, or a checkpoint folder loaded only if there
     is something to generate), append to ``out/task/predictions.jsonl``, score, write ``summary.json``.
 
     Returns the scorer's result (``score``, ``n``, ``items``, breakdowns) plus ``predictions``, ``summary``
     (paths), ``generated`` and ``reused`` (item counts). Raises DataError (bad ``data``), RunError (bad
-    arguments or run folder).
+    arguments or run folder, including a folder made from other data or settings; ``restart=True`` empties
+    the folder first).
     """
     if task not in PROMPTS:
         raise RunError(f"unknown task {task!r}; choose from {', '.join(PROMPTS)}")
@@ -55,13 +70,16 @@ def run_benchmark(model: Any, task: str, data: str | Path, out: str | Path, limi
     for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise RunError(f"{name} must be a positive integer, got {value!r}")
-    items = read_benchmark(task, data)[:limit]
+    bench = load_benchmark(task, data)
+    items = bench.items[:limit]
     folder = Path(out) / task
     folder.mkdir(parents=True, exist_ok=True)
+    if restart:
+        start_over(folder)
     pred_path = folder / PREDICTIONS
     new_tokens = max_new_tokens or PROMPTS[task].max_new_tokens
-    done = _read_predictions(pred_path)
-    _check_settings(folder / SETTINGS, _settings(task, model, new_tokens, data), bool(done))
+    done = read_predictions(pred_path)
+    check_settings(folder / SETTINGS, settings(task, model, new_tokens, bench.fingerprint()), bool(done))
     pending = [it for it in items if it.id not in done]
     if pending:
         if isinstance(model, str | Path):
@@ -70,8 +88,13 @@ def run_benchmark(model: Any, task: str, data: str | Path, out: str | Path, limi
     records = [{"id": it.id, **_prediction(done[it.id]), **it.fields} for it in items]
     result = score_predictions(task, records, mode, where=str(pred_path))
     summary = write_summary(out, task, result)
-    return {**result, "predictions": str(pred_path), "summary": str(summary), "generated": len(pending),
-            "reused": len(items) - len(pending)}
+    return {
+        **result,
+        "predictions": str(pred_path),
+        "summary": str(summary),
+        "generated": len(pending),
+        "reused": len(items) - len(pending),
+    }
 
 
 def score_predictions(task: str, records: list[dict], mode: str = "official", where: str = "") -> dict:
@@ -93,10 +116,16 @@ def _score_demo(records: list[dict], mode: str) -> dict:
     groups: dict[str, list[float]] = {}
     for r, s in zip(records, scores):
         groups.setdefault(r["task"], []).append(s)
-    return {"task": "demo", "mode": mode, "score": 100.0 * sum(scores) / len(scores), "n": len(scores),
-            "items": scores, "metric": "exact match (%) after nvlm.demo.synthetic.score's normalisation",
-            "scale": "accuracy %",
-            "by_task": {t: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for t, v in sorted(groups.items())}}
+    return {
+        "task": "demo",
+        "mode": mode,
+        "score": 100.0 * sum(scores) / len(scores),
+        "n": len(scores),
+        "items": scores,
+        "metric": "exact match (%) after nvlm.demo.synthetic.score's normalisation",
+        "scale": "accuracy %",
+        "by_task": {t: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for t, v in sorted(groups.items())},
+    }
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
@@ -117,75 +146,48 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> A
     return model.eval()
 
 
-# ---- the run folder -----------------------------------------------------------------------------------------
-def _read_predictions(path: Path) -> dict[str, dict]:
-    """``{id: record}`` of the predictions already made (first wins); a torn last line is cut off the file."""
-    if not path.is_file():
-        return {}
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # a crash while writing: keep the whole lines only
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(raw))
-    done: dict[str, dict] = {}
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RunError(f"{path}:{number}: not valid JSON ({exc.msg}); delete the file to start over") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not isinstance(
-                rec.get("prediction"), str):
-            raise RunError(f'{path}:{number}: expected {{"id": str, "prediction": str, ...}}')
-        done.setdefault(rec["id"], rec)
-    return done
-
-
 def _prediction(rec: dict) -> dict:
     return {k: rec[k] for k in ("prediction", "logprobs") if k in rec}
 
 
-def _settings(task: str, model: Any, max_new_tokens: int, data: str | Path) -> dict:
-    prompt = json.dumps(asdict(PROMPTS[task]), sort_keys=True)
-    name = str(Path(model).resolve()) if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
-    return {"task": task, "model": name, "data": str(data), "max_new_tokens": max_new_tokens,
-            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16], "decoding": "greedy"}
-
-
-def _check_settings(path: Path, settings: dict, resuming: bool) -> None:
-    if resuming and path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{path}: not readable JSON ({exc})") from None
-        for key in ("task", "model", "max_new_tokens", "prompt_sha256"):
-            if None not in (old.get(key), settings[key]) and old.get(key) != settings[key]:
-                raise RunError(f"{path.parent / PREDICTIONS} holds predictions made with {key} = {old.get(key)!r}, "
-                               f"this run has {settings[key]!r}: use another --out, or delete that folder")
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-
-
 # ---- generation ---------------------------------------------------------------------------------------------
-def _generate(model: Any, task: str, pending: list[Item], done: dict[str, dict], path: Path, batch_size: int,
-              max_new_tokens: int, total: int, progress: bool) -> None:
+def _generate(
+    model: Any,
+    task: str,
+    pending: list[Item],
+    done: dict[str, dict],
+    path: Path,
+    batch_size: int,
+    max_new_tokens: int,
+    total: int,
+    progress: bool,
+) -> None:
     from tqdm import tqdm
 
     if hasattr(model, "eval"):
         model.eval()
     spec = PROMPTS[task]
     use_logprobs = task == "mmlu" and gives_logits(model)
-    with open(path, "a", encoding="utf-8") as f, tqdm(total=total, initial=total - len(pending), desc=task,
-                                                       unit="item", disable=not progress) as bar:
+    with (
+        open(path, "a", encoding="utf-8") as f,
+        tqdm(total=total, initial=total - len(pending), desc=task, unit="item", disable=not progress) as bar,
+    ):
         for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
+            batch = pending[start : start + batch_size]
             if use_logprobs:
-                lps = letter_logprobs(model, [render(it.prompt) for it in batch],
-                                      [LETTERS[: len(it.fields["choices"])] for it in batch])
+                lps = letter_logprobs(
+                    model,
+                    [render(it.prompt) for it in batch],
+                    [LETTERS[: len(it.fields["choices"])] for it in batch],
+                )
                 preds = [{"prediction": letter_from_logprobs(lp, len(lp)), "logprobs": lp} for lp in lps]
             else:
-                texts = model.generate([render(it.prompt) for it in batch], [_images(it) for it in batch],
-                                       max_new_tokens=max_new_tokens, stop=list(spec.stop) or None)
+                texts = model.generate(
+                    [render(it.prompt) for it in batch],
+                    [_images(it) for it in batch],
+                    max_new_tokens=max_new_tokens,
+                    stop=list(spec.stop) or None,
+                )
                 preds = [{"prediction": t.strip() if spec.chat else t} for t in texts]
             for it, pred in zip(batch, preds, strict=True):
                 done[it.id] = {"id": it.id, **pred, **it.fields}
@@ -208,19 +210,22 @@ def _images(item: Item) -> list[Any]:
 
     out = []
     for image in item.images:
-        source = image.load() if isinstance(image, EncodedImage) else image
+        source = image if isinstance(image, str) else image.load()  # EncodedImage, ParquetImage: bytes
         try:
             out.append(load_image(source))
         except (ImageLoadError, OSError) as exc:
-            name = image.where if isinstance(image, EncodedImage) else image
+            name = image if isinstance(image, str) else image.where
             raise DataError(f"{name}: cannot load the image of item {item.id!r} ({exc})") from None
     return out
 
 
 def gives_logits(model: Any) -> bool:
     """Whether ``model(**model.processor(texts, images))`` gives next-token logits (NVLM models do)."""
-    return callable(model) and getattr(model, "processor", None) is not None and getattr(
-        model, "tokenizer", None) is not None
+    return (
+        callable(model)
+        and getattr(model, "processor", None) is not None
+        and getattr(model, "tokenizer", None) is not None
+    )
 
 
 def letter_logprobs(model: Any, prompts: list[str], letters: list[str]) -> list[dict[str, float]]:
@@ -256,40 +261,3 @@ def letter_logprobs(model: Any, prompts: list[str], letters: list[str]) -> list[
             raise RuntimeError(f"the tokens of {' ' + letter!r} differ inside and outside the prompt")
         result[i][letter] = float(sum(logp[row, j - k - 1, cont[j]] for j in range(k)))
     return result
-
-
-# ---- the command --------------------------------------------------------------------------------------------
-def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="run a saved model on a benchmark: predictions (resumable), then the official score",
-        description="Answer a benchmark with a saved model and score it. TASK's --data: "
-        + "; ".join(f"{t}: {layout}" for t, layout in LAYOUTS.items()) + ". See nvlm/eval/README.md.")
-    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
-    p.add_argument("--task", required=True, choices=list(PROMPTS), help="benchmark")
-    p.add_argument("--data", required=True, help="the benchmark's local files (see nvlm/eval/README.md)")
-    p.add_argument("--out", default="evals", help="run folder; writes OUT/TASK/{predictions.jsonl,summary.json}")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (see README)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.set_defaults(func=run_command)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    from nvlm.eval.cli import _print_result
-
-    try:
-        result = run_benchmark(args.model, args.task, args.data, args.out, args.limit, args.batch_size,
-                               args.mode, args.max_new_tokens, device=args.device, dtype=args.dtype)
-    except (DataError, RunError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return BAD_INPUT
-    except SandboxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    _print_result({k: v for k, v in result.items() if k not in ("predictions", "summary", "generated", "reused")})
-    print(f"  generated: {result['generated']}, reused from an earlier run: {result['reused']}")
-    print(f"  predictions: {result['predictions']}\n  summary: {result['summary']}")
-    return 0

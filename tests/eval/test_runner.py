@@ -394,10 +394,11 @@ def test_reader_public_layout_gives_scorable_items(task, tmp_path):
             assert Image.open(io.BytesIO(raw)).size == (64, 48)
     records = [{"id": it.id, "prediction": p, **it.fields} for it, p in zip(items, right_answers)]
     expect = len(items) if task == "ocrbench" else 100.0
-    assert score_items(task, records)["score"] == pytest.approx(expect)
-    if task != "humaneval":
-        wrong = [{**r, "prediction": "zzz"} for r in records]
-        assert score_items(task, wrong)["score"] < expect
+    for mode in ("official", "nvlm"):
+        assert score_items(task, records, mode)["score"] == pytest.approx(expect), mode
+        if task != "humaneval":
+            wrong = [{**r, "prediction": "zzz"} for r in records]
+            assert score_items(task, wrong, mode)["score"] < expect
 
 
 def test_mmmu_reader_follows_megatron_single_image_prompt(tmp_path):
