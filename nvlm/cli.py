@@ -103,7 +103,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import nvlm.demo  # noqa: F401 - registers the demo's tiny-{d,x,h} recipes
     from nvlm.config import ConfigError
     from nvlm.data.blend import TooManyBadSamples
     from nvlm.recipes import RECIPES, get_recipe
@@ -220,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import nvlm.demo  # noqa: F401 - registers the demo's tiny-{d,x,h} recipes and its eval scorer
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "command", None) == "train" and all("=" in e for e in extra):
