@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nvlm.data.chat import IM_END, IM_START
-from nvlm.data.processor import IMAGE_PLACEHOLDER
+from nvlm.data.processor import IM_END, IM_START, IMAGE_PLACEHOLDER, check_user_text
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -143,13 +142,15 @@ def read_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
 
 
 def chatml_segments(conv: Conversation, system: str | None = None) -> list[tuple[str, bool]]:
-    """ChatML as (text, trainable) segments: only assistant content and its <|im_end|> carry loss."""
+    """ChatML as (text, trainable) segments: only assistant content and its <|im_end|> carry loss.
+    ControlTokenError (a ValueError: the blend counts the sample as bad) if a content holds a ChatML string."""
     messages = conv.messages
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     segments = []
     for m in messages:
         train = m["role"] == "assistant"
+        check_user_text(m["content"], what=f"{conv.source or 'conversation'}: {m['role']} message")
         segments += [(f"{IM_START}{m['role']}\n", False), (m["content"] + IM_END, train), ("\n", False)]
     return segments
 
