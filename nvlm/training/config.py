@@ -103,6 +103,9 @@ class TrainConfig:
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    allow_data_change: bool = False
+    """Resume although the data files or blend changed since the checkpoint (refused by default: the saved
+    position would silently point at other samples; see ``nvlm.training.resume_check``)."""
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process."""
