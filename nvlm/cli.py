@@ -6,14 +6,59 @@
     nvlm train h-34b-sft --dry-run --world-size 128
     nvlm inspect --size 1000x800 --size 500x400 --json
     nvlm chat --model out/ --image doc.png "What is the total?"
+
+Errors: a user error (bad flag, config, data, image, file) prints ONE line ``error: ...`` naming the input and
+the fix, and exits 2; a traceback appears only for real bugs, or for everything with ``nvlm --debug ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """A mistake in what the user gave (flag, path, file); the message names it and the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``error: nvlm chat: ... (see nvlm chat --help)``), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USER_ERROR)
+
+
+def _int_in(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {f'between {low} and {high}' if high is not None else f'>= {low}'}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        return value
+
+    return parse
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -28,6 +73,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def _one_per_tag(text: str) -> int:
     return 1 if text else 0
+
+
+MAX_TILES_LIMIT = 40  # nvlm.vision.tiling.MAX_TILES_LIMIT (not imported here: `nvlm --help` stays fast)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -90,6 +138,12 @@ def _print_inspect(info: dict[str, Any]) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     import nvlm
 
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"--model {args.model}: no saved nvlm model there (no config.json); give a folder written "
+                        "by save_pretrained, e.g. a run's final/ folder")
+    for image in args.image:
+        if not os.path.isfile(image):
+            raise UserError(f"--image {image}: no such file; check the path")
     model = nvlm.from_pretrained(args.model)
     model.eval()
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -103,25 +157,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nvlm.config import ConfigError
     from nvlm.data.blend import TooManyBadSamples
     from nvlm.recipes import RECIPES, get_recipe
     from nvlm.training.config import load_run_config, override
     from nvlm.training.trainer import NonFiniteLoss, Trainer
 
-    try:
-        if args.recipe in RECIPES:
-            cfg = get_recipe(args.recipe)
-        elif Path(args.recipe).is_file():
-            cfg = load_run_config(args.recipe)
-        else:
-            print(f"error: {args.recipe!r} is neither a recipe ({', '.join(sorted(RECIPES))}) nor a config file",
-                  file=sys.stderr)
-            return 2
-        cfg = override(cfg, args.overrides)
-    except (ConfigError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a ConfigError (bad key, value, YAML) goes to main's one error path: one line, exit 2
+    if args.recipe in RECIPES:
+        cfg = get_recipe(args.recipe)
+    elif Path(args.recipe).is_file():
+        cfg = load_run_config(args.recipe)
+    else:
+        raise UserError(f"{args.recipe!r} is neither a recipe ({', '.join(sorted(RECIPES))}) nor a config file")
+    cfg = override(cfg, args.overrides)
     if args.dry_run:
         from nvlm.training.plan import plan, render
 
@@ -141,9 +189,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = init_world(cfg.train.collective_timeout_s)
     try:
         result = Trainer(cfg, args.out, world=world).run()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return NonFiniteLoss.exit_code
@@ -165,7 +210,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
+    parser = _Parser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show how images are tiled and laid out for D, X and H")
@@ -174,10 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     p.add_argument("--model", help="a saved nvlm model folder: use its tiling, tags and tokenizer")
     p.add_argument("--tokenizer", help="count tag tokens with this tokenizer (default: one token per tag)")
-    p.add_argument("--tile-size", type=int, default=448)
-    p.add_argument("--tokens-per-tile", type=int, default=256)
-    p.add_argument("--min-tiles", type=int, default=1)
-    p.add_argument("--max-tiles", type=int, default=6)
+    p.add_argument("--tile-size", type=_int_in(1, 4096), default=448)
+    p.add_argument("--tokens-per-tile", type=_int_in(1, 4096), default=256)
+    p.add_argument("--min-tiles", type=_int_in(1, MAX_TILES_LIMIT), default=1)
+    p.add_argument("--max-tiles", type=_int_in(1, MAX_TILES_LIMIT), default=6,
+                   help=f"most regular tiles per image (1..{MAX_TILES_LIMIT}; the paper uses 6)")
     p.add_argument("--no-thumbnail", action="store_true")
     p.add_argument("--tags", default="1d", choices=["none", "1d", "2d_grid", "2d_bbox"])
     p.set_defaults(func=cmd_inspect)
@@ -196,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder; re-running with the same folder resumes")
     p.add_argument("--dry-run", action="store_true",
                    help="build on the meta device and print parameters, sharding plan and GiB per GPU; no training")
-    p.add_argument("--world-size", type=int, default=8, help="processes (GPUs) for --dry-run's estimate")
+    p.add_argument("--world-size", type=_int_in(1), default=8, help="processes (GPUs) for --dry-run's estimate")
     p.add_argument("--json", action="store_true", help="--dry-run: print JSON")
     p.set_defaults(func=cmd_train)
 
@@ -204,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--model", required=True, help="a folder written by save_pretrained")
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_int_in(1), default=128)
+    p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0)
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
     p.set_defaults(func=cmd_chat)
 
     from nvlm.bench.cli import add_bench_subcommands
@@ -227,7 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # key=value overrides may also come after --out
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return int(args.func(args) or 0)
+    from nvlm.cli_errors import USER_ERRORS, check_input_files, one_line
+
+    try:
+        check_input_files(args)
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {one_line(e, args)}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -35,13 +35,15 @@ class TilingConfig:
     """Most regular tiles per image (the paper uses 6; the thumbnail comes on top)."""
     use_thumbnail: bool = True
     """Append a global thumbnail tile (whole image at tile size) when an image has more than one tile."""
-    max_pixels: int = 64_000_000
-    """Images with more pixels than this are refused before decoding."""
+    max_pixels: int = 25_000_000
+    """Images with more pixels than this are refused before decoding (``nvlm.vision.image_io.DEFAULT_MAX_PIXELS``)."""
 
     def validate(self, prefix: str = "tiling") -> None:
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ConfigError(f"{prefix}.min_tiles/max_tiles must satisfy 1 <= min <= max, got "
                               f"{self.min_tiles}/{self.max_tiles}")
+        if self.max_tiles > 40:  # nvlm.vision.tiling.MAX_TILES_LIMIT (not imported: config stays dependency-free)
+            raise ConfigError(f"{prefix}.max_tiles must be at most 40 (the tiler's ceiling), got {self.max_tiles}")
         if self.max_pixels < 1:
             raise ConfigError(f"{prefix}.max_pixels must be positive, got {self.max_pixels}")
 

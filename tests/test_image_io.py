@@ -148,13 +148,13 @@ def test_header_declared_bomb_refused_without_decoding(tmp_path: Path):
 
 
 def test_header_over_our_cap_but_under_pillows(tmp_path: Path):
-    # 81 MP: below Pillow's own warning limit, above our 64 MP cap -> our header check must refuse it. Had
+    # 81 MP: below Pillow's own warning limit, above our 25 MP cap -> our header check must refuse it. Had
     # the pixels been decoded, the tiny IDAT would have produced a "truncated" error instead.
     p = tmp_path / "big.png"
     p.write_bytes(_png_declaring(9000, 9000))
     with pytest.raises(ImageLoadError, match="over the cap") as ei:
         load_image(p)
-    assert "9000x9000" in str(ei.value) and "64,000,000" in str(ei.value) and str(p) in str(ei.value)
+    assert "9000x9000" in str(ei.value) and f"{DEFAULT_MAX_PIXELS:,}" in str(ei.value) and str(p) in str(ei.value)
 
 
 def test_pillow_bomb_warning_becomes_error_locally():
@@ -352,3 +352,28 @@ def test_animated_first_frame_only(tmp_path: Path, fmt, kw):
         assert getattr(check, "n_frames", 1) == 3
     arr = _assert_rgb8(load_image(p), (8, 6))
     assert (arr == np.array([255, 0, 0], dtype=np.uint8)).all()
+
+
+def test_ceilings_sized_for_the_model_and_devices_refused(tmp_path: Path):
+    """8000x8000 (a 242 KB PNG cost 1.2 GB to decode) is over the default cap; max_tiles has a ceiling (20000
+    took minutes); a device or FIFO is refused before it is opened (it would never end, or block forever)."""
+    import os
+
+    from nvlm.config import ConfigError, TilingConfig
+    from nvlm.vision.tiling import MAX_TILES_LIMIT, check_tile_counts, plan_tiles
+
+    assert 8000 * 8000 > DEFAULT_MAX_PIXELS >= 6000 * 4000  # a 24-MP photo still loads
+    with pytest.raises(ImageLoadError, match="8000x8000 .* over the cap"):
+        load_image(_png_declaring(8000, 8000))
+    assert TilingConfig().max_pixels == DEFAULT_MAX_PIXELS
+    with pytest.raises(ValueError, match=f"max_tiles must be at most {MAX_TILES_LIMIT}"):
+        plan_tiles(1000, 1000, 448, 1, 20000)
+    assert check_tile_counts(1, MAX_TILES_LIMIT) == (1, MAX_TILES_LIMIT)
+    with pytest.raises(ConfigError, match="max_tiles must be at most 40"):
+        TilingConfig(max_tiles=41).validate()
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image("/dev/zero")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(fifo)

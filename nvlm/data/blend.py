@@ -11,6 +11,7 @@ with an error that says what went wrong.
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,10 @@ class Blend:
         self.position, self.taken = state["position"], dict(state["taken"])
 
 
+class SampleTimeout(RuntimeError):
+    """One sample took longer than the read timeout (counted as a bad sample)."""
+
+
 class TooManyBadSamples(RuntimeError):
     """The share of unusable samples passed the tolerance."""
 
@@ -76,7 +81,8 @@ class SampleStream:
     """Conversations from a blend → encoded samples with labels; bad and too-long samples are counted."""
 
     def __init__(self, blend: Blend, processor: Any, max_seq_len: int, system: str | None = None,
-                 max_bad_in_row: int = 100, max_bad_fraction: float = 0.1, rank: int = 0, world_size: int = 1) -> None:
+                 max_bad_in_row: int = 100, max_bad_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
+                 read_timeout: float | None = None) -> None:
         """With `world_size` > 1 every process walks the same blend sequence (cheap: no image is read) and
         takes the positions p with p % world_size == rank, so processes never share a sample and together
         read the samples one process would read, in the same global order."""
@@ -86,6 +92,32 @@ class SampleStream:
         self.counts: Counter[str] = Counter()
         self.recent_errors: deque[str] = deque(maxlen=5)
         self._bad_in_row = 0
+        self.read_timeout = read_timeout
+
+    def _encode(self, conv: Conversation) -> Encoded:
+        """Read and encode one sample; with `read_timeout`, in a daemon thread so that a read that blocks (a
+        hung network mount) times out as a bad sample. A wedged thread is left behind (it wakes, or dies with
+        the process; a pool's threads would be joined at exit); the bad-sample tolerance bounds how many."""
+        segments = chatml_segments(conv, self.system)
+        if self.read_timeout is None:
+            return self.processor.encode_segments(segments, conv.images)
+        out: dict[str, Any] = {}
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                out["value"] = self.processor.encode_segments(segments, conv.images)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                out["error"] = e
+            done.set()
+
+        threading.Thread(target=work, name="nvlm-sample-read", daemon=True).start()
+        if not done.wait(self.read_timeout):
+            raise SampleTimeout(f"reading the sample took over {self.read_timeout:g} s (data.read_timeout_s); "
+                                "a FIFO, device or hung mount among its images?")
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     def next(self) -> Encoded:
         while True:
@@ -94,8 +126,8 @@ class SampleStream:
                 continue  # another process's sample
             self.counts["read"] += 1
             try:
-                enc = self.processor.encode_segments(chatml_segments(conv, self.system), conv.images)
-            except (ImageLoadError, DataFormatError, ValueError) as e:
+                enc = self._encode(conv)
+            except (ImageLoadError, DataFormatError, ValueError, SampleTimeout) as e:
                 self._bad(f"{conv.source or f'{name}[{idx}]'}: {e}", "bad_sample")
                 continue
             if len(enc.input_ids) > self.max_seq_len:

@@ -3,21 +3,34 @@
 The released NVLM-D-72B uses this template (Qwen2's); the generation prompt is ``<|im_start|>assistant\\n``.
 Images are ``<image>`` placeholders inside a message's content; ``chat_prompt`` puts one in front of the
 question (``<image>\\n{question}``) as the released ``chat()`` does.
+
+Injection: message content holding ``<|im_start|>``, ``<|im_end|>`` or ``<|endoftext|>`` is refused
+(``ControlTokenError``), and so is an ``<image>`` in a ``chat_prompt`` question (its placeholders are ours); special
+tokens, image markers and tile tags are refused by the processor (``Processor.check_text``) on all prompt text.
 """
 
 from __future__ import annotations
 
-from nvlm.data.processor import IMAGE_PLACEHOLDER
+from nvlm.data.processor import (
+    CHATML_CONTROL,
+    IM_END,
+    IM_START,
+    IMAGE_PLACEHOLDER,
+    check_user_text,
+    reserved_pattern,
+)
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+__all__ = ["IM_END", "IM_START", "chat_prompt", "render_chat"]
+_QUESTION_PATTERN = reserved_pattern([*CHATML_CONTROL, IMAGE_PLACEHOLDER], tile_tags=False)
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """[{"role": …, "content": …}, …] → one ChatML string."""
+    """[{"role": …, "content": …}, …] → one ChatML string; ControlTokenError if a content holds a ChatML string."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"chat message role must be system, user or assistant, got {m.get('role')!r}")
+        check_user_text(m["content"], what=f"message {i + 1} ({m['role']})")
         out.append(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n")
     if add_generation_prompt:
         out.append(f"{IM_START}assistant\n")
@@ -26,6 +39,9 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Tr
 
 def chat_prompt(question: str, num_images: int = 1, system: str | None = None) -> str:
     """A single-turn prompt: `num_images` placeholders (one per line), then the question."""
+    check_user_text(question, _QUESTION_PATTERN, "the question")
+    if system is not None:
+        check_user_text(system, _QUESTION_PATTERN, "the system prompt")
     content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images)) + question
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return render_chat(messages)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nvlm.data.chat import IM_END, IM_START
-from nvlm.data.processor import IMAGE_PLACEHOLDER
+from nvlm.data.processor import IM_END, IM_START, IMAGE_PLACEHOLDER, check_user_text
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -93,9 +93,17 @@ def _from_openai(obj: dict, root: Path, where: str) -> Conversation:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise DataFormatError(f"{where}: message {k} has a text part without a string 'text'")
                 text.append(part["text"])
             elif kind in ("image_url", "image"):
-                ref = part["image_url"]["url"] if kind == "image_url" else part["image"]
+                ref = part.get(kind)
+                ref = ref.get("url") if kind == "image_url" and isinstance(ref, dict) else ref
+                if not isinstance(ref, str) or (kind == "image_url" and not isinstance(part.get(kind), dict)):
+                    shape = '{"type": "image_url", "image_url": {"url": "a.png"}}' if kind == "image_url" else \
+                        '{"type": "image", "image": "a.png"}'  # fmt: skip
+                    raise DataFormatError(f"{where}: message {k} has a malformed {kind} part "
+                                          f"({json.dumps(part)[:80]}); write it as {shape}")
                 images.append(_image_ref(ref, root, where))
                 text.append(IMAGE_PLACEHOLDER + "\n")
             else:
@@ -123,7 +131,13 @@ def read_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
     """Conversations from a .json (a list) or .jsonl file; a malformed line raises naming file and line."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    with open(path) as f:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: data file not found; check data.sources[].path") from None
+    if not stat.S_ISREG(mode):
+        raise DataFormatError(f"{path}: not a regular file (a folder, device or FIFO); give a .json or .jsonl file")
+    with open(path, encoding="utf-8") as f:
         if path.suffix == ".json":
             try:
                 items = json.load(f)
@@ -138,18 +152,22 @@ def read_records(path: str | os.PathLike, image_root: str | os.PathLike | None =
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                raise DataFormatError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line") from e
+            except RecursionError:
+                raise DataFormatError(f"{path}:{n}: JSON nested too deeply; flatten that record") from None
             yield parse_record(obj, root, f"{path}:{n}")
 
 
 def chatml_segments(conv: Conversation, system: str | None = None) -> list[tuple[str, bool]]:
-    """ChatML as (text, trainable) segments: only assistant content and its <|im_end|> carry loss."""
+    """ChatML as (text, trainable) segments: only assistant content and its <|im_end|> carry loss.
+    ControlTokenError (a ValueError: the blend counts the sample as bad) if a content holds a ChatML string."""
     messages = conv.messages
     if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     segments = []
     for m in messages:
         train = m["role"] == "assistant"
+        check_user_text(m["content"], what=f"{conv.source or 'conversation'}: {m['role']} message")
         segments += [(f"{IM_START}{m['role']}\n", False), (m["content"] + IM_END, train), ("\n", False)]
     return segments
 

@@ -6,14 +6,23 @@ stream while it runs; each batch comes with a snapshot of the stream's state rig
 records the position of the last batch *trained on*, never of one merely read ahead, and resuming stays
 exact. An error (a bad sample past the tolerance) travels through the queue and is raised, in order, by
 the step that would have used that batch.
+
+Waiting never outlives a stop request: ``next(stop)`` polls `stop` while it waits and returns None once it
+is set (a read wedged on a hung file system must not make SIGTERM or Ctrl-C useless), and ``close`` gives
+a wedged thread ``CLOSE_WAIT_S`` seconds, then leaves it (a daemon thread: it dies with the process).
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+POLL_S = 0.1
+CLOSE_WAIT_S = 5.0
 
 
 class Prefetcher:
@@ -41,8 +50,15 @@ class Prefetcher:
             if item[1] is not None:
                 return
 
-    def next(self) -> tuple[Any, Any]:
-        value, error, state = self._queue.get()
+    def next(self, stop: Callable[[], bool] = lambda: False) -> tuple[Any, Any] | None:
+        """The next (value, state); None as soon as ``stop()`` is true while waiting for it."""
+        while True:
+            try:
+                value, error, state = self._queue.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if stop():
+                    return None
         if error is not None:
             raise error
         return value, state
@@ -50,9 +66,38 @@ class Prefetcher:
     def close(self) -> None:
         """Stop the thread; batches read ahead are dropped (the stream's state is the consumer's business)."""
         self._closed.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:
-                self._queue.get(timeout=0.1)
+                self._queue.get(timeout=POLL_S)
             except queue.Empty:
                 pass
-        self._thread.join()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) both ask the run to save and stop: ``with StopSignals(on_request) as s:``
+    (flag ``s.requested``). A second Ctrl-C while stopping raises KeyboardInterrupt (the user insists)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_request: Callable[[], None] | None = None) -> None:
+        self.requested = False
+        self._on_request = on_request
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._on_request is not None:
+            self._on_request()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -12,6 +12,8 @@ only their tile; other tokens see every image whose ``</Image>`` is at or before
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,52 @@ from nvlm.vision.image_io import load_image
 from nvlm.vision.tiling import TilePlan, plan_tiles, tile_image, tiles_to_tensor
 
 IMAGE_PLACEHOLDER = "<image>"
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHATML_CONTROL = (IM_START, IM_END, END_OF_TEXT)
+"""ChatML's control strings: refused inside message content (``nvlm.data.chat``, ``nvlm.data.formats``)."""
+TILE_TAG_PATTERN = r"<tile_\d+>|<tile_x\d+_y\d+>"
+"""Shapes of the 1d and 2d_grid tile tags at any tile count (2d_bbox tags are ordinary box text, not refused)."""
+
+
+class ControlTokenError(ValueError):
+    """User-supplied text holds a string reserved for the prompt format.
+
+    Policy: REFUSE, never escape. Such a string would tokenize as a control token or a tag (a question could
+    forge a system turn, end its own turn, or fake a tile), and there is no spelling of it that both keeps the
+    text exact and tokenizes as plain text in every tokenizer, so the input is rejected with this error.
+    Training counts such a sample as bad (``nvlm.data.blend``); ``nvlm chat`` reports it as a user error.
+    """
+
+
+def reserved_pattern(strings: Iterable[str], tile_tags: bool = True) -> re.Pattern[str]:
+    """One regex matching any of `strings` (and any tile tag): ``pattern.search(text)`` finds a forbidden one."""
+    parts = [re.escape(s) for s in sorted({s for s in strings if s}, key=len, reverse=True)]
+    return re.compile("|".join(parts + ([TILE_TAG_PATTERN] if tile_tags else [])) or r"(?!)")
+
+
+CHATML_PATTERN = reserved_pattern(CHATML_CONTROL, tile_tags=False)
+
+
+def check_user_text(text: str, pattern: re.Pattern[str] = CHATML_PATTERN, what: str = "text") -> str:
+    """`text` unchanged, or ControlTokenError naming the reserved string found and what to do."""
+    hit = pattern.search(text)
+    if hit is not None:
+        start = max(0, hit.start() - 30)
+        raise ControlTokenError(
+            f"{what} contains {hit.group()!r}, which is reserved for the prompt format (it would act as a control "
+            f"token or tag); remove it or write it differently, e.g. with a space inside: ...{text[start:hit.end() + 30]!r}"
+        )
+    return text
+
+
+def reserved_strings(tokenizer: Any, config: NVLMConfig) -> list[str]:
+    """Everything user text must not contain, besides tile tags: ChatML control strings, the image markers and
+    image-pad token, and every special token the tokenizer knows (its own and the ones nvlm added)."""
+    tags = config.tags
+    out = [*CHATML_CONTROL, tags.image_start, tags.image_end, tags.image_pad, tags.thumbnail_tag]
+    out += list(getattr(tokenizer, "all_special_tokens", []))
+    out += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", 0)]
+    return out
 
 
 @dataclass
@@ -54,6 +102,20 @@ class Processor:
         if self.pad_id is None or self.pad_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {config.tags.image_pad!r} token; build the model with nvlm.build")
         self._cache: dict[str, list[int]] = {}
+        # Prompt text is rendered ChatML, so the template's own <|im_start|>/<|im_end|> are allowed here; inside
+        # message content they are refused earlier, by the renderers (nvlm.data.chat, nvlm.data.formats).
+        template = {IM_START, IM_END}
+        self.reserved = reserved_pattern(s for s in reserved_strings(tokenizer, config) if s not in template)
+
+    def check_text(self, text: str, what: str = "prompt text") -> str:
+        """`text` unchanged, or ControlTokenError if it holds a special token, image marker or tile tag (for a
+        server: call it on each user message's content, with ``check_user_text`` for the ChatML strings)."""
+        hit = self.reserved.search(text)
+        if hit is not None and hit.group() == self.config.tags.image_pad:
+            raise ControlTokenError(f"{what} contains the image-pad token {hit.group()!r}; remove it (images are "
+                                    f"passed as {IMAGE_PLACEHOLDER} placeholders): {text[:200]!r}")
+        check_user_text(text, self.reserved, what)
+        return text
 
     def tokens(self, text: str) -> list[int]:
         """Token ids of a tag or image marker; cached, since these strings form a small fixed set."""
@@ -99,10 +161,10 @@ class Processor:
             parts = seg_text.split(IMAGE_PLACEHOLDER)
             for j, part in enumerate(parts):
                 # free text is not cached: a long run sees millions of distinct strings
-                part_ids = self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
-                if self.pad_id in part_ids:
-                    raise ValueError(f"prompt text contains the image-pad token {cfg.tags.image_pad!r}; remove it "
-                                     f"(images are passed as {IMAGE_PLACEHOLDER} placeholders): {part[:200]!r}")
+                part_ids = self.tokenizer(self.check_text(part), add_special_tokens=False)["input_ids"] if part else []
+                if self.pad_id in part_ids:  # e.g. a tokenizer that merges text into the pad token
+                    raise ControlTokenError(f"prompt text tokenizes to the image-pad token {cfg.tags.image_pad!r}; "
+                                            f"remove it: {part[:200]!r}")
                 emit(part_ids, 0, seen, train)
                 if j == len(parts) - 1:
                     break

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ class DataSpec:
     max_bad_fraction: float = 0.1
     prefetch: int = 1
     """Steps of batches read ahead in a background thread while the current one computes (0: read in step)."""
+    read_timeout_s: float = 120.0
+    """Seconds one sample may take to read and encode before it counts as bad (a FIFO or a hung network mount
+    among the images must not wedge the run; needs prefetch >= 1, where reads run in the background)."""
 
     def source_specs(self) -> list[SourceSpec]:
         return [from_dict(SourceSpec, s, f"data.sources[{i}].") for i, s in enumerate(self.sources)]
@@ -98,6 +103,9 @@ class TrainConfig:
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    allow_data_change: bool = False
+    """Resume although the data files or blend changed since the checkpoint (refused by default: the saved
+    position would silently point at other samples; see ``nvlm.training.resume_check``)."""
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process."""
@@ -111,6 +119,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in ("pretrain", "sft"):
             raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
+        check_fields(self, "train.")
         self.accumulation(1)
         if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
@@ -124,7 +133,9 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         self.train.validate()
-        self.data.source_specs()
+        check_fields(self.data, "data.")
+        for i, spec in enumerate(self.data.source_specs()):
+            check_fields(spec, f"data.sources[{i}].")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,8 +150,15 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    """A YAML/JSON run config; ConfigError (naming the file) for anything unreadable, unsafe or malformed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # YAML tags like !!python/object: safe_load refuses
+        why = " ".join(str(e).split())[:300] if not isinstance(e, RecursionError) else "nested too deeply"
+        raise ConfigError(f"{path}: not a valid YAML/JSON run config ({why}); plain keys and values only") from None
     return RunConfig.from_dict(data or {})
 
 
@@ -165,5 +183,50 @@ def override(cfg: RunConfig, items: list[str]) -> RunConfig:
             node = node[part]
         if parts[-1] not in node and not (free and len(parts) > 2):
             raise ConfigError(f"unknown config key {key!r}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote strings, e.g. {key}='...'") from None
     return RunConfig.from_dict(data)
+
+
+# Inclusive ranges of the numeric run-config keys: (low, high), None for unbounded; lr and timeouts are > 0.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "train.max_steps": (1, None), "train.global_batch_size": (1, None), "train.micro_batch_size": (1, None),
+    "train.warmup_steps": (0, None), "train.weight_decay": (0, None), "train.grad_clip": (0, None),
+    "train.save_every": (0, None), "train.keep_last": (1, None), "train.log_every": (1, None),
+    "train.max_nonfinite_in_row": (1, None), "train.num_threads": (0, None), "train.min_lr": (0, None),
+    "data.max_seq_len": (1, None), "data.max_bad_in_row": (0, None), "data.max_bad_fraction": (0, 1),
+    "data.prefetch": (0, None), "data.sources[].weight": (0, None),
+}  # fmt: skip
+POSITIVE = ("train.lr", "train.collective_timeout_s", "data.read_timeout_s")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # free-form (Any, dicts, unions): checked where used
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """ConfigError naming the dotted key unless every typed field of dataclass `obj` has its type and range."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint, key = getattr(obj, f.name), hints[f.name], prefix + f.name
+        if not _type_ok(value, hint):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+            example = f"; e.g. {key}={f.default!r}" if f.default is not dataclasses.MISSING else ""
+            raise ConfigError(f"{key} must be {kind}, got {value!r}{example}")
+        rule = re.sub(r"\[\d+\]", "[]", key)
+        low, high = RANGES.get(rule, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{key} must be {bound}, got {value!r}")
+        if rule in POSITIVE and not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import nvlm
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy
-from nvlm.data.prefetch import Prefetcher
+from nvlm.data.prefetch import Prefetcher, StopSignals
 from nvlm.distributed.dcp import (
     complete_checkpoints,
     export_pretrained,
@@ -41,6 +40,7 @@ from nvlm.training.build import activation_checkpointing, build_model, build_sha
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
+from nvlm.training.resume_check import check_resume, fingerprint
 from nvlm.training.stages import apply_stage, components, trainable_table
 
 
@@ -135,7 +135,8 @@ class Trainer:
                      f"steps = global batch {t.global_batch_size}")
         self.stream = SampleStream(load_blend(cfg), self.model.processor, cfg.data.max_seq_len, cfg.data.system,
                                    cfg.data.max_bad_in_row, cfg.data.max_bad_fraction, self.world.rank,
-                                   self.world.size)
+                                   self.world.size, read_timeout=cfg.data.read_timeout_s)
+        self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
         self.metrics = MetricsWriter(self.out) if self.world.main else _NoMetrics()
         self.step = 0
@@ -202,8 +203,8 @@ class Trainer:
         batches: list[dict[str, Any]] = []
         state = None
         try:
-            if self._prefetch is not None:
-                batches, state = self._prefetch.next()
+            if self._prefetch is not None:  # wakes up on SIGTERM/SIGINT even if the reader is wedged
+                batches, state = self._prefetch.next(lambda: self._stop) or ([], None)
             else:
                 batches, state = self._read(), self.stream.state_dict()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
@@ -223,6 +224,7 @@ class Trainer:
         done = complete_checkpoints(self.out / "checkpoints")
         if not done:
             return
+        check_resume(done[-1], self.cfg, self._fingerprint)  # same model, data and blend, or a clear refusal
         state = load_checkpoint(done[-1], self.model, self.optimizer, self.world)
         if state["rank_state"] is not None:
             self.stream.load_state_dict(state["rank_state"]["data"])
@@ -245,7 +247,7 @@ class Trainer:
 
     def save(self) -> Path:
         self._saved_step = self.step
-        rank_state = {"data": self._data_state, "skipped": self.skipped}
+        rank_state = {"data": self._data_state, "skipped": self.skipped, "fingerprint": self._fingerprint}
         return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.world,
                                rank_state, self.cfg.to_dict(), self.cfg.train.keep_last)
 
@@ -257,7 +259,7 @@ class Trainer:
         self.resume()
         if self.cfg.data.prefetch > 0:
             self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        signals = StopSignals(lambda: setattr(self, "_stop", True)).__enter__()  # SIGTERM and Ctrl-C: save, exit 0
         progress = _progress(t.max_steps, self.step, self.world.main)
         start, seen = time.perf_counter(), 0
         stopped = False
@@ -298,7 +300,7 @@ class Trainer:
             if self._prefetch is not None:
                 self._prefetch.close()
                 self._prefetch = None
-            signal.signal(signal.SIGTERM, previous)
+            signals.__exit__()
             progress.close()
             self.metrics.close()
         elapsed = time.perf_counter() - start
@@ -315,7 +317,7 @@ class Trainer:
                 rows = read_metrics(self.metrics.path)
                 plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
         counts = self._counts()
-        self.log(f"{'stopped by SIGTERM' if interrupted else 'done'} at step {self.step}; data: {counts}; "
+        self.log(f"{'stopped by a signal' if interrupted else 'done'} at step {self.step}; data: {counts}; "
                  f"non-finite steps skipped: {self.skipped}; mixed image/text-only micro-batches: {self.mixed}")
         return TrainResult(self.step, final, interrupted, counts, seen / elapsed if elapsed else 0.0)
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ALLOWED_FORMATS", "ImageLoadError", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ALLOWED_FORMATS", "ImageLoadError", "check_image_size", "load_image"]
 
-DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images before decoding
+# Sized for the model: the largest canvas the tiler ever builds is MAX_TILES_LIMIT (40) tiles of 448² ≈ 8.0 M
+# pixels, so pixels beyond a few times that only cost memory (decoding takes ~19 bytes a pixel at peak: an
+# 8000×8000 PNG of 242 KB needed 1.2 GB). 25 M pixels (5000×5000, ~0.5 GB peak) keeps 4K frames and 24-MP photos.
+DEFAULT_MAX_PIXELS = 25_000_000  # refuse larger images before decoding
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -88,15 +92,19 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         raise ImageLoadError(f"{name}: image mode {mode!r} cannot be converted to RGB ({e})") from e
 
 
-def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise ImageLoadError(f"{name}: image has an empty dimension ({w}x{h}); not a usable image")
-    if w * h > max_pixels:
+def check_image_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> None:
+    """ImageLoadError unless ``1 <= width*height <= max_pixels`` (call it on header sizes, before decoding)."""
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{name}: image has an empty dimension ({width}x{height}); not a usable image")
+    if width * height > max_pixels:
         raise ImageLoadError(
-            f"{name}: image is {w}x{h} = {w * h:,} pixels, over the cap max_pixels={max_pixels:,}; refused "
-            "before decoding. Downscale it, or pass a larger max_pixels to load_image() if it is trusted."
+            f"{name}: image is {width}x{height} = {width * height:,} pixels, over the cap max_pixels={max_pixels:,}; "
+            "refused before decoding. Downscale it, or raise tiling.max_pixels (load_image's max_pixels) if trusted."
         )
+
+
+def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    check_image_size(*im.size, max_pixels, name)
     im.load()  # decode frame 0 only (the current frame after open); raises on truncation
     try:
         im = ImageOps.exif_transpose(im)  # returns a new image; never edits the caller's
@@ -123,6 +131,9 @@ def load_image(
         name = os.fspath(source)
         name = name if isinstance(name, str) else os.fsdecode(name)
         try:
+            mode = os.stat(name).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO or device (/dev/zero) blocks or never ends
+                raise ImageLoadError(f"{name}: not a regular file (a device or FIFO); give an image file")
             with open(name, "rb") as f:
                 prefix = f.read(16)
         except FileNotFoundError as e:

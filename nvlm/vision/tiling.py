@@ -23,7 +23,9 @@ from PIL import Image
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MAX_TILES_LIMIT",
     "TilePlan",
+    "check_tile_counts",
     "candidate_grids",
     "choose_grid",
     "plan_tiles",
@@ -34,6 +36,10 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# Ceiling on max_tiles, sized for the model: 40 tiles is InternVL-1.5's largest test-time setting (up to 4K
+# images); at 256 tokens a tile that is 10,240 tokens for one image, a third of Qwen2's 32K context. Beyond it
+# the sequence does not fit and the grid search (quadratic in max_tiles) only burns time.
+MAX_TILES_LIMIT = 40
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,19 @@ def _int_arg(name: str, value: int, minimum: int) -> int:
     return v
 
 
+def check_tile_counts(min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """``(min_tiles, max_tiles)`` as ints, or ValueError unless ``1 <= min_tiles <= max_tiles <= MAX_TILES_LIMIT``."""
+    min_tiles = _int_arg("min_tiles", min_tiles, 1)
+    max_tiles = _int_arg("max_tiles", max_tiles, min_tiles)
+    if max_tiles > MAX_TILES_LIMIT:
+        raise ValueError(f"max_tiles must be at most {MAX_TILES_LIMIT} (each tile costs hundreds of tokens and "
+                         f"the grid search grows with its square), got {max_tiles}; the paper uses 6")
+    return min_tiles, max_tiles
+
+
 def _check_tiles(tile_size: int, min_tiles: int, max_tiles: int) -> tuple[int, int, int]:
     tile_size = _int_arg("tile_size", tile_size, 1)
-    min_tiles = _int_arg("min_tiles", min_tiles, 1)
-    return tile_size, min_tiles, _int_arg("max_tiles", max_tiles, min_tiles)
+    return (tile_size, *check_tile_counts(min_tiles, max_tiles))
 
 
 @functools.lru_cache(maxsize=64)
