@@ -1,11 +1,12 @@
 """The ``nvlm`` command: ``inspect`` (tiling and token layout), ``demo``, ``train`` (one process or torchrun),
-``chat`` (ask a saved model), ``eval``, ``bench``.
+``chat`` (ask a saved model), ``convert`` (release layout ↔ ours), ``eval``, ``bench``.
 
     nvlm inspect doc.png
     torchrun --nproc_per_node=8 -m nvlm train d-72b-sft --out runs/sft
     nvlm train h-34b-sft --dry-run --world-size 128
     nvlm inspect --size 1000x800 --size 500x400 --json
     nvlm chat --model out/ --image doc.png "What is the total?"
+    nvlm convert /weights/NVLM-D-72B out/nvlm-d-72b            (--to release: back to the release layout)
 
 Errors: a user error (bad flag, config, data, image, file) prints ONE line ``error: ...`` naming the input and
 the fix, and exits 2; a traceback appears only for real bugs, or for everything with ``nvlm --debug ...``.
@@ -202,6 +203,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nvlm.interop.convert import convert
+
+    try:
+        size = _bytes(args.max_shard_size)
+        out = convert(args.src, args.dst, to=args.to, max_shard_bytes=size)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({'our format' if args.to == 'ours' else 'the release layout'})")
+    return 0
+
+
+def _bytes(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"--max-shard-size takes a size like 5GB or 500MB, got {text!r}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nvlm.demo.pipeline import run_demo
 
@@ -249,12 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask a saved model a question about images")
     p.add_argument("question")
-    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p.add_argument("--model", required=True, help="a folder written by save_pretrained, or the NVLM-D-72B release")
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--max-new-tokens", type=_int_in(1), default=128)
     p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0)
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="the released NVLM-D-72B layout ↔ our format (streamed, shard by shard)")
+    p.add_argument("src", help="a release-layout folder (--to ours) or an nvlm checkpoint (--to release)")
+    p.add_argument("dst", help="a new or empty folder")
+    p.add_argument("--to", default="ours", choices=["ours", "release"],
+                   help="ours: nvlm's format; release: the release's layout, for vLLM and the release's own code")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default 5GB)")
+    p.set_defaults(func=cmd_convert)
 
     from nvlm.bench.cli import add_bench_subcommands
     from nvlm.eval.cli import add_eval_subcommands

@@ -19,6 +19,7 @@ ARCHS = ("D", "X", "H")
 TAG_STYLES = ("none", "1d", "2d_grid", "2d_bbox")
 TAG_MODES = ("text", "special")
 VISION_TYPES = ("internvl", "siglip", "clip")
+TEMPLATES = ("chatml", "release")
 
 
 class ConfigError(ValueError):
@@ -139,11 +140,18 @@ class NVLMConfig:
     tags: TagConfig = field(default_factory=TagConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    template: Literal["chatml", "release"] = "chatml"
+    """Prompt format of ``model.chat``: `chatml` = Megatron's training format (newline after each <|im_end|>,
+    tags tokenized piece by piece); `release` = NVLM-D-72B's own ``chat()`` (system "Answer the questions.", no
+    newline after <|im_end|>, the whole prompt tokenized at once; NVLM-D only). See nvlm.data.chat."""
     format_version: int = 1
 
     def validate(self) -> NVLMConfig:
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.template not in TEMPLATES or (self.template == "release" and self.arch != "D"):
+            raise ConfigError(f"template must be one of {TEMPLATES} ('release' for NVLM-D only: it is the released "
+                              f"NVLM-D's prompt), got {self.template!r} for NVLM-{self.arch}")
         self.vision.validate()
         self.tiling.validate()
         self.tags.validate()

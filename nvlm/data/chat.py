@@ -1,12 +1,15 @@
 """ChatML rendering (paper Appendix E, SPEC §4): ``<|im_start|>{role}\\n{content}<|im_end|>\\n``.
 
-The released NVLM-D-72B uses this template (Qwen2's); the generation prompt is ``<|im_start|>assistant\\n``.
+Megatron's NVLM training format (Qwen2's template) uses this; the generation prompt is ``<|im_start|>assistant\\n``.
 Images are ``<image>`` placeholders inside a message's content; ``chat_prompt`` puts one in front of the
 question (``<image>\\n{question}``) as the released ``chat()`` does.
 
 Injection: message content holding ``<|im_start|>``, ``<|im_end|>`` or ``<|endoftext|>`` is refused
 (``ControlTokenError``), and so is an ``<image>`` in a ``chat_prompt`` question (its placeholders are ours); special
 tokens, image markers and tile tags are refused by the processor (``Processor.check_text``) on all prompt text.
+``template="release"`` renders the released NVLM-D-72B's own ``chat()`` string instead (its conversation.py
+"chatml" in MPT style): system "Answer the questions." by default and no newline after ``<|im_end|>``:
+``<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\nQ<|im_end|><|im_start|>assistant\\n``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from nvlm.data.processor import (
 
 __all__ = ["IM_END", "IM_START", "chat_prompt", "render_chat"]
 _QUESTION_PATTERN = reserved_pattern([*CHATML_CONTROL, IMAGE_PLACEHOLDER], tile_tags=False)
+RELEASE_SYSTEM = "Answer the questions."
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -37,11 +41,14 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Tr
     return "".join(out)
 
 
-def chat_prompt(question: str, num_images: int = 1, system: str | None = None) -> str:
+def chat_prompt(question: str, num_images: int = 1, system: str | None = None, template: str = "chatml") -> str:
     """A single-turn prompt: `num_images` placeholders (one per line), then the question."""
     check_user_text(question, _QUESTION_PATTERN, "the question")
     if system is not None:
         check_user_text(system, _QUESTION_PATTERN, "the system prompt")
     content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in range(num_images)) + question
+    if template == "release":
+        sys_part = f"{IM_START}system\n{RELEASE_SYSTEM if system is None else system}{IM_END}"
+        return f"{sys_part}{IM_START}user\n{content}{IM_END}{IM_START}assistant\n"
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return render_chat(messages)

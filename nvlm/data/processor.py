@@ -154,18 +154,42 @@ class Processor:
             lo.extend([lo_v] * len(new))
             hi.extend([hi_v] * len(new))
 
+        # template "release" (NVLM-D): the released chat() tokenizes the whole prompt at once, so BPE may merge
+        # across tag boundaries; text is joined and tokenized at each image-pad run (a special token, where any
+        # tokenizer splits) to give exactly the release's ids
+        joined: list[str] = [] if cfg.template == "release" else None
+        joined_train = False
+
+        def text(s: str, train: bool, cache: bool) -> None:
+            nonlocal joined_train
+            if joined is None:
+                new = self.tokens(s) if cache else (self.tokenizer(s, add_special_tokens=False)["input_ids"] if s
+                                                    else [])
+                return emit_text(new, s, train)
+            if joined and train != joined_train:
+                flush()
+            joined.append(s)
+            joined_train = train
+
+        def flush() -> None:
+            if joined:  # None (chatml) or empty: nothing waits
+                s = "".join(joined)
+                joined.clear()
+                emit_text(self.tokenizer(s, add_special_tokens=False)["input_ids"], s, joined_train)
+
+        def emit_text(new: list[int], s: str, train: bool) -> None:
+            if self.pad_id in new:  # e.g. a tokenizer that merges text into the pad token
+                raise ControlTokenError(f"prompt text tokenizes to the image-pad token {cfg.tags.image_pad!r}; "
+                                        f"remove it: {s[:200]!r}")
+            emit(new, 0, seen, train)
+
         bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
         if bos is not None:
             emit([bos], 0, 0)
         for seg_text, train in segments:
             parts = seg_text.split(IMAGE_PLACEHOLDER)
             for j, part in enumerate(parts):
-                # free text is not cached: a long run sees millions of distinct strings
-                part_ids = self.tokenizer(self.check_text(part), add_special_tokens=False)["input_ids"] if part else []
-                if self.pad_id in part_ids:  # e.g. a tokenizer that merges text into the pad token
-                    raise ControlTokenError(f"prompt text tokenizes to the image-pad token {cfg.tags.image_pad!r}; "
-                                            f"remove it: {part[:200]!r}")
-                emit(part_ids, 0, seen, train)
+                text(self.check_text(part), train, cache=False)  # free text is not cached: a run sees millions
                 if j == len(parts) - 1:
                     break
                 image = load_image(images[len(plans)], max_pixels=cfg.tiling.max_pixels)
@@ -190,12 +214,14 @@ class Processor:
                     if k == len(block.decoder) - 1:  # </Image>: from here on this image is visible
                         seen = mem_len
                     if piece.kind == "tile":
+                        flush()
                         decoder_tiles.append(base + piece.tile)
                         emit([self.pad_id] * self.tokens_per_tile, 0, seen)
                     elif piece.own_tile_only:
                         emit(self.tokens(piece.text), *tile_span[piece.tile])
                     else:
-                        emit(self.tokens(piece.text), 0, seen)
+                        text(piece.text, False, cache=True)
+        flush()
         pixel_values = torch.cat(tiles) if tiles else None
         return Encoded(ids, pixel_values, decoder_tiles, memory, mem_len, lo, hi, plans, labels)
 

@@ -158,4 +158,4 @@ def chat(model: Any, question: str, image: Any = None, images: list | None = Non
          **kwargs: Any) -> Any:
     """Ask one question about zero or more images; returns the answer (or a stream with ``stream=True``)."""
     pics = list(images or []) + ([image] if image is not None else [])
-    return generate(model, chat_prompt(question, len(pics), system), pics, **kwargs)
+    return generate(model, chat_prompt(question, len(pics), system, model.config.template), pics, **kwargs)

@@ -92,8 +92,13 @@ def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> NVLM:
-    """Load a model written by ``save_pretrained``."""
+    """Load a model written by ``save_pretrained``, or a folder in the released NVLM-D-72B layout (read by
+    ``nvlm.interop.release``, its remote code never run)."""
     root = Path(path)
+    from nvlm.interop.release import is_release, load_release
+
+    if not (root / "llm").is_dir() and is_release(root):
+        return load_release(root, dtype, device)
     if not (root / "config.json").is_file() or not (root / "llm").is_dir():
         raise FileNotFoundError(f"{root} is not an nvlm checkpoint (needs config.json and llm/); "
                                 "write one with model.save_pretrained or nvlm.build(...).save_pretrained")

@@ -61,14 +61,20 @@ def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
 def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
     """Load a vision tower from a local HF folder or build one from a config object; returns (model, kind).
 
-    A folder may hold a vision-only model (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel) or a full
-    SigLIP / CLIP / InternVL-hf model, from which the vision tower is taken. Remote code is never run.
+    A folder may hold a vision-only model (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel), a full
+    SigLIP / CLIP / InternVL-hf model, from which the vision tower is taken, or an original InternViT
+    (``nvlm.interop.internvit``: standalone, or an InternVL chat / NVLM-D model's vision_model, dummy heads
+    sliced out). Remote code is never run.
     """
     if not isinstance(source, (str, os.PathLike)):  # a PretrainedConfig object: tiny / random models
         kind = _kind_of(source.model_type, str(source))
         return vision_model_from_config(kind, source.to_dict()), kind
     path = Path(source)
     cfg = _config_json(path)
+    if _original_internvit(cfg):  # OpenGVLab's remote-code layout: renamed and sliced, its code never run
+        from nvlm.interop.internvit import load_original
+
+        return load_original(path, cfg), "internvl"
     kind = _kind_of(cfg.get("model_type", ""), str(path))
     config_cls, model_cls = _classes(kind)
     if cfg.get("model_type") == "internvl":  # full InternVL-hf checkpoint: take the vision tower's weights
@@ -81,6 +87,10 @@ def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
 def load_vision_config(path: str | os.PathLike) -> Any:
     """The vision tower's config object from a local HF folder, reading no weights (for meta-device builds)."""
     cfg = _config_json(Path(path))
+    if _original_internvit(cfg):
+        from nvlm.interop.internvit import original_vision_config, vit_config_from_original
+
+        return _classes("internvl")[0](**vit_config_from_original(original_vision_config(cfg)))
     if cfg.get("model_type") == "internvl":
         cfg = cfg["vision_config"]
     elif cfg.get("model_type") in ("siglip", "clip"):  # a full two-tower model: its vision half
@@ -96,12 +106,19 @@ def _config_json(path: Path) -> dict[str, Any]:
     return json.loads(cfg_file.read_text())
 
 
+def _original_internvit(cfg: dict[str, Any]) -> bool:
+    """An original InternViT folder (intern_vit_6b) or a remote-code InternVL chat / NVLM-D model."""
+    from nvlm.interop.internvit import is_original
+
+    return is_original(cfg)
+
+
 def _kind_of(model_type: str, where: str) -> str:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"vision encoder {where}: model_type {model_type!r} is not supported; use a transformers "
-            "InternVL vision (internvl_vision), SigLIP or CLIP model (original remote-code InternViT checkpoints "
-            "must first be converted to transformers' InternVL format)"
+            "InternVL vision (internvl_vision), original InternViT (intern_vit_6b, or an InternVL chat / NVLM-D "
+            "folder's vision_model), SigLIP or CLIP model"
         )
     return _MODEL_TYPES[model_type]
 
