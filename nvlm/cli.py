@@ -20,11 +20,9 @@ import os
 import sys
 from typing import Any
 
+from nvlm.errors import UserError
+
 USER_ERROR = 2
-
-
-class UserError(ValueError):
-    """A mistake in what the user gave (flag, path, file); the message names it and the fix."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ import yaml
 from nvlm.config import ConfigError
 from nvlm.data.formats import DataFormatError
 from nvlm.data.processor import ControlTokenError
+from nvlm.errors import UserError
 from nvlm.vision.image_io import ImageLoadError
 
 # Exceptions that only ever describe the user's input: config keys and values, data records, images, text
@@ -24,14 +25,8 @@ from nvlm.vision.image_io import ImageLoadError
 # too deeply. (A ValueError in general is not here: it may be a bug.)
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataFormatError, ImageLoadError, ControlTokenError, FileNotFoundError, IsADirectoryError,
-    NotADirectoryError, PermissionError, UnicodeDecodeError, RecursionError, yaml.YAMLError,
+    NotADirectoryError, PermissionError, UnicodeDecodeError, RecursionError, yaml.YAMLError, UserError,
 )  # fmt: skip
-try:
-    from nvlm.cli import UserError
-
-    USER_ERRORS += (UserError,)
-except ImportError:  # pragma: no cover - cli imports this module lazily, so the cycle always resolves
-    pass
 
 FILE_ARGS = ("file", "images", "image", "recipe", "model", "tokenizer", "folder")
 
@@ -48,8 +43,6 @@ def _inputs(args: argparse.Namespace) -> list[str]:
 
 def check_input_files(args: argparse.Namespace) -> None:
     """UserError for an input path that is a device or FIFO (reading it never ends, or blocks)."""
-    from nvlm.cli import UserError
-
     for path in _inputs(args):
         try:
             mode = os.stat(path).st_mode

@@ -45,6 +45,11 @@ def add_eval_subcommands(eval_parser: argparse.ArgumentParser) -> argparse._SubP
     score.add_argument(
         "--timeout", type=float, default=None, help="humaneval: seconds per program (default 10)"
     )
+    score.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="humaneval: run model-written code without OS isolation where bubblewrap is missing (exposes this host)",
+    )
     score.set_defaults(func=run_score)
 
     report = sub.add_parser("report", help="print a run folder in the layout of the paper's Tables 7 and 8")
@@ -190,6 +195,11 @@ def run_score(args: argparse.Namespace) -> int:
             print("--timeout applies to humaneval only", file=sys.stderr)
             return BAD_INPUT
         options["timeout"] = args.timeout
+    if args.unsafe_exec:
+        if args.task != "humaneval":
+            print("--unsafe-exec applies to humaneval only", file=sys.stderr)
+            return BAD_INPUT
+        options["unsafe_exec"] = True
     try:
         result = score_file(args.task, args.file, args.mode, **options)
     except InputError as exc:

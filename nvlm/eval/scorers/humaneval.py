@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from nvlm.eval.scorers._common import check_mode, mean, require, result, validate_common
-from nvlm.eval.scorers.sandbox import DEFAULT_TIMEOUT, Limits, run_programs
+from nvlm.eval.scorers.sandbox import DEFAULT_TIMEOUT, Limits, Problem, run_problems
 
 KS = (1, 10, 100)
 
@@ -44,17 +44,21 @@ def estimate_pass_at_k(ns: Sequence[int], cs: Sequence[int], k: int) -> float:
 
 
 def score_humaneval(
-    items: list[dict], mode: str = "official", timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+    items: list[dict], mode: str = "official", timeout: float = DEFAULT_TIMEOUT, workers: int | None = None,
+    unsafe_exec: bool = False,
 ) -> dict:
+    """pass@k of model-written code, each completion run in the sandbox (``nvlm.eval.scorers.sandbox``): the
+    candidate and the tests in two isolated processes, the verdict the tests process's exit status, which the
+    candidate cannot reach. `unsafe_exec` runs without OS isolation where none is available (said, not silent)."""
     check_mode(mode)
     validate_common(items, need_answers=False)
-    programs = []
+    problems_in = []
     for i, it in enumerate(items):
         prompt = require(it, i, "prompt", "str", "the HumanEval prompt (signature and docstring)")
         test = require(it, i, "test", "str", "the HumanEval test code defining check(candidate)")
         entry = require(it, i, "entry_point", "str", "the name of the function under test")
-        programs.append(build_program(prompt, it["prediction"], test, entry))
-    statuses = run_programs(programs, Limits(timeout=timeout), workers=workers)
+        problems_in.append(Problem(prompt, it["prediction"], test, entry))
+    statuses = run_problems(problems_in, Limits(timeout=timeout, unsafe_exec=unsafe_exec), workers=workers)
     passed = [1.0 if s == "passed" else 0.0 for s in statuses]
     problems: dict[str, list[float]] = {}
     for i, (it, p) in enumerate(zip(items, passed)):
