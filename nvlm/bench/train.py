@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from nvlm.bench.flops import SampleTokens, train_flops
+from nvlm.models.saving import backbone_names
 
 ARCHS = ("D", "X", "H")
 PAPER_SAMPLES_PER_S = {"D": 28.8, "X": 50.6, "H": 36.2}  # Table 3: NVLM-34B on 128 H100
@@ -104,9 +105,13 @@ def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0,
         apply_stage(model, stage)
         models[arch] = model.train()
     first = models[archs[0]]
+
+    def backbone(model: Any, part: str) -> dict[str, torch.Tensor]:  # X/H wrap some LLM layers: compare saved names
+        return {k: v for k, v in backbone_names(model, model.state_dict()).items() if k.startswith(part + ".")}
+
     for arch, model in models.items() if not meta else ():
         for part in ("llm", "vision"):
-            ref, mine = getattr(first, part).state_dict(), getattr(model, part).state_dict()
+            ref, mine = backbone(first, part), backbone(model, part)
             if ref.keys() != mine.keys() or any(not torch.equal(ref[k], mine[k]) for k in ref):
                 raise RuntimeError(f"NVLM-{arch}'s {part} weights differ from NVLM-{archs[0]}'s")
     return models
