@@ -136,94 +136,16 @@ class Processor:
             text = "".join(t for t, _ in segments)
             raise ValueError(f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
                              f"{len(images)} image(s) were given: {text[:200]!r}")
-        cfg, arch = self.config, self.config.arch
-        ids: list[int] = []
-        labels: list[int] = []
-        lo: list[int] = []
-        hi: list[int] = []
-        tiles: list[torch.Tensor] = []
-        plans: list[TilePlan] = []
-        decoder_tiles: list[int] = []
-        memory: list[tuple[str, Any]] = []
-        mem_len = 0  # memory tokens so far
-        seen = 0  # regular text sees memory [0, seen): the images whose block has closed
-
-        def emit(new: list[int], lo_v: int, hi_v: int, train: bool = False) -> None:
-            ids.extend(new)
-            labels.extend(new if train else [-100] * len(new))
-            lo.extend([lo_v] * len(new))
-            hi.extend([hi_v] * len(new))
-
-        # template "release" (NVLM-D): the released chat() tokenizes the whole prompt at once, so BPE may merge
-        # across tag boundaries; text is joined and tokenized at each image-pad run (a special token, where any
-        # tokenizer splits) to give exactly the release's ids
-        joined: list[str] = [] if cfg.template == "release" else None
-        joined_train = False
-
-        def text(s: str, train: bool, cache: bool) -> None:
-            nonlocal joined_train
-            if joined is None:
-                new = self.tokens(s) if cache else (self.tokenizer(s, add_special_tokens=False)["input_ids"] if s
-                                                    else [])
-                return emit_text(new, s, train)
-            if joined and train != joined_train:
-                flush()
-            joined.append(s)
-            joined_train = train
-
-        def flush() -> None:
-            if joined:  # None (chatml) or empty: nothing waits
-                s = "".join(joined)
-                joined.clear()
-                emit_text(self.tokenizer(s, add_special_tokens=False)["input_ids"], s, joined_train)
-
-        def emit_text(new: list[int], s: str, train: bool) -> None:
-            if self.pad_id in new:  # e.g. a tokenizer that merges text into the pad token
-                raise ControlTokenError(f"prompt text tokenizes to the image-pad token {cfg.tags.image_pad!r}; "
-                                        f"remove it: {s[:200]!r}")
-            emit(new, 0, seen, train)
-
+        sample = _SampleBuilder(self)
         bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
         if bos is not None:
-            emit([bos], 0, 0)
+            sample.emit([bos], 0, 0)
         for seg_text, train in segments:
-            parts = seg_text.split(IMAGE_PLACEHOLDER)
-            for j, part in enumerate(parts):
-                text(self.check_text(part), train, cache=False)  # free text is not cached: a run sees millions
-                if j == len(parts) - 1:
-                    break
-                image = load_image(images[len(plans)], max_pixels=cfg.tiling.max_pixels)
-                plan = plan_tiles(image.width, image.height, self.tile_size, cfg.tiling.min_tiles,
-                                  cfg.tiling.max_tiles, cfg.tiling.use_thumbnail)
-                base = sum(p.num_tiles for p in plans)
-                plans.append(plan)
-                tiles.append(tiles_to_tensor(tile_image(image, plan), self.mean, self.std))
-                block = image_block(arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag,
-                                    cfg.tags.image_start, cfg.tags.image_end)
-                tile_span: dict[int, tuple[int, int]] = {}
-                for piece in block.memory:  # this image's memory, appended after earlier images'
-                    if piece.kind == "tile":
-                        memory.append(("tile", base + piece.tile))
-                        tile_span[piece.tile] = (mem_len, mem_len + self.tokens_per_tile)
-                        mem_len += self.tokens_per_tile
-                    else:
-                        tag_ids = self.tokens(piece.text)
-                        memory.append(("ids", tag_ids))
-                        mem_len += len(tag_ids)
-                for k, piece in enumerate(block.decoder):
-                    if k == len(block.decoder) - 1:  # </Image>: from here on this image is visible
-                        seen = mem_len
-                    if piece.kind == "tile":
-                        flush()
-                        decoder_tiles.append(base + piece.tile)
-                        emit([self.pad_id] * self.tokens_per_tile, 0, seen)
-                    elif piece.own_tile_only:
-                        emit(self.tokens(piece.text), *tile_span[piece.tile])
-                    else:
-                        text(piece.text, False, cache=True)
-        flush()
-        pixel_values = torch.cat(tiles) if tiles else None
-        return Encoded(ids, pixel_values, decoder_tiles, memory, mem_len, lo, hi, plans, labels)
+            for j, part in enumerate(seg_text.split(IMAGE_PLACEHOLDER)):
+                if j:  # an <image> placeholder stood before this part
+                    sample.image(images[len(sample.plans)])
+                sample.text(self.check_text(part), train, cache=False)  # free text: not cached, a run sees millions
+        return sample.result()
 
     def collate(self, samples: list[Encoded], padding_side: str = "left") -> dict[str, Any]:
         """Pad to a batch. Left padding for generation, right for training; padding sees no memory."""
@@ -266,3 +188,96 @@ class Processor:
             return self.collate([self.encode(texts, images)], padding_side)
         images = images or [[] for _ in texts]
         return self.collate([self.encode(t, im) for t, im in zip(texts, images, strict=True)], padding_side)
+
+
+class _SampleBuilder:
+    """One sample under construction: token ids and labels, each token's x-attn range [lo, hi), the tiles, which
+    tiles fill the decoder's pad runs, and the x-attn memory recipe, appended image block by image block."""
+
+    def __init__(self, proc: Processor) -> None:
+        self.proc, self.cfg = proc, proc.config
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.lo: list[int] = []
+        self.hi: list[int] = []
+        self.tiles: list[torch.Tensor] = []
+        self.plans: list[TilePlan] = []
+        self.decoder_tiles: list[int] = []
+        self.memory: list[tuple[str, Any]] = []
+        self.mem_len = 0  # memory tokens so far
+        self.seen = 0  # regular text sees memory [0, seen): the images whose block has closed
+        # template "release" (NVLM-D): the released chat() tokenizes the whole prompt at once, so BPE may merge
+        # across tag boundaries; text is joined and tokenized at each image-pad run (a special token, where any
+        # tokenizer splits) to give exactly the release's ids
+        self.joined: list[str] | None = [] if self.cfg.template == "release" else None
+        self.joined_train = False
+
+    def emit(self, new: list[int], lo: int, hi: int, train: bool = False) -> None:
+        self.ids.extend(new)
+        self.labels.extend(new if train else [-100] * len(new))
+        self.lo.extend([lo] * len(new))
+        self.hi.extend([hi] * len(new))
+
+    def text(self, s: str, train: bool, cache: bool) -> None:
+        """Text that sees the images before it; tokenized now, or joined with its neighbours (release mode)."""
+        if self.joined is None:
+            tokenize = self.proc.tokens if cache else self._tokenize
+            return self._emit_text(tokenize(s), s, train)
+        if self.joined and train != self.joined_train:
+            self.flush()
+        self.joined.append(s)
+        self.joined_train = train
+
+    def flush(self) -> None:
+        if self.joined:  # None (chatml) or empty: nothing waits
+            s = "".join(self.joined)
+            self.joined.clear()
+            self._emit_text(self._tokenize(s), s, self.joined_train)
+
+    def _tokenize(self, s: str) -> list[int]:
+        return self.proc.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+    def _emit_text(self, new: list[int], s: str, train: bool) -> None:
+        if self.proc.pad_id in new:  # e.g. a tokenizer that merges text into the pad token
+            raise ControlTokenError(f"prompt text tokenizes to the image-pad token {self.cfg.tags.image_pad!r}; "
+                                    f"remove it: {s[:200]!r}")
+        self.emit(new, 0, self.seen, train)
+
+    def image(self, source: Any) -> None:
+        """Tile an image and append its block (paper §4.2–4.4): memory pieces, then the decoder pieces."""
+        cfg, proc, tpt = self.cfg, self.proc, self.proc.tokens_per_tile
+        image = load_image(source, max_pixels=cfg.tiling.max_pixels)
+        plan = plan_tiles(image.width, image.height, proc.tile_size, cfg.tiling.min_tiles, cfg.tiling.max_tiles,
+                          cfg.tiling.use_thumbnail)
+        base = sum(p.num_tiles for p in self.plans)  # this image's first tile in the sample
+        self.plans.append(plan)
+        self.tiles.append(tiles_to_tensor(tile_image(image, plan), proc.mean, proc.std))
+        block = image_block(cfg.arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag, cfg.tags.image_start,
+                            cfg.tags.image_end)
+        tile_span: dict[int, tuple[int, int]] = {}
+        for piece in block.memory:  # this image's memory, appended after earlier images'
+            if piece.kind == "tile":
+                self.memory.append(("tile", base + piece.tile))
+                tile_span[piece.tile] = (self.mem_len, self.mem_len + tpt)
+                self.mem_len += tpt
+            else:
+                tag_ids = proc.tokens(piece.text)
+                self.memory.append(("ids", tag_ids))
+                self.mem_len += len(tag_ids)
+        for k, piece in enumerate(block.decoder):
+            if k == len(block.decoder) - 1:  # </Image>: from here on this image is visible
+                self.seen = self.mem_len
+            if piece.kind == "tile":
+                self.flush()
+                self.decoder_tiles.append(base + piece.tile)
+                self.emit([proc.pad_id] * tpt, 0, self.seen)
+            elif piece.own_tile_only:  # an NVLM-X tile tag sees only its own tile
+                self.emit(proc.tokens(piece.text), *tile_span[piece.tile])
+            else:
+                self.text(piece.text, False, cache=True)
+
+    def result(self) -> Encoded:
+        self.flush()
+        pixel_values = torch.cat(self.tiles) if self.tiles else None
+        return Encoded(self.ids, pixel_values, self.decoder_tiles, self.memory, self.mem_len, self.lo, self.hi,
+                       self.plans, self.labels)

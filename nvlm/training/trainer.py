@@ -255,43 +255,22 @@ class Trainer:
         self._stop = True
 
     def run(self) -> TrainResult:
+        """Train from the last complete checkpoint to `train.max_steps`, or until SIGTERM / Ctrl-C (then save)."""
         t = self.cfg.train
         self.resume()
         if self.cfg.data.prefetch > 0:
             self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
         signals = StopSignals(lambda: setattr(self, "_stop", True)).__enter__()  # SIGTERM and Ctrl-C: save, exit 0
         progress = _progress(t.max_steps, self.step, self.world.main)
-        start, seen = time.perf_counter(), 0
+        start, first_step = time.perf_counter(), self.step
         stopped = False
         try:
             while self.step < t.max_steps:
-                t0 = time.perf_counter()
                 batches = self._next_batches()
-                if batches is None:
+                if batches is None:  # a stop was requested (on any process)
                     stopped = True
                     break
-                lr = lr_at(self.step, t.max_steps, t.lr, t.min_lr, t.warmup_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                self.optimizer.zero_grad(set_to_none=True)
-                loss, norm, tokens = self.train_step(batches)
-                if math.isfinite(loss) and math.isfinite(norm):  # global values: every process agrees
-                    self.optimizer.step()
-                    self.nonfinite_in_row = 0
-                else:  # skip: no update, weights untouched
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped += 1
-                    self.nonfinite_in_row += 1
-                    if self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                        raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step "
-                                            f"{self.step}; lower train.lr or check the data")
-                self.step += 1
-                seen += t.global_batch_size
-                dt = time.perf_counter() - t0
-                row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens,
-                       "samples_per_s": t.global_batch_size / dt, "skipped_nonfinite": self.skipped}
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self.metrics.write(row)
+                loss, lr = self.optimizer_step(batches)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if t.save_every and self.step % t.save_every == 0:
@@ -304,6 +283,39 @@ class Trainer:
             progress.close()
             self.metrics.close()
         elapsed = time.perf_counter() - start
+        seen = (self.step - first_step) * t.global_batch_size
+        return self._finish(stopped, seen / elapsed if elapsed else 0.0)
+
+    def optimizer_step(self, batches: list[dict[str, Any]]) -> tuple[float, float]:
+        """One optimizer step over this process's micro-batches, logged; returns (loss, lr). A non-finite loss
+        or gradient norm skips the update (weights untouched); too many in a row stop the run."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, t.max_steps, t.lr, t.min_lr, t.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, norm, tokens = self.train_step(batches)
+        if math.isfinite(loss) and math.isfinite(norm):  # global values: every process agrees
+            self.optimizer.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
+                                    "lower train.lr or check the data")
+        self.step += 1
+        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens,
+               "samples_per_s": t.global_batch_size / (time.perf_counter() - t0), "skipped_nonfinite": self.skipped}
+        if self.step % t.log_every == 0 or self.step == t.max_steps:
+            self.metrics.write(row)
+        return loss, lr
+
+    def _finish(self, stopped: bool, samples_per_s: float) -> TrainResult:
+        """Save the last step, export ``final/`` and plot the loss when the run completed, and report."""
+        t = self.cfg.train
         if self._saved_step != self.step:  # save_every may have just saved this step
             self.save()
         interrupted = stopped or self.step < t.max_steps
@@ -319,7 +331,7 @@ class Trainer:
         counts = self._counts()
         self.log(f"{'stopped by a signal' if interrupted else 'done'} at step {self.step}; data: {counts}; "
                  f"non-finite steps skipped: {self.skipped}; mixed image/text-only micro-batches: {self.mixed}")
-        return TrainResult(self.step, final, interrupted, counts, seen / elapsed if elapsed else 0.0)
+        return TrainResult(self.step, final, interrupted, counts, samples_per_s)
 
     def _counts(self) -> dict[str, int]:
         """Data counts summed over processes."""
