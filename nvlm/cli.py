@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # our progress bars and tables only: no per-load "Loading weights" bars from transformers / huggingface_hub
+    # (read when they are first imported, so set before any command imports them; a user's setting wins)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import nvlm.demo  # noqa: F401 - registers the demo's tiny-{d,x,h} recipes and its eval scorer
 
     parser = build_parser()
