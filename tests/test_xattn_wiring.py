@@ -75,6 +75,11 @@ def test_checkpointing_recomputes_each_block_with_its_layer(build_model):
     activation_checkpointing(model)
     _grads(model, batch)
     assert sorted(calls) == [0, 0, 1, 1]  # forward, then again in backward: the block is recomputed
+    # and a training forward keeps no block's K/V (only a decoding cache does): checkpointing frees them
+    assert model(**batch).xattn_state.kv == {}
+    model.eval()
+    with torch.no_grad():
+        assert sorted(model(**batch, use_cache=True).xattn_state.kv) == [0, 1]
 
 
 def test_blocks_are_explicit_layers_not_hooks(build_model):

@@ -1,4 +1,6 @@
-"""The backbone LLM and its tokenizer: the one file that touches transformers' causal-LM and tokenizer APIs.
+"""The backbone LLM and its tokenizer: the model reaches transformers' causal-LM and tokenizer APIs through this
+file (``nvlm.interop`` builds the same objects from the NVLM-D-72B release's config; tests and the demo build
+tiny ones from config objects).
 
 Any Hugging Face decoder (Qwen2, Llama, Mistral, …) works: NVLM only needs its input embeddings, its list of
 decoder layers (to insert gated cross-attention before some of them) and its usual forward with a KV cache.

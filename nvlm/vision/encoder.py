@@ -1,6 +1,7 @@
 """The vision encoder (paper §4.1): a Hugging Face vision tower, layer selection, CLS removal, pixel shuffle.
 
-This is the one file that touches transformers' vision models. Supported towers: InternViT (transformers'
+The model reaches transformers' vision towers through this file (``nvlm.interop`` reads original InternViT and
+release folders into the same ``InternVLVisionModel``). Supported towers: InternViT (transformers'
 ``InternVLVisionModel``, what NVLM uses), ``SiglipVisionModel`` and ``CLIPVisionModel``. A tile goes in as
 [3, S, S] and comes out as (S/patch · downsample)² tokens of width C/downsample² (256 × 4C for 448 px, 14 px
 patches, downsample 0.5).
