@@ -142,17 +142,18 @@ def test_packing_equals_unpacked_loss(build_model, arch):
                            {"role": "assistant", "content": "the first is larger"}],
                           [picture(120, 60, 2), picture(56, 56, 3)])]
     samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in convs]
+    tpt = model.processor.tokens_per_tile
     with torch.no_grad():
         plain = model(**model.processor.collate(samples, padding_side="right"))
         rows = pack_greedy([len(s.input_ids) for s in samples], max_len=400)
         assert len(rows) == 1  # all three share one row
-        packed = model(**collate_packed([[samples[i] for i in r] for r in rows], pad_id=0))
+        packed = model(**collate_packed([[samples[i] for i in r] for r in rows], 0, tpt))
     assert packed.num_tokens == plain.num_tokens
     torch.testing.assert_close(packed.loss, plain.loss, rtol=1e-5, atol=0)
     # and packing really isolates samples: a different neighbour does not change a sample's logits
     with torch.no_grad():
-        alone = model(**collate_packed([[samples[0]]], pad_id=0)).logits[0, : len(samples[0].input_ids)]
-        with_other = model(**collate_packed([[samples[0], samples[2]]], pad_id=0)).logits[0, : len(samples[0].input_ids)]
+        alone = model(**collate_packed([[samples[0]]], 0, tpt)).logits[0, : len(samples[0].input_ids)]
+        with_other = model(**collate_packed([[samples[0], samples[2]]], 0, tpt)).logits[0, : len(samples[0].input_ids)]
     torch.testing.assert_close(alone, with_other, rtol=1e-5, atol=1e-5)
 
 

@@ -32,7 +32,7 @@ def test_zero_gates_equal_backbone_exactly(build_model, arch, llm):
         for batch in (text_only, with_image):
             logits = model(**batch).logits
             embeds, state = model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"],
-                                        batch["memory"])
+                                        batch["memory_index"], batch["memory_tag_ids"])
             assert torch.equal(logits, _backbone_logits(model, batch, embeds))
         assert state is not None and state.memory.shape[1] > 0  # the image really went through x-attn
 

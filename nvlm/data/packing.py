@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nvlm.data.processor import Encoded
+from nvlm.data.processor import Encoded, memory_tensors
 
 
 def pack_greedy(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -36,7 +36,7 @@ def pack_greedy(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, Any]:
+def collate_packed(rows: list[list[Encoded]], pad_id: int, tokens_per_tile: int) -> dict[str, Any]:
     """Rows of samples → one right-padded batch with restarting position ids and no attention mask."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "xattn_lo", "xattn_hi")}
@@ -68,6 +68,7 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict[str, Any]:
         out["xattn_hi"].append(hi + [0] * pad)
         memory.append(mem)
     batch: dict[str, Any] = {k: torch.tensor(v) for k, v in out.items()}
-    batch.update(attention_mask=None, memory=memory, decoder_tiles=torch.tensor(decoder_tiles, dtype=torch.long),
-                 pixel_values=torch.cat(pixel_values) if pixel_values else None)
+    batch.update(attention_mask=None, decoder_tiles=torch.tensor(decoder_tiles, dtype=torch.long),
+                 pixel_values=torch.cat(pixel_values) if pixel_values else None,
+                 **memory_tensors(memory, tokens_per_tile, tile_offset))
     return batch

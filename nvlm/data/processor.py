@@ -88,6 +88,30 @@ class Encoded:
     labels: list[int] = field(default_factory=list)  # -100 where no loss
 
 
+def memory_tensors(recipes: list[list[tuple[str, Any]]], tokens_per_tile: int, n_tiles: int) -> dict[str, Any]:
+    """Each row's x-attn memory recipe → the tensors the model gathers it with (it parses no recipe):
+
+    ``memory_index`` [B, M] long (-1 = padding) into one table of the batch's memory sources: the projected
+    tokens of every tile (tile i's token t at i·T + t), then the embeddings of ``memory_tag_ids`` [K] (NVLM-H's
+    tile tags as text, tag token j at n_tiles·T + j)."""
+    tag_ids: list[int] = []
+    rows: list[list[int]] = []
+    first_tag = n_tiles * tokens_per_tile
+    for recipe in recipes:
+        row: list[int] = []
+        for kind, v in recipe:
+            if kind == "tile":
+                row += range(v * tokens_per_tile, (v + 1) * tokens_per_tile)
+            else:
+                row += range(first_tag + len(tag_ids), first_tag + len(tag_ids) + len(v))
+                tag_ids += v
+        rows.append(row)
+    index = torch.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        index[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return {"memory_index": index, "memory_tag_ids": torch.tensor(tag_ids, dtype=torch.long)}
+
+
 class Processor:
     """Tokenizer + tiling for one NVLM config; `encode` one sample, `collate` a batch."""
 
@@ -175,7 +199,7 @@ class Processor:
             "attention_mask": torch.tensor(mask),
             "pixel_values": torch.cat(pixel_values) if pixel_values else None,
             "decoder_tiles": torch.tensor(decoder_tiles, dtype=torch.long),
-            "memory": memory,
+            **memory_tensors(memory, self.tokens_per_tile, offset),
             "xattn_lo": torch.tensor(lo),
             "xattn_hi": torch.tensor(hi),
             "labels": torch.tensor(labels),

@@ -93,20 +93,24 @@ class NVLM(nn.Module):
         return self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              decoder_tiles: torch.Tensor | None = None, memory: list | None = None, touch_all: bool = False
+              decoder_tiles: torch.Tensor | None = None, memory_index: torch.Tensor | None = None,
+              memory_tag_ids: torch.Tensor | None = None, touch_all: bool = False
               ) -> tuple[torch.Tensor, XAttnState | None]:
-        """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory.
+        """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
+        `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
+        of `memory_tag_ids`.
 
         `touch_all` runs the vision tower and projector on one blank tile when this batch has no image, and
         adds its features times zero: the output is unchanged, but every process of a sharded run calls the
         same modules in the same order (FSDP gathers weights collectively; a process that skipped the
         vision tower while another ran it would wait forever)."""
         b, t = input_ids.shape
-        memory = memory if self.xattn and memory is not None and any(memory) else None
+        has_memory = bool(self.xattn) and memory_index is not None and memory_index.numel() > 0
         # one call of the embedding table for the text and the H tile tags in the memory (a sharded table
         # is gathered once per call)
-        tag_ids = [v for recipe in memory or [] for k, v in recipe if k == "ids"]
-        flat = torch.cat([input_ids.reshape(-1)] + [torch.tensor(v, device=input_ids.device) for v in tag_ids])
+        flat = input_ids.reshape(-1)
+        if has_memory and memory_tag_ids is not None:
+            flat = torch.cat([flat, memory_tag_ids.to(flat.device)])
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
         embeds = table[:b * t].reshape(b, t, -1)  # [B, T, d]
         if pixel_values is None and touch_all:
@@ -127,32 +131,20 @@ class NVLM(nn.Module):
         if n_dec:
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
-        state = None
-        if memory is not None:
-            state = self._memory(memory, feats, table[b * t:], embeds.dtype)
-        return embeds, state
-
-    def _memory(self, memory: list, feats: torch.Tensor | None, tag_embeds: torch.Tensor,
-                dtype: torch.dtype) -> XAttnState:
-        rows, used = [], 0
-        for recipe in memory:  # per sample: tag-text embeddings and tile features, in layout order
-            parts = []
-            for kind, v in recipe:
-                if kind == "ids":
-                    parts.append(tag_embeds[used:used + len(v)])
-                    used += len(v)
-                else:
-                    parts.append(feats[v])
-            rows.append(torch.cat(parts).to(dtype) if parts else torch.zeros(0, self.dims.hidden_size,
-                                                                                dtype=dtype, device=self.device))
-        lens = torch.tensor([r.shape[0] for r in rows], device=self.device)
-        mem = nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, M, d]
-        return XAttnState(memory=mem, memory_len=lens)
+        if not has_memory:
+            return embeds, None
+        d = embeds.shape[-1]
+        tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
+        source = torch.cat([tiles.to(embeds.dtype), table[b * t:]])  # [N·256 + tags, d]
+        index = memory_index.to(self.device)  # [B, M], -1 = padding
+        memory = source[index.clamp(min=0)] * (index >= 0)[..., None].to(embeds.dtype)  # [B, M, d], padding zero
+        return embeds, XAttnState(memory=memory, memory_len=(index >= 0).sum(-1))
 
     # ---- the forward pass --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, decoder_tiles: torch.Tensor | None = None,
-                memory: list | None = None, xattn_lo: torch.Tensor | None = None,
+                memory_index: torch.Tensor | None = None, memory_tag_ids: torch.Tensor | None = None,
+                xattn_lo: torch.Tensor | None = None,
                 xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
                 xattn_state: XAttnState | None = None, use_cache: bool = False,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None,
@@ -165,7 +157,7 @@ class NVLM(nn.Module):
         no effect on the result: sharded training needs it when another process's batch holds images.
         """
         input_ids = input_ids.to(self.device)
-        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory, touch_all)
+        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids, touch_all)
         state = state or xattn_state
         if state is None and touch_all and self.xattn:  # a one-token memory that no row may see: exact no-op
             b = input_ids.shape[0]

@@ -158,7 +158,7 @@ class Trainer:
         out = []
         for m in micro:
             rows = pack_greedy([len(s.input_ids) for s in m], self.cfg.data.max_seq_len)
-            out.append(collate_packed([[m[i] for i in row] for row in rows], pad))
+            out.append(collate_packed([[m[i] for i in row] for row in rows], pad, proc.tokens_per_tile))
         return out
 
     def train_step(self, batches: list[dict[str, Any]]) -> tuple[float, float, int]:
@@ -168,7 +168,7 @@ class Trainer:
         w = self.world
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         images = [float(b.get("pixel_values") is not None) for b in batches]
-        memory = float(any(any(m) for b in batches for m in b.get("memory") or []))
+        memory = float(any(b["memory_index"].numel() > 0 for b in batches))
         tokens, any_memory, *with_images = all_reduce([local_tokens, memory, *images], w)  # one small collective
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         total = 0.0
