@@ -149,7 +149,7 @@ def _park(model: Any, opt: torch.optim.Optimizer, device: torch.device) -> None:
 def _step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], amp: Any) -> float:
     opt.zero_grad(set_to_none=True)
     with amp:
-        loss = model(**batch).loss
+        loss = model(**batch, return_logits=False).loss  # as the trainer: LM head only where labels are
     loss.backward()
     opt.step()
     return float(loss.detach())

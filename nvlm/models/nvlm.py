@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
@@ -38,7 +39,7 @@ from nvlm.vision.projector import build_projector
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, vocab] (or only the last positions when logits_to_keep is set)
+    logits: torch.Tensor | None  # [B, T, vocab] (the last positions with logits_to_keep; None: loss only)
     past_key_values: Any = None
     xattn_state: XAttnState | None = None
     loss_sum: torch.Tensor | None = None  # with labels: summed token cross-entropy …
@@ -47,6 +48,30 @@ class Output:
     @property
     def loss(self) -> torch.Tensor | None:
         return None if self.loss_sum is None else self.loss_sum / max(self.num_tokens, 1)
+
+
+def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                  chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+    """``NVLM.loss`` computed from the final hidden states [B, T, d], with the LM head applied only where the next
+    token has a label: only answers carry loss, so logits for image tokens, tags and prompts are never made.
+    The labelled rows go through the head and cross-entropy `chunk_tokens` at a time, each chunk recomputed in
+    backward, so a long batch never holds all its [N, vocab] logits at once."""
+    shift_labels = labels[:, 1:].to(hidden.device)  # [B, T-1]
+    keep = shift_labels != -100
+    rows = hidden[:, :-1][keep]  # [N, d]: the positions whose next token is labelled
+    targets = shift_labels[keep]  # [N]
+    if rows.shape[0] <= chunk_tokens:
+        return _head_ce(rows, targets, head), int(targets.numel())
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_tokens):
+        total = total + checkpoint(_head_ce, rows[start:start + chunk_tokens], targets[start:start + chunk_tokens],
+                                   head, use_reentrant=False)
+    return total, int(targets.numel())
+
+
+def _head_ce(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(rows).float()  # [n, vocab]
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
 class NVLM(nn.Module):
@@ -78,6 +103,7 @@ class NVLM(nn.Module):
             tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
             config.vision.image_mean or mean, config.vision.image_std or std)
         self.gate_off = False  # text-only use: skip every cross-attention block
+        self.loss_chunk_tokens = 4096  # labelled tokens per LM-head + cross-entropy chunk (labelled_loss)
 
     @property
     def device(self) -> torch.device:
@@ -148,11 +174,14 @@ class NVLM(nn.Module):
                 xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
                 xattn_state: XAttnState | None = None, use_cache: bool = False,
                 position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None,
-                touch_all: bool = False) -> Output:
+                return_logits: bool = True, touch_all: bool = False) -> Output:
         """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
 
         While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
         image, so they see the whole memory of their sample unless `xattn_lo`/`xattn_hi` say otherwise.
+        With `labels` and ``return_logits=False`` (training), the LM head runs only at labelled positions and
+        ``Output.logits`` is None: the loss and its gradients are those of the full logits, without computing or
+        holding logits for image tokens, tags and prompts (``labelled_loss``).
         `touch_all=True` runs every module (vision, projector, each x-attn block) even without an image, with
         no effect on the result: sharded training needs it when another process's batch holds images.
         """
@@ -180,10 +209,21 @@ class NVLM(nn.Module):
             allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)
         extra = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its decoder layers
+        if labels is not None and not return_logits and not use_cache and self._plain_head():
+            # training: run the decoder, then the LM head only where a label is (see labelled_loss)
+            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            position_ids=position_ids, use_cache=False, **extra).last_hidden_state
+            loss_sum, n = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
+            return Output(None, None, state, loss_sum, n)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                        cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
         loss_sum, n = self.loss(out.logits, labels) if labels is not None else (None, 0)
         return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n)
+
+    def _plain_head(self) -> bool:
+        """Whether logits are just lm_head(final hidden state): not for LLMs that scale or soft-cap them."""
+        c = self.llm.config
+        return not (getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None))
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

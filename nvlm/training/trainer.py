@@ -178,7 +178,7 @@ class Trainer:
             touch = w.distributed and anyone > 0
             self.mixed += int(w.main and anyone > 0 and anyone < w.size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                out = self.model(**b, touch_all=touch)
+                out = self.model(**b, return_logits=False, touch_all=touch)  # the loss, no full logits
             # × processes: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
             loss = out.loss_sum * w.size / max(tokens, 1)
             if loss.requires_grad:
