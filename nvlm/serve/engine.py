@@ -141,6 +141,7 @@ class Engine:
         self._tok_lock = threading.Lock()  # one user of the tokenizer at a time (submit threads, the worker)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
+        self._admitted = 0  # taken from the queue, being prefilled: they hold slots already
         self._batch = RunningBatch()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -165,7 +166,7 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting) + len(self._running)
+        return len(self._waiting) + self._admitted + len(self._running)
 
     def submit(
         self,
@@ -191,7 +192,9 @@ class Engine:
             encoded, params, _Detok(self.model.tokenizer, 1, list(params.stop), self.stop_ids), on_event
         )
         with self._cond:
-            free = max(self.max_batch - len(self._running), 0)  # slots the next step fills from the queue
+            free = max(
+                self.max_batch - len(self._running) - self._admitted, 0
+            )  # slots the next step fills from the queue
             if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
             self._waiting.append(req)
@@ -241,9 +244,11 @@ class Engine:
                         self._cond.wait(0.2)
                         continue
                     admitted = self._admit()
+                    self._admitted = len(admitted)
                 self._drop_cancelled()
                 if admitted:
                     self._guard(self._prefill, admitted)
+                    self._admitted = 0  # also when the prefill failed
                 if self._running:
                     self._guard(self._decode, None)
 
@@ -284,6 +289,7 @@ class Engine:
         nxt = self._sample(out.logits[:, -1], reqs)
         self._batch.join(out.past_key_values, batch["attention_mask"].to(self.model.device), out.xattn_state)
         self._running += reqs
+        self._admitted = 0
         self.metrics.observe_step("prefill", time.perf_counter() - t0, sum(r.prompt_tokens for r in reqs))
         self._advance(nxt)
 

@@ -113,6 +113,11 @@ class MediaGate:
         host = (u.hostname or "").lower().rstrip(".")
         if u.scheme not in ("http", "https") or not host:
             raise MediaError(f"refused image URL {url[:200]!r}: only http(s) URLs with a host")
+        if not self.policy.allowed_domains:
+            raise MediaError(
+                "remote image URLs are off: send a data: URL, or start the server with "
+                "--allowed-media-domains"
+            )
         if not any(host == d or host.endswith("." + d) for d in self.policy.allowed_domains):
             raise MediaError(f"image host {host!r} is not in --allowed-media-domains")
         try:

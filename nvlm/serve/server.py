@@ -131,9 +131,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(model, args, api_key)
     limit = 2 * (args.max_batch + args.max_queue) + 32
     log.info("serving %s on http://%s:%d (web chat at /)", args.model, args.host, args.port)
+    import signal
+
     import uvicorn
 
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was there before it: make that
+    # a no-op, so a drained server exits 0 (what process managers expect from a clean stop)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limit, args.graceful_timeout)).run()
+    log.info("stopped")
     return 0
 
 
