@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -26,10 +25,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from nvlm.data.layout import describe
 from nvlm.serve.engine import Engine, EngineError, Event, SamplingParams
 from nvlm.serve.media import MediaError, MediaGate
 from nvlm.serve.protocol import ChatRequest, build_prompt, forbidden_pattern
+from nvlm.serve.responses import image_info, stream_chunks, usage
 
 _TYPES = {
     400: "invalid_request_error",
@@ -183,11 +182,11 @@ def create_app(
                 h.cancel()
             return error(503 if isinstance(e, EngineError) else 400, str(e))
         rid, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model_name
-        info = _image_info(engine, handles[0].plans)
+        info = image_info(engine, handles[0].plans)
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
+            with_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream(handles, events, rid, name, info, usage),
+                stream_chunks(handles, events, rid, name, info, with_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -224,7 +223,7 @@ def create_app(
                 "created": int(time.time()),
                 "model": name,
                 "choices": choices,
-                "usage": _usage(handles),
+                "usage": usage(handles),
                 "nvlm": {"images": info},
             }
         )
@@ -251,73 +250,3 @@ def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) ->
             pass
 
     return put
-
-
-def _usage(handles: list[Any]) -> dict:
-    prompt, completion = handles[0].prompt_tokens, sum(len(h.output_ids) for h in handles)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _image_info(engine: Engine, plans: list[Any]) -> list[dict]:
-    """Per image what the model saw (the ``nvlm inspect`` facts): grid, tiles, thumbnail, token counts."""
-    cfg, arch, per_tile = engine.model.config, engine.model.config.arch, engine.processor.tokens_per_tile
-    out = []
-    for plan in plans:
-        d = describe(plan, per_tile, cfg.tags.style, cfg.tags.thumbnail_tag)
-        out.append(
-            {
-                "width": d["width"],
-                "height": d["height"],
-                "tile_size": d["tile_size"],
-                "grid": d["grid"],
-                "num_tiles": d["num_tiles"],
-                "thumbnail": d["thumbnail"],
-                "tiles": d["tiles"],
-                "arch": arch,
-                "tokens": d["tokens"][arch],
-                "layout": d["layout"][arch],
-            }
-        )
-    return out
-
-
-async def _stream(
-    handles: list[Any], events: asyncio.Queue, rid: str, name: str, info: list[dict], include_usage: bool
-) -> Any:
-    """SSE chunks: a role chunk per choice, content deltas, a finish chunk, optional usage, then [DONE]."""
-    created = int(time.time())
-
-    def chunk(choices: list[dict], **extra: Any) -> str:
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": name,
-            "choices": choices,
-            **extra,
-        }
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    try:
-        for i in range(len(handles)):
-            extra = {"nvlm": {"images": info}} if i == 0 else {}
-            yield chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **extra
-            )
-        left = len(handles)
-        while left:
-            i, ev = await events.get()
-            if ev.error:
-                yield f"data: {json.dumps({'error': {'message': ev.error, 'type': 'server_error'}})}\n\n"
-                break
-            if ev.text:
-                yield chunk([{"index": i, "delta": {"content": ev.text}, "finish_reason": None}])
-            if ev.finish_reason is not None:
-                left -= 1
-                yield chunk([{"index": i, "delta": {}, "finish_reason": ev.finish_reason}])
-        if include_usage:
-            yield chunk([], usage=_usage(handles))
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (or we are done): free the slots within one engine step
-        for h in handles:
-            h.cancel()
