@@ -1,5 +1,6 @@
 """The ``nvlm`` command: ``inspect`` (tiling and token layout), ``demo``, ``train`` (one process or torchrun),
-``chat`` (ask a saved model), ``convert`` (release layout ↔ ours), ``eval``, ``bench``.
+``chat`` (ask a saved model), ``convert`` (release layout ↔ ours), ``eval``, ``bench``, ``serve``
+(OpenAI-compatible HTTP server).
 
     nvlm inspect doc.png
     torchrun --nproc_per_node=8 -m nvlm train d-72b-sft --out runs/sft
@@ -290,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_subcommands(sub.add_parser("bench", help="training throughput of NVLM-D/X/H at equal shapes (Table 3)"))
 
     add_eval_subcommands(sub.add_parser("eval", help="score predictions, run benchmarks, report tables"))
+
+    from nvlm.serve.server import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

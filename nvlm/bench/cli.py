@@ -1,4 +1,5 @@
-"""``nvlm bench`` sub-commands: ``train`` (the paper's Table 3 — D/X/H training throughput at equal shapes).
+"""``nvlm bench`` sub-commands: ``train`` (the paper's Table 3 — D/X/H training throughput at equal shapes) and
+``serve`` (a load generator for an OpenAI-compatible server, ``nvlm.serve.bench``).
 
 The main CLI creates the ``bench`` parser and calls ``add_bench_subcommands(bench_parser)``; every sub-command
 sets ``func(args) -> int`` (the exit status; 2 = bad arguments, with a message naming the flag).
@@ -47,6 +48,10 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=run_train)
+
+    from nvlm.serve.bench import add_bench_serve_parser
+
+    add_bench_serve_parser(sub)
 
 
 def parse_archs(text: str) -> list[str]:

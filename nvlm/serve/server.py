@@ -1,0 +1,178 @@
+"""``nvlm serve``: load a saved model, start the engine and uvicorn; and a background server for tests/bench.
+
+uvicorn provides keep-alive timeouts, header-size limits and graceful shutdown: on SIGTERM it stops accepting
+connections, lets open responses (streams included) finish within ``--graceful-timeout``, then the app's
+lifespan drains the engine, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nvlm.serve")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server with continuous batching and a web chat",
+        description="Serve a saved model at /v1/chat/completions (OpenAI schema, SSE streaming), "
+        "/v1/models, /health, /metrics, and a web chat at /.",
+    )
+    p.add_argument("model", help="a folder written by save_pretrained")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name", default=None, help="the id in /v1/models (default: the folder name)"
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503"
+    )
+    p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled per step")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
+    p.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts image_url may fetch from")
+    p.add_argument(
+        "--allowed-local-media-path", default=None, help="file:// image URLs only under this folder"
+    )
+    p.add_argument("--api-key-file", default=None, help="a file holding the bearer key clients must send")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--graceful-timeout", type=int, default=30, help="seconds SIGTERM waits for open requests")
+    p.set_defaults(func=cmd_serve)
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
+    import torch
+
+    import nvlm
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return nvlm.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+
+
+def build_app(model: Any, args: argparse.Namespace, api_key: str | None = None) -> Any:
+    from nvlm.serve.app import create_app
+    from nvlm.serve.engine import Engine
+    from nvlm.serve.media import MediaGate, MediaPolicy
+
+    engine = Engine(
+        model, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens
+    )
+    policy = MediaPolicy(
+        allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),
+        allowed_local_path=args.allowed_local_media_path,
+        max_bytes=args.max_image_bytes,
+        max_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+    )
+    name = args.served_model_name or Path(args.model).name
+    return create_app(
+        engine, MediaGate(policy), model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes
+    )
+
+
+def uvicorn_config(app: Any, host: str, port: int, limit: int, graceful: int = 30) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
+        h11_max_incomplete_event_size=64 * 1024,  # header block limit
+        limit_concurrency=limit,  # a backstop above the engine's own queue: 503
+        timeout_graceful_shutdown=graceful,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api_key = None
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            print(f"error: --api-key-file: {e}", file=sys.stderr)
+            return 2
+        if not api_key:
+            print(f"error: --api-key-file {args.api_key_file} is empty", file=sys.stderr)
+            return 2
+    if not _loopback(args.host) and not api_key:
+        log.warning(
+            "binding %s without --api-key-file: anyone who can reach this address can use the model",
+            args.host,
+        )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.model, args.device, args.dtype)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
+        return 2
+    app = build_app(model, args, api_key)
+    limit = 2 * (args.max_batch + args.max_queue) + 32
+    log.info("serving %s on http://%s:%d (web chat at /)", args.model, args.host, args.port)
+    import signal
+
+    import uvicorn
+
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was there before it: make that
+    # a no-op, so a drained server exits 0 (what process managers expect from a clean stop)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limit, args.graceful_timeout)).run()
+    log.info("stopped")
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BackgroundServer:
+    """uvicorn on 127.0.0.1 (a free port) in a thread: ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app: Any, limit: int = 1000, timeout_keep_alive: int = 5) -> None:
+        config = uvicorn_config(app, "127.0.0.1", 0, limit)
+        config.timeout_keep_alive = timeout_keep_alive
+        import uvicorn
+
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)

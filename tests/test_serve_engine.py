@@ -1,0 +1,128 @@
+"""The continuous-batching engine without HTTP: per-request output equals ``model.generate`` whatever else is
+in the batch (D, X, H; requests arriving at different steps), seeded sampling, cancellation, the bounded queue.
+
+python -m pytest tests/test_serve_engine.py -q
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import picture, set_gates
+
+from nvlm.data.chat import chat_prompt
+from nvlm.serve.engine import Engine, QueueFull, SamplingParams
+
+
+def _wait(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.002)
+
+
+def _record_batch_sizes(model):
+    sizes = []
+    orig = model.forward
+
+    def forward(*args, **kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        sizes.append((tuple(ids.shape), kwargs.get("past_key_values") is not None))
+        return orig(*args, **kwargs)
+
+    model.forward = forward
+    return sizes
+
+
+PROMPTS = [
+    (chat_prompt("Describe.", 1), [picture(150, 100)]),
+    (chat_prompt("Hi", 0), []),
+    (chat_prompt("Compare the two.", 2), [picture(120, 60, 1), picture(50, 50, 2)]),
+    (chat_prompt("What is 2+2?", 0), []),
+    (chat_prompt("One more", 1), [picture(60, 140, 3)]),
+]
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_engine_equals_generate_with_staggered_arrivals(build_model, arch):
+    model = build_model(arch)
+    set_gates(model, 0.5)  # the blocks really change the output
+    budgets = [14, 9, 12, 6, 10]
+    want = [model.generate(p, im, max_new_tokens=n) for (p, im), n in zip(PROMPTS, budgets)]
+    sizes = _record_batch_sizes(model)
+    engine = Engine(model, max_batch=3, max_queue=8).start()
+    try:
+
+        def submit(i):
+            return engine.submit(*PROMPTS[i], SamplingParams(max_tokens=budgets[i]))
+
+        with engine.hold():  # r0 and r1 arrive together: one batched prefill
+            reqs = [submit(0), submit(1)]
+        _wait(lambda: len(reqs[0].output_ids) >= 3)  # r2 joins a batch already 3 steps into decoding
+        reqs.append(submit(2))
+        _wait(lambda: len(reqs[2].output_ids) >= 2)
+        reqs += [submit(3), submit(4)]  # the batch is full: they wait until rows leave
+        got = [r.result() for r in reqs]
+    finally:
+        engine.close()
+    assert got == want
+    assert [len(r.output_ids) for r in reqs] == budgets  # tiny random models never hit EOS this early
+    decode_sizes = [shape[0] for shape, cached in sizes if cached]
+    assert max(decode_sizes) == 3 and min(decode_sizes) == 1  # rows really joined and left mid-flight
+    prefill_sizes = [shape[0] for shape, cached in sizes if not cached]
+    assert max(prefill_sizes) >= 2  # new requests were prefilled together
+
+
+def test_engine_seeded_sampling_and_stop_strings_match_generate(build_model):
+    model = build_model("H")
+    set_gates(model, 0.5)
+    p, im = PROMPTS[0]
+    want = model.generate(p, im, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=7)
+    ref = model.generate(p, im, max_new_tokens=12)
+    stop = ref[3:5]  # a stop string that greedy decoding reaches
+    want_stop = model.generate(p, im, max_new_tokens=12, stop=[stop])
+    engine = Engine(model).start()
+    try:
+        a = engine.submit(p, im, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7))
+        b = engine.submit(*PROMPTS[3], SamplingParams(max_tokens=12, temperature=1.0))  # unseeded neighbour
+        c = engine.submit(p, im, SamplingParams(max_tokens=12, stop=(stop,)))
+        pieces = [e.text for e in c]
+        assert a.result() == want and b.result()
+        assert "".join(pieces) == want_stop == c.text and c.finish_reason == "stop"
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_the_slot_within_one_step(build_model):
+    model = build_model("X")
+    engine = Engine(model, max_batch=1, max_queue=1).start()
+    try:
+        long = engine.submit(*PROMPTS[0], SamplingParams(max_tokens=400))
+        waiting = engine.submit(*PROMPTS[1], SamplingParams(max_tokens=5))
+        with pytest.raises(QueueFull):  # one running, one waiting: the next is refused at once
+            engine.submit(*PROMPTS[3], SamplingParams(max_tokens=5))
+        _wait(lambda: len(long.output_ids) >= 4)
+        at_cancel = len(long.output_ids)
+        long.cancel()
+        assert waiting.result()  # the freed slot is reused
+        assert long.finish_reason == "cancelled"
+        assert len(long.output_ids) <= at_cancel + 1  # at most the step already under way
+        assert len(waiting.output_ids) == 5
+        assert engine.in_flight == 0
+    finally:
+        engine.close()
+
+
+def test_bad_request_raises_and_engine_keeps_serving(build_model):
+    model = build_model("D")
+    engine = Engine(model).start()
+    try:
+        with pytest.raises(ValueError, match="placeholder"):
+            engine.submit(chat_prompt("x", 1), [])  # one <image>, no image
+        with pytest.raises(ValueError, match="context"):
+            engine.submit(chat_prompt("x", 0), [], SamplingParams(max_tokens=10**6))
+        assert engine.generate(*PROMPTS[1], max_tokens=4) == model.generate(*PROMPTS[1], max_new_tokens=4)
+    finally:
+        engine.close()
+    assert not engine.healthy
