@@ -70,7 +70,17 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
         + "; ".join(f"{t}: {layout}" for t, layout in LAYOUTS.items())
         + ". See nvlm/eval/README.md.",
     )
-    p.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    p.add_argument("--model", default=None, help="a folder written by save_pretrained (or give --server)")
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="instead of --model: any OpenAI-compatible server (nvlm serve, vLLM, SGLang), e.g. http://127.0.0.1:8000/v1",
+    )
+    p.add_argument("--server-model", default=None, help="--server: the model name to ask for (default: its first)")
+    p.add_argument(
+        "--api-key-file", default=None, help="--server: a file holding the API key (default: $OPENAI_API_KEY)"
+    )
     p.add_argument("--task", required=True, choices=list(PROMPTS), help="benchmark")
     p.add_argument(
         "--data",
@@ -99,12 +109,28 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_command)
 
 
+def _server_model(args: argparse.Namespace) -> Any:
+    """An OpenAI-compatible server as the model: the pinned prompts go out as chat requests, our scorers score."""
+    import os
+
+    from nvlm.serve.client import ServerModel
+
+    key = os.environ.get("OPENAI_API_KEY")
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            key = f.read().strip()
+    return ServerModel(args.server, args.server_model, key)
+
+
 def run_command(args: argparse.Namespace) -> int:
     from nvlm.eval.runner import run_benchmark  # imports torch only when a run is asked for
 
+    if (args.model is None) == (args.server is None):
+        print("error: give --model FOLDER or --server URL (one of them)", file=sys.stderr)
+        return BAD_INPUT
     try:
         result = run_benchmark(
-            args.model,
+            _server_model(args) if args.server else args.model,
             args.task,
             args.data,
             args.out,

@@ -93,8 +93,12 @@ class ServerModel:
     def eval(self) -> ServerModel:
         return self
 
-    def __repr__(self) -> str:  # the runner records the model in run.json
+    def __repr__(self) -> str:
         return f"server:{self.base}#{self.model}"
+
+    @property
+    def name_or_path(self) -> str:  # what the eval runner records as the model in run.json
+        return repr(self)
 
     def generate(
         self,
