@@ -16,7 +16,6 @@ from torch import nn
 
 from nvlm.config import clean_hf_config
 
-
 # A Hugging Face causal LM (a transformers PreTrainedModel with an LM head). NVLM uses it duck-typed (its
 # config, get_decoder().layers, input/output embeddings, forward with a cache), which nn.Module's typing can't
 # express (its __getattr__ gives Tensor | Module), so it is typed Any.
