@@ -58,7 +58,7 @@ def vision_config(kind: str, **hf_config: Any) -> Any:
     return _classes(kind)[0](**hf_config)
 
 
-def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
+def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> PreTrainedModel:
     """Build a randomly initialised vision tower from its HF config dict (weights are loaded afterwards)."""
     config_cls, model_cls = _classes(kind)
     cfg = dict(hf_config)
