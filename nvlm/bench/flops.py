@@ -130,7 +130,8 @@ def train_flops(model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze
     return out
 
 
-def xattn_flops(block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool, memory_grad: bool) -> int:
+def xattn_flops(block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool,
+                memory_grad: bool) -> int:
     """One gated cross-attention block (§3.2's F_X): k/v projections over the memory, the rest over text."""
     kv = block.k_proj.weight.numel() + block.v_proj.weight.numel()
     q = block.q_proj.weight.numel()

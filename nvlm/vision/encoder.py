@@ -33,8 +33,9 @@ _MEAN_STD = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 VisionKind = Literal["internvl", "siglip", "clip"]  # as nvlm.config.VisionConfig.type
-_MODEL_TYPES: dict[str, VisionKind] = {"internvl_vision": "internvl", "internvl": "internvl", "siglip_vision_model": "siglip",
-                "siglip": "siglip", "clip_vision_model": "clip", "clip": "clip"}
+_MODEL_TYPES: dict[str, VisionKind] = {"internvl_vision": "internvl", "internvl": "internvl",
+                                       "siglip_vision_model": "siglip", "siglip": "siglip",
+                                       "clip_vision_model": "clip", "clip": "clip"}
 
 
 def _classes(kind: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
