@@ -189,7 +189,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{prefix}{key}.")
         else:
             if not _matches(value, hint):  # a string where a number belongs fails here, naming the key

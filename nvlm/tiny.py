@@ -41,11 +41,12 @@ def tiny_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) -
 def tiny_llm_config(kind: str = "qwen2", vocab_size: int = 512, hidden: int = 64, layers: int = 4) -> Any:
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  tie_word_embeddings=False, rms_norm_eps=1e-6)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6)
     if kind == "qwen2":
-        return tf.Qwen2Config(**common, rope_theta=1e6)
+        # transformers 5 keeps rope_theta in rope_parameters (a rope_theta= keyword is converted to the same)
+        return tf.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     if kind == "llama":
         return tf.LlamaConfig(**common)
     raise ValueError(f"tiny LLM kind must be qwen2 or llama, got {kind!r}")
@@ -56,7 +57,8 @@ def tiny_vision_config(kind: str = "internvl", image_size: int = 56, patch: int 
     """A few-layer vision tower: 56 px tiles of 14 px patches → 4×4 patches → 2×2 = 4 tokens after pixel shuffle."""
     import transformers as tf
 
-    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2)
+    common: dict[str, Any] = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                  num_attention_heads=2)
     if kind == "internvl":  # InternViT-6B style: RMSNorm, QK-norm, no final norm (mean-pooling head unused)
         return tf.InternVLVisionConfig(**common, image_size=[image_size, image_size], patch_size=[patch, patch],
                                        norm_type="rms_norm", use_qk_norm=True, use_mean_pooling=True)

@@ -23,10 +23,15 @@ the vision tower runs but NVLM never reads (SigLIP's attention-pooling probe) is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from nvlm.models.llm import decoder_layers
+from nvlm.models.xattn import GatedCrossAttentionBlock
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
 
@@ -64,7 +69,7 @@ def attention_flops(width: int, t_q: int, t_k: int, backward: bool) -> int:
     return 4 * width * t_q * t_k * (3 if backward else 1)
 
 
-def train_flops(model: nn.Module, tokens: SampleTokens, stage: str = "sft", *, freeze_llm: bool = False,
+def train_flops(model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze_llm: bool = False,
                 unfreeze_vision: bool = False) -> dict[str, int]:
     """Training FLOPs (forward + backward) of one sample of NVLM `model`, by part and in total.
 
@@ -112,7 +117,9 @@ def train_flops(model: nn.Module, tokens: SampleTokens, stage: str = "sft", *, f
     out["xattn"] = out["llm"] = out["llm_attention"] = 0
     for i, layer in enumerate(decoder_layers(model.llm)):
         if i in blocks and tokens.memory > 0:  # no memory (a lone-tile H image): the blocks are skipped
-            out["xattn"] += xattn_flops(blocks[i], t, tokens.memory, parts["xattn"], grad, memory_grad)
+            block = blocks[i]
+            assert isinstance(block, GatedCrossAttentionBlock)  # what NVLM.xattn holds
+            out["xattn"] += xattn_flops(block, t, tokens.memory, parts["xattn"], grad, memory_grad)
             grad = grad or parts["xattn"]
         out["llm"] += linear_flops(linear_numel(layer), t, parts["llm"], grad)
         out["llm_attention"] += attention_flops(dims.num_heads * dims.head_dim, t, t, grad or parts["llm"])
@@ -123,7 +130,8 @@ def train_flops(model: nn.Module, tokens: SampleTokens, stage: str = "sft", *, f
     return out
 
 
-def xattn_flops(block: nn.Module, t_q: int, t_kv: int, trains: bool, grad_in: bool, memory_grad: bool) -> int:
+def xattn_flops(block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool,
+                memory_grad: bool) -> int:
     """One gated cross-attention block (§3.2's F_X): k/v projections over the memory, the rest over text."""
     kv = block.k_proj.weight.numel() + block.v_proj.weight.numel()
     q = block.q_proj.weight.numel()

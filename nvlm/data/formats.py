@@ -182,7 +182,7 @@ def to_llava(conv: Conversation) -> dict[str, Any]:
 
 def to_openai(conv: Conversation) -> dict[str, Any]:
     images = iter(conv.images)
-    messages = []
+    messages: list[dict[str, Any]] = []
     for m in conv.messages:
         pieces = m["content"].split(IMAGE_PLACEHOLDER + "\n")
         if len(pieces) == 1:

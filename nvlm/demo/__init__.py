@@ -7,6 +7,8 @@ command line imports it, the library never does.
 
 from __future__ import annotations
 
+import functools
+
 from nvlm.eval.runner import register_scorer
 from nvlm.recipes import register
 
@@ -21,7 +23,7 @@ def tiny_recipe(arch: str, demo_dir: str = "runs/demo"):
 
 
 for _arch in "DXH":
-    register(f"tiny-{_arch.lower()}", lambda a=_arch: tiny_recipe(a))
+    register(f"tiny-{_arch.lower()}", functools.partial(tiny_recipe, _arch))
 
 
 def _score_demo(records: list[dict], mode: str) -> dict:

@@ -12,6 +12,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,9 +21,9 @@ from nvlm.tiny import tiny_tokenizer
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.vision.encoder import vision_config, vision_model_from_config
 
-LLM = dict(model_type="qwen2", hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
-           rms_norm_eps=1e-6)
+LLM: dict[str, Any] = dict(model_type="qwen2", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6)
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32],
               patch_size=[8, 8], norm_type="rms_norm", use_qk_norm=True, use_mean_pooling=True)
 
@@ -64,7 +65,8 @@ def pretrain_llm(out: Path, tokenizer, sources: list[tuple[Path, float]], steps:
     for path, _ in sources:
         rows = []
         for conv in read_records(path):
-            ids, labels = [], []
+            ids: list[int] = []
+            labels: list[int] = []
             for text, train in chatml_segments(conv):
                 t = tokenizer(text, add_special_tokens=False)["input_ids"]
                 ids += t
@@ -79,12 +81,12 @@ def pretrain_llm(out: Path, tokenizer, sources: list[tuple[Path, float]], steps:
         picks = rng.choices(per_source, weights=[w for _, w in sources], k=batch_size)
         batch = [rows[rng.randrange(len(rows))] for rows in picks]
         width = max(len(i) for i, _ in batch)
-        ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
+        targets = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
         mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, lr * 0.1, max(1, steps // 20))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=targets).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

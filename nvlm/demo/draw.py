@@ -123,7 +123,7 @@ def render(scene: Scene) -> Image.Image:
 
 def _canvas(rng: random.Random, min_tiles: int = 1) -> tuple[int, int, tuple[int, int, int]]:
     cols, rows = rng.choice([g for g in GRIDS if g[0] * g[1] >= min_tiles])
-    return cols * TILE, rows * TILE, tuple(rng.randint(200, 255) for _ in range(3))
+    return cols * TILE, rows * TILE, (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
 
 
 def _shape_op(kind: str, cx: int, cy: int, r: int, fill: tuple[int, int, int]) -> tuple:

@@ -48,12 +48,12 @@ class TaskSpec:
 
 
 @dataclass
-class Example:
-    image: Image.Image | None
+class Example:  # built by make_example: always a drawn image and its caption
+    image: Image.Image
     question: str
     answer: str
     task: str
-    caption: str | None
+    caption: str
 
 
 _READ = ReadConfig()
@@ -143,7 +143,9 @@ def _pixel_hash(im: Image.Image) -> str:
 def _images(out: Path, split: str, task: str, n: int, rng: random.Random, cfg: ReadConfig,
             exclude: set[str], hashes: dict[str, str]) -> tuple[list[dict], list[dict], int]:
     """Draw, save and describe `n` images; redraw any whose pixels are in `exclude`. → (records, captions, dropped)."""
-    recs, caps, dropped = [], [], 0
+    recs: list[dict] = []
+    caps: list[dict] = []
+    dropped = 0
     params = {"read": cfg} if task == "read" else {}
     while len(recs) < n:
         ex = make_example(task, rng, **params)

@@ -102,7 +102,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     process's own when the world size is the one saved, else None (the caller then continues from the
     furthest position any process had reached)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     try:
         with _one_process_ok():
             dcp.load(state, checkpoint_id=str(path / "weights"), no_dist=not world.distributed)

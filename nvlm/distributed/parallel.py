@@ -22,12 +22,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from nvlm.models.llm import decoder_layers
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 
 @dataclass(frozen=True)
@@ -86,13 +90,13 @@ def barrier(world: World) -> None:
 
 
 # ---- the sharding plan -----------------------------------------------------------------------------------
-def vision_layers(model: nn.Module) -> nn.ModuleList | None:
+def vision_layers(model: NVLM) -> nn.ModuleList | None:
     """The vision tower's transformer layers: its largest ModuleList (InternViT, SigLIP and CLIP alike)."""
     lists = [m for m in model.vision.modules() if isinstance(m, nn.ModuleList)]
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
-def fsdp_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+def fsdp_units(model: NVLM) -> list[tuple[str, list[nn.Module]]]:
     """(name, modules) per FSDP unit, innermost first, the root last: the plan ``parallelize`` applies and
     ``nvlm train --dry-run`` prints."""
     llm = model.llm
@@ -119,7 +123,7 @@ def cast_for_training(model: nn.Module, mixed_precision: bool = False) -> None:
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
 
 
-def parallelize(model: nn.Module, *, mixed_precision: bool = False, compile: bool = False) -> nn.Module:
+def parallelize(model: NVLM, *, mixed_precision: bool = False, compile: bool = False) -> NVLM:
     """Shard `model` in place with FSDP2 over the default process group. Call after ``apply_stage`` (so that
     which weights train is known) and after activation checkpointing is switched on.
 

@@ -47,7 +47,7 @@ def _answer_letter(answer: Any, n: int, where: str) -> str:
 
 # ---- AI2D -------------------------------------------------------------------------------------------------
 def read_ai2d(paths: list[Path]) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for file in find(paths, "ai2d", SHARDS):
         for where, rec in rows([file]):
             if "options" in rec:  # lmms-lab/ai2d
@@ -71,7 +71,7 @@ def read_ai2d(paths: list[Path]) -> list[Item]:
 
 # ---- RealWorldQA ------------------------------------------------------------------------------------------
 def read_realworldqa(paths: list[Path]) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for file in find(paths, "realworldqa", SHARDS):
         for where, rec in rows([file]):
             question = get(rec, "question", where)
@@ -113,7 +113,7 @@ def _mmmu_options(rec: dict, where: str) -> list[str]:
 
 
 def read_mmmu(paths: list[Path]) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for file in find(
         paths, "mmmu", ("*/validation-*.parquet", "validation-*.parquet", "**/validation*.json*")
     ):
@@ -145,7 +145,7 @@ def read_mathvista(paths: list[Path]) -> list[Item]:
         "mathvista",
         ("data/testmini-*.parquet", "testmini-*.parquet", "data/testmini.json", "testmini.json"),
     )
-    items = []
+    items: list[Item] = []
     for file in files:
         queries: dict | None = None  # the GitHub release keeps each item's query in query.json beside it
         for where, rec in rows([file]):
@@ -166,7 +166,7 @@ def read_mathvista(paths: list[Path]) -> list[Item]:
                     )
                 prompt = build_prompt("mathvista", query.replace("Hint: ", ""), None, "free_form", 1)
             img = image(rec.get("decoded_image") or rec.get("image"), [file.parent], where)
-            meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+            meta = md if isinstance(md := rec.get("metadata"), dict) else {}
             fields = {
                 "answers": answers(rec.get("answer"), where),
                 "question_type": qtype,

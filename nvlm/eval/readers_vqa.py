@@ -160,7 +160,8 @@ def read_chartqa(paths: list[Path]) -> list[Item]:
         paths, "chartqa", ("test_*.json", "test/test_*.json", "data/test-*.parquet", "test-*.parquet")
     )
     files.sort(key=lambda f: "augmented" in f.name)  # the release's order: human, then augmented
-    items, counts = [], {}
+    items: list[Item] = []
+    counts: dict[str, int] = {}
     for file in files:
         for where, rec in rows([file]):
             # ids as in the official files, test_human/<n>; lmms-lab's "type" says human_test / augmented_test
@@ -195,7 +196,7 @@ OCRBENCH = (
 
 
 def read_ocrbench(paths: list[Path]) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for file in find(paths, "ocrbench", OCRBENCH):
         ups = [file.parent, file.parent.parent, file.parent.parent.parent]  # OCRBench_Images/ beside or above
         roots = [up / "OCRBench_Images" for up in ups] + [file.parent]

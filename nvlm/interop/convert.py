@@ -26,6 +26,7 @@ from nvlm.interop.internvit import (
     RELEASE_DUMMY_HEADS,
     pad_dummy_heads,
     padded_shape,
+    side,
     sliced_shape,
     take_real_heads,
 )
@@ -160,15 +161,15 @@ def to_ours(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-    tile = vit.image_size[0]
-    per_tile = int((tile // vit.patch_size[0] * cfg.vision.downsample) ** 2)
+    tile = side(vit.image_size)
+    per_tile = int((tile // side(vit.patch_size) * cfg.vision.downsample) ** 2)
     _write_json(
         dst / "preprocessor_config.json",
         {
             "tile_size": tile,
             "tokens_per_tile": per_tile,
-            "image_mean": list(cfg.vision.image_mean),
-            "image_std": list(cfg.vision.image_std),
+            "image_mean": list(cfg.vision.image_mean or IMAGENET_MEAN),  # set from the release's preprocessor
+            "image_std": list(cfg.vision.image_std or IMAGENET_STD),
             "min_tiles": cfg.tiling.min_tiles,
             "max_tiles": cfg.tiling.max_tiles,
             "use_thumbnail": cfg.tiling.use_thumbnail,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ from nvlm.interop.shards import folder_tensors
 ORIGINAL_TYPES = ("intern_vit_6b",)  # a standalone original InternViT folder
 CHAT_TYPES = ("internvl_chat", "NVLM_D")  # remote-code chat models: their vision_model.* is taken
 RELEASE_DUMMY_HEADS = 7  # NVLM-D-72B: 25 → 32 heads; vLLM's NVLM_D_Model hard-codes this number
+
+
+def side(size: int | Sequence[int]) -> int:
+    """A square image or patch size from an HF vision config, which holds an int or [height, width]."""
+    return size if isinstance(size, int) else size[0]
+
 
 # defaults of the original InternVisionConfig, for keys a config.json leaves out
 _ORIGINAL_DEFAULTS = dict(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from nvlm.config import LLMConfig, NVLMConfig, TagConfig, VisionConfig, clean_hf_config
-from nvlm.interop.internvit import original_config_from_vit, take_real_heads, vit_config_from_original
+from nvlm.interop.internvit import original_config_from_vit, side, take_real_heads, vit_config_from_original
 from nvlm.interop.keymap import release_to_ours
 from nvlm.interop.shards import folder_tensors
 from nvlm.vision.tiling import IMAGENET_MEAN, IMAGENET_STD
@@ -80,11 +80,11 @@ def nvlm_config_from_release(config: dict[str, Any], preprocessor: dict[str, Any
             "pixel shuffle v2 (v1 transposes every tile)"
         )
     vit = InternVLVisionConfig(**vit_config_from_original(config["vision_config"]))
-    tile = int(config.get("force_image_size") or vit.image_size[0])
-    if tile != vit.image_size[0]:
+    tile = int(config.get("force_image_size") or side(vit.image_size))
+    if tile != side(vit.image_size):
         raise ValueError(
             f"release config: force_image_size {tile} differs from the vision tower's image_size "
-            f"{vit.image_size[0]} (resized position embeddings are not supported)"
+            f"{side(vit.image_size)} (resized position embeddings are not supported)"
         )
     size = preprocessor.get("crop_size", preprocessor.get("size", tile))
     size = size.get("height", tile) if isinstance(size, dict) else size

@@ -59,7 +59,8 @@ def release_replica(
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     c = vision_hidden
-    vision = dict(hidden=c, heads=vision_heads, layers=vision_layers, image_size=image_size, patch=patch)
+    vision: dict[str, Any] = dict(hidden=c, heads=vision_heads, layers=vision_layers, image_size=image_size,
+                                  patch=patch)
     w = internvit_weights(rand, dtype, **vision, dummy_heads=dummy_heads, prefix="vision_model.")
     w.update(
         {
@@ -254,7 +255,7 @@ def internvit_replica(
     def rand(*shape: int, scale: float = 0.1) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
 
-    shape = dict(hidden=hidden, heads=heads, layers=layers, image_size=image_size, patch=patch)
+    shape: dict[str, Any] = dict(hidden=hidden, heads=heads, layers=layers, image_size=image_size, patch=patch)
     save_file(
         internvit_weights(rand, torch.float32, **shape, dummy_heads=dummy_heads, **kind),
         str(root / "model.safetensors"),

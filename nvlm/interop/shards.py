@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ def read_header(file: str | Path) -> dict[str, TensorRef]:
     }
 
 
-def folder_tensors(folder: str | Path) -> dict[str, TensorRef]:
+def folder_tensors(folder: str | os.PathLike) -> dict[str, TensorRef]:
     """Every tensor of a Hugging Face weights folder: through its index if it has one, else every *.safetensors."""
     folder = Path(folder)
     index = folder / INDEX

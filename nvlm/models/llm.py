@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from nvlm.config import clean_hf_config
+
+# A Hugging Face causal LM (a transformers PreTrainedModel with an LM head). NVLM uses it duck-typed (its
+# config, get_decoder().layers, input/output embeddings, forward with a cache), which nn.Module's typing can't
+# express (its __getattr__ gives Tensor | Module), so it is typed Any.
+CausalLM: TypeAlias = Any
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ def dims_of(config: Any) -> LLMDims:
     )
 
 
-def load_llm(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -> nn.Module:
+def load_llm(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -> CausalLM:
     """A causal LM from a local HF folder, or a randomly initialised one from a config object or dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,12 +73,12 @@ def load_llm_config(path: str | os.PathLike) -> Any:
     return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+def decoder_layers(llm: CausalLM) -> nn.ModuleList:
     """The LLM's decoder blocks, in order (where gated cross-attention blocks are hooked in)."""
     return llm.get_decoder().layers
 
 
-def config_dict(llm: nn.Module) -> dict[str, Any]:
+def config_dict(llm: CausalLM) -> dict[str, Any]:
     """The LLM's HF config as a plain dict (stored inside NVLM's config.json)."""
     return clean_hf_config(llm.config.to_dict())
 
@@ -92,6 +97,6 @@ def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
     return tokenizer.add_tokens(new, special_tokens=True)
 
 
-def resize_embeddings(llm: nn.Module, vocab_size: int) -> None:
+def resize_embeddings(llm: CausalLM, vocab_size: int) -> None:
     if llm.get_input_embeddings().weight.shape[0] < vocab_size:
         llm.resize_token_embeddings(vocab_size, mean_resizing=False)

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
-from nvlm.models.llm import LLMDims, decoder_layers, dims_of
+from nvlm.models.llm import CausalLM, LLMDims, decoder_layers, dims_of
 from nvlm.models.saving import save_pretrained
 from nvlm.models.xattn import (
     CrossAttentionDecoderLayer,
@@ -33,7 +33,7 @@ from nvlm.models.xattn import (
     schedule,
     xattn_mask,
 )
-from nvlm.vision.encoder import VisionEncoder, default_mean_std
+from nvlm.vision.encoder import VisionEncoder, VisionTower, default_mean_std
 from nvlm.vision.projector import build_projector
 
 
@@ -77,7 +77,7 @@ def _head_ce(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torc
 class NVLM(nn.Module):
     """NVLM-D / NVLM-X / NVLM-H over a Hugging Face causal LLM and vision tower. Build with ``nvlm.build``."""
 
-    def __init__(self, config: NVLMConfig, llm: nn.Module, vision_model: nn.Module, tokenizer: Any) -> None:
+    def __init__(self, config: NVLMConfig, llm: CausalLM, vision_model: VisionTower, tokenizer: Any) -> None:
         super().__init__()
         self.config = config
         self.llm = llm
@@ -92,11 +92,11 @@ class NVLM(nn.Module):
         self.xattn = nn.ModuleList()
         if config.arch in ("X", "H"):
             self.xattn_layers = schedule(self.dims.num_layers, config.xattn.every, config.xattn.layers)
-            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(self.dims, config.xattn.ffn_size)
-                                       for _ in self.xattn_layers)
+            blocks = [GatedCrossAttentionBlock(self.dims, config.xattn.ffn_size) for _ in self.xattn_layers]
+            self.xattn = nn.ModuleList(blocks)
             layers = decoder_layers(llm)
             for block_idx, layer_idx in enumerate(self.xattn_layers):
-                layers[layer_idx] = CrossAttentionDecoderLayer(layers[layer_idx], self.xattn[block_idx], block_idx)
+                layers[layer_idx] = CrossAttentionDecoderLayer(layers[layer_idx], blocks[block_idx], block_idx)
         self.tokenizer = tokenizer
         mean, std = default_mean_std(config.vision.type)
         self.processor = None if tokenizer is None else Processor(  # None: a weight-less (meta) build
@@ -144,6 +144,8 @@ class NVLM(nn.Module):
             blank = self.encode_tiles(torch.zeros(1, 3, s, s, device=self.device))
             embeds = embeds + 0 * blank.sum().to(embeds.dtype)
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
+        if self.processor is None:
+            raise RuntimeError("this NVLM was built without a tokenizer (a weight-less meta build): it cannot run")
         is_pad = input_ids == self.processor.pad_id
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
         if int(is_pad.sum()) != n_dec * self.vision.tokens_per_tile:
@@ -154,7 +156,9 @@ class NVLM(nn.Module):
                 f"tile(s) × {self.vision.tokens_per_tile} = {n_dec * self.vision.tokens_per_tile} feature tokens; "
                 "build inputs with model.processor so each <image> expands to its tiles"
             )
-        if n_dec:
+        if decoder_tiles is not None and n_dec:
+            if feats is None:
+                raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         if not has_memory:
@@ -205,6 +209,8 @@ class NVLM(nn.Module):
             if xattn_lo is None:  # decode step: see the sample's whole memory
                 xattn_lo = torch.zeros(b, t, dtype=torch.long, device=self.device)
                 xattn_hi = state.memory_len[:, None].expand(b, t)
+            elif xattn_hi is None:
+                raise ValueError("xattn_lo was given without xattn_hi")
             # one mask for all blocks of this forward
             allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)

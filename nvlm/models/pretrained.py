@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -41,7 +41,8 @@ def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any =
         vision_model = vision_model.to(dtype)
     flat = dict(overrides.pop("config", {}))
     flat.update({k.replace("__", "."): v for k, v in overrides.items()})
-    cfg = apply_overrides(NVLMConfig(arch=arch, vision=VisionConfig(type=kind)), flat)
+    # `arch` is any string here: cfg.validate() below checks it
+    cfg = apply_overrides(NVLMConfig(arch=cast(Any, arch), vision=VisionConfig(type=kind)), flat)
     _add_tokens(tokenizer, cfg, vision_model)
     resize_embeddings(llm_model, len(tokenizer))
     cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
@@ -60,7 +61,8 @@ def build_meta(arch: str, llm_config: dict[str, Any], vision_config: dict[str, A
     with torch.device("meta"):
         llm_model = load_llm(dict(llm_config))
         vision_model, _ = load_vision_model(make_vision_config(kind, **vision))
-        cfg = apply_overrides(NVLMConfig(arch=arch, vision=VisionConfig(type=kind)), dict(overrides or {}))
+        cfg = apply_overrides(NVLMConfig(arch=cast(Any, arch), vision=VisionConfig(type=kind)),  # validated below
+                              dict(overrides or {}))
         cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
         cfg.vision.hf_config = clean_hf_config(vision_model.config.to_dict())
         return NVLM(cfg.validate(), llm_model, vision_model, tokenizer=None)

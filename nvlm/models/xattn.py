@@ -123,7 +123,7 @@ class CrossAttentionDecoderLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, block: GatedCrossAttentionBlock, block_idx: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer: Any = layer  # the backbone's own decoder layer (an HF GradientCheckpointingLayer)
         self.block_idx = block_idx
         self._block = (block,)  # a tuple: not registered here (NVLM.xattn owns it)
         self.checkpointing = False

@@ -11,7 +11,9 @@ Recipes are Python functions returning a `RunConfig`: a variant copies its base 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
+from typing import Any
 
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig
 
@@ -30,7 +32,7 @@ INTERNVIT_6B = dict(type="internvl", hidden_size=3200, intermediate_size=12800, 
 _LLMS = {"72b": (QWEN2_72B, "weights/Qwen2-72B-Instruct", 8), "34b": (YI_34B, "weights/Nous-Hermes-2-Yi-34B", 6)}
 
 # Table 10 (pretrain) and Table 11 (SFT): lr, min_lr, warmup, betas, weight decay, clip, global batch, seq len.
-_HPARAMS = {
+_HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("D", "pretrain"): dict(lr=1e-4, min_lr=2.5e-5, warmup_steps=500, betas=(0.9, 0.95), weight_decay=0.1,
                             grad_clip=10.0, global_batch_size=2048, seq=512, steps=20_000),
     ("X", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup_steps=1000, betas=(0.9, 0.95), weight_decay=0.05,
@@ -70,7 +72,7 @@ def paper_recipe(arch: str, size: str, stage: str) -> RunConfig:
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
-    f"{a.lower()}-{size}-{stage}": (lambda a=a, size=size, stage=stage: paper_recipe(a, size, stage))
+    f"{a.lower()}-{size}-{stage}": functools.partial(paper_recipe, a, size, stage)
     for a in "DXH" for size in ("72b", "34b") for stage in ("pretrain", "sft")
 }
 

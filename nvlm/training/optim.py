@@ -15,7 +15,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
         raise ValueError("nothing to train: every parameter is frozen (check train.stage)")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=1e-8)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(betas[0], betas[1]), eps=1e-8)
 
 
 def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -44,13 +44,17 @@ from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage, components
+from nvlm.vision.projector import MLPProjector
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 GIB = 1024**3
 BF16, FP32 = 2, 4
 
 
 # ---- the model, weight-free ------------------------------------------------------------------------------
-def meta_model(cfg: RunConfig) -> nn.Module:
+def meta_model(cfg: RunConfig) -> NVLM:
     """The run's NVLM model on the meta device, with the config's stage applied (``requires_grad`` set):
     what the trainer builds when the backbone folders (or ``init_from``) exist, else from the recipe's
     architecture dicts (paper recipes: NVLM's tokens fit in the LLM's padded vocabulary)."""
@@ -61,7 +65,7 @@ def meta_model(cfg: RunConfig) -> nn.Module:
 
     spec, t = cfg.model, cfg.train
     local = all(isinstance(x, (str, os.PathLike)) and os.path.isdir(x) for x in (spec.llm, spec.vision))
-    started = bool(spec.init_from) and os.path.isfile(os.path.join(spec.init_from, "config.json"))
+    started = bool(spec.init_from and os.path.isfile(os.path.join(spec.init_from, "config.json")))
     llm = spec.llm_config or (spec.llm if isinstance(spec.llm, dict) else None)
     vision = spec.vision_config or (spec.vision if isinstance(spec.vision, dict) else None)
     if started or local:
@@ -86,7 +90,7 @@ def _shard(p: nn.Parameter, world: int) -> int:
     return math.ceil(p.shape[0] / world) * (p.numel() // max(p.shape[0], 1))
 
 
-def _units(model: nn.Module, world: int) -> list[dict[str, Any]]:
+def _units(model: NVLM, world: int) -> list[dict[str, Any]]:
     """One row per FSDP unit, in `fsdp_units` order: each unit owns the parameters no earlier unit took."""
     taken: set[int] = set()
     rows = []
@@ -148,7 +152,7 @@ def xattn_memory_bytes(q: int, kv: int) -> int:
     return 2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)
 
 
-def activation_bytes(model: nn.Module, micro_batch: int, seq: int, ac: bool) -> dict[str, int]:
+def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[str, int]:
     """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring)."""
     dm, c = model.dims, model.config
     d, f, heads, L = dm.hidden_size, dm.ffn_size, dm.num_heads, dm.num_layers
@@ -187,6 +191,7 @@ def activation_bytes(model: nn.Module, micro_batch: int, seq: int, ac: bool) -> 
     if c.arch == "X":  # one Linear: its bf16-cast input
         out["projector"] = n_tok * BF16 * proj_in
     else:  # LayerNorm's fp32 input, Linear 1's bf16 input, GELU's input and output
+        assert isinstance(model.projector, MLPProjector)  # NVLM-D and NVLM-H
         hidden = model.projector.linear_1.out_features
         out["projector"] = n_tok * ((FP32 + BF16) * proj_in + 2 * BF16 * hidden)
     vc = model.vision.model.config

@@ -10,17 +10,22 @@ the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues again
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
+
+if TYPE_CHECKING:
+    from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
 COMPONENTS = ("vision", "projector", "xattn", "llm")
 
 
-def components(model: nn.Module) -> dict[str, nn.Module]:
+def components(model: NVLM) -> dict[str, nn.Module]:
     return {"vision": model.vision, "projector": model.projector, "xattn": model.xattn, "llm": model.llm}
 
 
-def apply_stage(model: nn.Module, stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> None:
+def apply_stage(model: NVLM, stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> None:
     """Set ``requires_grad`` on every parameter for `stage` ("pretrain" = stage 1, "sft" = stage 2)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} (stage 1 = pretrain, stage 2 = sft), got {stage!r}")
@@ -34,7 +39,7 @@ def apply_stage(model: nn.Module, stage: str, *, freeze_llm: bool = False, unfre
         module.requires_grad_(trains[name])
 
 
-def trainable_table(model: nn.Module) -> str:
+def trainable_table(model: NVLM) -> str:
     """A table of trainable and frozen parameters per component."""
     rows = [f"{'component':<10} {'trainable':>14} {'frozen':>14}"]
     total_t = total_f = 0

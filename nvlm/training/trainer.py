@@ -216,6 +216,7 @@ class Trainer:
             raise PeerFailed("another process failed while reading its data (see its error); stopping")
         if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
             return None
+        assert state is not None  # None only when the prefetcher saw stop(): returned above
         self._data_state = state
         return batches
 
@@ -325,7 +326,7 @@ class Trainer:
             # a bf16 sharded run exports bf16 weights (its fp32 master copy lives on in the DCP checkpoints)
             bf16 = self.world.distributed and t.bf16 and self.device.type == "cuda"
             export_pretrained(self.model, final, self.world, torch.bfloat16 if bf16 else None)
-            if self.world.main:
+            if isinstance(self.metrics, MetricsWriter):  # process 0
                 rows = read_metrics(self.metrics.path)
                 plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
         counts = self._counts()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -20,17 +20,26 @@ from torch import nn
 from nvlm.vision.pixel_shuffle import pixel_shuffle
 from nvlm.vision.tiling import IMAGENET_MEAN, IMAGENET_STD
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# A Hugging Face vision tower (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel or the original
+# InternViT), used duck-typed: its config (image_size, patch_size, hidden_size) and forward's hidden states.
+VisionTower: TypeAlias = Any
+
 # Normalisation constants each encoder family was trained with.
 _MEAN_STD = {
     "internvl": (IMAGENET_MEAN, IMAGENET_STD),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
-_MODEL_TYPES = {"internvl_vision": "internvl", "internvl": "internvl", "siglip_vision_model": "siglip",
-                "siglip": "siglip", "clip_vision_model": "clip", "clip": "clip"}
+VisionKind = Literal["internvl", "siglip", "clip"]  # as nvlm.config.VisionConfig.type
+_MODEL_TYPES: dict[str, VisionKind] = {"internvl_vision": "internvl", "internvl": "internvl",
+                                       "siglip_vision_model": "siglip", "siglip": "siglip",
+                                       "clip_vision_model": "clip", "clip": "clip"}
 
 
-def _classes(kind: str) -> tuple[type, type]:
+def _classes(kind: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
     import transformers as tf
 
     return {
@@ -51,7 +60,7 @@ def vision_config(kind: str, **hf_config: Any) -> Any:
     return _classes(kind)[0](**hf_config)
 
 
-def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
+def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> PreTrainedModel:
     """Build a randomly initialised vision tower from its HF config dict (weights are loaded afterwards)."""
     config_cls, model_cls = _classes(kind)
     cfg = dict(hf_config)
@@ -59,7 +68,7 @@ def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> nn.Module:
     return model_cls(config_cls(**cfg))
 
 
-def load_vision_model(source: str | os.PathLike | Any) -> tuple[nn.Module, str]:
+def load_vision_model(source: str | os.PathLike | Any) -> tuple[VisionTower, VisionKind]:
     """Load a vision tower from a local HF folder or build one from a config object; returns (model, kind).
 
     A folder may hold a vision-only model (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel), a full
@@ -114,7 +123,7 @@ def _original_internvit(cfg: dict[str, Any]) -> bool:
     return is_original(cfg)
 
 
-def _kind_of(model_type: str, where: str) -> str:
+def _kind_of(model_type: str, where: str) -> VisionKind:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"vision encoder {where}: model_type {model_type!r} is not supported; use a transformers "
@@ -141,7 +150,7 @@ def _load_prefixed(model: nn.Module, path: Path, prefixes: tuple[str, ...]) -> N
 class VisionEncoder(nn.Module):
     """HF vision tower → selected layer → CLS dropped → pixel shuffle. Output: [tiles, tokens, out_dim]."""
 
-    def __init__(self, model: nn.Module, kind: str, select_layer: int = -1, downsample: float = 0.5) -> None:
+    def __init__(self, model: VisionTower, kind: str, select_layer: int = -1, downsample: float = 0.5) -> None:
         super().__init__()
         self.model = model
         self.kind = kind

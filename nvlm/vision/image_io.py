@@ -79,8 +79,8 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         # Floats: [0, 1] -> x255, [0, 255] kept, anything else min-max scaled.
         a = np.asarray(im)
         fin = a[np.isfinite(a)]
-        lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 0.0)
-        div = None if lo < 0 or hi > 255 else (1 / 255 if hi <= 1 else 1.0)
+        flo, fhi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 0.0)
+        div = None if flo < 0 or fhi > 255 else (1 / 255 if fhi <= 1 else 1.0)
         return _scaled_to_l(a, div).convert("RGB")
     try:
         if mode in _ALPHA_MODES or "transparency" in im.info:
@@ -120,6 +120,7 @@ def load_image(
     """Load ``source`` as an RGB uint8 image; raise ``ImageLoadError`` on anything unsafe or unreadable."""
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    fp: io.BytesIO | str | None  # what Image.open reads: the bytes, or the file's path
     if isinstance(source, Image.Image):
         name, fp, prefix = "<PIL image>", None, b""
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -151,7 +152,8 @@ def load_image(
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             if fp is None:
-                return _finish(source, name, max_pixels)  # type: ignore[arg-type]
+                assert isinstance(source, Image.Image)  # the one source without a file to open
+                return _finish(source, name, max_pixels)
             with Image.open(fp, formats=ALLOWED_FORMATS) as im:  # header only; pixels stay undecoded
                 return _finish(im, name, max_pixels)
         except ImageLoadError:

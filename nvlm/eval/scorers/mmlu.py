@@ -120,7 +120,7 @@ def score_mmlu(items: list[dict], mode: str = "official") -> dict:
             logprobs = require(it, i, "logprobs", "dict", 'letter -> log-probability, e.g. {"A": -1.2, ...}')
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in logprobs.values()):
                 raise ScoringError('field "logprobs" must map letters to numbers', i, "logprobs")
-            pred = letter_from_logprobs(logprobs, n_choices)
+            pred: str | None = letter_from_logprobs(logprobs, n_choices)
             by_logprobs += 1
         else:
             pred = letter_from_text(it["prediction"], n_choices)

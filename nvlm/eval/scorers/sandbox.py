@@ -152,6 +152,7 @@ def _start(
         pass_fds=pass_fds,
         umask=0o077,
     )
+    assert proc.stdin is not None  # stdin=PIPE
     try:
         proc.stdin.write(
             json.dumps({**spec, "isolated": isolated, "tmpdir": SANDBOX_DIR if isolated else tmpdir}).encode()
@@ -185,6 +186,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _verdict(proc: subprocess.Popen, limits: Limits) -> str:
     """Wait for the verdict process; ``"passed"``, ``"timed out"`` or ``"failed: <detail>"``."""
+    assert proc.stderr is not None  # a verdict process is started with detail=True: stderr=PIPE
     reader, kept = _bounded_reader(proc.stderr)
     try:
         status = proc.wait(timeout=limits.timeout + STARTUP_SLACK)
