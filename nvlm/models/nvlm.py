@@ -161,7 +161,7 @@ class NVLM(nn.Module):
                 raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
-        if not has_memory:
+        if memory_index is None or not has_memory:
             return embeds, None
         d = embeds.shape[-1]
         tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
@@ -219,11 +219,14 @@ class NVLM(nn.Module):
             # training: run the decoder, then the LM head only where a label is (see labelled_loss)
             hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                             position_ids=position_ids, use_cache=False, **extra).last_hidden_state
-            loss_sum, n = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
-            return Output(None, None, state, loss_sum, n)
+            labelled, count = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
+            return Output(None, None, state, labelled, count)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                        cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
-        loss_sum, n = self.loss(out.logits, labels) if labels is not None else (None, 0)
+        loss_sum: torch.Tensor | None = None
+        n = 0
+        if labels is not None:
+            loss_sum, n = self.loss(out.logits, labels)
         return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n)
 
     def _plain_head(self) -> bool:

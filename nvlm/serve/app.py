@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections.abc import MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -67,7 +68,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
 
-        async def count(message: dict) -> None:
+        async def count(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.status(message["status"])
             await send(message)
@@ -163,7 +164,7 @@ def create_app(
             images = await run_in_threadpool(gate.load_all, urls)
         except MediaError as e:
             return error(e.status, str(e), "invalid_image")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[Any]()
         handles = []
         try:
             for i in range(req.n):

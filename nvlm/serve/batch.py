@@ -58,8 +58,11 @@ def _empty_state(b: int, like: XAttnState) -> XAttnState:
 def _cat_states(a: XAttnState | None, na: int, b: XAttnState | None, nb: int) -> XAttnState | None:
     if a is None and b is None:
         return None
-    a = a if a is not None else _empty_state(na, b)
-    b = b if b is not None else _empty_state(nb, a)
+    if a is None:
+        assert b is not None
+        a = _empty_state(na, b)
+    if b is None:
+        b = _empty_state(nb, a)
     m = max(a.memory.shape[1], b.memory.shape[1])
     kv = {}
     for i in set(a.kv) | set(b.kv):
@@ -91,7 +94,7 @@ class RunningBatch:
 
     def join(self, cache: Any, mask: torch.Tensor, state: XAttnState | None) -> None:
         """Append rows prefilled together (their cache, mask and x-attn state) after the current rows."""
-        if self.size == 0:
+        if self.mask is None:
             self.cache, self.mask, self.state = cache, mask, state
             return
         t = max(self.mask.shape[1], mask.shape[1])
@@ -103,7 +106,7 @@ class RunningBatch:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order); trim padding columns and memory that no remaining row uses."""
-        if not rows:
+        if not rows or self.mask is None:
             self.cache = self.mask = self.state = None
             return
         idx = torch.tensor(rows, device=self.mask.device)
@@ -128,5 +131,7 @@ class RunningBatch:
 
     def grow(self) -> torch.Tensor:
         """Extend the mask by one real column (the token about to be fed) and return it."""
+        if self.mask is None:
+            raise RuntimeError("grow() on an empty batch")
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         return self.mask

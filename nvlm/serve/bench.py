@@ -88,7 +88,7 @@ async def _one(client: Any, url: str, body: dict, headers: dict) -> dict:
                     now = time.perf_counter()
                     if rec["ttft"] is None:
                         rec["ttft"] = now - t0
-                    else:
+                    elif last is not None:
                         rec["itl"].append(now - last)
                     last = now
         rec["e2e"] = time.perf_counter() - t0

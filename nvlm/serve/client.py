@@ -49,7 +49,8 @@ def _data_url(image: Any) -> str:
 def to_openai_messages(prompt: str, images: list[Any]) -> list[dict]:
     """Placeholders become ``image_url`` parts (images in order), put before the message's text, which is
     how the server renders them back."""
-    images, out = list(images), []
+    images = list(images)
+    out: list[dict[str, Any]] = []
     for m in chatml_to_messages(prompt):
         n = m["content"].count(IMAGE_PLACEHOLDER)
         if n == 0:
@@ -58,7 +59,7 @@ def to_openai_messages(prompt: str, images: list[Any]) -> list[dict]:
         if n > len(images):
             raise ValueError(f"prompt has more {IMAGE_PLACEHOLDER} placeholders than images")
         text = m["content"].replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "")
-        parts = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images[:n]]
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images[:n]]
         images = images[n:]
         out.append({"role": m["role"], "content": parts + [{"type": "text", "text": text}]})
     if images:
@@ -114,7 +115,7 @@ class ServerModel:
         image_lists = [images or []] if single else (images or [[] for _ in texts])
         with ThreadPoolExecutor(self.concurrency) as pool:
             out = list(
-                pool.map(lambda a: self._one(*a, max_new_tokens, stop), zip(texts, image_lists, strict=True))
+                pool.map(lambda a: self._one(a[0], a[1], max_new_tokens, stop), zip(texts, image_lists, strict=True))
             )
         return out[0] if single else out
 

@@ -170,7 +170,8 @@ class Engine:
 
     def _admit(self) -> list[Request]:
         """Waiting requests that fit in the free slots and the prefill token budget (at least one)."""
-        out, budget = [], self.max_prefill_tokens
+        out: list[Request] = []
+        budget = self.max_prefill_tokens
         while self._waiting and len(self._running) + len(out) < self.max_batch:
             r = self._waiting[0]
             if r.cancelled:

@@ -125,7 +125,7 @@ class MediaGate:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, ValueError) as e:
             raise MediaError(f"cannot resolve image host {host!r} ({e})") from None
-        addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         for a in addrs:
             if a.version == 6 and a.ipv4_mapped:  # ::ffff:127.0.0.1 is loopback too
                 a = a.ipv4_mapped
@@ -204,17 +204,18 @@ class MediaGate:
 def _pinned(u: urllib.parse.ParseResult, ip: str, timeout: float) -> http.client.HTTPConnection:
     """A connection to the already-checked address `ip`; TLS still verifies the certificate for the name."""
     port = u.port or (443 if u.scheme == "https" else 80)
+    host = u.hostname or ""  # checked against the allowed domains before any connection
     if u.scheme == "https":
         ctx = ssl.create_default_context()
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            u.hostname, port, timeout=timeout, context=ctx
+            host, port, timeout=timeout, context=ctx
         )
 
         def connect() -> None:
             sock = socket.create_connection((ip, port), timeout)
-            conn.sock = ctx.wrap_socket(sock, server_hostname=u.hostname)
+            conn.sock = ctx.wrap_socket(sock, server_hostname=host)
     else:
-        conn = http.client.HTTPConnection(u.hostname, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
         def connect() -> None:
             conn.sock = socket.create_connection((ip, port), timeout)
