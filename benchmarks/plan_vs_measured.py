@@ -49,19 +49,63 @@ from nvlm.vision.encoder import vision_config  # noqa: E402
 
 # (llm config, vision config, overrides, seq, micro-batch)
 SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, int]] = {
-    "cuda": (dict(model_type="qwen2", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4, rope_theta=1e6,
-                  rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False),
-             dict(type="internvl", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                  num_attention_heads=8, image_size=[448, 448], patch_size=[14, 14], norm_type="rms_norm",
-                  use_qk_norm=True, use_mean_pooling=True),
-             {"tiling.max_tiles": 6, "xattn.every": 4}, 2048, 2),
-    "cpu": (dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
-            dict(type="internvl", hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=[112, 112], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True),
-            {"tiling.max_tiles": 6, "xattn.every": 2}, 512, 2),
+    "cuda": (
+        dict(
+            model_type="qwen2",
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            type="internvl",
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            image_size=[448, 448],
+            patch_size=[14, 14],
+            norm_type="rms_norm",
+            use_qk_norm=True,
+            use_mean_pooling=True,
+        ),
+        {"tiling.max_tiles": 6, "xattn.every": 4},
+        2048,
+        2,
+    ),
+    "cpu": (
+        dict(
+            model_type="qwen2",
+            vocab_size=8192,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            type="internvl",
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=[112, 112],
+            patch_size=[14, 14],
+            norm_type="rms_norm",
+            use_qk_norm=True,
+        ),
+        {"tiling.max_tiles": 6, "xattn.every": 2},
+        512,
+        2,
+    ),
 }
 
 
@@ -69,10 +113,11 @@ def run_config(arch: str, stage: str, ac: bool, shapes: tuple, seq: int, micro: 
     llm, vision, overrides = shapes[:3]
     names = {f.name for f in dataclasses.fields(TrainConfig)}  # the global batch field was renamed once
     gbs = {"global_batch_size" if "global_batch_size" in names else "batch_size": micro}
-    return RunConfig(model=ModelSpec(arch=arch, llm_config=dict(llm), vision_config=dict(vision),
-                                     overrides=dict(overrides)),
-                     data=DataSpec(max_seq_len=seq),
-                     train=TrainConfig(stage=stage, micro_batch_size=micro, activation_checkpointing=ac, **gbs))
+    return RunConfig(
+        model=ModelSpec(arch=arch, llm_config=dict(llm), vision_config=dict(vision), overrides=dict(overrides)),
+        data=DataSpec(max_seq_len=seq),
+        train=TrainConfig(stage=stage, micro_batch_size=micro, activation_checkpointing=ac, **gbs),
+    )
 
 
 def _linear(module: nn.Module) -> int:
@@ -101,8 +146,11 @@ def make_batch(model: Any, seq: int, micro: int) -> dict[str, Any]:
     for i in range(micro):
         s = proc.encode_segments([("<image>\nDescribe the picture.", False), (answer, True)], [image])
         n = seq - 8 * i
-        samples.append(dataclasses.replace(s, input_ids=s.input_ids[:n], labels=s.labels[:n],
-                                           xattn_lo=s.xattn_lo[:n], xattn_hi=s.xattn_hi[:n]))
+        samples.append(
+            dataclasses.replace(
+                s, input_ids=s.input_ids[:n], labels=s.labels[:n], xattn_lo=s.xattn_lo[:n], xattn_hi=s.xattn_hi[:n]
+            )
+        )
     return proc.collate(samples, padding_side="right")
 
 
@@ -111,8 +159,13 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
     llm, vision, overrides = shapes[:3]
     v = dict(vision)
     torch.manual_seed(0)
-    model = nvlm.build(arch, llm=dict(llm), vision=vision_config(v.pop("type"), **v), tokenizer=tiny_tokenizer(),
-                       config=dict(overrides))
+    model = nvlm.build(
+        arch,
+        llm=dict(llm),
+        vision=vision_config(v.pop("type"), **v),
+        tokenizer=tiny_tokenizer(),
+        config=dict(overrides),
+    )
     apply_stage(model, cfg.train.stage)
     cuda = device == "cuda"
     if cfg.train.activation_checkpointing:
@@ -193,10 +246,14 @@ def main() -> None:
     unit, scale = ("GiB", 1.0) if cuda else ("MiB", 1024.0)  # tiny CPU shapes read better in MiB
     if args.fsdp:
         _one_process_group(cuda)
-    print(f"device {args.device}{' + FSDP2' if args.fsdp else ''}, stage {args.stage}, micro-batch {micro} × "
-          f"{seq} tokens, {args.steps} steps; {unit}")
-    print(f"{'arch':<5}{'AC':<5}{'params':>8}{'grads':>8}{'optim':>8}{'gather':>8}{'activ':>8}{'casts':>8}"
-          f"{'plan W=1':>10}{'single-proc':>13}{'measured':>10}{'meas/est':>10}")
+    print(
+        f"device {args.device}{' + FSDP2' if args.fsdp else ''}, stage {args.stage}, micro-batch {micro} × "
+        f"{seq} tokens, {args.steps} steps; {unit}"
+    )
+    print(
+        f"{'arch':<5}{'AC':<5}{'params':>8}{'grads':>8}{'optim':>8}{'gather':>8}{'activ':>8}{'casts':>8}"
+        f"{'plan W=1':>10}{'single-proc':>13}{'measured':>10}{'meas/est':>10}"
+    )
     for arch in args.archs:
         for ac in (False, True):
             cfg = run_config(arch, args.stage, ac, shapes, seq, micro)
@@ -207,9 +264,11 @@ def main() -> None:
             est = p["gib_per_gpu"] * scale if args.fsdp else single
             peak = measure(arch, cfg, shapes, args.device, args.steps, args.fsdp)
             meas = f"{peak * scale:10.2f}{peak * scale / est:10.2f}"
-            print(f"{arch:<5}{'on' if ac else 'off':<5}{m['params']:8.2f}{m['grads']:8.2f}{m['optimizer']:8.2f}"
-                  f"{m['gathered'] + m['unsharded_grads']:8.2f}{m['activations']:8.2f}{casts * scale:8.2f}"
-                  f"{p['gib_per_gpu'] * scale:10.2f}{single:13.2f}{meas}")
+            print(
+                f"{arch:<5}{'on' if ac else 'off':<5}{m['params']:8.2f}{m['grads']:8.2f}{m['optimizer']:8.2f}"
+                f"{m['gathered'] + m['unsharded_grads']:8.2f}{m['activations']:8.2f}{casts * scale:8.2f}"
+                f"{p['gib_per_gpu'] * scale:10.2f}{single:13.2f}{meas}"
+            )
 
 
 if __name__ == "__main__":

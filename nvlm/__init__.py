@@ -12,8 +12,12 @@ from typing import Any
 __all__ = ["NVLM", "NVLMConfig", "build", "from_pretrained"]
 __version__ = "0.1.0"
 
-_LAZY = {"NVLM": "nvlm.models.nvlm", "NVLMConfig": "nvlm.config", "build": "nvlm.models.pretrained",
-         "from_pretrained": "nvlm.models.pretrained"}
+_LAZY = {
+    "NVLM": "nvlm.models.nvlm",
+    "NVLMConfig": "nvlm.config",
+    "build": "nvlm.models.pretrained",
+    "from_pretrained": "nvlm.models.pretrained",
+}
 
 
 def __getattr__(name: str) -> Any:

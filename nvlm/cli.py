@@ -42,7 +42,8 @@ def _int_in(low: int, high: int | None = None):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(
-                f"must be {f'between {low} and {high}' if high is not None else f'>= {low}'}, got {value}")
+                f"must be {f'between {low} and {high}' if high is not None else f'>= {low}'}, got {value}"
+            )
         return value
 
     return parse
@@ -87,6 +88,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     tile, per_tile, style, thumb = args.tile_size, args.tokens_per_tile, args.tags, "<tile_global_thumbnail>"
     if args.model:  # take tiling, tags and tokenizer from a saved model
         from nvlm.config import NVLMConfig
+
         cfg = NVLMConfig.load(f"{args.model}/config.json")
         pre = json.loads(open(f"{args.model}/preprocessor_config.json").read())
         tile, per_tile, style, thumb = pre["tile_size"], pre["tokens_per_tile"], cfg.tags.style, cfg.tags.thumbnail_tag
@@ -99,6 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+
     sources: list[tuple[str, int, int]] = [(f"{w}x{h}", w, h) for w, h in args.size]
     for path in args.images:
         try:
@@ -124,8 +127,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _print_inspect(info: dict[str, Any]) -> None:
     cols, rows = info["grid"]
-    print(f"{info['source']}: {info['width']}×{info['height']} → grid {cols}×{rows} (cols×rows), "
-          f"{info['num_tiles']} tiles{' incl. thumbnail' if info['thumbnail'] else ', no thumbnail'}")
+    print(
+        f"{info['source']}: {info['width']}×{info['height']} → grid {cols}×{rows} (cols×rows), "
+        f"{info['num_tiles']} tiles{' incl. thumbnail' if info['thumbnail'] else ', no thumbnail'}"
+    )
     for t in info["tiles"]:
         print(f"  tile {t['index']:>2} {t['kind']:<9} box {tuple(t['box'])}")
     print(f"  {'arch':<4} {'decoder':>8} {'x-attn':>8} {'tag tok (dec/x)':>16}   layout")
@@ -139,15 +144,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import nvlm
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise UserError(f"--model {args.model}: no saved nvlm model there (no config.json); give a folder written "
-                        "by save_pretrained, e.g. a run's final/ folder")
+        raise UserError(
+            f"--model {args.model}: no saved nvlm model there (no config.json); give a folder written "
+            "by save_pretrained, e.g. a run's final/ folder"
+        )
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"--image {image}: no such file; check the path")
     model = nvlm.from_pretrained(args.model)
     model.eval()
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                  temperature=args.temperature, top_p=args.top_p)
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     for piece in model.chat(args.question, images=args.image, stream=True, **kwargs):
         print(piece, end="", flush=True)
     print()
@@ -244,8 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=_int_in(1, 4096), default=448)
     p.add_argument("--tokens-per-tile", type=_int_in(1, 4096), default=256)
     p.add_argument("--min-tiles", type=_int_in(1, MAX_TILES_LIMIT), default=1)
-    p.add_argument("--max-tiles", type=_int_in(1, MAX_TILES_LIMIT), default=6,
-                   help=f"most regular tiles per image (1..{MAX_TILES_LIMIT}; the paper uses 6)")
+    p.add_argument(
+        "--max-tiles",
+        type=_int_in(1, MAX_TILES_LIMIT),
+        default=6,
+        help=f"most regular tiles per image (1..{MAX_TILES_LIMIT}; the paper uses 6)",
+    )
     p.add_argument("--no-thumbnail", action="store_true")
     p.add_argument("--tags", default="1d", choices=["none", "1d", "2d_grid", "2d_bbox"])
     p.set_defaults(func=cmd_inspect)
@@ -262,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.add_argument("--out", help="run folder; re-running with the same folder resumes")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build on the meta device and print parameters, sharding plan and GiB per GPU; no training")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build on the meta device and print parameters, sharding plan and GiB per GPU; no training",
+    )
     p.add_argument("--world-size", type=_int_in(1), default=8, help="processes (GPUs) for --dry-run's estimate")
     p.add_argument("--json", action="store_true", help="--dry-run: print JSON")
     p.set_defaults(func=cmd_train)
@@ -280,8 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="the released NVLM-D-72B layout ↔ our format (streamed, shard by shard)")
     p.add_argument("src", help="a release-layout folder (--to ours) or an nvlm checkpoint (--to release)")
     p.add_argument("dst", help="a new or empty folder")
-    p.add_argument("--to", default="ours", choices=["ours", "release"],
-                   help="ours: nvlm's format; release: the release's layout, for vLLM and the release's own code")
+    p.add_argument(
+        "--to",
+        default="ours",
+        choices=["ours", "release"],
+        help="ours: nvlm's format; release: the release's layout, for vLLM and the release's own code",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default 5GB)")
     p.set_defaults(func=cmd_convert)
 

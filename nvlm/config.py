@@ -41,8 +41,9 @@ class TilingConfig:
 
     def validate(self, prefix: str = "tiling") -> None:
         if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ConfigError(f"{prefix}.min_tiles/max_tiles must satisfy 1 <= min <= max, got "
-                              f"{self.min_tiles}/{self.max_tiles}")
+            raise ConfigError(
+                f"{prefix}.min_tiles/max_tiles must satisfy 1 <= min <= max, got {self.min_tiles}/{self.max_tiles}"
+            )
         if self.max_tiles > 40:  # nvlm.vision.tiling.MAX_TILES_LIMIT (not imported: config stays dependency-free)
             raise ConfigError(f"{prefix}.max_tiles must be at most 40 (the tiler's ceiling), got {self.max_tiles}")
         if self.max_pixels < 1:
@@ -150,8 +151,10 @@ class NVLMConfig:
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.template not in TEMPLATES or (self.template == "release" and self.arch != "D"):
-            raise ConfigError(f"template must be one of {TEMPLATES} ('release' for NVLM-D only: it is the released "
-                              f"NVLM-D's prompt), got {self.template!r} for NVLM-{self.arch}")
+            raise ConfigError(
+                f"template must be one of {TEMPLATES} ('release' for NVLM-D only: it is the released "
+                f"NVLM-D's prompt), got {self.template!r} for NVLM-{self.arch}"
+            )
         self.vision.validate()
         self.tiling.validate()
         self.tags.validate()

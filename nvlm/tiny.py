@@ -28,22 +28,39 @@ def tiny_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None) -
 
     tok = Tokenizer(models.BPE())
     # digits one per token, as Qwen2 does: numbers are then short digit sequences a tiny model can compose
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS + list(extra_text or []), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|vision_pad|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|vision_pad|>"],
+    )
 
 
 def tiny_llm_config(kind: str = "qwen2", vocab_size: int = 512, hidden: int = 64, layers: int = 4) -> Any:
     import transformers as tf
 
-    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
     if kind == "qwen2":
         # transformers 5 keeps rope_theta in rope_parameters (a rope_theta= keyword is converted to the same)
         return tf.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -52,16 +69,24 @@ def tiny_llm_config(kind: str = "qwen2", vocab_size: int = 512, hidden: int = 64
     raise ValueError(f"tiny LLM kind must be qwen2 or llama, got {kind!r}")
 
 
-def tiny_vision_config(kind: str = "internvl", image_size: int = 56, patch: int = 14, hidden: int = 32,
-                       layers: int = 2) -> Any:
+def tiny_vision_config(
+    kind: str = "internvl", image_size: int = 56, patch: int = 14, hidden: int = 32, layers: int = 2
+) -> Any:
     """A few-layer vision tower: 56 px tiles of 14 px patches → 4×4 patches → 2×2 = 4 tokens after pixel shuffle."""
     import transformers as tf
 
-    common: dict[str, Any] = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                  num_attention_heads=2)
+    common: dict[str, Any] = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2
+    )
     if kind == "internvl":  # InternViT-6B style: RMSNorm, QK-norm, no final norm (mean-pooling head unused)
-        return tf.InternVLVisionConfig(**common, image_size=[image_size, image_size], patch_size=[patch, patch],
-                                       norm_type="rms_norm", use_qk_norm=True, use_mean_pooling=True)
+        return tf.InternVLVisionConfig(
+            **common,
+            image_size=[image_size, image_size],
+            patch_size=[patch, patch],
+            norm_type="rms_norm",
+            use_qk_norm=True,
+            use_mean_pooling=True,
+        )
     if kind == "siglip":
         return tf.SiglipVisionConfig(**common, image_size=image_size, patch_size=patch)
     if kind == "clip":
@@ -69,8 +94,9 @@ def tiny_vision_config(kind: str = "internvl", image_size: int = 56, patch: int 
     raise ValueError(f"tiny vision kind must be internvl, siglip or clip, got {kind!r}")
 
 
-def save_tiny_backbones(root: str | Path, llm_kind: str = "qwen2", vision_kind: str = "internvl",
-                        seed: int = 0, **llm_kwargs: Any) -> tuple[Path, Path]:
+def save_tiny_backbones(
+    root: str | Path, llm_kind: str = "qwen2", vision_kind: str = "internvl", seed: int = 0, **llm_kwargs: Any
+) -> tuple[Path, Path]:
     """Write a tiny LLM (with its tokenizer) and a tiny vision encoder as HF folders; returns their paths."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -82,15 +82,41 @@ def write_color_dataset(root, images: int, texts: int):
     with open(root / "images.jsonl", "w") as f:
         for i in range(images):
             picture([56, 112, 150][i % 3], [56, 56, 100][i % 3], seed=i).save(root / f"img/{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": colors[i % 3]}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"img/{i}.png",
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nWhat color?"},
+                            {"from": "gpt", "value": colors[i % 3]},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     data = (root / "img/0.png").read_bytes()
     (root / "img/broken.png").write_bytes(data[: len(data) // 2])
     with open(root / "broken.jsonl", "w") as f:
-        f.write(json.dumps({"image": "img/broken.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "image": "img/broken.png",
+                    "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}],
+                }
+            )
+            + "\n"
+        )
     with open(root / "text.jsonl", "w") as f:
         for a in range(texts):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+1?"},
-                                             {"role": "assistant", "content": str(a + 1)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {a}+1?"},
+                            {"role": "assistant", "content": str(a + 1)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return root

@@ -18,12 +18,30 @@ from nvlm.bench.flops import train_flops
 from nvlm.bench.train import Shape, build_models, make_batch, synthetic_image
 
 # A smaller cousin of the cpu preset: 16 tokens per 112 px tile, 6+1 tiles, x-attn before every 2nd layer.
-TINY = Shape(llm=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=384, tie_word_embeddings=False),
-             vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                         image_size=[112, 112], patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True,
-                         use_mean_pooling=True),
-             text_tokens=24, batch_size=2, xattn_every=2)
+TINY = Shape(
+    llm=dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        tie_word_embeddings=False,
+    ),
+    vision=dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=[112, 112],
+        patch_size=[14, 14],
+        norm_type="rms_norm",
+        use_qk_norm=True,
+        use_mean_pooling=True,
+    ),
+    text_tokens=24,
+    batch_size=2,
+    xattn_every=2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +86,28 @@ def test_analytic_flops_match_flop_counter(arch, stage):
 
 def test_bench_train_runs_all_three_archs(capsys):
     # the cpu preset's backbones with a shorter sample (2+1 tiles, 16 text tokens) to keep the test quick
-    code = _bench("train", "--arch", "D,X,H", "--preset", "cpu", "--device", "cpu", "--steps", "2",
-                  "--warmup", "1", "--batch-size", "1", "--tiles", "2", "--text-tokens", "16", "--threads", "1",
-                  "--json")
+    code = _bench(
+        "train",
+        "--arch",
+        "D,X,H",
+        "--preset",
+        "cpu",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "1",
+        "--tiles",
+        "2",
+        "--text-tokens",
+        "16",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     archs = result["archs"]
@@ -86,15 +123,34 @@ def test_bench_train_runs_all_three_archs(capsys):
     for arch, paper in (("X", 1.76), ("H", 1.26)):
         ratio = result["ratios"][f"{arch}/D"]
         assert ratio["measured"] == pytest.approx(archs[arch]["samples_per_s"] / archs["D"]["samples_per_s"])
-        assert ratio["flops_predicted"] == pytest.approx(archs["D"]["tflop_per_sample"]
-                                                         / archs[arch]["tflop_per_sample"])
+        assert ratio["flops_predicted"] == pytest.approx(
+            archs["D"]["tflop_per_sample"] / archs[arch]["tflop_per_sample"]
+        )
         assert ratio["paper"] == paper
         assert ratio["flops_predicted"] > 1  # fewer decoder tokens → fewer FLOPs per sample
 
 
 def test_bench_table_output(capsys):
-    code = _bench("train", "--arch", "d,x", "--steps", "1", "--warmup", "0", "--batch-size", "1",
-                  "--text-tokens", "8", "--tiles", "1", "--device", "cpu", "--park", "--threads", "1")
+    code = _bench(
+        "train",
+        "--arch",
+        "d,x",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "1",
+        "--text-tokens",
+        "8",
+        "--tiles",
+        "1",
+        "--device",
+        "cpu",
+        "--park",
+        "--threads",
+        "1",
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "samples/s" in out and "X/D" in out and "1.76" in out and "n/a" in out

@@ -29,9 +29,16 @@ from nvlm.data.packing import collate_packed, pack_greedy
 
 def test_llava_and_openai_round_trip(tmp_path):
     picture(60, 40).save(tmp_path / "a.png")
-    llava = {"image": "a.png", "conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image>\nWhat is it?"},
-        {"from": "gpt", "value": "A box."}, {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red."}]}
+    llava = {
+        "image": "a.png",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A box."},
+            {"from": "human", "value": "Color?"},
+            {"from": "gpt", "value": "Red."},
+        ],
+    }
     conv = parse_record(llava, tmp_path)
     assert [m["role"] for m in conv.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert conv.images == [str(tmp_path / "a.png")]
@@ -40,16 +47,24 @@ def test_llava_and_openai_round_trip(tmp_path):
     via_openai = parse_record(to_openai(conv), tmp_path)
     assert via_openai.messages == conv.messages and via_openai.images == conv.images
     # LLaVA without a placeholder: the image goes in front of the first user turn
-    bare = parse_record({"image": "a.png", "conversations": [{"from": "human", "value": "Hi"},
-                                                             {"from": "gpt", "value": "Yo"}]}, tmp_path)
+    bare = parse_record(
+        {"image": "a.png", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+        tmp_path,
+    )
     assert bare.messages[0]["content"] == "<image>\nHi"
     # OpenAI with a data URL and text-only records
     buf = io.BytesIO()
     picture(30, 30).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    rec = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                     {"type": "text", "text": "What?"}]},
-                        {"role": "assistant", "content": "A thing."}]}
+    rec = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}],
+            },
+            {"role": "assistant", "content": "A thing."},
+        ]
+    }
     conv = parse_record(rec)
     assert conv.messages[0]["content"] == "<image>\nWhat?" and conv.images == [buf.getvalue()]
     text = parse_record({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
@@ -58,8 +73,10 @@ def test_llava_and_openai_round_trip(tmp_path):
 
 def test_bad_records_name_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]})
-                    + "\n{not json\n")
+    path.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]})
+        + "\n{not json\n"
+    )
     with pytest.raises(DataFormatError, match=r"d.jsonl:2: not valid JSON"):
         list(read_records(path))
     with pytest.raises(DataFormatError, match="1 <image> placeholder"):
@@ -67,15 +84,28 @@ def test_bad_records_name_file_and_line(tmp_path):
     with pytest.raises(DataFormatError, match="no assistant turn"):
         parse_record({"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(DataFormatError, match="remote image URLs"):
-        parse_record({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}, {"role": "assistant", "content": "x"}]})
+        parse_record(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]},
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        )
 
 
 def test_loss_only_on_assistant_content_and_im_end(build_model):
     model = build_model("D")
-    conv = Conversation([{"role": "system", "content": "Sys."}, {"role": "user", "content": "<image>\nQ1?"},
-                         {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "Q2?"},
-                         {"role": "assistant", "content": "second"}], [picture(150, 100)])
+    conv = Conversation(
+        [
+            {"role": "system", "content": "Sys."},
+            {"role": "user", "content": "<image>\nQ1?"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "Q2?"},
+            {"role": "assistant", "content": "second"},
+        ],
+        [picture(150, 100)],
+    )
     enc = model.processor.encode_segments(chatml_segments(conv), conv.images)
     tok = model.tokenizer
     trained = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100]
@@ -121,10 +151,12 @@ def test_blend_is_weighted_deterministic_and_resumable():
 
 def test_too_long_samples_are_dropped_not_cut(build_model):
     model = build_model("D")
-    short = Conversation([{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}],
-                         [picture(56, 56)])
-    long = Conversation([{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}],
-                        [picture(150, 100)])  # 7 tiles: does not fit
+    short = Conversation(
+        [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(56, 56)]
+    )
+    long = Conversation(
+        [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(150, 100)]
+    )  # 7 tiles: does not fit
     stream = SampleStream(Blend([Source("s", [short, long])], seed=0), model.processor, max_seq_len=40)
     got = [stream.next() for _ in range(4)]
     assert all(len(e.input_ids) <= 40 and len(e.plans[0].boxes) == 1 for e in got)
@@ -135,12 +167,23 @@ def test_too_long_samples_are_dropped_not_cut(build_model):
 def test_packing_equals_unpacked_loss(build_model, arch):
     model = build_model(arch)
     set_gates(model, 0.5)
-    convs = [Conversation([{"role": "user", "content": "<image>\nWhat color is it?"},
-                           {"role": "assistant", "content": "red and blue"}], [picture(150, 100, 1)]),
-             Conversation([{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]),
-             Conversation([{"role": "user", "content": "<image>\n<image>\nCompare."},
-                           {"role": "assistant", "content": "the first is larger"}],
-                          [picture(120, 60, 2), picture(56, 56, 3)])]
+    convs = [
+        Conversation(
+            [
+                {"role": "user", "content": "<image>\nWhat color is it?"},
+                {"role": "assistant", "content": "red and blue"},
+            ],
+            [picture(150, 100, 1)],
+        ),
+        Conversation([{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]),
+        Conversation(
+            [
+                {"role": "user", "content": "<image>\n<image>\nCompare."},
+                {"role": "assistant", "content": "the first is larger"},
+            ],
+            [picture(120, 60, 2), picture(56, 56, 3)],
+        ),
+    ]
     samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in convs]
     tpt = model.processor.tokens_per_tile
     with torch.no_grad():
@@ -171,8 +214,7 @@ def test_every_recipe_builds_on_meta_with_the_papers_modules():
         cfg = get_recipe(name)
         key = (cfg.model.arch, cfg.model.llm_config["hidden_size"])
         if key not in seen:  # stage 1 and 2 share the model: build each shape once (meta device, no memory)
-            seen[key] = build_meta(cfg.model.arch, cfg.model.llm_config, cfg.model.vision_config,
-                                   cfg.model.overrides)
+            seen[key] = build_meta(cfg.model.arch, cfg.model.llm_config, cfg.model.vision_config, cfg.model.overrides)
         m = seen[key]
         assert next(m.parameters()).device.type == "meta"
         if cfg.model.arch == "X":

@@ -29,5 +29,18 @@ def test_demo_quick_learns_every_task(tmp_path, capsys):
     assert 0.0 <= results["text"]["backbone"] <= 1.0 and 0.0 <= results["text"]["final"] <= 1.0
     ckpt = results["runs"][0]["checkpoint"]
     assert (out / "nvlm-d" / "loss.png").is_file()
-    assert main(["chat", "--model", ckpt, "--image", str(out / "fresh.png"), "--max-new-tokens", "3",
-                 "How many shapes are there?"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                ckpt,
+                "--image",
+                str(out / "fresh.png"),
+                "--max-new-tokens",
+                "3",
+                "How many shapes are there?",
+            ]
+        )
+        == 0
+    )

@@ -39,10 +39,21 @@ def cfg_dict(backbones, dataset, arch="D", stage="sft", steps=5, broken=False, *
     data = {"sources": sources, "max_seq_len": 256}
     if broken:
         data.update(sources=[*sources, {"path": str(dataset / "broken.jsonl"), "weight": 4}], max_bad_in_row=0)
-    return {"model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
-            "data": data,
-            "train": {"stage": stage, "max_steps": steps, "global_batch_size": 4, "micro_batch_size": 1,
-                      "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "collective_timeout_s": 120, **train}}
+    return {
+        "model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+        "data": data,
+        "train": {
+            "stage": stage,
+            "max_steps": steps,
+            "global_batch_size": 4,
+            "micro_batch_size": 1,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 1,
+            "collective_timeout_s": 120,
+            **train,
+        },
+    }
 
 
 def quiet(*args, **kwargs):
@@ -51,8 +62,9 @@ def quiet(*args, **kwargs):
 
 # ---- the worker side ---------------------------------------------------------------------------------------
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from nvlm.distributed.parallel import barrier, init_world, shutdown
 
@@ -82,8 +94,9 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
                     trainer.train_step = stop
                 if job["kind"] == "grads":  # one step's full gradients, gathered from the shards
                     proc = trainer.model.processor
-                    enc = proc.encode_segments([(f"<image>\nWhat color? {rank}", False), ("red", True)],
-                                               [picture(150, 100, seed=rank)])
+                    enc = proc.encode_segments(
+                        [(f"<image>\nWhat color? {rank}", False), ("red", True)], [picture(150, 100, seed=rank)]
+                    )
                     trainer.train_step([proc.collate([enc], padding_side="right")])
                     grads = {n: p.grad.full_tensor() for n, p in trainer.model.named_parameters() if p.requires_grad}
                     if world.main:
@@ -95,8 +108,9 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
                     if rank == 0:
                         enc = proc.encode_segments([("What is 2+2? ", False), ("4", True)], [])
                     else:
-                        enc = proc.encode_segments([("<image>\nWhat color? ", False), ("red", True)],
-                                                   [picture(150, 100)])
+                        enc = proc.encode_segments(
+                            [("<image>\nWhat color? ", False), ("red", True)], [picture(150, 100)]
+                        )
                     loss, norm, tokens = trainer.train_step([proc.collate([enc], padding_side="right")])
                     trainer.optimizer.step()
                     result.update(loss=loss, norm=norm, tokens=tokens, mixed=trainer.mixed)
@@ -120,8 +134,9 @@ def spawn(jobs: list[dict], world_size: int = 2) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(_worker, args=(world_size, port, jobs), nprocs=world_size, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
+    )
     import time
 
     deadline = time.monotonic() + TIMEOUT_S
@@ -164,25 +179,48 @@ def runs(backbones, dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("druns")
     tied = cfg_dict(backbones, dataset, "H", steps=2)
     tied["model"]["llm"] = str(tied_bf16_llm(backbones, root))
-    jobs = [{"kind": "train", "cfg": cfg_dict(backbones, dataset, arch), "out": str(root / f"two-{arch}")}
-            for arch in ("D", "X", "H")]
+    jobs = [
+        {"kind": "train", "cfg": cfg_dict(backbones, dataset, arch), "out": str(root / f"two-{arch}")}
+        for arch in ("D", "X", "H")
+    ]
     jobs.append({"kind": "train", "cfg": tied, "out": str(root / "two-tied-bf16")})
-    jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "X", activation_checkpointing=True),
-                 "out": str(root / "two-X-ac")})
-    jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, "H", stage="pretrain", steps=3),
-                 "out": str(root / "two-H-pretrain")})
+    jobs.append(
+        {
+            "kind": "train",
+            "cfg": cfg_dict(backbones, dataset, "X", activation_checkpointing=True),
+            "out": str(root / "two-X-ac"),
+        }
+    )
+    jobs.append(
+        {
+            "kind": "train",
+            "cfg": cfg_dict(backbones, dataset, "H", stage="pretrain", steps=3),
+            "out": str(root / "two-H-pretrain"),
+        }
+    )
     for arch in ("D", "X", "H"):  # gradients of one step with and without activation checkpointing
         for ac in (False, True):
-            jobs.append({"kind": "grads", "out": str(root / f"grads-{arch}-{ac}"),
-                         "cfg": cfg_dict(backbones, dataset, arch, activation_checkpointing=ac)})
+            jobs.append(
+                {
+                    "kind": "grads",
+                    "out": str(root / f"grads-{arch}-{ac}"),
+                    "cfg": cfg_dict(backbones, dataset, arch, activation_checkpointing=ac),
+                }
+            )
     resume = cfg_dict(backbones, dataset, "X", steps=6, save_every=3)
-    jobs += [{"kind": "train", "cfg": resume, "out": str(root / "straight")},
-             {"kind": "train", "cfg": resume, "out": str(root / "stopped"), "stop_at": 3},
-             {"kind": "copy", "src": str(root / "stopped"), "dst": str(root / "one-proc-resume")},
-             {"kind": "train", "cfg": resume, "out": str(root / "stopped")},
-             {"kind": "mixed", "cfg": cfg_dict(backbones, dataset, "H"), "out": str(root / "mixed")},
-             {"kind": "train", "cfg": cfg_dict(backbones, dataset, "D", broken=True), "out": str(root / "broken"),
-              "expect_error": True}]
+    jobs += [
+        {"kind": "train", "cfg": resume, "out": str(root / "straight")},
+        {"kind": "train", "cfg": resume, "out": str(root / "stopped"), "stop_at": 3},
+        {"kind": "copy", "src": str(root / "stopped"), "dst": str(root / "one-proc-resume")},
+        {"kind": "train", "cfg": resume, "out": str(root / "stopped")},
+        {"kind": "mixed", "cfg": cfg_dict(backbones, dataset, "H"), "out": str(root / "mixed")},
+        {
+            "kind": "train",
+            "cfg": cfg_dict(backbones, dataset, "D", broken=True),
+            "out": str(root / "broken"),
+            "expect_error": True,
+        },
+    ]
     spawn(jobs)
     return root
 
@@ -289,8 +327,19 @@ def test_torchrun_cli_two_processes(backbones, dataset, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "nvlm", "train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "nvlm",
+        "train",
+        str(tmp_path / "run.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished at step 2") == 1, proc.stdout

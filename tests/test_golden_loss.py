@@ -26,12 +26,28 @@ STEPS = 30
 def test_tiny_d_loss_curve_matches_the_golden_one(backbones, tmp_path):
     (tmp_path / "data").mkdir()
     data = write_color_dataset(tmp_path / "data", 24, 8)
-    cfg = RunConfig.from_dict({
-        "model": {"arch": "D", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
-        "data": {"sources": [{"path": str(data / "images.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}],
-                 "max_seq_len": 256, "prefetch": 0},
-        "train": {"stage": "sft", "max_steps": STEPS, "global_batch_size": 2, "micro_batch_size": 1, "lr": 3e-3,
-                  "min_lr": 3e-4, "warmup_steps": 3, "seed": 0, "num_threads": 1, "save_every": 0}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"arch": "D", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {
+                "sources": [{"path": str(data / "images.jsonl"), "weight": 3}, {"path": str(data / "text.jsonl")}],
+                "max_seq_len": 256,
+                "prefetch": 0,
+            },
+            "train": {
+                "stage": "sft",
+                "max_steps": STEPS,
+                "global_batch_size": 2,
+                "micro_batch_size": 1,
+                "lr": 3e-3,
+                "min_lr": 3e-4,
+                "warmup_steps": 3,
+                "seed": 0,
+                "num_threads": 1,
+                "save_every": 0,
+            },
+        }
+    )
     threads = torch.get_num_threads()
     try:
         Trainer(cfg, tmp_path / "run", log=lambda *a, **k: None).run()

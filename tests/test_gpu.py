@@ -28,7 +28,7 @@ def test_cuda_cached_equals_uncached_and_batch_equals_single(build_model, arch):
     with torch.no_grad():
         logits = model(**batch).logits
         single = model(**model.processor(texts[0], images[0])).logits[0]
-    torch.testing.assert_close(logits[0, -single.shape[0]:], single, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(logits[0, -single.shape[0] :], single, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
@@ -50,12 +50,25 @@ def test_training_on_gpu_with_bf16_autocast(backbones, tmp_path):
     with open(tmp_path / "d.jsonl", "w") as f:
         for i in range(16):
             picture(150, 100, i).save(tmp_path / f"img/{i}.png")
-            f.write(json.dumps({"image": f"img/{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": "red"}]}) + "\n")
-    cfg = RunConfig.from_dict({
-        "model": {"arch": "H", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
-        "data": {"sources": [{"path": str(tmp_path / "d.jsonl")}], "max_seq_len": 256},
-        "train": {"stage": "sft", "max_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "lr": 3e-3}})
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"img/{i}.png",
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nColor?"},
+                            {"from": "gpt", "value": "red"},
+                        ],
+                    }
+                )
+                + "\n"
+            )
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"arch": "H", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {"sources": [{"path": str(tmp_path / "d.jsonl")}], "max_seq_len": 256},
+            "train": {"stage": "sft", "max_steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "lr": 3e-3},
+        }
+    )
     trainer = Trainer(cfg, tmp_path / "run", log=lambda *a: None)
     assert next(trainer.model.parameters()).device.type == "cuda"
     result = trainer.run()
@@ -77,10 +90,14 @@ def test_sharded_training_on_gpu_matches_plain(backbones, tmp_path):
 
     (tmp_path / "data").mkdir()
     data = write_color_dataset(tmp_path / "data", 24, 24)
-    cfg = {"model": {"arch": "X", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
-           "data": {"sources": [{"path": str(data / "images.jsonl")}, {"path": str(data / "text.jsonl")}],
-                    "max_seq_len": 256},
-           "train": {"stage": "sft", "max_steps": 8, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3}}
+    cfg = {
+        "model": {"arch": "X", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+        "data": {
+            "sources": [{"path": str(data / "images.jsonl")}, {"path": str(data / "text.jsonl")}],
+            "max_seq_len": 256,
+        },
+        "train": {"stage": "sft", "max_steps": 8, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3},
+    }
     spawn([{"kind": "train", "cfg": cfg, "out": str(tmp_path / "sharded")}], world_size=1)
     Trainer(RunConfig.from_dict(cfg), tmp_path / "plain", log=lambda *a: None).run()
     sharded, plain = losses(tmp_path / "sharded"), losses(tmp_path / "plain")

@@ -97,20 +97,40 @@ def test_a_cycle_would_be_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize(("layer", "forbidden"), [
-    ("nvlm.distributed", ("nvlm.training", "nvlm.eval", "nvlm.serve", "nvlm.demo")),
-    ("nvlm.models", ("nvlm.training", "nvlm.distributed", "nvlm.eval", "nvlm.serve", "nvlm.demo",
-                     "nvlm.data.blend", "nvlm.data.formats", "nvlm.data.prefetch")),
-    ("nvlm.vision", ("nvlm.models", "nvlm.training", "nvlm.distributed", "nvlm.eval", "nvlm.demo")),
-])
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("nvlm.distributed", ("nvlm.training", "nvlm.eval", "nvlm.serve", "nvlm.demo")),
+        (
+            "nvlm.models",
+            (
+                "nvlm.training",
+                "nvlm.distributed",
+                "nvlm.eval",
+                "nvlm.serve",
+                "nvlm.demo",
+                "nvlm.data.blend",
+                "nvlm.data.formats",
+                "nvlm.data.prefetch",
+            ),
+        ),
+        ("nvlm.vision", ("nvlm.models", "nvlm.training", "nvlm.distributed", "nvlm.eval", "nvlm.demo")),
+    ],
+)
 def test_layers_import_one_way(layer, forbidden):
-    bad = sorted((m, d) for m, deps in import_graph().items() if m.startswith(layer)
-                 for d in deps if d.startswith(forbidden))
+    bad = sorted(
+        (m, d) for m, deps in import_graph().items() if m.startswith(layer) for d in deps if d.startswith(forbidden)
+    )
     assert bad == []
 
 
 def test_only_entry_points_import_the_demo():
     entry = ("nvlm.cli", "nvlm.__main__")
-    bad = sorted((m, d) for m, deps in import_graph().items()
-                 if not m.startswith(("nvlm.demo", *entry)) for d in deps if d.startswith("nvlm.demo"))
+    bad = sorted(
+        (m, d)
+        for m, deps in import_graph().items()
+        if not m.startswith(("nvlm.demo", *entry))
+        for d in deps
+        if d.startswith("nvlm.demo")
+    )
     assert bad == []

@@ -48,9 +48,7 @@ def test_chat_prompt_refuses_a_placeholder_in_the_question():
 )
 def test_processor_refuses_special_tokens_and_tags(model, bad):
     with pytest.raises(ControlTokenError, match="reserved for the prompt format"):
-        model.processor.encode(
-            f"{render_chat([{'role': 'user', 'content': '<image>'}])} {bad}", [picture(60, 60)]
-        )
+        model.processor.encode(f"{render_chat([{'role': 'user', 'content': '<image>'}])} {bad}", [picture(60, 60)])
 
 
 def test_processor_refuses_every_added_special_token(model):
@@ -72,9 +70,7 @@ def test_template_tokens_and_lookalikes_still_work(model):
 
 
 def test_training_data_with_a_forged_turn_is_a_bad_sample(model):
-    good = Conversation(
-        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}], source="d:1"
-    )
+    good = Conversation([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}], source="d:1")
     forged = Conversation([{"role": "user", "content": FORGED_TURN}, {"role": "assistant", "content": "5"}],
                           source="d:2")  # fmt: skip
     with pytest.raises(ControlTokenError, match=r"d:2: user message contains '<\|im_end\|>'"):

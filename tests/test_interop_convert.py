@@ -87,9 +87,7 @@ def test_our_nvlm_d_exports_to_the_release_layout_and_back_bit_exact(build_model
     # what vLLM's NVLM_D reads (and no remote code: vLLM has its own config class)
     assert cfg["architectures"] == ["NVLM_D"] and cfg["model_type"] == "NVLM_D" and "auto_map" not in cfg
     assert cfg["ps_version"] == "v2" and cfg["downsample_ratio"] == 0.5 and cfg["force_image_size"] == 56
-    assert (
-        cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"] and cfg["llm_config"]["rope_theta"] == 1e6
-    )
+    assert cfg["llm_config"]["architectures"] == ["Qwen2ForCausalLM"] and cfg["llm_config"]["rope_theta"] == 1e6
     vc = cfg["vision_config"]
     assert vc["model_type"] == "intern_vit_6b" and vc["image_size"] == 56 and vc["patch_size"] == 14
     assert vc["num_attention_heads"] == 2 and vc["qk_normalization"] is True and vc["qkv_bias"] is False
@@ -161,9 +159,7 @@ print(json.dumps({"to_ours": measured(big, out + "/ours"), "to_release": measure
 """
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads and resets the peak RSS in /proc/self"
-)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets the peak RSS in /proc/self")
 def test_conversion_streams_peak_rss_under_two_shards(tmp_path):
     """On a 5-shard replica of ~110 MB, converting either way raises the process's peak RSS by less than two of
     its largest shard (loading the whole model would add more than that)."""

@@ -27,11 +27,7 @@ def _by_hand(folder, prefix=""):
 
     vc = json.loads((folder / "config.json").read_text())
     vc = vc.get("vision_config", vc)
-    w = {
-        k[len(prefix) :]: v
-        for k, v in load_file(folder / "model.safetensors").items()
-        if k.startswith(prefix)
-    }
+    w = {k[len(prefix) :]: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith(prefix)}
     c, h = vc["hidden_size"], vc["num_attention_heads"]
     hd = c // h
     names = {
@@ -125,9 +121,7 @@ def test_internvl_chat_folder_gives_its_vision_model(tmp_path):
     )
     a, _ = load_vision_model(chat)
     b, _ = load_vision_model(vit)
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_unknown_vision_weight_is_refused(tmp_path):
@@ -143,9 +137,7 @@ def test_unknown_vision_weight_is_refused(tmp_path):
 def test_build_with_an_original_internvit_folder_and_reload(backbones, tmp_path, arch):
     folder = internvit_replica(tmp_path / "InternViT-300M-tiny", dummy_heads=0, **KINDS["300m"])
     model = nvlm.build(arch, llm=str(backbones["qwen2"]), vision=str(folder)).eval()
-    assert (
-        model.config.vision.type == "internvl" and model.config.vision.hf_config["norm_type"] == "layer_norm"
-    )
+    assert model.config.vision.type == "internvl" and model.config.vision.hf_config["norm_type"] == "layer_norm"
     model.save_pretrained(tmp_path / "ckpt")  # our format stores transformers' names in vision/
     loaded = nvlm.from_pretrained(tmp_path / "ckpt").eval()
     batch = model.processor("<image>\nWhat?", [picture(150, 100)])

@@ -113,11 +113,7 @@ def _reference_logits(vision, llm, mlp1, batch, pad_id):
         n, p, c = feats.shape
         g = int(p**0.5)
         # pixel shuffle v2: token (i, j) = patches (2i,2j), (2i,2j+1), (2i+1,2j), (2i+1,2j+1), concatenated
-        x = (
-            feats.reshape(n, g // 2, 2, g // 2, 2, c)
-            .permute(0, 1, 3, 2, 4, 5)
-            .reshape(n, (g // 2) ** 2, 4 * c)
-        )
+        x = feats.reshape(n, g // 2, 2, g // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(n, (g // 2) ** 2, 4 * c)
         x = F.layer_norm(x, (4 * c,), mlp1["mlp1.0.weight"], mlp1["mlp1.0.bias"], eps=1e-5)
         x = F.linear(F.gelu(F.linear(x, mlp1["mlp1.1.weight"])), mlp1["mlp1.3.weight"])
         ids = batch["input_ids"]
@@ -148,9 +144,7 @@ def test_config_quirks_mapped(replica):
     assert (cfg.tiling.min_tiles, cfg.tiling.max_tiles, cfg.tiling.use_thumbnail) == (1, 6, True)
     assert cfg.vision.image_mean == (0.485, 0.456, 0.406) and cfg.vision.select_layer == -1
     assert model.projector.linear_1.weight.shape == (128, 128)  # hidden width = the LLM's FFN size
-    assert (
-        model.llm.get_input_embeddings().weight.shape[0] == len(model.tokenizer) + 16
-    )  # no resize, no new tokens
+    assert model.llm.get_input_embeddings().weight.shape[0] == len(model.tokenizer) + 16  # no resize, no new tokens
 
 
 def test_sliced_heads_equal_an_unpadded_tower_exactly(tmp_path):
@@ -183,9 +177,7 @@ def test_padded_attention_by_the_release_rule_equals_the_sliced_attention(replic
         norm(q, w["vision_model.encoder.layers.0.attn.q_norm.weight"]),
         norm(k, w["vision_model.encoder.layers.0.attn.k_norm.weight"]),
     )
-    att = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * hd**-0.5, -1) @ v.transpose(
-        1, 2
-    )
+    att = torch.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * hd**-0.5, -1) @ v.transpose(1, 2)
     padded_out = F.linear(
         att.transpose(1, 2).reshape(3, 17, -1),
         w["vision_model.encoder.layers.0.attn.proj.weight"],
@@ -224,9 +216,7 @@ def test_release_template_gives_the_release_input_ids(replica, size):
     batch = model.processor(chat_prompt(question, 1, template="release"), [picture(*size)])
     n = batch["pixel_values"].shape[0]
     tags = [f"<tile_{i}>" for i in range(1, n)] + ["<tile_global_thumbnail>"]
-    image = (
-        "<Image>" + "".join(t + "<|vision_pad|>" * model.processor.tokens_per_tile for t in tags) + "</Image>"
-    )
+    image = "<Image>" + "".join(t + "<|vision_pad|>" * model.processor.tokens_per_tile for t in tags) + "</Image>"
     query = (
         f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{image}\n{question}<|im_end|>"
         "<|im_start|>assistant\n"
@@ -253,13 +243,10 @@ def test_chat_uses_the_model_template(replica, monkeypatch):
 def test_bf16_and_dtype(tmp_path):
     root = release_replica(tmp_path / "bf16", dtype=torch.bfloat16)
     model = nvlm.from_pretrained(root)
-    assert (
-        model.llm.dtype == torch.bfloat16 and model.vision.model.embeddings.cls_token.dtype == torch.bfloat16
-    )
+    assert model.llm.dtype == torch.bfloat16 and model.vision.model.embeddings.cls_token.dtype == torch.bfloat16
     assert model.projector.linear_1.weight.dtype == torch.float32  # as nvlm.from_pretrained on our format
     assert (
-        model.llm.model.rotary_emb.inv_freq.dtype == torch.float32
-        and not model.llm.model.rotary_emb.inv_freq.is_meta
+        model.llm.model.rotary_emb.inv_freq.dtype == torch.float32 and not model.llm.model.rotary_emb.inv_freq.is_meta
     )
     cast = nvlm.from_pretrained(root, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in cast.parameters())

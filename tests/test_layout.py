@@ -21,8 +21,9 @@ def test_layouts_for_a_3x2_image():
     plan = plan_tiles(1000, 800)
     d, x, h = (image_block(a, plan, "1d", "<tile_global_thumbnail>") for a in "DXH")
     tags6 = "".join(f"<tile_{k}>" for k in range(1, 7))
-    assert render(d, "decoder", 256) == ("<Image>" + "".join(f"<tile_{k}>{P}" for k in range(1, 7))
-                                         + f"<tile_global_thumbnail>{P}</Image>")
+    assert render(d, "decoder", 256) == (
+        "<Image>" + "".join(f"<tile_{k}>{P}" for k in range(1, 7)) + f"<tile_global_thumbnail>{P}</Image>"
+    )
     assert render(x, "decoder", 256) == f"<Image>{tags6}<tile_global_thumbnail></Image>"
     assert render(x, "xattn", 256) == P * 7
     assert render(h, "decoder", 256) == f"<Image><tile_global_thumbnail>{P}</Image>"
@@ -34,8 +35,10 @@ def test_layouts_for_a_3x2_image():
 def test_single_tile_image_has_no_thumbnail_and_global_tag():
     plan = plan_tiles(500, 400)
     assert plan.grid == (1, 1) and not plan.thumbnail
-    assert render(image_block("D", plan, "1d", "<tile_global_thumbnail>"), "decoder", 256) == \
-        f"<Image><tile_global_thumbnail>{P}</Image>"
+    assert (
+        render(image_block("D", plan, "1d", "<tile_global_thumbnail>"), "decoder", 256)
+        == f"<Image><tile_global_thumbnail>{P}</Image>"
+    )
     h = image_block("H", plan, "1d", "<tile_global_thumbnail>")
     assert h.feature_tiles("decoder") == 1 and h.memory == []
 
@@ -56,10 +59,16 @@ def test_tag_styles():
 
 def test_describe_counts_feature_and_tag_tokens_separately():
     info = describe(plan_tiles(1000, 800), 256, "1d", "<tile_global_thumbnail>", count_tokens=lambda s: 5)
-    assert info["tokens"] == {"D": {"decoder": 1792, "xattn": 0}, "X": {"decoder": 0, "xattn": 1792},
-                              "H": {"decoder": 256, "xattn": 1536}}
-    assert info["tag_tokens"] == {"D": {"decoder": 35, "xattn": 0}, "X": {"decoder": 35, "xattn": 0},
-                                  "H": {"decoder": 5, "xattn": 30}}
+    assert info["tokens"] == {
+        "D": {"decoder": 1792, "xattn": 0},
+        "X": {"decoder": 0, "xattn": 1792},
+        "H": {"decoder": 256, "xattn": 1536},
+    }
+    assert info["tag_tokens"] == {
+        "D": {"decoder": 35, "xattn": 0},
+        "X": {"decoder": 35, "xattn": 0},
+        "H": {"decoder": 5, "xattn": 30},
+    }
 
 
 def test_inspect_json(capsys):

@@ -17,8 +17,9 @@ def _backbone_logits(model, batch, embeds=None):
     with torch.no_grad():
         pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         if embeds is None:
-            return model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=pos).logits
+            return model.llm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos
+            ).logits
         return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=pos).logits
 
 
@@ -31,8 +32,13 @@ def test_zero_gates_equal_backbone_exactly(build_model, arch, llm):
     with torch.no_grad():
         for batch in (text_only, with_image):
             logits = model(**batch).logits
-            embeds, state = model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"],
-                                        batch["memory_index"], batch["memory_tag_ids"])
+            embeds, state = model.embed(
+                batch["input_ids"],
+                batch["pixel_values"],
+                batch["decoder_tiles"],
+                batch["memory_index"],
+                batch["memory_tag_ids"],
+            )
             assert torch.equal(logits, _backbone_logits(model, batch, embeds))
         assert state is not None and state.memory.shape[1] > 0  # the image really went through x-attn
 
@@ -79,8 +85,9 @@ def test_open_gates_change_only_rows_that_see_an_image(build_model, arch):
     batch = model.processor("Look at this: <image>\nWhat is it?", [picture(150, 100)])
     with torch.no_grad():
         logits = model(**batch).logits
-        base = _backbone_logits(model, batch, model.embed(batch["input_ids"], batch["pixel_values"],
-                                                         batch["decoder_tiles"], None)[0])
+        base = _backbone_logits(
+            model, batch, model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"], None)[0]
+        )
     assert torch.isfinite(logits).all()
     blind = (batch["xattn_hi"][0] == 0).nonzero().flatten()  # tokens before any image (and no tag)
     sees = (batch["xattn_hi"][0] > batch["xattn_lo"][0]).nonzero().flatten()
@@ -100,7 +107,7 @@ def test_tag_row_sees_only_its_tile(build_model):
     ids = enc.input_ids
     for k in range(6):
         tag_ids = model.processor.tokens(f"<tile_{k + 1}>")
-        start = next(i for i in range(len(ids)) if ids[i:i + len(tag_ids)] == tag_ids)
+        start = next(i for i in range(len(ids)) if ids[i : i + len(tag_ids)] == tag_ids)
         for t in range(start, start + len(tag_ids)):
             assert (enc.xattn_lo[t], enc.xattn_hi[t]) == (k * tpt, (k + 1) * tpt)
     # functional check on one block: changing other tiles' memory leaves the tag row unchanged
@@ -112,7 +119,7 @@ def test_tag_row_sees_only_its_tile(build_model):
     allowed, row = xattn_mask(lo, hi, enc.memory_len)
     out1 = block(x, memory, allowed, row)[0]
     memory2 = memory.clone()
-    memory2[:, 2 * tpt:] += 1.0  # perturb tiles 3..7
+    memory2[:, 2 * tpt :] += 1.0  # perturb tiles 3..7
     out2 = block(x, memory2, allowed, row)[0]
     tag2 = [t for t in range(len(ids)) if (enc.xattn_lo[t], enc.xattn_hi[t]) == (tpt, 2 * tpt)]
     assert tag2 and torch.equal(out1[0, tag2], out2[0, tag2])
@@ -123,8 +130,9 @@ def test_tag_row_sees_only_its_tile(build_model):
 def test_block_rows_that_see_nothing_are_identity_and_finite():
     from nvlm.models.llm import LLMDims
 
-    dims = LLMDims(hidden_size=16, ffn_size=32, num_heads=4, num_kv_heads=2, head_dim=4, num_layers=2,
-                   rms_norm_eps=1e-6)
+    dims = LLMDims(
+        hidden_size=16, ffn_size=32, num_heads=4, num_kv_heads=2, head_dim=4, num_layers=2, rms_norm_eps=1e-6
+    )
     block = GatedCrossAttentionBlock(dims)
     with torch.no_grad():
         block.gate_attn.fill_(1.0)
@@ -159,10 +167,18 @@ def test_mixed_batch_logits_equal_one_by_one(build_model):
     for arch in ("D", "X", "H"):
         model = build_model(arch)
         set_gates(model, 0.4)
-        texts = [chat_prompt("What is 2+2?", 0), chat_prompt("Describe.", 1),
-                 chat_prompt("Compare them all, please.", 3), chat_prompt("Two?", 2)]
-        images = [[], [picture(150, 100)], [picture(50, 50), picture(120, 60, 1), picture(60, 200, 2)],
-                  [picture(100, 100, 3), picture(56, 56, 4)]]
+        texts = [
+            chat_prompt("What is 2+2?", 0),
+            chat_prompt("Describe.", 1),
+            chat_prompt("Compare them all, please.", 3),
+            chat_prompt("Two?", 2),
+        ]
+        images = [
+            [],
+            [picture(150, 100)],
+            [picture(50, 50), picture(120, 60, 1), picture(60, 200, 2)],
+            [picture(100, 100, 3), picture(56, 56, 4)],
+        ]
         batch = model.processor(texts, images)
         with torch.no_grad():
             logits = model(**batch).logits
@@ -199,15 +215,23 @@ def test_touch_all_runs_every_module_without_changing_the_result(build_model, ar
     batch = model.processor(chat_prompt("What is 3+4?", 0))
     plain = model(**batch).logits
     called = []
-    hooks = [m.register_forward_hook(lambda *a, n=n: called.append(n))
-             for n, m in [("vision", model.vision), ("projector", model.projector), *
-                          [(f"xattn.{i}", b) for i, b in enumerate(model.xattn)]]]
+    hooks = [
+        m.register_forward_hook(lambda *a, n=n: called.append(n))
+        for n, m in [
+            ("vision", model.vision),
+            ("projector", model.projector),
+            *[(f"xattn.{i}", b) for i, b in enumerate(model.xattn)],
+        ]
+    ]
     out = model(**batch, touch_all=True)
     for h in hooks:
         h.remove()
     assert torch.equal(out.logits, plain)
     assert set(called) == {"vision", "projector", *[f"xattn.{i}" for i in range(len(model.xattn))]}
     out.logits.sum().backward()
-    for name, p in [*model.vision.named_parameters(), *model.projector.named_parameters(),
-                    *model.xattn.named_parameters()]:
+    for name, p in [
+        *model.vision.named_parameters(),
+        *model.projector.named_parameters(),
+        *model.xattn.named_parameters(),
+    ]:
         assert p.grad is not None and not p.grad.any(), name

@@ -33,10 +33,7 @@ def pair(backbones):
     ).eval()  # 64 = the tiny LLM's width, as InternVL's projector
     with torch.no_grad():  # a trained-looking projector (LayerNorm not at its 1/0 init)
         for p in ours.projector.parameters():
-            p.copy_(
-                torch.randn_like(p) * 0.2
-                + (1.0 if p.dim() == 1 and p is ours.projector.layer_norm.weight else 0)
-            )
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p is ours.projector.layer_norm.weight else 0))
     cfg = InternVLConfig(
         vision_config=ours.vision.model.config.to_dict(),
         text_config=ours.llm.config.to_dict(),
@@ -75,9 +72,7 @@ def test_keymap_covers_both_state_dicts(pair, tmp_path):
         on_disk = set(f.keys())
     assert {ours_to_hf_internvl(k, on_disk=True) for k in names} <= on_disk
     assert {
-        hf_internvl_to_ours(k, on_disk=True)
-        for k in on_disk
-        if not k.endswith(("linear_1.bias", "linear_2.bias"))
+        hf_internvl_to_ours(k, on_disk=True) for k in on_disk if not k.endswith(("linear_1.bias", "linear_2.bias"))
     } == names
 
 

@@ -20,14 +20,21 @@ TINY = {"tags.mode": "special", "xattn.every": 1}  # the demo's overrides: speci
 
 
 def _run(stage: str, unfreeze_vision: bool = False, **model: object) -> RunConfig:
-    return RunConfig(model=ModelSpec(**model), data=DataSpec(max_seq_len=64),
-                     train=TrainConfig(stage=stage, micro_batch_size=2, unfreeze_vision=unfreeze_vision))
+    return RunConfig(
+        model=ModelSpec(**model),
+        data=DataSpec(max_seq_len=64),
+        train=TrainConfig(stage=stage, micro_batch_size=2, unfreeze_vision=unfreeze_vision),
+    )
 
 
 def _counts(model) -> dict[str, dict[str, int]]:
-    return {name: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
-                   "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad)}
-            for name, m in components(model).items()}
+    return {
+        name: {
+            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad),
+        }
+        for name, m in components(model).items()
+    }
 
 
 def _check(p: dict, real) -> None:
@@ -39,13 +46,13 @@ def _check(p: dict, real) -> None:
     assert sum(u["count"] * u["params_each"] for u in p["units"]) == p["params_total"]
 
 
-@pytest.mark.parametrize("arch,llm,vision", [("D", "qwen2", "internvl"), ("X", "llama", "siglip"),
-                                             ("H", "qwen2", "clip")])
+@pytest.mark.parametrize(
+    "arch,llm,vision", [("D", "qwen2", "internvl"), ("X", "llama", "siglip"), ("H", "qwen2", "clip")]
+)
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_counts_equal_real_model(backbones, arch, llm, vision, stage):
     unfreeze = arch == "H" and stage == "sft"  # the demo's setting, once
-    cfg = _run(stage, unfreeze, arch=arch, llm=str(backbones[llm]), vision=str(backbones[vision]),
-               overrides=dict(TINY))
+    cfg = _run(stage, unfreeze, arch=arch, llm=str(backbones[llm]), vision=str(backbones[vision]), overrides=dict(TINY))
     real = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), config=dict(TINY))
     apply_stage(real, stage, unfreeze_vision=unfreeze)
     p = plan(cfg, world_size=2)
@@ -73,8 +80,14 @@ def test_paper_sizes(d72):
     assert c["llm"]["trainable"] == pytest.approx(72.71e9, rel=0.01)
     assert c["vision"]["frozen"] == pytest.approx(5.54e9, rel=0.01) and c["vision"]["trainable"] == 0
     assert c["projector"]["trainable"] == pytest.approx(621e6, rel=0.01)
-    assert [u["unit"] for u in d72["units"]] == ["llm.layers.*", "vision.layers.*", "vision", "llm.embed_tokens",
-                                                 "llm.norm+lm_head", "root"]
+    assert [u["unit"] for u in d72["units"]] == [
+        "llm.layers.*",
+        "vision.layers.*",
+        "vision",
+        "llm.embed_tokens",
+        "llm.norm+lm_head",
+        "root",
+    ]
     assert d72["units"][0]["count"] == 80 and d72["units"][1]["count"] == 45
     x = plan(get_recipe("x-72b-sft"), 128)  # + 10 gated x-attn blocks (every 8th of 80 layers), a 1-layer projector
     assert x["shapes"]["xattn_blocks"] == 10
@@ -102,8 +115,16 @@ def test_memory_trends(d72):
 
 def test_json_and_text(d72):
     data = json.loads(json.dumps(d72))
-    for key in ("params_total", "params_trainable", "gib_per_gpu", "gib_per_gpu_ac", "gib_per_gpu_no_ac",
-                "units", "memory_gib", "components"):
+    for key in (
+        "params_total",
+        "params_trainable",
+        "gib_per_gpu",
+        "gib_per_gpu_ac",
+        "gib_per_gpu_no_ac",
+        "units",
+        "memory_gib",
+        "components",
+    ):
         assert key in data
     assert set(data["memory_gib"]) >= {"params", "grads", "optimizer", "gathered", "activations"}
     text = render(d72)

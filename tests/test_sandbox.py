@@ -18,7 +18,10 @@ TIMEOUT = 2.0
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
 MARKER = "nvlmsbxattack"  # a process name the attacks give themselves, to look for on the host afterwards
-UNGUARD = "import sys\nfor m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\nimport ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+UNGUARD = (
+    "import sys\nfor m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\n"
+    "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+)
 
 needs_isolation = pytest.mark.skipif(not sandbox.isolation()[0], reason=sandbox.isolation()[1])
 
@@ -29,26 +32,14 @@ def _body(code: str, then: str = "return a + b") -> str:
 
 def _attacks(outside: str, port: int) -> dict[str, str]:
     """Completions of ``add`` that try to escape, then return the right value (so only the attack can fail them)."""
-    rename = (
-        f"import posix\nfd = posix.open('/proc/self/comm', posix.O_WRONLY)\nposix.write(fd, b'{MARKER}')\n"
-    )
+    rename = f"import posix\nfd = posix.open('/proc/self/comm', posix.O_WRONLY)\nposix.write(fd, b'{MARKER}')\n"
     return {
-        "posix_write_outside": _body(
-            f"import posix\nposix.open({outside!r}, posix.O_WRONLY | posix.O_CREAT)"
-        ),
-        "posix_write_usr": _body(
-            "import posix\nposix.open('/usr/nvlm-escaped', posix.O_WRONLY | posix.O_CREAT)"
-        ),
+        "posix_write_outside": _body(f"import posix\nposix.open({outside!r}, posix.O_WRONLY | posix.O_CREAT)"),
+        "posix_write_usr": _body("import posix\nposix.open('/usr/nvlm-escaped', posix.O_WRONLY | posix.O_CREAT)"),
         "posix_delete_outside": _body(f"import posix\nposix.unlink({outside + '.keep'!r})"),
-        "read_etc_passwd": _body(
-            "import posix\nraise Exception(posix.read(posix.open('/etc/passwd', 0), 999))"
-        ),
-        "socket_type_connect": _body(
-            f"import socket\nsocket.SocketType(2, 1).connect(('127.0.0.1', {port}))"
-        ),
-        "ctypes_connect": _body(
-            UNGUARD + "assert libc.socket(2, 1, 0) >= 0, os.strerror(ctypes.get_errno())"
-        ),
+        "read_etc_passwd": _body("import posix\nraise Exception(posix.read(posix.open('/etc/passwd', 0), 999))"),
+        "socket_type_connect": _body(f"import socket\nsocket.SocketType(2, 1).connect(('127.0.0.1', {port}))"),
+        "ctypes_connect": _body(UNGUARD + "assert libc.socket(2, 1, 0) >= 0, os.strerror(ctypes.get_errno())"),
         "ctypes_fork": _body(UNGUARD + "assert libc.fork() >= 0, os.strerror(ctypes.get_errno())"),
         "ctypes_exec_shell": _body(
             UNGUARD + "libc.execv(b'/bin/sh', None)\nraise OSError(os.strerror(ctypes.get_errno()))"
@@ -90,9 +81,7 @@ def attacked(tmp_path_factory):
     listener.settimeout(0.2)
     attacks = _attacks(outside, listener.getsockname()[1])
     started = time.monotonic()
-    results = run_problems(
-        [Problem(PROMPT, c, TEST, "add") for c in attacks.values()], Limits(timeout=TIMEOUT), 4
-    )
+    results = run_problems([Problem(PROMPT, c, TEST, "add") for c in attacks.values()], Limits(timeout=TIMEOUT), 4)
     elapsed = time.monotonic() - started
     try:
         connection, _ = listener.accept()

@@ -24,9 +24,7 @@ from nvlm.serve.media import MediaPolicy
 @pytest.fixture(scope="module")
 def server(build_model):
     model = build_model("H")
-    policy = MediaPolicy(
-        max_bytes=200_000, max_pixels=2_000_000, max_images=2, allowed_domains=("127.0.0.1",)
-    )
+    policy = MediaPolicy(max_bytes=200_000, max_pixels=2_000_000, max_images=2, allowed_domains=("127.0.0.1",))
     with served(model, policy, max_body_bytes=1_000_000) as (url, engine):
         yield url, engine
 
@@ -164,9 +162,7 @@ def test_dead_or_wedged_engine_is_reported_and_refused(build_model):
         _good(url)
         real = model.forward
         model.forward = lambda *a, **k: time.sleep(3) or real(*a, **k)  # wedge the worker for 3 s
-        threading.Thread(
-            target=_post, args=(url, {"messages": user("x"), "max_tokens": 1}), daemon=True
-        ).start()
+        threading.Thread(target=_post, args=(url, {"messages": user("x"), "max_tokens": 1}), daemon=True).start()
         t0 = time.monotonic()
         wait_for(lambda: httpx.get(url + "/health").status_code == 503, 3.0, "health to report the wedge")
         assert time.monotonic() - t0 < 2.5

@@ -52,9 +52,7 @@ def test_openai_client_plain_stream_and_images(build_model, arch):
             ]
         )
         want = model.generate(prompt, imgs, max_new_tokens=10)
-        plain = client.chat.completions.create(
-            model="nvlm", messages=messages, max_completion_tokens=10, temperature=0
-        )
+        plain = client.chat.completions.create(model="nvlm", messages=messages, max_completion_tokens=10, temperature=0)
         stream = client.chat.completions.create(
             model="nvlm",
             messages=messages,

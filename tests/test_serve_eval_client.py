@@ -51,16 +51,41 @@ def test_eval_run_cli_scores_a_served_model(build_model, tmp_path):
     picture(150, 100).save(tmp_path / "a.png")
     with open(tmp_path / "color.jsonl", "w") as f:
         for i, answer in enumerate(["red", "blue"]):
-            f.write(json.dumps({"id": f"q{i}", "image": "a.png", "task": "color", "conversations": [
-                {"from": "human", "value": "What color?"}, {"from": "gpt", "value": answer}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"q{i}",
+                        "image": "a.png",
+                        "task": "color",
+                        "conversations": [{"from": "human", "value": "What color?"}, {"from": "gpt", "value": answer}],
+                    }
+                )
+                + "\n"
+            )
     model = build_model("D")
     with served(model) as (url, _):
-        code = main(["eval", "run", "--server", url + "/v1", "--task", "demo", "--data", str(tmp_path / "color.jsonl"),
-                     "--out", str(tmp_path / "evals"), "--max-new-tokens", "4"])
+        code = main(
+            [
+                "eval",
+                "run",
+                "--server",
+                url + "/v1",
+                "--task",
+                "demo",
+                "--data",
+                str(tmp_path / "color.jsonl"),
+                "--out",
+                str(tmp_path / "evals"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
         assert code == 0
         assert main(["eval", "run", "--task", "demo", "--data", str(tmp_path / "color.jsonl")]) == 2  # no model
     predictions = [json.loads(x) for x in open(tmp_path / "evals" / "demo" / "predictions.jsonl")]
     want = [model.generate(chat_prompt("What color?", 1), [tmp_path / "a.png"], max_new_tokens=4)] * 2
     assert [p["prediction"] for p in predictions] == want
     summary = json.loads(open(tmp_path / "evals" / "demo" / "summary.json").read())
-    assert summary["n"] == 2 and "server:" in json.dumps(json.loads(open(tmp_path / "evals" / "demo" / "run.json").read()))
+    assert summary["n"] == 2 and "server:" in json.dumps(
+        json.loads(open(tmp_path / "evals" / "demo" / "run.json").read())
+    )

@@ -55,9 +55,7 @@ def test_ramp_to_twice_the_limit_gives_only_200_and_fast_503(build_model):
         assert set(codes) <= {200, 503} and codes.count(503) >= 1, codes
         assert all(dt < 1.0 for c, dt, _ in results if c == 503)  # refused at once, not queued
         assert all(r.json()["usage"]["completion_tokens"] == 12 for c, _, r in results if c == 200)
-        assert all(
-            r.json()["error"]["type"] == "service_unavailable_error" for c, _, r in results if c == 503
-        )
+        assert all(r.json()["error"]["type"] == "service_unavailable_error" for c, _, r in results if c == 503)
         wait_for(lambda: engine.in_flight == 0, 10, "the engine to drain")
         gc.collect()
         grown = _rss_mb() - base
@@ -80,9 +78,7 @@ def test_disconnect_mid_stream_cancels_within_a_step(build_model):
         assert done < 2000  # it stopped long before max_tokens
         time.sleep(0.3)
         assert engine.metrics.completion_tokens == done  # and produces nothing after the cancel
-        r = httpx.post(
-            url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=30
-        )
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=30)
         assert r.status_code == 200
 
 
@@ -92,9 +88,7 @@ def test_slow_clients_idle_connections_and_oversized_headers(build_model):
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
         t0 = time.perf_counter()
-        r = httpx.post(
-            url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=30
-        )
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2}, timeout=30)
         assert r.status_code == 200 and time.perf_counter() - t0 < 10
         try:  # uvicorn (h11) refuses a header block over its limit: an error status or a closed connection
             status = httpx.get(url + "/health", headers={"X-Big": "a" * 200_000}, timeout=10).status_code

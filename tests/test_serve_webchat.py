@@ -18,9 +18,7 @@ from nvlm.data.chat import render_chat
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])"
-)
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
 if not (CHROMIUM and DRIVER):
     pytest.skip(
         "no chromium/chromedriver on PATH (apt-get install chromium chromium-driver; .ci/run does)",
@@ -65,9 +63,7 @@ def test_web_chat_streams_an_answer_and_shows_the_tile_grid(build_model, tmp_pat
             box.send_keys("12")
             driver.find_element(By.ID, "prompt").send_keys("What is in this chart?")
             driver.find_element(By.ID, "send").click()
-            wait.until(
-                lambda d: d.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("data-done") == "1"
-            )
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".assistant").get_attribute("data-done") == "1")
             answer = driver.find_element(By.CSS_SELECTOR, ".assistant .answer").get_attribute("textContent")
             tiles = driver.find_element(By.CSS_SELECTOR, ".assistant .tiles").text
             cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, ".assistant .grid .cell")]

@@ -179,7 +179,7 @@ def test_bars_answer_is_the_tallest_bar():
 
 def _binary_crop(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
-    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -191,7 +191,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     for dy in range(h - a.shape[0] + 1):
         for dx in range(w - a.shape[1] + 1):
             pa, pb = np.zeros((h, w), bool), np.zeros((h, w), bool)
-            pa[dy:dy + a.shape[0], dx:dx + a.shape[1]] = a
+            pa[dy : dy + a.shape[0], dx : dx + a.shape[1]] = a
             pb[: b.shape[0], : b.shape[1]] = b
             best = max(best, (pa & pb).sum() / (pa | pb).sum())
     return best
@@ -212,8 +212,10 @@ def test_read_glyph_is_inside_one_tile_and_is_the_answer(cfg):
         # Undo the anti-aliased blend (the darkest pixel is fully inked), then match against every glyph
         # at every size the config allows: the answer's glyph must be the one drawn.
         drawn = _binary_crop(diff / diff.max() > 0.5)
-        scores = {g: max(_iou(drawn, _binary_crop(np.asarray(draw.glyph_mask(g, s, cfg.stroke_width)) > 127))
-                         for s in sizes) for g in cfg.glyphs}
+        scores = {
+            g: max(_iou(drawn, _binary_crop(np.asarray(draw.glyph_mask(g, s, cfg.stroke_width)) > 127)) for s in sizes)
+            for g in cfg.glyphs
+        }
         assert max(scores, key=scores.get) == ex.answer and scores[ex.answer] > 0.9, scores
 
 

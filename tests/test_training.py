@@ -33,11 +33,22 @@ def make_cfg(backbones, dataset, arch="D", stage="sft", steps=6, **train) -> Run
     sources = [{"path": str(dataset / "images.jsonl"), "weight": 3}, {"path": str(dataset / "text.jsonl")}]
     if train.pop("broken", False):
         sources.append({"path": str(dataset / "broken.jsonl"), "weight": 1})
-    return RunConfig.from_dict({
-        "model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
-        "data": {"sources": sources, "max_seq_len": 256, "pack": train.pop("pack", False)},
-        "train": {"stage": stage, "max_steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
-                  "min_lr": 3e-4, "warmup_steps": 2, **train}})
+    return RunConfig.from_dict(
+        {
+            "model": {"arch": arch, "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {"sources": sources, "max_seq_len": 256, "pack": train.pop("pack", False)},
+            "train": {
+                "stage": stage,
+                "max_steps": steps,
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 3e-3,
+                "min_lr": 3e-4,
+                "warmup_steps": 2,
+                **train,
+            },
+        }
+    )
 
 
 def losses(out):
@@ -169,8 +180,12 @@ def test_sigterm_saves_and_exits_zero(backbones, dataset, tmp_path):
     cfg.save(tmp_path / "run.json")
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-m", "nvlm", "train", str(tmp_path / "run.json"), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvlm", "train", str(tmp_path / "run.json"), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 3:
@@ -218,8 +233,9 @@ def test_activation_checkpointing_gives_the_same_losses(backbones, dataset, tmp_
     plain.run()
     ckpt = Trainer(make_cfg(backbones, dataset, steps=3, activation_checkpointing=True), tmp_path / "b", log=quiet)
     ckpt.run()
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])

@@ -28,9 +28,12 @@ ASSET = Path(__file__).parent / "assets" / "nvlm-x-before-wrapping"
 def _batch(model):
     """Two samples with an image each and a trained answer (right padded, as in training)."""
     proc = model.processor
-    samples = [proc.encode_segments([("<image>\nWhat color is it?", False), (" red and blue", True)],
-                                    [picture(150, 100, seed=1)]),
-               proc.encode_segments([("Look: <image>\nAnd?", False), (" green", True)], [picture(56, 56, seed=2)])]
+    samples = [
+        proc.encode_segments(
+            [("<image>\nWhat color is it?", False), (" red and blue", True)], [picture(150, 100, seed=1)]
+        ),
+        proc.encode_segments([("Look: <image>\nAnd?", False), (" green", True)], [picture(56, 56, seed=2)]),
+    ]
     return proc.collate(samples, padding_side="right")
 
 
@@ -102,7 +105,8 @@ def test_backbone_keeps_its_parameter_names_on_disk(build_model, tmp_path):
         names = list(f.keys())
     assert "model.layers.0.mlp.up_proj.weight" in names and not any(".layer." in n for n in names)
     assert sorted(load_file(str(tmp_path / "x" / "model.safetensors"))) == sorted(
-        k for k in model.state_dict() if k.startswith(("projector.", "xattn.")))
+        k for k in model.state_dict() if k.startswith(("projector.", "xattn."))
+    )
     again = nvlm.from_pretrained(tmp_path / "x").eval()
     batch = model.processor("<image>\nWhat?", [picture(120, 60)])
     with torch.no_grad():
@@ -117,8 +121,9 @@ def test_a_checkpoint_saved_before_the_change_loads_with_the_same_logits():
     batch = model.processor("<image>\nWhat color?", [Image.new("RGB", (112, 56), (200, 30, 40))])
     with torch.no_grad():
         logits = model(**batch).logits
-    torch.testing.assert_close(logits, load_file(str(ASSET / "expected_logits.safetensors"))["logits"],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits, load_file(str(ASSET / "expected_logits.safetensors"))["logits"], rtol=0, atol=1e-5
+    )
 
 
 def test_a_block_cut_off_the_graph_is_an_error_not_zero_gradients(build_model, monkeypatch):
@@ -129,8 +134,9 @@ def test_a_block_cut_off_the_graph_is_an_error_not_zero_gradients(build_model, m
     model.train()
     batch = _batch(model)
     # a wiring bug: the layers stop calling their blocks although the batch has an image memory
-    monkeypatch.setattr(CrossAttentionDecoderLayer, "_block_then_layer",
-                        lambda self, h, *a, xattn=None, **k: self.layer(h, *a, **k))
+    monkeypatch.setattr(
+        CrossAttentionDecoderLayer, "_block_then_layer", lambda self, h, *a, xattn=None, **k: self.layer(h, *a, **k)
+    )
     _grads(model, batch)
     with pytest.raises(RuntimeError, match=r"got no gradient.*'xattn\.0\.gate_attn'"):
         fill_unused_grads(model, {"llm": True, "projector": True, "vision": True, "xattn": True})

@@ -20,30 +20,49 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add ``train`` under `parser` (the ``bench`` parser)."""
     sub = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     p = sub.add_parser(
-        "train", help="training throughput of NVLM-D/X/H at equal shapes (paper Table 3)",
+        "train",
+        help="training throughput of NVLM-D/X/H at equal shapes (paper Table 3)",
         description="Build NVLM-D, -X and -H from the same random backbones, time full training steps "
         "(forward, backward, AdamW) interleaved in one process, and print samples/s, tokens, analytic FLOPs, "
-        "MFU, peak memory and the X/D, H/D ratios next to the paper's 1.76 and 1.26.")
+        "MFU, peak memory and the X/D, H/D ratios next to the paper's 1.76 and 1.26.",
+    )
     p.add_argument("--arch", default="D,X,H", help="comma-separated subset of D,X,H (default D,X,H)")
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="shapes: cpu (tiny, seconds on 2 cores) or gpu-1b (~1.5B LLM + 300M ViT, bf16); "
-                   "default gpu-1b on CUDA, else cpu")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="shapes: cpu (tiny, seconds on 2 cores) or gpu-1b (~1.5B LLM + 300M ViT, bf16); "
+        "default gpu-1b on CUDA, else cpu",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cuda when available")
-    p.add_argument("--stage", choices=("sft", "pretrain"), default="sft",
-                   help="sft: LLM trained (default); pretrain: LLM frozen, on the gradient path")
+    p.add_argument(
+        "--stage",
+        choices=("sft", "pretrain"),
+        default="sft",
+        help="sft: LLM trained (default); pretrain: LLM frozen, on the gradient path",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per arch (interleaved)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per arch")
     p.add_argument("--batch-size", type=int, default=None, help="samples per step")
     p.add_argument("--tiles", type=int, default=None, help="regular tiles per image (a thumbnail is added)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens per sample (question + answer)")
-    p.add_argument("--xattn-every", type=int, default=None,
-                   help="X/H: a cross-attention block before every N-th LLM layer")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
-                   help="bf16 = autocast with fp32 weights (default on CUDA)")
-    p.add_argument("--park", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep only the arch being timed on the GPU (default: on for CUDA)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build on the meta device and report tokens and analytic FLOPs only, no timing")
+    p.add_argument(
+        "--xattn-every", type=int, default=None, help="X/H: a cross-attention block before every N-th LLM layer"
+    )
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default=None, help="bf16 = autocast with fp32 weights (default on CUDA)"
+    )
+    p.add_argument(
+        "--park",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep only the arch being timed on the GPU (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build on the meta device and report tokens and analytic FLOPs only, no timing",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -60,8 +79,9 @@ def parse_archs(text: str) -> list[str]:
     bad = [a for a in archs if a not in ARCHS]
     if bad or not archs or len(set(archs)) != len(archs):
         why = f"unknown architecture(s) {bad}" if bad else "empty or repeated architectures"
-        raise ValueError(f"--arch {text!r}: {why}; allowed values: {', '.join(ARCHS)} "
-                         "(comma-separated, e.g. --arch D,X,H)")
+        raise ValueError(
+            f"--arch {text!r}: {why}; allowed values: {', '.join(ARCHS)} (comma-separated, e.g. --arch D,X,H)"
+        )
     return archs
 
 
@@ -90,11 +110,17 @@ def run_train(args: argparse.Namespace) -> int:
         return BAD_INPUT
     torch.set_num_threads(args.threads)
     preset = args.preset or ("gpu-1b" if device == "cuda" else "cpu")
-    shape = resolve_shape(preset, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
-                          tiles=args.tiles, text_tokens=args.text_tokens, xattn_every=args.xattn_every,
-                          dtype=args.dtype or ("bf16" if device == "cuda" else None))
-    result = run(archs, shape, device=device, stage=args.stage, seed=args.seed, park=args.park,
-                 dry_run=args.dry_run)
+    shape = resolve_shape(
+        preset,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        tiles=args.tiles,
+        text_tokens=args.text_tokens,
+        xattn_every=args.xattn_every,
+        dtype=args.dtype or ("bf16" if device == "cuda" else None),
+    )
+    result = run(archs, shape, device=device, stage=args.stage, seed=args.seed, park=args.park, dry_run=args.dry_run)
     result["settings"]["preset"] = preset
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0

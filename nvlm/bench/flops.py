@@ -45,13 +45,11 @@ class SampleTokens:
     tiles: int = 1  # n: tiles through the vision tower (regular tiles + thumbnail)
 
 
-def trainable_parts(stage: str, *, freeze_llm: bool = False,
-                    unfreeze_vision: bool = False) -> dict[str, bool]:
+def trainable_parts(stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> dict[str, bool]:
     """Which parts train in `stage`, as ``nvlm.training.stages.apply_stage`` sets them."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    return {"vision": unfreeze_vision, "projector": True, "xattn": True,
-            "llm": stage == "sft" and not freeze_llm}
+    return {"vision": unfreeze_vision, "projector": True, "xattn": True, "llm": stage == "sft" and not freeze_llm}
 
 
 def linear_numel(module: nn.Module) -> int:
@@ -69,8 +67,9 @@ def attention_flops(width: int, t_q: int, t_k: int, backward: bool) -> int:
     return 4 * width * t_q * t_k * (3 if backward else 1)
 
 
-def train_flops(model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze_llm: bool = False,
-                unfreeze_vision: bool = False) -> dict[str, int]:
+def train_flops(
+    model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze_llm: bool = False, unfreeze_vision: bool = False
+) -> dict[str, int]:
     """Training FLOPs (forward + backward) of one sample of NVLM `model`, by part and in total.
 
     Keys: vision, projector, xattn, llm (decoder layers' Linears), llm_attention, lm_head, total.
@@ -89,9 +88,11 @@ def train_flops(model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze
     heads_v = cfg.num_attention_heads
     width_v = heads_v * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads_v)
     grad = parts["vision"]
-    out["vision"] = tokens.tiles * (linear_flops(conv, patches, grad, False)
-                                    + linear_flops(lin_v, seq_v, grad, grad)
-                                    + cfg.num_hidden_layers * attention_flops(width_v, seq_v, seq_v, grad))
+    out["vision"] = tokens.tiles * (
+        linear_flops(conv, patches, grad, False)
+        + linear_flops(lin_v, seq_v, grad, grad)
+        + cfg.num_hidden_layers * attention_flops(width_v, seq_v, seq_v, grad)
+    )
 
     # ---- projector: all tiles' pixel-shuffled tokens ----
     tok_p = tokens.tiles * v.tokens_per_tile
@@ -130,8 +131,9 @@ def train_flops(model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze
     return out
 
 
-def xattn_flops(block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool,
-                memory_grad: bool) -> int:
+def xattn_flops(
+    block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool, memory_grad: bool
+) -> int:
     """One gated cross-attention block (§3.2's F_X): k/v projections over the memory, the rest over text."""
     kv = block.k_proj.weight.numel() + block.v_proj.weight.numel()
     q = block.q_proj.weight.numel()
@@ -139,6 +141,9 @@ def xattn_flops(block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bo
     # q_proj reads RMSNorm(x), whose weight trains with the block: its input needs a gradient then
     q_grad = grad_in or (trains and any(True for _ in block.input_norm.parameters()))
     inner_grad = trains or grad_in or memory_grad
-    return (linear_flops(kv, t_kv, trains, memory_grad) + linear_flops(q, t_q, trains, q_grad)
-            + attention_flops(block.num_heads * block.head_dim, t_q, t_kv, inner_grad)
-            + linear_flops(rest, t_q, trains, inner_grad))
+    return (
+        linear_flops(kv, t_kv, trains, memory_grad)
+        + linear_flops(q, t_q, trains, q_grad)
+        + attention_flops(block.num_heads * block.head_dim, t_q, t_kv, inner_grad)
+        + linear_flops(rest, t_q, trains, inner_grad)
+    )

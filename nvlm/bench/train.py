@@ -52,24 +52,54 @@ class Shape:
 
 
 def _vit(hidden: int, layers: int, heads: int, ffn: int, size: int, **extra: Any) -> dict[str, Any]:
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                intermediate_size=ffn, image_size=[size, size], patch_size=[14, 14], use_mean_pooling=True,
-                **extra)
+    return dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        image_size=[size, size],
+        patch_size=[14, 14],
+        use_mean_pooling=True,
+        **extra,
+    )
 
 
 PRESETS = {
     # 112 px tiles, 14 px patches → 8×8 patches → 16 tokens per tile after pixel shuffle; 7 tiles · 16 = 112
     # image tokens against 64 text tokens, the paper's 1792 : 1024 proportion.
-    "cpu": Shape(llm=dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=768, max_position_embeddings=4096, tie_word_embeddings=False),
-                 vision=_vit(128, 4, 4, 512, 112, norm_type="rms_norm", use_qk_norm=True)),
+    "cpu": Shape(
+        llm=dict(
+            hidden_size=256,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=768,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+        vision=_vit(128, 4, 4, 512, 112, norm_type="rms_norm", use_qk_norm=True),
+    ),
     # ~1.5B Qwen2-like LLM + InternViT-300M-like tower (448 px → 256 tokens per tile), bf16, ~1024 text
     # tokens; vision frozen as in the paper.
-    "gpu-1b": Shape(llm=dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                             num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
-                             max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
-                    vision=_vit(1024, 24, 16, 4096, 448, norm_type="layer_norm", use_qk_norm=False),
-                    text_tokens=1024, batch_size=1, dtype="bf16", steps=5, warmup=2),
+    "gpu-1b": Shape(
+        llm=dict(
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+        ),
+        vision=_vit(1024, 24, 16, 4096, 448, norm_type="layer_norm", use_qk_norm=False),
+        text_tokens=1024,
+        batch_size=1,
+        dtype="bf16",
+        steps=5,
+        warmup=2,
+    ),
 }
 
 
@@ -82,8 +112,7 @@ def synthetic_image(tiles: int, tile_size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0,
-                 meta: bool = False) -> dict[str, Any]:
+def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0, meta: bool = False) -> dict[str, Any]:
     """NVLM-`arch` for each arch from the same configs and seed; fails unless their LLM and vision weights
     are equal. `meta`: shapes only, no weights (the processor and FLOP counts still work)."""
     import transformers as tf
@@ -99,9 +128,13 @@ def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0,
         tok = tiny_tokenizer()  # one per model: nvlm.build adds its tokens to the tokenizer it is given
         llm = tf.Qwen2Config(**{"vocab_size": len(tok), **shape.llm})
         with torch.device("meta") if meta else nullcontext():
-            model = nvlm.build(arch, llm=llm, vision=vision_config("internvl", **shape.vision), tokenizer=tok,
-                               config={"tiling.max_tiles": shape.tiles, "xattn.every": shape.xattn_every,
-                                       "tags.mode": shape.tag_mode})
+            model = nvlm.build(
+                arch,
+                llm=llm,
+                vision=vision_config("internvl", **shape.vision),
+                tokenizer=tok,
+                config={"tiling.max_tiles": shape.tiles, "xattn.every": shape.xattn_every, "tags.mode": shape.tag_mode},
+            )
         apply_stage(model, stage)
         models[arch] = model.train()
     first = models[archs[0]]
@@ -155,8 +188,15 @@ def _step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], amp: An
     return float(loss.detach())
 
 
-def run(archs: list[str], shape: Shape, device: str = "cpu", stage: str = "sft", seed: int = 0,
-        park: bool | None = None, dry_run: bool = False) -> dict[str, Any]:
+def run(
+    archs: list[str],
+    shape: Shape,
+    device: str = "cpu",
+    stage: str = "sft",
+    seed: int = 0,
+    park: bool | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
     """Build, warm up and time each arch; returns per-arch results, ratios vs D and the settings.
 
     `park` keeps only the arch being timed on the GPU (the others' weights and AdamW moments wait on the CPU,
@@ -183,8 +223,14 @@ def run(archs: list[str], shape: Shape, device: str = "cpu", stage: str = "sft",
     return result
 
 
-def time_steps(models: dict[str, Any], batches: dict[str, Any], shape: Shape, dev: torch.device, park: bool,
-               times: dict[str, list[float]]) -> dict[str, int] | None:
+def time_steps(
+    models: dict[str, Any],
+    batches: dict[str, Any],
+    shape: Shape,
+    dev: torch.device,
+    park: bool,
+    times: dict[str, list[float]],
+) -> dict[str, int] | None:
     """Warm-up steps per arch, then `shape.steps` rounds of one timed step per arch (D, X, H, D, X, H, …),
     appended to `times`. Returns each arch's peak CUDA memory (None on CPU)."""
     cuda = dev.type == "cuda"
@@ -226,26 +272,47 @@ def _peak_flops(dev: torch.device, dtype: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def summarize(archs: list[str], shape: Shape, times: dict[str, list[float]], tokens: dict[str, SampleTokens],
-              flops: dict[str, dict[str, int]], peak: dict[str, int] | None, dev: torch.device, stage: str,
-              park: bool) -> dict[str, Any]:
+def summarize(
+    archs: list[str],
+    shape: Shape,
+    times: dict[str, list[float]],
+    tokens: dict[str, SampleTokens],
+    flops: dict[str, dict[str, int]],
+    peak: dict[str, int] | None,
+    dev: torch.device,
+    stage: str,
+    park: bool,
+) -> dict[str, Any]:
     peak_flops = _peak_flops(dev, shape.dtype)
-    settings = {**asdict(shape), "archs": archs, "device": str(dev), "stage": stage, "park": park,
-                "dry_run": not any(times.values()), "threads": torch.get_num_threads(),
-                "peak_flops": peak_flops}
+    settings = {
+        **asdict(shape),
+        "archs": archs,
+        "device": str(dev),
+        "stage": stage,
+        "park": park,
+        "dry_run": not any(times.values()),
+        "threads": torch.get_num_threads(),
+        "peak_flops": peak_flops,
+    }
     out: dict[str, Any] = {"settings": settings, "archs": {}, "ratios": {}}
     for arch in archs:
         step_s = statistics.median(times[arch]) if times[arch] else None  # none timed in a dry run
         rate = shape.batch_size / step_s if step_s else None
         achieved = flops[arch]["total"] * rate if rate else None
         out["archs"][arch] = {
-            "samples_per_s": rate, "step_s_median": step_s, "step_s_min": min(times[arch], default=None),
-            "step_s_all": times[arch], "decoder_tokens": tokens[arch].decoder,
+            "samples_per_s": rate,
+            "step_s_median": step_s,
+            "step_s_min": min(times[arch], default=None),
+            "step_s_all": times[arch],
+            "decoder_tokens": tokens[arch].decoder,
             "memory_tokens": tokens[arch].memory,
-            "tiles": tokens[arch].tiles, "tflop_per_sample": flops[arch]["total"] / 1e12,
-            "flops_by_part": flops[arch], "achieved_tflops": achieved / 1e12 if achieved else None,
+            "tiles": tokens[arch].tiles,
+            "tflop_per_sample": flops[arch]["total"] / 1e12,
+            "flops_by_part": flops[arch],
+            "achieved_tflops": achieved / 1e12 if achieved else None,
             "mfu": achieved / peak_flops if achieved and peak_flops else None,
-            "peak_mem_gib": peak[arch] / 2**30 if peak is not None else None}
+            "peak_mem_gib": peak[arch] / 2**30 if peak is not None else None,
+        }
     if "D" in archs:
         d = out["archs"]["D"]
         for arch in (a for a in archs if a != "D"):
@@ -253,7 +320,8 @@ def summarize(archs: list[str], shape: Shape, times: dict[str, list[float]], tok
             out["ratios"][f"{arch}/D"] = {
                 "measured": a["samples_per_s"] / d["samples_per_s"] if d["samples_per_s"] else None,
                 "flops_predicted": d["tflop_per_sample"] / a["tflop_per_sample"],
-                "paper": round(PAPER_SAMPLES_PER_S[arch] / PAPER_SAMPLES_PER_S["D"], 2)}
+                "paper": round(PAPER_SAMPLES_PER_S[arch] / PAPER_SAMPLES_PER_S["D"], 2),
+            }
     return out
 
 
@@ -266,8 +334,11 @@ def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     llm, vit = s["llm"], s["vision"]
     tiles = f"{s['tiles']}+1 tiles" if s["tiles"] > 1 else "1 tile"
-    timing = ("dry run: tokens and analytic FLOPs only" if s["dry_run"]
-              else f"median of {s['steps']} interleaved steps after {s['warmup']} warm-up")
+    timing = (
+        "dry run: tokens and analytic FLOPs only"
+        if s["dry_run"]
+        else f"median of {s['steps']} interleaved steps after {s['warmup']} warm-up"
+    )
     lines = [
         f"nvlm bench train — paper Table 3 at our scale: stage {s['stage']}, device {s['device']} "
         f"({s['threads']} threads), {s['dtype']}, batch {s['batch_size']}, {tiles}, "
@@ -282,22 +353,25 @@ def render(result: dict[str, Any]) -> str:
     for arch, r in result["archs"].items():
         step_ms = None if r["step_s_median"] is None else 1e3 * r["step_s_median"]
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
-        lines.append(f"{arch:<5}{_fmt(r['samples_per_s'], '.3f'):>11}{_fmt(step_ms, '.1f'):>9}"
-                     f"{r['decoder_tokens']:>9}{r['memory_tokens']:>9}{r['tflop_per_sample']:>14.5f}"
-                     f"{_fmt(r['achieved_tflops'], '.4f'):>10}{_fmt(mfu, '.1f'):>8}"
-                     f"{_fmt(r['peak_mem_gib'], '.2f'):>10}")
+        lines.append(
+            f"{arch:<5}{_fmt(r['samples_per_s'], '.3f'):>11}{_fmt(step_ms, '.1f'):>9}"
+            f"{r['decoder_tokens']:>9}{r['memory_tokens']:>9}{r['tflop_per_sample']:>14.5f}"
+            f"{_fmt(r['achieved_tflops'], '.4f'):>10}{_fmt(mfu, '.1f'):>8}"
+            f"{_fmt(r['peak_mem_gib'], '.2f'):>10}"
+        )
     if result["ratios"]:
         lines += ["", f"{'samples/s ratio':<17}{'measured':>10}{'FLOP-predicted':>16}{'paper (Table 3)':>17}"]
         for name, r in result["ratios"].items():
-            lines.append(f"{name:<17}{_fmt(r['measured'], '.2f'):>10}{r['flops_predicted']:>16.2f}"
-                         f"{r['paper']:>17.2f}")
+            lines.append(f"{name:<17}{_fmt(r['measured'], '.2f'):>10}{r['flops_predicted']:>16.2f}{r['paper']:>17.2f}")
         lines.append("paper: NVLM-34B on 128 H100, D 28.8 / X 50.6 / H 36.2 samples/s")
     busy = s.get("load_avg_1m", 0) + s["threads"] > (s.get("cpu_count") or 1) + 1
     if s["device"] == "cpu" and not s["dry_run"] and busy and s["threads"] > 1:
         # measured: with another job on a 2-core box, 2 OpenMP threads spin-waiting on each other made steps
         # up to 10× slower and scrambled the ratios; 1 thread stayed consistent
-        lines.append(f"note: load average {s['load_avg_1m']:.1f} on {s['cpu_count']} cores before the run; "
-                     "other jobs share the CPU, so timings are noisy (try --threads 1)")
+        lines.append(
+            f"note: load average {s['load_avg_1m']:.1f} on {s['cpu_count']} cores before the run; "
+            "other jobs share the CPU, so timings are noisy (try --threads 1)"
+        )
     return "\n".join(lines)
 
 

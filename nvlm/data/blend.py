@@ -63,9 +63,11 @@ class Blend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["taken"]) != set(self.taken) or state["seed"] != self.seed:
-            raise ValueError(f"data blend changed since the checkpoint (sources {sorted(state['taken'])} seed "
-                             f"{state['seed']} vs {sorted(self.taken)} seed {self.seed}); resuming would silently "
-                             "read other samples: start a new --out folder")
+            raise ValueError(
+                f"data blend changed since the checkpoint (sources {sorted(state['taken'])} seed "
+                f"{state['seed']} vs {sorted(self.taken)} seed {self.seed}); resuming would silently "
+                "read other samples: start a new --out folder"
+            )
         self.position, self.taken = state["position"], dict(state["taken"])
 
 
@@ -80,9 +82,18 @@ class TooManyBadSamples(RuntimeError):
 class SampleStream:
     """Conversations from a blend → encoded samples with labels; bad and too-long samples are counted."""
 
-    def __init__(self, blend: Blend, processor: Any, max_seq_len: int, system: str | None = None,
-                 max_bad_in_row: int = 100, max_bad_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
-                 read_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        blend: Blend,
+        processor: Any,
+        max_seq_len: int,
+        system: str | None = None,
+        max_bad_in_row: int = 100,
+        max_bad_fraction: float = 0.1,
+        rank: int = 0,
+        world_size: int = 1,
+        read_timeout: float | None = None,
+    ) -> None:
         """With `world_size` > 1 every process walks the same blend sequence (cheap: no image is read) and
         takes the positions p with p % world_size == rank, so processes never share a sample and together
         read the samples one process would read, in the same global order."""
@@ -113,8 +124,10 @@ class SampleStream:
 
         threading.Thread(target=work, name="nvlm-sample-read", daemon=True).start()
         if not done.wait(self.read_timeout):
-            raise SampleTimeout(f"reading the sample took over {self.read_timeout:g} s (data.read_timeout_s); "
-                                "a FIFO, device or hung mount among its images?")
+            raise SampleTimeout(
+                f"reading the sample took over {self.read_timeout:g} s (data.read_timeout_s); "
+                "a FIFO, device or hung mount among its images?"
+            )
         if "error" in out:
             raise out["error"]
         return out["value"]
@@ -144,12 +157,14 @@ class SampleStream:
         self._bad_in_row += 1
         self.recent_errors.append(message)
         bad = self.counts["bad_sample"]
-        if self._bad_in_row > self.max_bad_in_row or (self.counts["read"] >= 100 and
-                                                      bad > self.max_bad_fraction * self.counts["read"]):
+        if self._bad_in_row > self.max_bad_in_row or (
+            self.counts["read"] >= 100 and bad > self.max_bad_fraction * self.counts["read"]
+        ):
             raise TooManyBadSamples(
                 f"{bad} bad samples of {self.counts['read']} read ({self._bad_in_row} in a row; tolerance: "
                 f"{self.max_bad_in_row} in a row or {self.max_bad_fraction:.0%}). Last errors:\n  "
-                + "\n  ".join(self.recent_errors) + "\nFix or remove those records (or raise data.max_bad_*)."
+                + "\n  ".join(self.recent_errors)
+                + "\nFix or remove those records (or raise data.max_bad_*)."
             )
 
     def batch(self, size: int) -> list[Encoded]:

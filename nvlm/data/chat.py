@@ -9,7 +9,8 @@ Injection: message content holding ``<|im_start|>``, ``<|im_end|>`` or ``<|endof
 tokens, image markers and tile tags are refused by the processor (``Processor.check_text``) on all prompt text.
 ``template="release"`` renders the released NVLM-D-72B's own ``chat()`` string instead (its conversation.py
 "chatml" in MPT style): system "Answer the questions." by default and no newline after ``<|im_end|>``:
-``<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\nQ<|im_end|><|im_start|>assistant\\n``.
+``<|im_start|>system\\nAnswer the questions.<|im_end|>``
+``<|im_start|>user\\n<image>\\nQ<|im_end|><|im_start|>assistant\\n`` (one string).
 """
 
 from __future__ import annotations

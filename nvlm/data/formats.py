@@ -50,8 +50,9 @@ def parse_record(obj: Any, image_root: str | os.PathLike = ".", where: str = "<r
     elif "messages" in obj:
         conv = _from_openai(obj, Path(image_root), where)
     else:
-        raise DataFormatError(f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, "
-                              f"got keys {sorted(obj)}")
+        raise DataFormatError(
+            f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, got keys {sorted(obj)}"
+        )
     n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in conv.messages)
     if n != len(conv.images):
         raise DataFormatError(f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(conv.images)} image(s)")
@@ -102,13 +103,16 @@ def _from_openai(obj: dict, root: Path, where: str) -> Conversation:
                 if not isinstance(ref, str) or (kind == "image_url" and not isinstance(part.get(kind), dict)):
                     shape = '{"type": "image_url", "image_url": {"url": "a.png"}}' if kind == "image_url" else \
                         '{"type": "image", "image": "a.png"}'  # fmt: skip
-                    raise DataFormatError(f"{where}: message {k} has a malformed {kind} part "
-                                          f"({json.dumps(part)[:80]}); write it as {shape}")
+                    raise DataFormatError(
+                        f"{where}: message {k} has a malformed {kind} part "
+                        f"({json.dumps(part)[:80]}); write it as {shape}"
+                    )
                 images.append(_image_ref(ref, root, where))
                 text.append(IMAGE_PLACEHOLDER + "\n")
             else:
-                raise DataFormatError(f"{where}: message {k} has a part of unknown type {kind!r} "
-                                      "(use 'text', 'image_url' or 'image')")
+                raise DataFormatError(
+                    f"{where}: message {k} has a part of unknown type {kind!r} (use 'text', 'image_url' or 'image')"
+                )
         messages.append({"role": msg["role"], "content": "".join(text)})
     return Conversation(messages, images)
 

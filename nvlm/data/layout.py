@@ -52,8 +52,9 @@ class ImageBlock:
         return [p.text for p in self.pieces(where) if p.kind == "tag"]
 
 
-def image_block(arch: str, plan: TilePlan, style: str, thumbnail_tag: str,
-                image_start: str = "<Image>", image_end: str = "</Image>") -> ImageBlock:
+def image_block(
+    arch: str, plan: TilePlan, style: str, thumbnail_tag: str, image_start: str = "<Image>", image_end: str = "</Image>"
+) -> ImageBlock:
     tags = tile_tags(plan, style, thumbnail_tag)
     n = plan.num_tiles
     start, end = Piece("text", image_start), Piece("text", image_end)
@@ -84,8 +85,13 @@ def render(block: ImageBlock, where: str, tokens_per_tile: int) -> str:
     return "".join(f"{{{tokens_per_tile}}}" if p.kind == "tile" else p.text for p in block.pieces(where))
 
 
-def describe(plan: TilePlan, tokens_per_tile: int, style: str, thumbnail_tag: str,
-             count_tokens: Callable[[str], int] = lambda s: 1 if s else 0) -> dict:
+def describe(
+    plan: TilePlan,
+    tokens_per_tile: int,
+    style: str,
+    thumbnail_tag: str,
+    count_tokens: Callable[[str], int] = lambda s: 1 if s else 0,
+) -> dict:
     """What `nvlm inspect` reports for one image: the tiling, and per architecture the image-feature tokens
     (and, separately, tile-tag tokens) in the decoder sequence and in the cross-attention memory."""
     info = plan.to_dict()

@@ -68,7 +68,10 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int, tokens_per_tile: int)
         out["xattn_hi"].append(hi + [0] * pad)
         memory.append(mem)
     batch: dict[str, Any] = {k: torch.tensor(v) for k, v in out.items()}
-    batch.update(attention_mask=None, decoder_tiles=torch.tensor(decoder_tiles, dtype=torch.long),
-                 pixel_values=torch.cat(pixel_values) if pixel_values else None,
-                 **memory_tensors(memory, tokens_per_tile, tile_offset))
+    batch.update(
+        attention_mask=None,
+        decoder_tiles=torch.tensor(decoder_tiles, dtype=torch.long),
+        pixel_values=torch.cat(pixel_values) if pixel_values else None,
+        **memory_tensors(memory, tokens_per_tile, tile_offset),
+    )
     return batch

@@ -58,7 +58,8 @@ def check_user_text(text: str, pattern: re.Pattern[str] = CHATML_PATTERN, what: 
         start = max(0, hit.start() - 30)
         raise ControlTokenError(
             f"{what} contains {hit.group()!r}, which is reserved for the prompt format (it would act as a control "
-            f"token or tag); remove it or write it differently, e.g. with a space inside: ...{text[start:hit.end() + 30]!r}"
+            f"token or tag); remove it or write it differently, e.g. with a space inside: "
+            f"...{text[start : hit.end() + 30]!r}"
         )
     return text
 
@@ -115,8 +116,15 @@ def memory_tensors(recipes: list[list[tuple[str, Any]]], tokens_per_tile: int, n
 class Processor:
     """Tokenizer + tiling for one NVLM config; `encode` one sample, `collate` a batch."""
 
-    def __init__(self, tokenizer: Any, config: NVLMConfig, tile_size: int, tokens_per_tile: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: NVLMConfig,
+        tile_size: int,
+        tokens_per_tile: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.tile_size = tile_size
@@ -136,8 +144,10 @@ class Processor:
         server: call it on each user message's content, with ``check_user_text`` for the ChatML strings)."""
         hit = self.reserved.search(text)
         if hit is not None and hit.group() == self.config.tags.image_pad:
-            raise ControlTokenError(f"{what} contains the image-pad token {hit.group()!r}; remove it (images are "
-                                    f"passed as {IMAGE_PLACEHOLDER} placeholders): {text[:200]!r}")
+            raise ControlTokenError(
+                f"{what} contains the image-pad token {hit.group()!r}; remove it (images are "
+                f"passed as {IMAGE_PLACEHOLDER} placeholders): {text[:200]!r}"
+            )
         check_user_text(text, self.reserved, what)
         return text
 
@@ -158,8 +168,10 @@ class Processor:
         n_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t, _ in segments)
         if n_placeholders != len(images):
             text = "".join(t for t, _ in segments)
-            raise ValueError(f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
-                             f"{len(images)} image(s) were given: {text[:200]!r}")
+            raise ValueError(
+                f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                f"{len(images)} image(s) were given: {text[:200]!r}"
+            )
         sample = _SampleBuilder(self)
         bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
         if bos is not None:
@@ -205,8 +217,9 @@ class Processor:
             "labels": torch.tensor(labels),
         }
 
-    def __call__(self, texts: str | list[str], images: list[Any] | list[list[Any]] | None = None,
-                 padding_side: str = "left") -> dict[str, Any]:
+    def __call__(
+        self, texts: str | list[str], images: list[Any] | list[list[Any]] | None = None, padding_side: str = "left"
+    ) -> dict[str, Any]:
         """Encode and collate: one text with its images, or a list of texts with a list of image lists."""
         if isinstance(texts, str):
             return self.collate([self.encode(texts, images)], padding_side)
@@ -263,21 +276,29 @@ class _SampleBuilder:
 
     def _emit_text(self, new: list[int], s: str, train: bool) -> None:
         if self.proc.pad_id in new:  # e.g. a tokenizer that merges text into the pad token
-            raise ControlTokenError(f"prompt text tokenizes to the image-pad token {self.cfg.tags.image_pad!r}; "
-                                    f"remove it: {s[:200]!r}")
+            raise ControlTokenError(
+                f"prompt text tokenizes to the image-pad token {self.cfg.tags.image_pad!r}; remove it: {s[:200]!r}"
+            )
         self.emit(new, 0, self.seen, train)
 
     def image(self, source: Any) -> None:
         """Tile an image and append its block (paper §4.2–4.4): memory pieces, then the decoder pieces."""
         cfg, proc, tpt = self.cfg, self.proc, self.proc.tokens_per_tile
         image = load_image(source, max_pixels=cfg.tiling.max_pixels)
-        plan = plan_tiles(image.width, image.height, proc.tile_size, cfg.tiling.min_tiles, cfg.tiling.max_tiles,
-                          cfg.tiling.use_thumbnail)
+        plan = plan_tiles(
+            image.width,
+            image.height,
+            proc.tile_size,
+            cfg.tiling.min_tiles,
+            cfg.tiling.max_tiles,
+            cfg.tiling.use_thumbnail,
+        )
         base = sum(p.num_tiles for p in self.plans)  # this image's first tile in the sample
         self.plans.append(plan)
         self.tiles.append(tiles_to_tensor(tile_image(image, plan), proc.mean, proc.std))
-        block = image_block(cfg.arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag, cfg.tags.image_start,
-                            cfg.tags.image_end)
+        block = image_block(
+            cfg.arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag, cfg.tags.image_start, cfg.tags.image_end
+        )
         tile_span: dict[int, tuple[int, int]] = {}
         for piece in block.memory:  # this image's memory, appended after earlier images'
             if piece.kind == "tile":
@@ -303,5 +324,14 @@ class _SampleBuilder:
     def result(self) -> Encoded:
         self.flush()
         pixel_values = torch.cat(self.tiles) if self.tiles else None
-        return Encoded(self.ids, pixel_values, self.decoder_tiles, self.memory, self.mem_len, self.lo, self.hi,
-                       self.plans, self.labels)
+        return Encoded(
+            self.ids,
+            pixel_values,
+            self.decoder_tiles,
+            self.memory,
+            self.mem_len,
+            self.lo,
+            self.hi,
+            self.plans,
+            self.labels,
+        )

@@ -35,8 +35,9 @@ def all_tags(style: str, thumbnail_tag: str, tile_size: int, min_tiles: int, max
         return []
     seen: dict[str, None] = {thumbnail_tag: None}
     for cols, rows in candidate_grids(min_tiles, max_tiles):
-        plan = TilePlan(width=cols * tile_size, height=rows * tile_size, tile_size=tile_size,
-                        grid=(cols, rows), thumbnail=True)
+        plan = TilePlan(
+            width=cols * tile_size, height=rows * tile_size, tile_size=tile_size, grid=(cols, rows), thumbnail=True
+        )
         for tag in tile_tags(plan, style, thumbnail_tag):
             seen.setdefault(tag, None)
     return list(seen)

@@ -72,5 +72,7 @@ def latex(image: Any, formula: str) -> Conversation:
 
 def text_only(question: str, answer: str, system: str | None = None) -> Conversation:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
     return Conversation(messages, [])

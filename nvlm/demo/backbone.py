@@ -21,11 +21,29 @@ from nvlm.tiny import tiny_tokenizer
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.vision.encoder import vision_config, vision_model_from_config
 
-LLM: dict[str, Any] = dict(model_type="qwen2", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6)
-VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=[32, 32],
-              patch_size=[8, 8], norm_type="rms_norm", use_qk_norm=True, use_mean_pooling=True)
+LLM: dict[str, Any] = dict(
+    model_type="qwen2",
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+)
+VISION = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=[32, 32],
+    patch_size=[8, 8],
+    norm_type="rms_norm",
+    use_qk_norm=True,
+    use_mean_pooling=True,
+)
 
 
 def corpus(data_dir: Path) -> list[str]:
@@ -48,8 +66,16 @@ def save_vision(out: Path, seed: int) -> Path:
     return out
 
 
-def pretrain_llm(out: Path, tokenizer, sources: list[tuple[Path, float]], steps: int, batch_size: int = 64, lr: float = 3e-3,
-                 seed: int = 0, log=print) -> dict:
+def pretrain_llm(
+    out: Path,
+    tokenizer,
+    sources: list[tuple[Path, float]],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """Train the stand-in LLM on text-only ChatML data (loss on answers only); save it as an HF folder.
 
     `sources` are (JSONL path, weight): each batch draws from them by weight, so the 80 addition pairs are
@@ -58,8 +84,13 @@ def pretrain_llm(out: Path, tokenizer, sources: list[tuple[Path, float]], steps:
 
     torch.manual_seed(seed)
     cfg = dict(LLM)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        cfg.pop("model_type"),
+        vocab_size=len(tokenizer),
+        **cfg,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_config(config)
     per_source: list[list[tuple[list[int], list[int]]]] = []
     for path, _ in sources:

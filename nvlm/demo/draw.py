@@ -101,8 +101,9 @@ def glyph_mask(glyph: str, size: int, stroke_width: int) -> Image.Image:
         raise RuntimeError("the read task needs Pillow >= 10.1 with FreeType for ImageFont.load_default(size=)")
     pad = 2 * size
     canvas = Image.new("L", (pad, pad), 0)
-    ImageDraw.Draw(canvas).text((pad // 2, pad // 2), glyph, fill=255, font=font, anchor="mm",
-                                stroke_width=stroke_width, stroke_fill=255)
+    ImageDraw.Draw(canvas).text(
+        (pad // 2, pad // 2), glyph, fill=255, font=font, anchor="mm", stroke_width=stroke_width, stroke_fill=255
+    )
     box = canvas.getbbox()
     if box is None:
         raise ValueError(f"glyph {glyph!r} has no ink in Pillow's built-in font")
@@ -140,8 +141,13 @@ def _where(cx: float, cy: float, w: int, h: int) -> str:
     col = ("left", "", "right")[min(2, int(3 * cx / w))]
     row = ("top", "", "bottom")[min(2, int(3 * cy / h))]
     name = f"{row} {col}".strip()
-    return {"": "in the centre", "left": "on the left", "right": "on the right",
-            "top": "at the top", "bottom": "at the bottom"}.get(name, f"in the {name}")
+    return {
+        "": "in the centre",
+        "left": "on the left",
+        "right": "on the right",
+        "top": "at the top",
+        "bottom": "at the bottom",
+    }.get(name, f"in the {name}")
 
 
 def _a(word: str) -> str:
@@ -157,7 +163,9 @@ def sample_color(rng: random.Random) -> Scene:
     color, kind = rng.choice(list(PALETTE)), rng.choice(SHAPES)
     r = rng.randint(round(0.18 * TILE), round(0.3 * TILE))
     cx, cy = rng.randint(r, w - 1 - r), rng.randint(r, h - 1 - r)
-    return Scene(w, h, bg, color, f"{_a(color)} {kind} {_where(cx, cy, w, h)}", [_shape_op(kind, cx, cy, r, PALETTE[color])])
+    return Scene(
+        w, h, bg, color, f"{_a(color)} {kind} {_where(cx, cy, w, h)}", [_shape_op(kind, cx, cy, r, PALETTE[color])]
+    )
 
 
 def sample_quadrant(rng: random.Random) -> Scene:
@@ -205,7 +213,7 @@ def sample_bars(rng: random.Random) -> Scene:
     top = math.floor(0.94 * plot)
     heights = [rng.randint(math.ceil(0.15 * plot), top - gap) for _ in range(n)]
     tallest = rng.randrange(n)
-    heights[tallest] = rng.randint(max(heights[:tallest] + heights[tallest + 1:]) + gap, top)
+    heights[tallest] = rng.randint(max(heights[:tallest] + heights[tallest + 1 :]) + gap, top)
     slot = (w - 2 * margin) / n
     bar_w = max(2, int(0.6 * slot))
     ops = []

@@ -46,8 +46,9 @@ TEXT_MIX = (0.1, 0.9)  # text LLM pretraining: share of addition vs scene-descri
 TASK_MIX = {t: 1 / len(VISION_TASKS) for t in VISION_TASKS}  # stage-2 blend weights of the vision tasks
 
 
-def stage_config(arch: str, stage: str, root: Path, budget: Budget, init_from: str | None = None,
-                 seed: int = 0) -> RunConfig:
+def stage_config(
+    arch: str, stage: str, root: Path, budget: Budget, init_from: str | None = None, seed: int = 0
+) -> RunConfig:
     """The run config of one demo stage (the ``tiny-*`` recipes are the stage-2 configs)."""
     data = root / "data" / "train"
 
@@ -58,13 +59,30 @@ def stage_config(arch: str, stage: str, root: Path, budget: Budget, init_from: s
         sources = [src("caption", 1.0)] + [src(t, 1.0) for t in VISION_TASKS]
     else:  # stage 2: the tasks with 20 % text-only SFT data, which keeps the text skills (paper §5.2)
         sources = [src(t, 0.8 * TASK_MIX[t]) for t in VISION_TASKS] + [src("add", 0.1), src("text_scene", 0.1)]
-    model = ModelSpec(arch=arch, llm=str(root / "backbones" / "llm"), vision=str(root / "backbones" / "vision"),
-                      init_from=init_from, overrides={"tags.mode": "special", "xattn.every": 1})
+    model = ModelSpec(
+        arch=arch,
+        llm=str(root / "backbones" / "llm"),
+        vision=str(root / "backbones" / "vision"),
+        init_from=init_from,
+        overrides={"tags.mode": "special", "xattn.every": 1},
+    )
     steps = budget.stage1_steps if stage == "pretrain" else budget.stage2_steps
-    train = TrainConfig(stage=stage, max_steps=steps, global_batch_size=budget.batch, micro_batch_size=budget.batch,
-                        lr=2e-3, min_lr=2e-4, warmup_steps=max(1, steps // 20), betas=(0.9, 0.95),
-                        weight_decay=0.01, grad_clip=1.0, unfreeze_vision=True, seed=seed, keep_last=1,
-                        log_every=5)
+    train = TrainConfig(
+        stage=stage,
+        max_steps=steps,
+        global_batch_size=budget.batch,
+        micro_batch_size=budget.batch,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=max(1, steps // 20),
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        grad_clip=1.0,
+        unfreeze_vision=True,
+        seed=seed,
+        keep_last=1,
+        log_every=5,
+    )
     return RunConfig(model=model, data=DataSpec(sources=sources, max_seq_len=160, pack=False), train=train)
 
 
@@ -79,7 +97,7 @@ def evaluate(model: Any, data_dir: Path, tasks: tuple[str, ...], batch_size: int
         convs = list(read_records(data_dir / "test" / f"{task}.jsonl", image_root=data_dir))
         correct = 0
         for i in range(0, len(convs), batch_size):
-            chunk = convs[i:i + batch_size]
+            chunk = convs[i : i + batch_size]
             prompts = [render_chat(c.messages[:-1]) for c in chunk]
             answers = model.generate(prompts, [c.images for c in chunk], max_new_tokens=4)
             correct += sum(synthetic.score(task, a, c.messages[-1]["content"]) for a, c in zip(answers, chunk))
@@ -95,20 +113,28 @@ def run_arch(arch: str, root: Path, budget: Budget, seed: int, log=print) -> dic
     t0 = time.perf_counter()
     runs = root / f"nvlm-{arch.lower()}"
     r1 = Trainer(stage_config(arch, "pretrain", root, budget, seed=seed), runs / "stage1", log=log).run()
-    r2 = Trainer(stage_config(arch, "sft", root, budget, init_from=str(r1.final_dir), seed=seed),
-                 runs / "stage2", log=log).run()
+    r2 = Trainer(
+        stage_config(arch, "sft", root, budget, init_from=str(r1.final_dir), seed=seed), runs / "stage2", log=log
+    ).run()
     model = nvlm.from_pretrained(r2.final_dir)
     tasks = evaluate(model, root / "data", VISION_TASKS)
     text = evaluate(model, root / "data", ("add",))["add"]
     curves = {f"stage {s}": [r["loss"] for r in read_metrics(runs / f"stage{s}" / "metrics.jsonl")] for s in (1, 2)}
     plot_curves(curves, runs / "loss.png", f"NVLM-{arch} demo: training loss")
-    return {"arch": arch, "tasks": tasks, "text_final": text, "checkpoint": str(r2.final_dir),
-            "samples_per_s": {"stage1": r1.samples_per_s, "stage2": r2.samples_per_s},
-            "data_counts": {"stage1": r1.counts, "stage2": r2.counts}, "wall_s": time.perf_counter() - t0}
+    return {
+        "arch": arch,
+        "tasks": tasks,
+        "text_final": text,
+        "checkpoint": str(r2.final_dir),
+        "samples_per_s": {"stage1": r1.samples_per_s, "stage2": r2.samples_per_s},
+        "data_counts": {"stage1": r1.counts, "stage2": r2.counts},
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
-def run_demo(out: str | Path = "runs/demo", arch: str = "D", quick: bool = False, seed: int = 0,
-             threads: int = 2, log=print) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", arch: str = "D", quick: bool = False, seed: int = 0, threads: int = 2, log=print
+) -> dict[str, Any]:
     import nvlm
 
     torch.set_num_threads(threads)
@@ -117,25 +143,42 @@ def run_demo(out: str | Path = "runs/demo", arch: str = "D", quick: bool = False
     archs = ["D", "X", "H"] if arch.lower() == "all" else [arch.upper()]
     t = time.perf_counter()
     manifest = synthetic.generate(root / "data", budget.n_train, budget.n_test, seed=seed)
-    log(f"data: {sum(manifest['counts']['train'].values())} training and {sum(manifest['counts']['test'].values())}"
-        f" held-out items in {time.perf_counter() - t:.0f} s → {root / 'data'}")
+    log(
+        f"data: {sum(manifest['counts']['train'].values())} training and {sum(manifest['counts']['test'].values())}"
+        f" held-out items in {time.perf_counter() - t:.0f} s → {root / 'data'}"
+    )
     tokenizer = build_tokenizer(root / "data")
-    text = pretrain_llm(root / "backbones" / "llm", tokenizer,
-                        [(root / "data" / "train" / "add.jsonl", TEXT_MIX[0]),
-                         (root / "data" / "train" / "text_scene.jsonl", TEXT_MIX[1])],
-                        budget.text_steps, seed=seed, log=log)
+    text = pretrain_llm(
+        root / "backbones" / "llm",
+        tokenizer,
+        [
+            (root / "data" / "train" / "add.jsonl", TEXT_MIX[0]),
+            (root / "data" / "train" / "text_scene.jsonl", TEXT_MIX[1]),
+        ],
+        budget.text_steps,
+        seed=seed,
+        log=log,
+    )
     save_vision(root / "backbones" / "vision", seed)
     backbone = nvlm.build("D", llm=str(root / "backbones" / "llm"), vision=str(root / "backbones" / "vision"))
     text_backbone = evaluate(backbone, root / "data", ("add",))["add"]  # D without images = the backbone exactly
     runs = []
     for a in archs:
         r = run_arch(a, root, budget, seed, log)
-        r["text"] = {"backbone": text_backbone["accuracy"], "final": r.pop("text_final")["accuracy"],
-                     "chance": text_backbone["chance"], "n": text_backbone["n"]}
+        r["text"] = {
+            "backbone": text_backbone["accuracy"],
+            "final": r.pop("text_final")["accuracy"],
+            "chance": text_backbone["chance"],
+            "n": text_backbone["n"],
+        }
         runs.append(r)
-    results = {"budget": "quick" if quick else "default", "seed": seed, "text_llm": {k: v for k, v in text.items()
-                                                                                     if k != "losses"},
-               "runs": runs, "wall_s": time.perf_counter() - start}
+    results = {
+        "budget": "quick" if quick else "default",
+        "seed": seed,
+        "text_llm": {k: v for k, v in text.items() if k != "losses"},
+        "runs": runs,
+        "wall_s": time.perf_counter() - start,
+    }
     if len(runs) == 1:  # the single-architecture layout: fields at the top level
         results.update({k: runs[0][k] for k in ("arch", "tasks", "text")})
     (root / "results.json").write_text(json.dumps(results, indent=2))
@@ -144,9 +187,11 @@ def run_demo(out: str | Path = "runs/demo", arch: str = "D", quick: bool = False
     ex = synthetic.fresh_question(seed + 12345)
     ex.image.save(root / "fresh.png")
     answer = final.chat(ex.question, image=ex.image, max_new_tokens=4)
-    log(f"\nfresh image {root / 'fresh.png'} ({ex.task}): {ex.question!r} → model says {answer!r} "
+    log(
+        f"\nfresh image {root / 'fresh.png'} ({ex.task}): {ex.question!r} → model says {answer!r} "
         f"(truth {ex.answer!r})\nchat with it: nvlm chat --model {runs[-1]['checkpoint']} --image "
-        f"{root / 'fresh.png'} {json.dumps(ex.question)}")
+        f"{root / 'fresh.png'} {json.dumps(ex.question)}"
+    )
     return results
 
 
@@ -159,10 +204,19 @@ def render_table(results: dict[str, Any]) -> str:
         accs = " ".join(f"{r['tasks'][task]['accuracy']:>8.3f}" for r in results["runs"])
         lines.append(f"{task:<10} {results['runs'][0]['tasks'][task]['chance']:>7.3f} {accs}")
     r0 = results["runs"][0]["text"]
-    lines.append(f"{'text: a+b':<10} {r0['chance']:>7.3f} " + " ".join(
-        f"{r['text']['final']:>8.3f}" for r in results["runs"]) + f"   (backbone LLM {r0['backbone']:.3f}; "
-        + ", ".join(f"{r['arch']} {r['text']['final'] - r['text']['backbone']:+.3f}" for r in results["runs"]) + ")")
-    lines.append("samples/s stage 1 / 2: " + "; ".join(
-        f"{r['arch']} {r['samples_per_s']['stage1']:.0f} / {r['samples_per_s']['stage2']:.0f}" for r in results["runs"]))
+    lines.append(
+        f"{'text: a+b':<10} {r0['chance']:>7.3f} "
+        + " ".join(f"{r['text']['final']:>8.3f}" for r in results["runs"])
+        + f"   (backbone LLM {r0['backbone']:.3f}; "
+        + ", ".join(f"{r['arch']} {r['text']['final'] - r['text']['backbone']:+.3f}" for r in results["runs"])
+        + ")"
+    )
+    lines.append(
+        "samples/s stage 1 / 2: "
+        + "; ".join(
+            f"{r['arch']} {r['samples_per_s']['stage1']:.0f} / {r['samples_per_s']['stage2']:.0f}"
+            for r in results["runs"]
+        )
+    )
     lines.append(f"wall time {results['wall_s']:.0f} s")
     return "\n".join(lines)

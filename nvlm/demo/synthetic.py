@@ -31,8 +31,19 @@ from PIL import Image
 from nvlm.demo import draw
 from nvlm.demo.draw import ReadConfig
 
-__all__ = ["TASKS", "TEXT_TASKS", "CAPTION_PROMPT", "ReadConfig", "TaskSpec", "Example", "make_example",
-           "generate", "score", "fresh_question", "add_split"]
+__all__ = [
+    "TASKS",
+    "TEXT_TASKS",
+    "CAPTION_PROMPT",
+    "ReadConfig",
+    "TaskSpec",
+    "Example",
+    "make_example",
+    "generate",
+    "score",
+    "fresh_question",
+    "add_split",
+]
 
 CAPTION_PROMPT = "Describe the image briefly."
 FORMAT = "nvlm-demo-synthetic/1"
@@ -58,23 +69,46 @@ class Example:  # built by make_example: always a drawn image and its caption
 
 _READ = ReadConfig()
 TASKS: dict[str, TaskSpec] = {
-    "color": TaskSpec("color", 1 / len(draw.PALETTE), tuple(draw.PALETTE),
-                      "one shape in one of 6 colors; answer the color word", ("What color is the shape?",)),
-    "quadrant": TaskSpec("quadrant", 1 / 4, draw.QUADRANTS,
-                         "one black disc away from the centre lines; answer its quadrant",
-                         ("In which quadrant is the disc?",)),
-    "count": TaskSpec("count", 1 / 5, tuple("12345"), "1-5 non-touching shapes; answer how many",
-                      ("How many shapes are there?",)),
-    "bars": TaskSpec("bars", sum(1 / n for n in draw.BAR_COUNTS) / len(draw.BAR_COUNTS), tuple("12345"),
-                     "3-5 bars, the tallest >= 12 % of the plot above the next; answer its 1-based index",
-                     ("Which bar is the tallest?",)),
-    "read": TaskSpec("read", 1 / len(_READ.glyphs), tuple(_READ.glyphs),
-                     "one large dark glyph inside one tile of a multi-tile image; answer the glyph",
-                     ("What character is written in the image?",)),
+    "color": TaskSpec(
+        "color",
+        1 / len(draw.PALETTE),
+        tuple(draw.PALETTE),
+        "one shape in one of 6 colors; answer the color word",
+        ("What color is the shape?",),
+    ),
+    "quadrant": TaskSpec(
+        "quadrant",
+        1 / 4,
+        draw.QUADRANTS,
+        "one black disc away from the centre lines; answer its quadrant",
+        ("In which quadrant is the disc?",),
+    ),
+    "count": TaskSpec(
+        "count", 1 / 5, tuple("12345"), "1-5 non-touching shapes; answer how many", ("How many shapes are there?",)
+    ),
+    "bars": TaskSpec(
+        "bars",
+        sum(1 / n for n in draw.BAR_COUNTS) / len(draw.BAR_COUNTS),
+        tuple("12345"),
+        "3-5 bars, the tallest >= 12 % of the plot above the next; answer its 1-based index",
+        ("Which bar is the tallest?",),
+    ),
+    "read": TaskSpec(
+        "read",
+        1 / len(_READ.glyphs),
+        tuple(_READ.glyphs),
+        "one large dark glyph inside one tile of a multi-tile image; answer the glyph",
+        ("What character is written in the image?",),
+    ),
 }
 TEXT_TASKS: dict[str, TaskSpec] = {
-    "add": TaskSpec("add", 1 / 19, tuple(str(s) for s in range(19)),
-                    "single-digit addition, text only; scored on 20 held-out pairs", ("What is {a}+{b}?",)),
+    "add": TaskSpec(
+        "add",
+        1 / 19,
+        tuple(str(s) for s in range(19)),
+        "single-digit addition, text only; scored on 20 held-out pairs",
+        ("What is {a}+{b}?",),
+    ),
 }
 
 
@@ -140,8 +174,16 @@ def _pixel_hash(im: Image.Image) -> str:
     return hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest()
 
 
-def _images(out: Path, split: str, task: str, n: int, rng: random.Random, cfg: ReadConfig,
-            exclude: set[str], hashes: dict[str, str]) -> tuple[list[dict], list[dict], int]:
+def _images(
+    out: Path,
+    split: str,
+    task: str,
+    n: int,
+    rng: random.Random,
+    cfg: ReadConfig,
+    exclude: set[str],
+    hashes: dict[str, str],
+) -> tuple[list[dict], list[dict], int]:
     """Draw, save and describe `n` images; redraw any whose pixels are in `exclude`. → (records, captions, dropped)."""
     recs: list[dict] = []
     caps: list[dict] = []
@@ -170,9 +212,15 @@ def _write_jsonl(path: Path, records: list[dict], hashes: dict[str, str], out: P
     hashes[path.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
 
 
-def generate(out_dir: str | Path, n_train_per_task: int, n_test_per_task: int, seed: int = 0,
-             tasks: list[str] | tuple[str, ...] | None = None, read: ReadConfig | None = None,
-             n_text_scene: int = 2000) -> dict:
+def generate(
+    out_dir: str | Path,
+    n_train_per_task: int,
+    n_test_per_task: int,
+    seed: int = 0,
+    tasks: list[str] | tuple[str, ...] | None = None,
+    read: ReadConfig | None = None,
+    n_text_scene: int = 2000,
+) -> dict:
     """Write the demo's data set under `out_dir` and return its manifest (also written as manifest.json).
 
     Layout: ``images/{train,test}/{task}_{i:06d}.png``; ``{train,test}/{task}.jsonl`` (LLaVA format);
@@ -227,10 +275,16 @@ def generate(out_dir: str | Path, n_train_per_task: int, n_test_per_task: int, s
         "counts": counts,
         "test_images_redrawn_as_duplicates_of_train": dropped,
         "params": {
-            "n_train_per_task": n_train_per_task, "n_test_per_task": n_test_per_task,
-            "n_text_scene_per_task": n_text_scene, "tile": draw.TILE, "grids": [list(g) for g in draw.GRIDS],
-            "palette": draw.PALETTE, "bar_counts": list(draw.BAR_COUNTS), "read": dataclasses.asdict(cfg),
-            "caption_prompt": CAPTION_PROMPT, "add_test_pairs": [list(p) for p in add_test],
+            "n_train_per_task": n_train_per_task,
+            "n_test_per_task": n_test_per_task,
+            "n_text_scene_per_task": n_text_scene,
+            "tile": draw.TILE,
+            "grids": [list(g) for g in draw.GRIDS],
+            "palette": draw.PALETTE,
+            "bar_counts": list(draw.BAR_COUNTS),
+            "read": dataclasses.asdict(cfg),
+            "caption_prompt": CAPTION_PROMPT,
+            "add_test_pairs": [list(p) for p in add_test],
         },
         "content_sha256": content,  # over JSONL bytes and image *pixels*, so PNG/zlib versions don't matter
     }

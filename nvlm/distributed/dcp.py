@@ -54,8 +54,16 @@ def _gather(obj: Any, world: World) -> list[Any]:
     return out
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                    rank_state: dict[str, Any], run_config: dict[str, Any], keep_last: int = 2) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+    rank_state: dict[str, Any],
+    run_config: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
     """Save step `step` (every process calls this); `rank_state` is this process's data position."""
     final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
     if world.main:
@@ -64,10 +72,14 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
     with _one_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"),
-                 no_dist=not world.distributed)
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"), no_dist=not world.distributed
+        )
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
     ranks = _gather(rank_state, world)
     if world.main:
@@ -89,13 +101,15 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
 def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-            and (p / MARKER).is_file()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and (p / MARKER).is_file()
+    ]
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
-                    ) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict[str, Any]:
     """Restore trainable weights, AdamW state and RNG from `path` (saved on any number of processes).
 
     Returns {"step", "world_size", "ranks", "rank_state"}: every process's saved data state, and this
@@ -107,10 +121,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         with _one_process_ok():
             dcp.load(state, checkpoint_id=str(path / "weights"), no_dist=not world.distributed)
     except Exception as e:  # DCP names the missing keys; say what it means
-        raise ValueError(f"checkpoint {path} does not match this run's trainable weights ({e}); was it written by "
-                         "a different stage or model? Use a new --out folder.") from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: the backbones'
+        raise ValueError(
+            f"checkpoint {path} does not match this run's trainable weights ({e}); was it written by "
+            "a different stage or model? Use a new --out folder."
+        ) from e
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )  # frozen: the backbones'
     trainer = json.loads((path / "trainer_state.json").read_text())
     same = trainer["world_size"] == world.size
     rng_file = path / f"rng_rank{world.rank if same else 0:05d}.pt"
@@ -119,8 +140,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     random.setstate((3, tuple(rng["python"]), None))
     if rng["cuda"] and torch.cuda.is_available() and same:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return {"step": trainer["step"], "world_size": trainer["world_size"], "ranks": trainer["ranks"],
-            "rank_state": trainer["ranks"][world.rank] if same else None}
+    return {
+        "step": trainer["step"],
+        "world_size": trainer["world_size"],
+        "ranks": trainer["ranks"],
+        "rank_state": trainer["ranks"][world.rank] if same else None,
+    }
 
 
 def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.dtype | None = None) -> None:

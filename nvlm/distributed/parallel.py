@@ -64,8 +64,9 @@ def init_world(timeout_s: float = 1800.0) -> World:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None
+        )
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
 
 
@@ -147,8 +148,7 @@ def parallelize(model: NVLM, *, mixed_precision: bool = False, compile: bool = F
     for name, modules in units:
         # the head and the root run last in forward and first in backward: keep them gathered in between
         last = name in ("llm.norm+lm_head", "root")
-        fully_shard(modules if len(modules) > 1 else modules[0], mp_policy=policy,
-                    reshard_after_forward=not last)
+        fully_shard(modules if len(modules) > 1 else modules[0], mp_policy=policy, reshard_after_forward=not last)
     return model
 
 

@@ -68,9 +68,7 @@ class Benchmark:
         digest = hashlib.sha256()
         for it in self.items:
             images = [Path(im).name if isinstance(im, str) else im.identity() for im in it.images]
-            digest.update(
-                json.dumps([it.id, it.prompt, it.fields, images], sort_keys=True, default=str).encode()
-            )
+            digest.update(json.dumps([it.id, it.prompt, it.fields, images], sort_keys=True, default=str).encode())
         files = [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in self.files]
         return {"items": len(self.items), "items_sha256": digest.hexdigest()[:16], "files": files}
 

@@ -38,13 +38,9 @@ def add_eval_subcommands(eval_parser: argparse.ArgumentParser) -> argparse._SubP
     )
     score.add_argument("task", choices=list(SCORERS), help="benchmark")
     score.add_argument("file", help="JSONL file of predictions")
-    score.add_argument(
-        "--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one"
-    )
+    score.add_argument("--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one")
     score.add_argument("--json", action="store_true", help='print {"score", "items": [...], ...} as JSON')
-    score.add_argument(
-        "--timeout", type=float, default=None, help="humaneval: seconds per program (default 10)"
-    )
+    score.add_argument("--timeout", type=float, default=None, help="humaneval: seconds per program (default 10)")
     score.add_argument(
         "--unsafe-exec",
         action="store_true",
@@ -87,12 +83,9 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
         required=True,
         nargs="+",
         metavar="PATH",
-        help="the benchmark's local files: a file, several shards, or the dataset's folder "
-        "(see nvlm/eval/README.md)",
+        help="the benchmark's local files: a file, several shards, or the dataset's folder (see nvlm/eval/README.md)",
     )
-    p.add_argument(
-        "--out", default="evals", help="run folder; writes OUT/TASK/{predictions.jsonl,summary.json}"
-    )
+    p.add_argument("--out", default="evals", help="run folder; writes OUT/TASK/{predictions.jsonl,summary.json}")
     p.add_argument(
         "--restart",
         action="store_true",
@@ -100,9 +93,7 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one"
-    )
+    p.add_argument("--mode", choices=MODES, default="official", help="official scorer, or NVIDIA's Megatron one")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (see README)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -148,9 +139,7 @@ def run_command(args: argparse.Namespace) -> int:
     except SandboxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _print_result(
-        {k: v for k, v in result.items() if k not in ("predictions", "summary", "generated", "reused")}
-    )
+    _print_result({k: v for k, v in result.items() if k not in ("predictions", "summary", "generated", "reused")})
     print(f"  generated: {result['generated']}, reused from an earlier run: {result['reused']}")
     print(f"  predictions: {result['predictions']}\n  summary: {result['summary']}")
     return 0

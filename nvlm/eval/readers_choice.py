@@ -40,9 +40,7 @@ def _answer_letter(answer: Any, n: int, where: str) -> str:
     if isinstance(answer, int | str) and not isinstance(answer, bool) and str(answer).strip().isdigit():
         if int(answer) < n:
             return LETTERS[int(answer)]
-    raise DataError(
-        f"{where}: answer {answer!r} is not an option index 0..{n - 1} (or a letter A..{LETTERS[n - 1]})"
-    )
+    raise DataError(f"{where}: answer {answer!r} is not an option index 0..{n - 1} (or a letter A..{LETTERS[n - 1]})")
 
 
 # ---- AI2D -------------------------------------------------------------------------------------------------
@@ -114,9 +112,7 @@ def _mmmu_options(rec: dict, where: str) -> list[str]:
 
 def read_mmmu(paths: list[Path]) -> list[Item]:
     items: list[Item] = []
-    for file in find(
-        paths, "mmmu", ("*/validation-*.parquet", "validation-*.parquet", "**/validation*.json*")
-    ):
+    for file in find(paths, "mmmu", ("*/validation-*.parquet", "validation-*.parquet", "**/validation*.json*")):
         for where, rec in rows([file]):
             qtype, options = get(rec, "question_type", where), _mmmu_options(rec, where)
             fields: dict[str, Any] = {
@@ -128,9 +124,7 @@ def read_mmmu(paths: list[Path]) -> list[Item]:
             if qtype == "multiple-choice":
                 kind, letters = qtype, list(LETTERS[: len(options)])
                 fields.update(all_choices=letters, index2ans=dict(zip(letters, options)))
-            pics = [
-                rec[f"image_{k}"] for k in range(1, 8) if rec.get(f"image_{k}")
-            ]  # single_image: the first
+            pics = [rec[f"image_{k}"] for k in range(1, 8) if rec.get(f"image_{k}")]  # single_image: the first
             images = [image(pics[0], [file.parent], where)] if pics else []
             question = str(get(rec, "question", where)).strip()
             prompt = build_prompt("mmmu", question, options, kind, num_images=len(images))

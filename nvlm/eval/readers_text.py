@@ -51,9 +51,7 @@ def _csv_rows(path: Path) -> list[Example]:
     out = []
     for n, row in enumerate(rows_, 1):
         if len(row) < 4 or row[-1].strip() not in LETTERS[: len(row) - 2]:
-            raise DataError(
-                f"{path}: row {n}: expected question, options..., answer letter (got {len(row)} columns)"
-            )
+            raise DataError(f"{path}: row {n}: expected question, options..., answer letter (got {len(row)} columns)")
         out.append((row[0], row[1:-1], row[-1].strip()))
     return out
 

@@ -22,9 +22,7 @@ def _question(task: str, rec: dict, where: str, *keys: str) -> list[dict[str, st
 
 
 def _has_parquet(paths: list[Path], patterns: tuple[str, ...]) -> bool:
-    return all(
-        p.suffix == ".parquet" or p.is_dir() and any(next(p.glob(g), None) for g in patterns) for p in paths
-    )
+    return all(p.suffix == ".parquet" or p.is_dir() and any(next(p.glob(g), None) for g in patterns) for p in paths)
 
 
 # ---- VQAv2 ------------------------------------------------------------------------------------------------
@@ -65,9 +63,7 @@ def _vqav2_official(path: Path) -> list[Item]:
     subtype = questions.get("data_subtype", "val2014") if isinstance(questions, dict) else "val2014"
     anns = sorted(folder.glob(f"*{subtype}*annotations*.json"))
     if not anns:
-        raise DataError(
-            f"{folder}: no *{subtype}*annotations*.json beside {found[0].name} (val needs answers)"
-        )
+        raise DataError(f"{folder}: no *{subtype}*annotations*.json beside {found[0].name} (val needs answers)")
     try:
         by_id = {a["question_id"]: a for a in load_json(anns[0])["annotations"]}
         qs = questions["questions"]
@@ -121,9 +117,7 @@ def _vqa_like(
 
 
 def read_textvqa(paths: list[Path]) -> list[Item]:
-    files = find(
-        paths, "textvqa", ("TextVQA_0.5.1_val.json", "data/validation-*.parquet", "validation-*.parquet")
-    )
+    files = find(paths, "textvqa", ("TextVQA_0.5.1_val.json", "data/validation-*.parquet", "validation-*.parquet"))
 
     def roots(f: Path) -> list[Path]:
         return [f.parent / "train_images", f.parent / "train_val_images" / "train_images", f.parent]
@@ -156,9 +150,7 @@ def read_docvqa(paths: list[Path]) -> list[Item]:
 
 # ---- ChartQA ----------------------------------------------------------------------------------------------
 def read_chartqa(paths: list[Path]) -> list[Item]:
-    files = find(
-        paths, "chartqa", ("test_*.json", "test/test_*.json", "data/test-*.parquet", "test-*.parquet")
-    )
+    files = find(paths, "chartqa", ("test_*.json", "test/test_*.json", "data/test-*.parquet", "test-*.parquet"))
     files.sort(key=lambda f: "augmented" in f.name)  # the release's order: human, then augmented
     items: list[Item] = []
     counts: dict[str, int] = {}

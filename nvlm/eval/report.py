@@ -41,9 +41,7 @@ HEADERS = {
 SUMMARY = "summary.json"
 
 
-def write_summary(
-    folder: str | Path, task: str, result: Mapping[str, Any], include_items: bool = False
-) -> Path:
+def write_summary(folder: str | Path, task: str, result: Mapping[str, Any], include_items: bool = False) -> Path:
     """Write ``folder/task/summary.json`` from a scorer result; return its path."""
     for key in ("score", "n", "mode"):
         if key not in result:
@@ -141,9 +139,7 @@ def render_report(report: Mapping[str, Any]) -> str:
     delta = format_delta(report.get("delta_avg4")) if base else "-"
     t7 = [["Tasks"] + [HEADERS[t] for t in VISION_TASKS] + ["Text-only Avg. 4"]]
     t7.append([name] + [format_score(t, scores.get(t)) for t in VISION_TASKS] + [delta])
-    t8 = [
-        ["Tasks", "Backbone LLM"] + [HEADERS[t] for t in TEXT_TASKS] + ["Avg. Accuracy", "Text-only Avg. 4"]
-    ]
+    t8 = [["Tasks", "Backbone LLM"] + [HEADERS[t] for t in TEXT_TASKS] + ["Avg. Accuracy", "Text-only Avg. 4"]]
     if base:
         t8.append(
             [base["name"], "N/A"]

@@ -60,9 +60,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
 
 def settings(task: str, model: Any, max_new_tokens: int, data: dict) -> dict:
     prompt = json.dumps(asdict(PROMPTS[task]), sort_keys=True)
-    name = (
-        str(Path(model).resolve()) if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
-    )
+    name = str(Path(model).resolve()) if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
     return {
         "task": task,
         "model": name,
@@ -78,9 +76,7 @@ def check_settings(path: Path, new: dict, resuming: bool) -> None:
     if resuming:
         preds = path.parent / PREDICTIONS
         if not path.is_file():
-            raise RunError(
-                f"{preds} has no {SETTINGS} beside it saying which model and data made it; {START_OVER}"
-            )
+            raise RunError(f"{preds} has no {SETTINGS} beside it saying which model and data made it; {START_OVER}")
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

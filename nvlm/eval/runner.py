@@ -14,7 +14,8 @@ writes ``OUT/TASK/summary.json`` (``nvlm.eval.report.write_summary``). ``OUT/TAS
 settings and a fingerprint of the data; resuming with another model, prompt, ``max_new_tokens`` or other data
 is refused (``nvlm.eval.run_folder``) unless ``restart`` says to start over.
 
-The command line (``nvlm.eval.cli``) calls this module; it imports nothing back from there. torch, tqdm and the model are imported only when predictions are generated.
+The command line (``nvlm.eval.cli``) calls this module; it imports nothing back from there. torch, tqdm and the
+model are imported only when predictions are generated.
 """
 
 from __future__ import annotations

@@ -120,9 +120,7 @@ def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
-        images = [
-            f.name for f in schema if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0
-        ]
+        images = [f.name for f in schema if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0]
         others = [name for name in schema.names if name not in images]
         records = pf.read(columns=others).to_pylist() if others else []
         records = records or [{} for _ in range(pf.metadata.num_rows)]
@@ -160,9 +158,7 @@ def find(paths: list[Path], task: str, patterns: tuple[str, ...]) -> list[Path]:
                 files += hits
                 break
         else:
-            raise DataError(
-                f"{path}: holds none of {', '.join(patterns)} (--data for {task}: {LAYOUTS[task]})"
-            )
+            raise DataError(f"{path}: holds none of {', '.join(patterns)} (--data for {task}: {LAYOUTS[task]})")
     return list({f.resolve(): f for f in files}.values())  # a shard named twice is read once
 
 

@@ -15,8 +15,9 @@ import torch
 from nvlm.data.chat import chat_prompt
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """[B, vocab] → [B] next token ids."""
     if not do_sample or temperature <= 0:
         return logits.argmax(-1)
@@ -30,9 +31,18 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p
 
 
 @torch.no_grad()
-def generate_ids(model: Any, batch: dict[str, Any], max_new_tokens: int = 64, *, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: list[int] | None = None,
-                 use_cache: bool = True, seed: int | None = None) -> Iterator[torch.Tensor]:
+def generate_ids(
+    model: Any,
+    batch: dict[str, Any],
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_ids: list[int] | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, step by step ([B] tensors). Finished samples get eos."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     batch = {k: v for k, v in batch.items() if k != "labels"}
@@ -80,9 +90,20 @@ def _stop_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def generate(model: Any, prompts: str | list[str], images: list | None = None, *, max_new_tokens: int = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, stop: list[str] | None = None,
-             use_cache: bool = True, seed: int | None = None, stream: bool = False) -> Any:
+def generate(
+    model: Any,
+    prompts: str | list[str],
+    images: list | None = None,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    use_cache: bool = True,
+    seed: int | None = None,
+    stream: bool = False,
+) -> Any:
     """Complete prompt string(s) with ``<image>`` placeholders. Returns str (one prompt), list[str], or with
     ``stream=True`` (one prompt) an iterator of text pieces."""
     single = isinstance(prompts, str)
@@ -92,8 +113,17 @@ def generate(model: Any, prompts: str | list[str], images: list | None = None, *
     image_lists = [images or []] if single else (images or [[] for _ in texts])
     batch = model.processor(texts, image_lists, padding_side="left")
     stop_ids = _stop_ids(model.tokenizer)
-    steps = generate_ids(model, batch, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                         eos_token_ids=stop_ids, use_cache=use_cache, seed=seed)
+    steps = generate_ids(
+        model,
+        batch,
+        max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_ids=stop_ids,
+        use_cache=use_cache,
+        seed=seed,
+    )
     decoder = _Detok(model.tokenizer, len(texts), stop or [], stop_ids)
     if stream:
         return decoder.stream(steps)
@@ -154,8 +184,9 @@ class _Detok:
         return n
 
 
-def chat(model: Any, question: str, image: Any = None, images: list | None = None, system: str | None = None,
-         **kwargs: Any) -> Any:
+def chat(
+    model: Any, question: str, image: Any = None, images: list | None = None, system: str | None = None, **kwargs: Any
+) -> Any:
     """Ask one question about zero or more images; returns the answer (or a stream with ``stream=True``)."""
     pics = list(images or []) + ([image] if image is not None else [])
     return generate(model, chat_prompt(question, len(pics), system, model.config.template), pics, **kwargs)

@@ -131,12 +131,8 @@ def to_ours(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
             def make(ref: TensorRef = ref, m: keymap.Mapped = m) -> Any:
                 return take_real_heads(reader.read(ref), m, heads, head_dim, f"{src.name}:{ref.name}")
 
-            parts[prefix].append(
-                OutTensor(name, ref.dtype, sliced_shape(m.kind, ref.shape, heads, head_dim), make)
-            )
-    _check_names(
-        cfg, {p + t.name if p != "projector." else t.name for p, ts in parts.items() for t in ts}, src
-    )
+            parts[prefix].append(OutTensor(name, ref.dtype, sliced_shape(m.kind, ref.shape, heads, head_dim), make))
+    _check_names(cfg, {p + t.name if p != "projector." else t.name for p, ts in parts.items() for t in ts}, src)
     dtype = _dtype_name(parts["llm."][0].dtype)
     write_sharded(dst / "llm", parts["llm."], max_shard_bytes)
     write_sharded(dst / "vision", parts["vision.model."], max_shard_bytes)
@@ -195,9 +191,7 @@ def _check_names(cfg: NVLMConfig, names: set[str], src: Path) -> None:
         )
     want = set(model.state_dict())
     if names != want:
-        raise ValueError(
-            f"{src}: weights missing {sorted(want - names)[:5]}, unexpected {sorted(names - want)[:5]}"
-        )
+        raise ValueError(f"{src}: weights missing {sorted(want - names)[:5]}, unexpected {sorted(names - want)[:5]}")
 
 
 # ---- ours → release ----------------------------------------------------------------------------------------------

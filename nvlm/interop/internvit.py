@@ -135,9 +135,7 @@ def sliced_shape(kind: str | None, shape: tuple[int, ...], heads: int, head_dim:
     return shape
 
 
-def padded_shape(
-    kind: str | None, shape: tuple[int, ...], heads: int, head_dim: int, dummy: int
-) -> tuple[int, ...]:
+def padded_shape(kind: str | None, shape: tuple[int, ...], heads: int, head_dim: int, dummy: int) -> tuple[int, ...]:
     """Shape of the original tensor made from ours (`shape` = one of q/k/v for qkv) with `dummy` zero heads."""
     total = (heads + dummy) * head_dim
     if kind == "qkv":
@@ -171,15 +169,11 @@ def take_real_heads(t: torch.Tensor, m: Mapped, heads: int, head_dim: int, where
     return out.contiguous()
 
 
-def pad_dummy_heads(
-    kind: str | None, parts: list[torch.Tensor], heads: int, head_dim: int, dummy: int
-) -> torch.Tensor:
+def pad_dummy_heads(kind: str | None, parts: list[torch.Tensor], heads: int, head_dim: int, dummy: int) -> torch.Tensor:
     """The original tensor from ours, zero-padded with `dummy` heads (`parts` = [q, k, v] for qkv)."""
     if kind == "qkv":
         rest = parts[0].shape[1:]
-        blocks = [
-            torch.cat([p.reshape(heads, head_dim, *rest), p.new_zeros(dummy, head_dim, *rest)]) for p in parts
-        ]
+        blocks = [torch.cat([p.reshape(heads, head_dim, *rest), p.new_zeros(dummy, head_dim, *rest)]) for p in parts]
         return torch.stack(blocks).reshape(-1, *rest)
     (t,) = parts
     if kind == "qk_norm":
@@ -215,9 +209,7 @@ def load_original(path: str | os.PathLike, config: dict[str, Any]) -> nn.Module:
         try:
             targets = original_to_vit(inner)
         except KeyError:
-            raise ValueError(
-                f"vision encoder {path}: weight {name!r} is not an InternViT weight we know"
-            ) from None
+            raise ValueError(f"vision encoder {path}: weight {name!r} is not an InternViT weight we know") from None
         tensor = ref.read()
         for m in targets:
             state[m.name] = take_real_heads(tensor, m, heads, head_dim, f"{Path(path).name}:{name}")

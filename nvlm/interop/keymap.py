@@ -148,10 +148,7 @@ def ours_to_release(name: str) -> Mapped:
 def release_to_ours(name: str) -> list[Mapped]:
     """A release weight name → the flat name(s) it becomes (three for a vision layer's attn.qkv)."""
     if name.startswith("vision_model."):
-        return [
-            Mapped("vision.model." + m.name, m.part, m.kind)
-            for m in original_to_vit(name[len("vision_model.") :])
-        ]
+        return [Mapped("vision.model." + m.name, m.part, m.kind) for m in original_to_vit(name[len("vision_model.") :])]
     return [Mapped(swap_prefix(name, RELEASE_PREFIXES, reverse=True))]
 
 

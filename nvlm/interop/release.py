@@ -112,9 +112,7 @@ def nvlm_config_from_release(config: dict[str, Any], preprocessor: dict[str, Any
 
 def load_config(path: str | os.PathLike) -> NVLMConfig:
     root = Path(path)
-    return nvlm_config_from_release(
-        read_json(root / "config.json"), read_json(root / "preprocessor_config.json")
-    )
+    return nvlm_config_from_release(read_json(root / "config.json"), read_json(root / "preprocessor_config.json"))
 
 
 def load_release(
@@ -151,9 +149,7 @@ def load_release(
     by_file: dict[Path, dict[str, Any]] = {}
     for name, ref in folder_tensors(root).items():
         by_file.setdefault(ref.file, {})[name] = ref
-    for (
-        refs
-    ) in by_file.values():  # one shard at a time: at most one shard's tensors are held before assignment
+    for refs in by_file.values():  # one shard at a time: at most one shard's tensors are held before assignment
         part: dict[str, torch.Tensor] = {}
         for name, ref in refs.items():
             tensor = ref.read()
@@ -165,9 +161,7 @@ def load_release(
                 if m.name not in params:
                     raise ValueError(f"{root}: weight {name!r} has no place in the model ({m.name})")
                 want = dtype or (params[m.name].dtype if m.name.startswith("projector.") else tensor.dtype)
-                part[m.name] = take_real_heads(tensor, m, heads, head_dim, f"{root.name}:{name}").to(
-                    target, want
-                )
+                part[m.name] = take_real_heads(tensor, m, heads, head_dim, f"{root.name}:{name}").to(target, want)
             del tensor
         model.load_state_dict(part, strict=False, assign=True)
         loaded.update(part)
@@ -233,9 +227,7 @@ def exportable(cfg: NVLMConfig, llm_json: dict[str, Any]) -> list[str]:
     return why
 
 
-def release_config(
-    cfg: NVLMConfig, llm_json: dict[str, Any], vit_json: dict[str, Any], dtype: str
-) -> dict[str, Any]:
+def release_config(cfg: NVLMConfig, llm_json: dict[str, Any], vit_json: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The release's config.json key set. No auto_map: vLLM has its own NVLM_D config class, and shipping remote
     code breaks under newer transformers (to use the release's modeling code, copy its .py files and auto_map)."""
     llm = {k: v for k, v in llm_json.items() if k not in ("dtype", "transformers_version", "rope_parameters")}

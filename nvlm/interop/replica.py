@@ -59,8 +59,9 @@ def release_replica(
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     c = vision_hidden
-    vision: dict[str, Any] = dict(hidden=c, heads=vision_heads, layers=vision_layers, image_size=image_size,
-                                  patch=patch)
+    vision: dict[str, Any] = dict(
+        hidden=c, heads=vision_heads, layers=vision_layers, image_size=image_size, patch=patch
+    )
     w = internvit_weights(rand, dtype, **vision, dummy_heads=dummy_heads, prefix="vision_model.")
     w.update(
         {

@@ -138,9 +138,7 @@ def write_file(path: str | Path, tensors: list[OutTensor], metadata: dict[str, s
         for t in tensors:
             value = t.make()
             if tuple(value.shape) != t.shape or value.dtype != DTYPES[t.dtype]:
-                raise ValueError(
-                    f"{t.name}: made {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}"
-                )
+                raise ValueError(f"{t.name}: made {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}")
             f.write(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             del value
 
@@ -175,9 +173,7 @@ def write_sharded(
     if len(names) > 1 or always_index:
         weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
         total = sum(t.nbytes for group in groups for t in group)
-        (folder / INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return [folder / name for name in names]
 
 

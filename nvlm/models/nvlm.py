@@ -50,8 +50,9 @@ class Output:
         return None if self.loss_sum is None else self.loss_sum / max(self.num_tokens, 1)
 
 
-def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
-                  chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+def labelled_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int = 4096
+) -> tuple[torch.Tensor, int]:
     """``NVLM.loss`` computed from the final hidden states [B, T, d], with the LM head applied only where the next
     token has a label: only answers carry loss, so logits for image tokens, tags and prompts are never made.
     The labelled rows go through the head and cross-entropy `chunk_tokens` at a time, each chunk recomputed in
@@ -64,8 +65,13 @@ def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
         return _head_ce(rows, targets, head), int(targets.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
-        total = total + checkpoint(_head_ce, rows[start:start + chunk_tokens], targets[start:start + chunk_tokens],
-                                   head, use_reentrant=False)
+        total = total + checkpoint(
+            _head_ce,
+            rows[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+            head,
+            use_reentrant=False,
+        )
     return total, int(targets.numel())
 
 
@@ -81,8 +87,9 @@ class NVLM(nn.Module):
         super().__init__()
         self.config = config
         self.llm = llm
-        self.vision = VisionEncoder(vision_model, config.vision.type, config.vision.select_layer,
-                                    config.vision.downsample)
+        self.vision = VisionEncoder(
+            vision_model, config.vision.type, config.vision.select_layer, config.vision.downsample
+        )
         self.vision.requires_grad_(not config.vision.freeze)  # frozen by default, as in both NVLM stages
         self.dims: LLMDims = dims_of(llm.config)
         d = self.dims.hidden_size
@@ -99,9 +106,18 @@ class NVLM(nn.Module):
                 layers[layer_idx] = CrossAttentionDecoderLayer(layers[layer_idx], blocks[block_idx], block_idx)
         self.tokenizer = tokenizer
         mean, std = default_mean_std(config.vision.type)
-        self.processor = None if tokenizer is None else Processor(  # None: a weight-less (meta) build
-            tokenizer, config, self.vision.tile_size, self.vision.tokens_per_tile,
-            config.vision.image_mean or mean, config.vision.image_std or std)
+        self.processor = (
+            None
+            if tokenizer is None
+            else Processor(  # None: a weight-less (meta) build
+                tokenizer,
+                config,
+                self.vision.tile_size,
+                self.vision.tokens_per_tile,
+                config.vision.image_mean or mean,
+                config.vision.image_std or std,
+            )
+        )
         self.gate_off = False  # text-only use: skip every cross-attention block
         self.loss_chunk_tokens = 4096  # labelled tokens per LM-head + cross-entropy chunk (labelled_loss)
 
@@ -118,10 +134,15 @@ class NVLM(nn.Module):
             feats = self.vision(pixel_values)  # [N, 256, 4C]
         return self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              decoder_tiles: torch.Tensor | None = None, memory_index: torch.Tensor | None = None,
-              memory_tag_ids: torch.Tensor | None = None, touch_all: bool = False
-              ) -> tuple[torch.Tensor, XAttnState | None]:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        decoder_tiles: torch.Tensor | None = None,
+        memory_index: torch.Tensor | None = None,
+        memory_tag_ids: torch.Tensor | None = None,
+        touch_all: bool = False,
+    ) -> tuple[torch.Tensor, XAttnState | None]:
         """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
         of `memory_tag_ids`.
@@ -138,7 +159,7 @@ class NVLM(nn.Module):
         if has_memory and memory_tag_ids is not None:
             flat = torch.cat([flat, memory_tag_ids.to(flat.device)])
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
-        embeds = table[:b * t].reshape(b, t, -1)  # [B, T, d]
+        embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
         if pixel_values is None and touch_all:
             s = self.vision.tile_size
             blank = self.encode_tiles(torch.zeros(1, 3, s, s, device=self.device))
@@ -165,20 +186,32 @@ class NVLM(nn.Module):
             return embeds, None
         d = embeds.shape[-1]
         tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
-        source = torch.cat([tiles.to(embeds.dtype), table[b * t:]])  # [N·256 + tags, d]
+        source = torch.cat([tiles.to(embeds.dtype), table[b * t :]])  # [N·256 + tags, d]
         index = memory_index.to(self.device)  # [B, M], -1 = padding
         memory = source[index.clamp(min=0)] * (index >= 0)[..., None].to(embeds.dtype)  # [B, M, d], padding zero
         return embeds, XAttnState(memory=memory, memory_len=(index >= 0).sum(-1))
 
     # ---- the forward pass --------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, decoder_tiles: torch.Tensor | None = None,
-                memory_index: torch.Tensor | None = None, memory_tag_ids: torch.Tensor | None = None,
-                xattn_lo: torch.Tensor | None = None,
-                xattn_hi: torch.Tensor | None = None, *, past_key_values: Any = None,
-                xattn_state: XAttnState | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0, labels: Any = None,
-                return_logits: bool = True, touch_all: bool = False) -> Output:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        decoder_tiles: torch.Tensor | None = None,
+        memory_index: torch.Tensor | None = None,
+        memory_tag_ids: torch.Tensor | None = None,
+        xattn_lo: torch.Tensor | None = None,
+        xattn_hi: torch.Tensor | None = None,
+        *,
+        past_key_values: Any = None,
+        xattn_state: XAttnState | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        labels: Any = None,
+        return_logits: bool = True,
+        touch_all: bool = False,
+    ) -> Output:
         """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
 
         While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
@@ -194,13 +227,15 @@ class NVLM(nn.Module):
         state = state or xattn_state
         if state is None and touch_all and self.xattn:  # a one-token memory that no row may see: exact no-op
             b = input_ids.shape[0]
-            state = XAttnState(memory=embeds.new_zeros(b, 1, embeds.shape[-1]),
-                               memory_len=torch.zeros(b, dtype=torch.long, device=self.device))
+            state = XAttnState(
+                memory=embeds.new_zeros(b, 1, embeds.shape[-1]),
+                memory_len=torch.zeros(b, dtype=torch.long, device=self.device),
+            )
             xattn_lo = xattn_hi = torch.zeros_like(input_ids)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
             if position_ids is None:  # left padding: count only real tokens
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         # With position_ids that restart and no attention_mask (a packed row), the LLM attends within each
         # packed sample only (transformers derives the block-diagonal causal mask from the restarts).
         xattn = None  # what the CrossAttentionDecoderLayers read; None skips every block
@@ -217,12 +252,20 @@ class NVLM(nn.Module):
         extra = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its decoder layers
         if labels is not None and not return_logits and not use_cache and self._plain_head():
             # training: run the decoder, then the LM head only where a label is (see labelled_loss)
-            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False, **extra).last_hidden_state
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+            ).last_hidden_state
             labelled, count = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
             return Output(None, None, state, labelled, count)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **extra,
+        )
         loss_sum: torch.Tensor | None = None
         n = 0
         if labels is not None:
@@ -240,8 +283,12 @@ class NVLM(nn.Module):
         over the whole global batch by the trainer, as Megatron does)."""
         shift_logits = logits[:, :-1].float()  # [B, T-1, V]
         shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
-        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
         return loss, int((shift_labels != -100).sum())
 
     # ---- convenience ---------------------------------------------------------------------------------
@@ -261,10 +308,13 @@ class NVLM(nn.Module):
     def describe(self) -> str:
         """A one-paragraph summary: architecture, backbone shapes, tiles, cross-attention schedule."""
         c, v = self.config, self.vision
-        lines = [f"NVLM-{c.arch}: LLM {self.llm.config.model_type} ({self.dims.num_layers} layers, width "
-                 f"{self.dims.hidden_size}), vision {v.kind} ({v.tile_size} px tiles → {v.tokens_per_tile} tokens × "
-                 f"{v.out_dim}), tags {c.tags.style}/{c.tags.mode}"]
+        lines = [
+            f"NVLM-{c.arch}: LLM {self.llm.config.model_type} ({self.dims.num_layers} layers, width "
+            f"{self.dims.hidden_size}), vision {v.kind} ({v.tile_size} px tiles → {v.tokens_per_tile} tokens × "
+            f"{v.out_dim}), tags {c.tags.style}/{c.tags.mode}"
+        ]
         if self.xattn_layers:
-            lines.append(f"gated cross-attention: {len(self.xattn_layers)} blocks, before LLM layers "
-                         f"{self.xattn_layers}")
+            lines.append(
+                f"gated cross-attention: {len(self.xattn_layers)} blocks, before LLM layers {self.xattn_layers}"
+            )
         return "\n".join(lines)

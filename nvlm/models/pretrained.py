@@ -20,8 +20,14 @@ from nvlm.models.saving import OWN_PREFIXES
 from nvlm.vision.encoder import load_vision_model
 
 
-def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any = None,
-          dtype: torch.dtype | None = None, **overrides: Any) -> NVLM:
+def build(
+    arch: str = "D",
+    llm: Any = None,
+    vision: Any = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> NVLM:
     """Compose NVLM-`arch` from a local HF LLM folder (or config) and a vision encoder folder (or config).
 
     `tokenizer` defaults to the LLM folder. `overrides` are dotted config keys with dots as double
@@ -50,8 +56,9 @@ def build(arch: str = "D", llm: Any = None, vision: Any = None, tokenizer: Any =
     return NVLM(cfg.validate(), llm_model, vision_model, tokenizer)
 
 
-def build_meta(arch: str, llm_config: dict[str, Any], vision_config: dict[str, Any],
-               overrides: dict[str, Any] | None = None) -> NVLM:
+def build_meta(
+    arch: str, llm_config: dict[str, Any], vision_config: dict[str, Any], overrides: dict[str, Any] | None = None
+) -> NVLM:
     """NVLM-`arch` from architecture dicts on the meta device: shapes and parameter counts, no memory, no
     weights, no tokenizer (for dry runs and recipe checks)."""
     from nvlm.vision.encoder import vision_config as make_vision_config
@@ -61,8 +68,10 @@ def build_meta(arch: str, llm_config: dict[str, Any], vision_config: dict[str, A
     with torch.device("meta"):
         llm_model = load_llm(dict(llm_config))
         vision_model, _ = load_vision_model(make_vision_config(kind, **vision))
-        cfg = apply_overrides(NVLMConfig(arch=cast(Any, arch), vision=VisionConfig(type=kind)),  # validated below
-                              dict(overrides or {}))
+        cfg = apply_overrides(
+            NVLMConfig(arch=cast(Any, arch), vision=VisionConfig(type=kind)),  # validated below
+            dict(overrides or {}),
+        )
         cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
         cfg.vision.hf_config = clean_hf_config(vision_model.config.to_dict())
         return NVLM(cfg.validate(), llm_model, vision_model, tokenizer=None)
@@ -92,8 +101,9 @@ def _add_tokens(tokenizer: Any, cfg: NVLMConfig, vision_model: Any) -> None:
     add_special_tokens(tokenizer, tokens)
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> NVLM:
+def from_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> NVLM:
     """Load a model written by ``save_pretrained``, or a folder in the released NVLM-D-72B layout (read by
     ``nvlm.interop.release``, its remote code never run)."""
     root = Path(path)
@@ -102,8 +112,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not (root / "llm").is_dir() and is_release(root):
         return load_release(root, dtype, device)
     if not (root / "config.json").is_file() or not (root / "llm").is_dir():
-        raise FileNotFoundError(f"{root} is not an nvlm checkpoint (needs config.json and llm/); "
-                                "write one with model.save_pretrained or nvlm.build(...).save_pretrained")
+        raise FileNotFoundError(
+            f"{root} is not an nvlm checkpoint (needs config.json and llm/); "
+            "write one with model.save_pretrained or nvlm.build(...).save_pretrained"
+        )
     cfg = NVLMConfig.load(root / "config.json")
     llm = load_llm(root / "llm", dtype)
     vision_model, _ = load_vision_model(root / "vision")
@@ -114,8 +126,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(OWN_PREFIXES)]
     if missing or unexpected:
-        raise ValueError(f"{root}/model.safetensors does not match NVLM-{cfg.arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{root}/model.safetensors does not match NVLM-{cfg.arch}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     if dtype is not None:
         model.to(dtype)
     return model.to(device) if device is not None else model

@@ -40,14 +40,20 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
     model.tokenizer.save_pretrained(out)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
     model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
     model.vision.model.save_pretrained(out / "vision", state_dict=part("vision.model."))
     p = model.processor
-    pre = {"tile_size": p.tile_size, "tokens_per_tile": p.tokens_per_tile, "image_mean": list(p.mean),
-           "image_std": list(p.std), "min_tiles": model.config.tiling.min_tiles,
-           "max_tiles": model.config.tiling.max_tiles, "use_thumbnail": model.config.tiling.use_thumbnail}
+    pre = {
+        "tile_size": p.tile_size,
+        "tokens_per_tile": p.tokens_per_tile,
+        "image_mean": list(p.mean),
+        "image_std": list(p.std),
+        "min_tiles": model.config.tiling.min_tiles,
+        "max_tiles": model.config.tiling.max_tiles,
+        "use_thumbnail": model.config.tiling.use_thumbnail,
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
 
@@ -63,5 +69,5 @@ def backbone_names(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torc
     out = {}
     for k, v in state.items():
         old = next((o for o in renames if k.startswith(o)), None)
-        out[k if old is None else renames[old] + k[len(old):]] = v
+        out[k if old is None else renames[old] + k[len(old) :]] = v
     return out

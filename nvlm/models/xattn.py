@@ -74,7 +74,10 @@ class GatedCrossAttentionBlock(nn.Module):
         return k, v
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        allowed: torch.Tensor,
         row_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, T, d]; memory [B, M, d] or its cached (K, V) from an earlier call; allowed [B, T, M] bool;
@@ -132,20 +135,20 @@ class CrossAttentionDecoderLayer(nn.Module):
     def block(self) -> GatedCrossAttentionBlock:
         return self._block[0]
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None,
-                **kwargs: Any) -> Any:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None, **kwargs: Any) -> Any:
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block_then_layer, hidden_states, *args, xattn=xattn, use_reentrant=False,
-                              **kwargs)
+            return checkpoint(self._block_then_layer, hidden_states, *args, xattn=xattn, use_reentrant=False, **kwargs)
         return self._block_then_layer(hidden_states, *args, xattn=xattn, **kwargs)
 
-    def _block_then_layer(self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None,
-                          **kwargs: Any) -> Any:
+    def _block_then_layer(
+        self, hidden_states: torch.Tensor, *args: Any, xattn: XAttnInputs | None = None, **kwargs: Any
+    ) -> Any:
         if xattn is not None:  # None: a text-only batch, or the gates switched off
             state = xattn.state
             # K/V of the image memory: computed by the prefill's call, reused by every decoding step
-            hidden_states, kv = self.block(hidden_states, state.kv.get(self.block_idx, state.memory),
-                                           xattn.allowed, xattn.row_mask)
+            hidden_states, kv = self.block(
+                hidden_states, state.kv.get(self.block_idx, state.memory), xattn.allowed, xattn.row_mask
+            )
             if kwargs.get("use_cache"):  # only a decoding cache keeps them (training would hold them all)
                 state.kv[self.block_idx] = kv
         return self.layer(hidden_states, *args, **kwargs)

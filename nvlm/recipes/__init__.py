@@ -17,34 +17,120 @@ from typing import Any
 
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig
 
-QWEN2_72B = dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
-                 num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rope_theta=1e6,
-                 rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False,
-                 bos_token_id=151643, eos_token_id=151645)
-YI_34B = dict(model_type="llama", vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
-              num_attention_heads=56, num_key_value_heads=8, rope_theta=5e6, rms_norm_eps=1e-5,
-              max_position_embeddings=4096, tie_word_embeddings=False)
-INTERNVIT_6B = dict(type="internvl", hidden_size=3200, intermediate_size=12800, num_hidden_layers=45,
-                    num_attention_heads=25, image_size=[448, 448], patch_size=[14, 14], norm_type="rms_norm",
-                    use_qk_norm=True, layer_norm_eps=1e-6, attention_bias=False, use_mean_pooling=True,
-                    layer_scale_init_value=0.1)
+QWEN2_72B = dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=8192,
+    intermediate_size=29568,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+YI_34B = dict(
+    model_type="llama",
+    vocab_size=64000,
+    hidden_size=7168,
+    intermediate_size=20480,
+    num_hidden_layers=60,
+    num_attention_heads=56,
+    num_key_value_heads=8,
+    rope_theta=5e6,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+INTERNVIT_6B = dict(
+    type="internvl",
+    hidden_size=3200,
+    intermediate_size=12800,
+    num_hidden_layers=45,
+    num_attention_heads=25,
+    image_size=[448, 448],
+    patch_size=[14, 14],
+    norm_type="rms_norm",
+    use_qk_norm=True,
+    layer_norm_eps=1e-6,
+    attention_bias=False,
+    use_mean_pooling=True,
+    layer_scale_init_value=0.1,
+)
 
 _LLMS = {"72b": (QWEN2_72B, "weights/Qwen2-72B-Instruct", 8), "34b": (YI_34B, "weights/Nous-Hermes-2-Yi-34B", 6)}
 
 # Table 10 (pretrain) and Table 11 (SFT): lr, min_lr, warmup, betas, weight decay, clip, global batch, seq len.
 _HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
-    ("D", "pretrain"): dict(lr=1e-4, min_lr=2.5e-5, warmup_steps=500, betas=(0.9, 0.95), weight_decay=0.1,
-                            grad_clip=10.0, global_batch_size=2048, seq=512, steps=20_000),
-    ("X", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup_steps=1000, betas=(0.9, 0.95), weight_decay=0.05,
-                            grad_clip=1.0, global_batch_size=2048, seq=512, steps=20_000),
-    ("H", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.05,
-                            grad_clip=1.0, global_batch_size=2048, seq=512, steps=20_000),
-    ("D", "sft"): dict(lr=2e-6, min_lr=2.5e-7, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.1,
-                       grad_clip=10.0, global_batch_size=128, seq=3200, steps=10_000),
-    ("X", "sft"): dict(lr=1e-5, min_lr=1e-7, warmup_steps=500, betas=(0.9, 0.98), weight_decay=0.05,
-                       grad_clip=1.0, global_batch_size=256, seq=1024, steps=10_000),
-    ("H", "sft"): dict(lr=1e-5, min_lr=1e-7, warmup_steps=1000, betas=(0.9, 0.98), weight_decay=0.05,
-                       grad_clip=1.0, global_batch_size=256, seq=1280, steps=10_000),
+    ("D", "pretrain"): dict(
+        lr=1e-4,
+        min_lr=2.5e-5,
+        warmup_steps=500,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        grad_clip=10.0,
+        global_batch_size=2048,
+        seq=512,
+        steps=20_000,
+    ),
+    ("X", "pretrain"): dict(
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=1000,
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+        grad_clip=1.0,
+        global_batch_size=2048,
+        seq=512,
+        steps=20_000,
+    ),
+    ("H", "pretrain"): dict(
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=1000,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
+        grad_clip=1.0,
+        global_batch_size=2048,
+        seq=512,
+        steps=20_000,
+    ),
+    ("D", "sft"): dict(
+        lr=2e-6,
+        min_lr=2.5e-7,
+        warmup_steps=1000,
+        betas=(0.9, 0.98),
+        weight_decay=0.1,
+        grad_clip=10.0,
+        global_batch_size=128,
+        seq=3200,
+        steps=10_000,
+    ),
+    ("X", "sft"): dict(
+        lr=1e-5,
+        min_lr=1e-7,
+        warmup_steps=500,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
+        grad_clip=1.0,
+        global_batch_size=256,
+        seq=1024,
+        steps=10_000,
+    ),
+    ("H", "sft"): dict(
+        lr=1e-5,
+        min_lr=1e-7,
+        warmup_steps=1000,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
+        grad_clip=1.0,
+        global_batch_size=256,
+        seq=1280,
+        steps=10_000,
+    ),
 }
 # The paper gives no SFT step counts (Table 11): steps=10_000 is a placeholder; set train.max_steps.
 
@@ -57,23 +143,36 @@ def paper_recipe(arch: str, size: str, stage: str) -> RunConfig:
     seq, steps = h.pop("seq"), h.pop("steps")
     # Stage 1 of D and X: one 448 px tile per image, no tags (Table 10: "# of tiles 1"); H: 6 + 1 tiles.
     one_tile = stage == "pretrain" and arch in ("D", "X")
-    overrides = {"tiling.max_tiles": 1 if one_tile else 6, "tags.style": "none" if one_tile else "1d",
-                 "xattn.every": every}
+    overrides = {
+        "tiling.max_tiles": 1 if one_tile else 6,
+        "tags.style": "none" if one_tile else "1d",
+        "xattn.every": every,
+    }
     if size == "34b":
         overrides["tags.thumbnail_tag"] = "<tile_global>"  # Yi: all tags tokenize to the same length
-    model = ModelSpec(arch=arch, llm=llm_path, vision="weights/InternViT-6B-448px-V1-5", overrides=overrides,
-                      llm_config=dict(llm_cfg), vision_config=dict(INTERNVIT_6B),
-                      init_from=None if stage == "pretrain" else f"runs/{arch.lower()}-{size}-pretrain/final")
-    data = DataSpec(sources=[{"path": f"data/{stage}.jsonl", "weight": 1.0}], max_seq_len=seq,
-                    system=None if stage == "pretrain" else "Answer the questions.")
-    train = TrainConfig(stage=stage, max_steps=steps, micro_batch_size=1, bf16=True,
-                        activation_checkpointing=True, **h)
+    model = ModelSpec(
+        arch=arch,
+        llm=llm_path,
+        vision="weights/InternViT-6B-448px-V1-5",
+        overrides=overrides,
+        llm_config=dict(llm_cfg),
+        vision_config=dict(INTERNVIT_6B),
+        init_from=None if stage == "pretrain" else f"runs/{arch.lower()}-{size}-pretrain/final",
+    )
+    data = DataSpec(
+        sources=[{"path": f"data/{stage}.jsonl", "weight": 1.0}],
+        max_seq_len=seq,
+        system=None if stage == "pretrain" else "Answer the questions.",
+    )
+    train = TrainConfig(stage=stage, max_steps=steps, micro_batch_size=1, bf16=True, activation_checkpointing=True, **h)
     return RunConfig(model=model, data=data, train=train)
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {
     f"{a.lower()}-{size}-{stage}": functools.partial(paper_recipe, a, size, stage)
-    for a in "DXH" for size in ("72b", "34b") for stage in ("pretrain", "sft")
+    for a in "DXH"
+    for size in ("72b", "34b")
+    for stage in ("pretrain", "sft")
 }
 
 

@@ -76,9 +76,9 @@ class _Guard:
         if self.api_key and scope["path"] not in self.OPEN:
             given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await error(
-                    401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key"
-                )(scope, receive, count)
+                return await error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")(
+                    scope, receive, count
+                )
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body:  # refused before reading any of it
             return await error(413, f"request body over {self.max_body:,} bytes", "request_too_large")(
@@ -105,9 +105,7 @@ def create_app(
         if engine._thread is None:
             engine.start()
         yield
-        await run_in_threadpool(
-            engine.close, True, 30.0
-        )  # SIGTERM: uvicorn stopped accepting; finish in-flight
+        await run_in_threadpool(engine.close, True, 30.0)  # SIGTERM: uvicorn stopped accepting; finish in-flight
 
     app = FastAPI(title="nvlm serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, max_body=max_body_bytes, api_key=api_key, metrics=engine.metrics)
@@ -151,15 +149,11 @@ def create_app(
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            return error(
-                400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), param=where or None
-            )
+            return error(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), param=where or None)
         except ValueError as e:
             return error(400, str(e))
         if len(urls) > gate.policy.max_images:  # counted before any fetch or decode
-            return error(
-                400, f"{len(urls)} images; this server takes at most {gate.policy.max_images} per request"
-            )
+            return error(400, f"{len(urls)} images; this server takes at most {gate.policy.max_images} per request")
         try:
             images = await run_in_threadpool(gate.load_all, urls)
         except MediaError as e:
@@ -175,9 +169,7 @@ def create_app(
                     stop=req.stop_list,
                     seed=None if req.seed is None else req.seed + i,
                 )
-                handles.append(
-                    await run_in_threadpool(engine.submit, prompt, images, params, _sink(loop, events, i))
-                )
+                handles.append(await run_in_threadpool(engine.submit, prompt, images, params, _sink(loop, events, i)))
         except (ValueError, EngineError) as e:
             for h in handles:
                 h.cancel()

@@ -61,9 +61,7 @@ def _data_url(im: Image.Image) -> str:
 def check_loopback(url: str) -> None:
     host = urllib.parse.urlparse(url).hostname
     if host not in LOOPBACK:
-        raise ValueError(
-            f"--url {url!r}: nvlm bench serve only loads loopback servers (127.0.0.1, ::1, localhost)"
-        )
+        raise ValueError(f"--url {url!r}: nvlm bench serve only loads loopback servers (127.0.0.1, ::1, localhost)")
 
 
 async def _one(client: Any, url: str, body: dict, headers: dict) -> dict:
@@ -98,9 +96,7 @@ async def _one(client: Any, url: str, body: dict, headers: dict) -> dict:
     return rec
 
 
-async def run_level(
-    url: str, bodies: list[dict], concurrency: int, timeout: float, api_key: str | None
-) -> dict:
+async def run_level(url: str, bodies: list[dict], concurrency: int, timeout: float, api_key: str | None) -> dict:
     """One concurrency level: every body once, at most `concurrency` in flight, cut off after `timeout` s."""
     import httpx
 
@@ -220,9 +216,7 @@ def render(result: dict) -> str:
     lines = [head + " " + " ".join(f"{s.removesuffix('_ms'):>10}" for s in stats) + "  (ms)"]
     for row in result["levels"]:
         vals = " ".join(f.format(row[k]) for _, k, f in cols)
-        lines.append(
-            vals + " " + " ".join(f"{row[s]:>10.1f}" if row[s] is not None else f"{'-':>10}" for s in stats)
-        )
+        lines.append(vals + " " + " ".join(f"{row[s]:>10.1f}" if row[s] is not None else f"{'-':>10}" for s in stats))
     b = result.get("baseline")
     if b:
         lines.append(
@@ -243,18 +237,14 @@ def add_bench_serve_parser(sub: Any) -> None:
         help="load an OpenAI-compatible server: TTFT/TPOT/ITL/E2E percentiles, throughput",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument(
-        "--model", help="a saved model: serve it in this process on 127.0.0.1 and run the baseline"
-    )
+    p.add_argument("--model", help="a saved model: serve it in this process on 127.0.0.1 and run the baseline")
     p.add_argument("--url", help="a running loopback server instead (e.g. http://127.0.0.1:8000)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default 1,4,16)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     p.add_argument("--image-ratio", type=float, default=0.5, help="share of requests with one image")
     p.add_argument("--timeout", type=float, default=600, help="seconds per level (and for the baseline)")
-    p.add_argument(
-        "--no-baseline", action="store_true", help="skip the one-at-a-time model.generate baseline"
-    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time model.generate baseline")
     p.add_argument("--api-key", default=None)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (with --model)")
     p.add_argument("--seed", type=int, default=0)
@@ -268,9 +258,7 @@ def run_bench_serve(args: Any) -> int:
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         if not levels or min(levels) < 1 or args.num_prompts < 1 or args.max_tokens < 1 or args.timeout <= 0:
-            raise ValueError(
-                "--concurrency levels, --num-prompts, --max-tokens and --timeout must be positive"
-            )
+            raise ValueError("--concurrency levels, --num-prompts, --max-tokens and --timeout must be positive")
         if not 0 <= args.image_ratio <= 1:
             raise ValueError("--image-ratio must be within [0, 1]")
         if not args.model and not args.url:

@@ -18,9 +18,7 @@ from typing import Any
 from nvlm.data.chat import IM_END, IM_START
 from nvlm.data.processor import IMAGE_PLACEHOLDER
 
-_TURN = re.compile(
-    re.escape(IM_START) + r"(system|user|assistant)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL
-)
+_TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)" + re.escape(IM_END) + r"\n?", re.DOTALL)
 
 
 def chatml_to_messages(prompt: str) -> list[dict[str, str]]:

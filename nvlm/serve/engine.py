@@ -104,9 +104,7 @@ class Engine:
                 f"prompt ({len(encoded.input_ids)} tokens incl. images) + max_tokens "
                 f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_len}"
             )
-        req = Request(
-            encoded, params, _Detok(self.model.tokenizer, 1, list(params.stop), self.stop_ids), on_event
-        )
+        req = Request(encoded, params, _Detok(self.model.tokenizer, 1, list(params.stop), self.stop_ids), on_event)
         with self._cond:
             free = max(
                 self.max_batch - len(self._running) - self._admitted, 0
@@ -130,13 +128,7 @@ class Engine:
         """Refuse new requests; let in-flight ones finish (or cancel them), then stop the worker."""
         self._closing = True
         deadline = time.monotonic() + timeout
-        while (
-            drain
-            and self.in_flight
-            and time.monotonic() < deadline
-            and self._thread
-            and self._thread.is_alive()
-        ):
+        while drain and self.in_flight and time.monotonic() < deadline and self._thread and self._thread.is_alive():
             time.sleep(0.02)
         with self._cond:
             for r in list(self._waiting) + self._running:
@@ -214,9 +206,7 @@ class Engine:
         t0 = time.perf_counter()
         ids = torch.tensor([r.output_ids[-1] for r in self._running], device=self.model.device)[:, None]
         mask = self._batch.grow()
-        out = self.model(
-            ids, mask, past_key_values=self._batch.cache, xattn_state=self._batch.state, use_cache=True
-        )
+        out = self.model(ids, mask, past_key_values=self._batch.cache, xattn_state=self._batch.state, use_cache=True)
         self._batch.cache = out.past_key_values
         nxt = self._sample(out.logits[:, -1], self._running)
         self.metrics.observe_step("decode", time.perf_counter() - t0, len(self._running))
@@ -225,9 +215,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """Row i's next token from rows' own settings; rows without a seed share the global RNG."""
         logits = logits.float().clone()
-        logits[:, self.processor.pad_id] = float(
-            "-inf"
-        )  # as in generate: the image-pad token has no features
+        logits[:, self.processor.pad_id] = float("-inf")  # as in generate: the image-pad token has no features
         greedy = logits.argmax(-1).tolist()
         out = []
         for i, r in enumerate(reqs):
@@ -250,13 +238,7 @@ class Engine:
             r.t_last = now
             with self._tok_lock:
                 r.detok._update(torch.tensor([tok]))
-            reason = (
-                "stop"
-                if r.detok.finished[0]
-                else "length"
-                if len(r.output_ids) >= r.params.max_tokens
-                else None
-            )
+            reason = "stop" if r.detok.finished[0] else "length" if len(r.output_ids) >= r.params.max_tokens else None
             text = r.text
             safe = len(text) if reason else r.detok._safe_len(text)
             delta, r.sent = text[r.sent : safe], max(r.sent, safe)
@@ -281,6 +263,4 @@ class Engine:
     def _finish(self, r: Request, reason: str, error: str | None = None, delta: str = "") -> None:
         r.finish_reason = reason
         self.metrics.finished(reason, r.prompt_tokens, len(r.output_ids), r.t_submit, r.t_first, r.t_last)
-        r.emit(
-            Event(delta, r.output_ids[-1:] if delta or reason in ("stop", "length") else [], reason, error)
-        )
+        r.emit(Event(delta, r.output_ids[-1:] if delta or reason in ("stop", "length") else [], reason, error))

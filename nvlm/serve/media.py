@@ -63,9 +63,7 @@ class MediaGate:
 
     def load_all(self, urls: list[str]) -> list[Image.Image]:
         if len(urls) > self.policy.max_images:
-            raise MediaError(
-                f"{len(urls)} images in one request; this server takes at most {self.policy.max_images}"
-            )
+            raise MediaError(f"{len(urls)} images in one request; this server takes at most {self.policy.max_images}")
         return [self.load(u) for u in urls]
 
     def load(self, url: str) -> Image.Image:
@@ -94,8 +92,7 @@ class MediaGate:
         mime, params = m.group(1).strip().lower(), [p.strip().lower() for p in m.group(2).split(";") if p]
         if mime not in _MIMES:
             raise MediaError(
-                f"data: URL type {mime or '(none)'!r} is not an allowed image type "
-                f"({', '.join(sorted(_MIMES))})"
+                f"data: URL type {mime or '(none)'!r} is not an allowed image type ({', '.join(sorted(_MIMES))})"
             )
         if "base64" not in params:
             raise MediaError("data: URL must be base64-encoded (data:image/png;base64,...)")
@@ -115,8 +112,7 @@ class MediaGate:
             raise MediaError(f"refused image URL {url[:200]!r}: only http(s) URLs with a host")
         if not self.policy.allowed_domains:
             raise MediaError(
-                "remote image URLs are off: send a data: URL, or start the server with "
-                "--allowed-media-domains"
+                "remote image URLs are off: send a data: URL, or start the server with --allowed-media-domains"
             )
         if not any(host == d or host.endswith("." + d) for d in self.policy.allowed_domains):
             raise MediaError(f"image host {host!r} is not in --allowed-media-domains")
@@ -139,9 +135,7 @@ class MediaGate:
             conn = _pinned(u, ip, self.policy.timeout_s)
             try:
                 path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-                conn.request(
-                    "GET", path, headers={"Host": u.netloc, "User-Agent": "nvlm-serve", "Accept": "image/*"}
-                )
+                conn.request("GET", path, headers={"Host": u.netloc, "User-Agent": "nvlm-serve", "Accept": "image/*"})
                 resp = conn.getresponse()
                 if resp.status in (301, 302, 303, 307, 308):
                     loc = resp.getheader("Location")
@@ -192,9 +186,7 @@ class MediaGate:
         except Exception:
             w = h = 0  # load_image below names what is wrong
         if w * h > self.policy.max_pixels:
-            raise MediaError(
-                f"image is {w}x{h} = {w * h:,} pixels, over this server's {self.policy.max_pixels:,}", 413
-            )
+            raise MediaError(f"image is {w}x{h} = {w * h:,} pixels, over this server's {self.policy.max_pixels:,}", 413)
         try:
             return load_image(data, max_pixels=self.policy.max_pixels)
         except ImageLoadError as e:
@@ -207,9 +199,7 @@ def _pinned(u: urllib.parse.ParseResult, ip: str, timeout: float) -> http.client
     host = u.hostname or ""  # checked against the allowed domains before any connection
     if u.scheme == "https":
         ctx = ssl.create_default_context()
-        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            host, port, timeout=timeout, context=ctx
-        )
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
 
         def connect() -> None:
             sock = socket.create_connection((ip, port), timeout)

@@ -90,8 +90,7 @@ class EngineMetrics:
                 "# TYPE nvlm:request_success_total counter",
             ]
             lines += [
-                f'nvlm:request_success_total{{finished_reason="{r}"}} {n}'
-                for r, n in sorted(self.finish.items())
+                f'nvlm:request_success_total{{finished_reason="{r}"}} {n}' for r, n in sorted(self.finish.items())
             ]
             lines += [
                 "# TYPE nvlm:prompt_tokens_total counter",
@@ -109,9 +108,7 @@ class EngineMetrics:
             f"nvlm:num_requests_running {running}",
         ]
         lines += self.ttft.lines("nvlm:time_to_first_token_seconds", "time to first token")
-        lines += self.tpot.lines(
-            "nvlm:time_per_output_token_seconds", "time per output token after the first"
-        )
+        lines += self.tpot.lines("nvlm:time_per_output_token_seconds", "time per output token after the first")
         lines += self.e2e.lines("nvlm:e2e_request_latency_seconds", "end-to-end request latency")
         lines += self.prefill_step.lines("nvlm:prefill_step_seconds", "one batched prefill step")
         lines += self.decode_step.lines("nvlm:decode_step_seconds", "one decode step of the running batch")

@@ -80,9 +80,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
-        default=None, max_length=4
-    )
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=4)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=4)
     stream: bool = False

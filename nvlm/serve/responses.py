@@ -64,9 +64,7 @@ async def stream_chunks(
     try:
         for i in range(len(handles)):
             extra = {"nvlm": {"images": info}} if i == 0 else {}
-            yield chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **extra
-            )
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], **extra)
         left = len(handles)
         while left:
             i, ev = await events.get()

@@ -29,22 +29,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a folder written by save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--served-model-name", default=None, help="the id in /v1/models (default: the folder name)"
-    )
+    p.add_argument("--served-model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    p.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503"
-    )
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled per step")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
     p.add_argument("--allowed-media-domains", nargs="*", default=[], help="hosts image_url may fetch from")
-    p.add_argument(
-        "--allowed-local-media-path", default=None, help="file:// image URLs only under this folder"
-    )
+    p.add_argument("--allowed-local-media-path", default=None, help="file:// image URLs only under this folder")
     p.add_argument("--api-key-file", default=None, help="a file holding the bearer key clients must send")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -81,9 +75,7 @@ def build_app(model: Any, args: argparse.Namespace, api_key: str | None = None) 
         max_images=args.max_images,
     )
     name = args.served_model_name or Path(args.model).name
-    return create_app(
-        engine, MediaGate(policy), model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes
-    )
+    return create_app(engine, MediaGate(policy), model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes)
 
 
 def uvicorn_config(app: Any, host: str, port: int, limit: int, graceful: int = 30) -> Any:

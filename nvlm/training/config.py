@@ -111,9 +111,11 @@ class TrainConfig:
         """Micro-batches per optimizer step on each process."""
         per = self.micro_batch_size * world_size
         if self.global_batch_size % per:
-            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                              f"train.micro_batch_size × processes ({self.micro_batch_size} × {world_size}); "
-                              "change one of them")
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size × processes ({self.micro_batch_size} × {world_size}); "
+                "change one of them"
+            )
         return self.global_batch_size // per
 
     def validate(self) -> None:
@@ -186,7 +188,9 @@ def override(cfg: RunConfig, items: list[str]) -> RunConfig:
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote strings, e.g. {key}='...'") from None
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML; quote strings, e.g. {key}='...'"
+            ) from None
     return RunConfig.from_dict(data)
 
 

@@ -66,8 +66,11 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str = "traini
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
     n_max = max(len(c) for c in curves.values())
     for k, (name, c) in enumerate(curves.items()):
-        pts = [(pad + (w - 1.5 * pad) * i / max(1, n_max - 1), h - pad - (h - 1.5 * pad) * (v - lo) / (hi - lo))
-               for i, v in enumerate(c) if math.isfinite(v)]
+        pts = [
+            (pad + (w - 1.5 * pad) * i / max(1, n_max - 1), h - pad - (h - 1.5 * pad) * (v - lo) / (hi - lo))
+            for i, v in enumerate(c)
+            if math.isfinite(v)
+        ]
         if len(pts) > 1:
             d.line(pts, fill=colors[k % len(colors)], width=2)
         d.text((w - 200, pad // 2 + 4 + 14 * k), name, fill=colors[k % len(colors)])

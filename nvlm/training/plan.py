@@ -76,8 +76,10 @@ def meta_model(cfg: RunConfig) -> NVLM:
         model = build_meta(spec.arch, dict(llm), dict(vision), dict(spec.overrides))
     else:
         missing = "model.llm" if llm is None else "model.vision"
-        raise FileNotFoundError(f"{missing}={getattr(spec, missing.split('.')[1])!r} is not a local folder and the "
-                                f"run gives no {missing}_config (nor an existing model.init_from) to plan from")
+        raise FileNotFoundError(
+            f"{missing}={getattr(spec, missing.split('.')[1])!r} is not a local folder and the "
+            f"run gives no {missing}_config (nor an existing model.init_from) to plan from"
+        )
     apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
     return model
 
@@ -97,10 +99,15 @@ def _units(model: NVLM, world: int) -> list[dict[str, Any]]:
     for name, modules in fsdp_units(model):
         params = [p for m in modules for p in m.parameters() if id(p) not in taken]
         taken.update(id(p) for p in params)
-        rows.append({"name": name, "params": sum(p.numel() for p in params),
-                     "trainable": sum(p.numel() for p in params if p.requires_grad),
-                     "shard_trainable": sum(_shard(p, world) for p in params if p.requires_grad),
-                     "shard_frozen": sum(_shard(p, world) for p in params if not p.requires_grad)})
+        rows.append(
+            {
+                "name": name,
+                "params": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "shard_trainable": sum(_shard(p, world) for p in params if p.requires_grad),
+                "shard_frozen": sum(_shard(p, world) for p in params if not p.requires_grad),
+            }
+        )
     return rows
 
 
@@ -110,8 +117,13 @@ def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         head, _, idx = r["name"].rpartition(".")
         key = f"{head}.*" if idx.isdigit() else r["name"]
-        row = {"unit": key, "count": 1, "params_each": r["params"], "trainable": r["trainable"] > 0,
-               "per_gpu_each": r["shard_trainable"] + r["shard_frozen"]}
+        row = {
+            "unit": key,
+            "count": 1,
+            "params_each": r["params"],
+            "trainable": r["trainable"] > 0,
+            "per_gpu_each": r["shard_trainable"] + r["shard_frozen"],
+        }
         last = out[-1] if out else None
         if last and all(last[k] == row[k] for k in ("unit", "params_each", "trainable")):
             last["count"] += 1
@@ -163,8 +175,10 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
     layer = tokens * llm_layer_bytes(d, q, q if padded and kv < q else kv, f, heads, llm_trains)
     # the boolean [B, 1, T, T] padding mask, which SDPA turns into a bf16 bias per call, kept for backward
     mask, bias = (micro_batch * seq * seq, micro_batch * seq * seq * BF16) if padded else (0, 0)
-    out = {"llm_layers": L * tokens * BF16 * d + layer if ac else L * layer,
-           "attn_mask": mask + (bias if ac else L * bias)}
+    out = {
+        "llm_layers": L * tokens * BF16 * d + layer if ac else L * layer,
+        "attn_mask": mask + (bias if ac else L * bias),
+    }
     # images: one per sample, at the most tiles (and the thumbnail) the config allows
     tiles = c.tiling.max_tiles + (1 if c.tiling.use_thumbnail and c.tiling.max_tiles > 1 else 0)
     tpt = model.vision.tokens_per_tile
@@ -215,18 +229,26 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     model = meta_model(cfg)
     t = cfg.train
     gbs = t.global_batch_size
-    comps = {name: {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
-                    "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad)}
-             for name, m in components(model).items()}
+    comps = {
+        name: {
+            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            "frozen": sum(p.numel() for p in m.parameters() if not p.requires_grad),
+        }
+        for name, m in components(model).items()
+    }
     units = _units(model, world_size)
     shard_t = sum(u["shard_trainable"] for u in units)
     shard_f = sum(u["shard_frozen"] for u in units)
     kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
     largest = max((u["params"] for u in units if u not in kept), default=0)
     largest_t = max((u["trainable"] for u in units), default=0)
-    mem = {"params": FP32 * shard_t + BF16 * shard_f, "grads": FP32 * shard_t, "optimizer": 2 * FP32 * shard_t,
-           "gathered": BF16 * (sum(u["params"] for u in kept) + 2 * largest),
-           "unsharded_grads": (BF16 + FP32) * largest_t}
+    mem = {
+        "params": FP32 * shard_t + BF16 * shard_f,
+        "grads": FP32 * shard_t,
+        "optimizer": 2 * FP32 * shard_t,
+        "gathered": BF16 * (sum(u["params"] for u in kept) + 2 * largest),
+        "unsharded_grads": (BF16 + FP32) * largest_t,
+    }
     static = sum(mem.values())
     acts = {ac: activation_bytes(model, t.micro_batch_size, cfg.data.max_seq_len, ac) for ac in (False, True)}
     act = acts[t.activation_checkpointing]
@@ -237,26 +259,43 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     except ConfigError as e:  # the trainer refuses this run; the plan says why
         accumulation, notes = 1, [str(e)]
     return {
-        "arch": model.config.arch, "stage": t.stage, "world_size": world_size,
-        "micro_batch_size": t.micro_batch_size, "global_batch_size": gbs, "seq_len": cfg.data.max_seq_len,
+        "arch": model.config.arch,
+        "stage": t.stage,
+        "world_size": world_size,
+        "micro_batch_size": t.micro_batch_size,
+        "global_batch_size": gbs,
+        "seq_len": cfg.data.max_seq_len,
         "grad_accum_steps": accumulation,
         "activation_checkpointing": t.activation_checkpointing,
-        "shapes": {"hidden": dm.hidden_size, "layers": dm.num_layers, "ffn": dm.ffn_size,
-                   "vocab": model.llm.get_output_embeddings().weight.shape[0], "xattn_blocks": len(model.xattn),
-                   "max_tiles": model.config.tiling.max_tiles, "tokens_per_tile": model.vision.tokens_per_tile},
+        "shapes": {
+            "hidden": dm.hidden_size,
+            "layers": dm.num_layers,
+            "ffn": dm.ffn_size,
+            "vocab": model.llm.get_output_embeddings().weight.shape[0],
+            "xattn_blocks": len(model.xattn),
+            "max_tiles": model.config.tiling.max_tiles,
+            "tokens_per_tile": model.vision.tokens_per_tile,
+        },
         "components": comps,
         "params_total": sum(v["trainable"] + v["frozen"] for v in comps.values()),
         "params_trainable": sum(v["trainable"] for v in comps.values()),
         "params_per_gpu": shard_t + shard_f,
         "units": _grouped(units),
         "memory_gib": gib,
-        "activations_gib": {"no_ac": {k: v / GIB for k, v in acts[False].items()},
-                            "ac": {k: v / GIB for k, v in acts[True].items()}},
+        "activations_gib": {
+            "no_ac": {k: v / GIB for k, v in acts[False].items()},
+            "ac": {k: v / GIB for k, v in acts[True].items()},
+        },
         "gib_per_gpu": (static + sum(act.values())) / GIB,
         "gib_per_gpu_no_ac": (static + sum(acts[False].values())) / GIB,
         "gib_per_gpu_ac": (static + sum(acts[True].values())) / GIB,
-        "not_counted": ["CUDA context (~0.5-1 GiB)", "NCCL buffers", "allocator fragmentation/caching",
-                        "AdamW step temporaries", "more than one image per sample"],
+        "not_counted": [
+            "CUDA context (~0.5-1 GiB)",
+            "NCCL buffers",
+            "allocator fragmentation/caching",
+            "AdamW step temporaries",
+            "more than one image per sample",
+        ],
         "notes": notes,
     }
 
@@ -264,19 +303,27 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 def render(p: dict[str, Any]) -> str:
     """The plan as a text report: what trains, the FSDP units, memory per GPU."""
     ac = "on" if p["activation_checkpointing"] else "off"
-    lines = [f"NVLM-{p['arch']} dry run: stage {p['stage']}, {p['world_size']} GPU(s), micro-batch "
-             f"{p['micro_batch_size']} × {p['seq_len']} tokens, global batch {p['global_batch_size']} "
-             f"({p['grad_accum_steps']} accumulation step(s)), activation checkpointing {ac}", "",
-             f"{'component':<12}{'trainable':>18}{'frozen':>18}"]
+    lines = [
+        f"NVLM-{p['arch']} dry run: stage {p['stage']}, {p['world_size']} GPU(s), micro-batch "
+        f"{p['micro_batch_size']} × {p['seq_len']} tokens, global batch {p['global_batch_size']} "
+        f"({p['grad_accum_steps']} accumulation step(s)), activation checkpointing {ac}",
+        "",
+        f"{'component':<12}{'trainable':>18}{'frozen':>18}",
+    ]
     for name, c in p["components"].items():
         lines.append(f"{name:<12}{c['trainable']:>18,}{c['frozen']:>18,}")
     frozen = p["params_total"] - p["params_trainable"]
-    lines += [f"{'total':<12}{p['params_trainable']:>18,}{frozen:>18,}   ({p['params_total'] / 1e9:.2f} B)", "",
-              f"FSDP2 units (in fully_shard order), {p['params_per_gpu']:,} parameters per GPU",
-              f"{'unit':<22}{'count':>6}{'params each':>16}{'per GPU each':>15}  trains"]
+    lines += [
+        f"{'total':<12}{p['params_trainable']:>18,}{frozen:>18,}   ({p['params_total'] / 1e9:.2f} B)",
+        "",
+        f"FSDP2 units (in fully_shard order), {p['params_per_gpu']:,} parameters per GPU",
+        f"{'unit':<22}{'count':>6}{'params each':>16}{'per GPU each':>15}  trains",
+    ]
     for u in p["units"]:
-        lines.append(f"{u['unit']:<22}{u['count']:>6}{u['params_each']:>16,}{u['per_gpu_each']:>15,}  "
-                     f"{'yes' if u['trainable'] else 'no'}")
+        lines.append(
+            f"{u['unit']:<22}{u['count']:>6}{u['params_each']:>16,}{u['per_gpu_each']:>15,}  "
+            f"{'yes' if u['trainable'] else 'no'}"
+        )
     lines += ["", f"memory per GPU (GiB, estimate), world size {p['world_size']}:"]
     lines += [f"  {k:<16}{v:>9.2f}" for k, v in p["memory_gib"].items()]
     lines.append(f"  {'total':<16}{p['gib_per_gpu']:>9.2f}   (+ CUDA context, NCCL buffers, fragmentation)")

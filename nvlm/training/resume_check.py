@@ -53,9 +53,7 @@ def _changes(old: dict[str, Any], new: dict[str, Any], what: str) -> list[str]:
         elif key not in old:
             out.append(f"{what} {key!r} added")
         elif old[key] != new[key]:
-            out.append(
-                f"{what} {key!r} changed" + ("" if what == "data file of" else f" ({old[key]} -> {new[key]})")
-            )
+            out.append(f"{what} {key!r} changed" + ("" if what == "data file of" else f" ({old[key]} -> {new[key]})"))
     return out
 
 

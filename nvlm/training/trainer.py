@@ -81,8 +81,10 @@ def fill_unused_grads(model: nvlm.NVLM, used: dict[str, bool]) -> list[torch.nn.
                     missing.append(f"{name}.{pname}")
                 p.grad = torch.zeros_like(p)
     if missing:
-        raise RuntimeError(f"{len(missing)} trainable tensor(s) of modules this step used got no gradient, e.g. "
-                           f"{missing[:3]}: the model's graph is broken (a bug, please report it); not training")
+        raise RuntimeError(
+            f"{len(missing)} trainable tensor(s) of modules this step used got no gradient, e.g. "
+            f"{missing[:3]}: the model's graph is broken (a bug, please report it); not training"
+        )
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -101,8 +103,9 @@ class _NoMetrics:  # processes other than 0 log nothing
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out: str | Path, model: nvlm.NVLM | None = None, log=print,
-                 world: World | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, out: str | Path, model: nvlm.NVLM | None = None, log=print, world: World | None = None
+    ) -> None:
         t = cfg.train
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg, self.out = cfg, Path(out)
@@ -131,11 +134,21 @@ class Trainer:
                 activation_checkpointing(self.model)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
-            self.log(f"{self.world.size} processes × {t.micro_batch_size} samples × {self.accum} accumulation "
-                     f"steps = global batch {t.global_batch_size}")
-        self.stream = SampleStream(load_blend(cfg), self.model.processor, cfg.data.max_seq_len, cfg.data.system,
-                                   cfg.data.max_bad_in_row, cfg.data.max_bad_fraction, self.world.rank,
-                                   self.world.size, read_timeout=cfg.data.read_timeout_s)
+            self.log(
+                f"{self.world.size} processes × {t.micro_batch_size} samples × {self.accum} accumulation "
+                f"steps = global batch {t.global_batch_size}"
+            )
+        self.stream = SampleStream(
+            load_blend(cfg),
+            self.model.processor,
+            cfg.data.max_seq_len,
+            cfg.data.system,
+            cfg.data.max_bad_in_row,
+            cfg.data.max_bad_fraction,
+            self.world.rank,
+            self.world.size,
+            read_timeout=cfg.data.read_timeout_s,
+        )
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
         self.metrics = MetricsWriter(self.out) if self.world.main else _NoMetrics()
@@ -151,7 +164,7 @@ class Trainer:
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
         t, proc = self.cfg.train, self.model.processor
-        micro = [samples[i:i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
+        micro = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
         if not self.cfg.data.pack:
             return [proc.collate(m, padding_side="right") for m in micro]
         pad = proc.tokenizer.pad_token_id or 0
@@ -186,8 +199,12 @@ class Trainer:
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
                 reshard(self.model)  # so free the weights FSDP kept gathered for it
             total += float(out.loss_sum.detach())
-        used = {"llm": True, "projector": any(with_images), "vision": any(with_images),
-                "xattn": any_memory > 0 and not self.model.gate_off}
+        used = {
+            "llm": True,
+            "projector": any(with_images),
+            "vision": any(with_images),
+            "xattn": any_memory > 0 and not self.model.gate_off,
+        }
         params = fill_unused_grads(self.model, used)
         norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
         (total,) = all_reduce([total], w)
@@ -237,8 +254,10 @@ class Trainer:
                 for k, v in r["data"]["counts"].items():
                     counts[k] = counts.get(k, 0) + v
             self.stream.load_state_dict({**data, "counts": counts})
-            self.log(f"resuming a {state['world_size']}-process checkpoint on {self.world.size}: data continues "
-                     f"from blend position {data['blend']['position']} (no sample is read twice)")
+            self.log(
+                f"resuming a {state['world_size']}-process checkpoint on {self.world.size}: data continues "
+                f"from blend position {data['blend']['position']} (no sample is read twice)"
+            )
         self._data_state = self.stream.state_dict()
         self.step = state["step"]
         self.skipped = state["ranks"][0].get("skipped", 0)
@@ -249,8 +268,16 @@ class Trainer:
     def save(self) -> Path:
         self._saved_step = self.step
         rank_state = {"data": self._data_state, "skipped": self.skipped, "fingerprint": self._fingerprint}
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.world,
-                               rank_state, self.cfg.to_dict(), self.cfg.train.keep_last)
+        return save_checkpoint(
+            self.out / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            self.world,
+            rank_state,
+            self.cfg.to_dict(),
+            self.cfg.train.keep_last,
+        )
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True
@@ -305,11 +332,20 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
-                raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
-                                    "lower train.lr or check the data")
+                raise NonFiniteLoss(
+                    f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
+                    "lower train.lr or check the data"
+                )
         self.step += 1
-        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens,
-               "samples_per_s": t.global_batch_size / (time.perf_counter() - t0), "skipped_nonfinite": self.skipped}
+        row = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens": tokens,
+            "samples_per_s": t.global_batch_size / (time.perf_counter() - t0),
+            "skipped_nonfinite": self.skipped,
+        }
         if self.step % t.log_every == 0 or self.step == t.max_steps:
             self.metrics.write(row)
         return loss, lr
@@ -330,15 +366,18 @@ class Trainer:
                 rows = read_metrics(self.metrics.path)
                 plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")
         counts = self._counts()
-        self.log(f"{'stopped by a signal' if interrupted else 'done'} at step {self.step}; data: {counts}; "
-                 f"non-finite steps skipped: {self.skipped}; mixed image/text-only micro-batches: {self.mixed}")
+        self.log(
+            f"{'stopped by a signal' if interrupted else 'done'} at step {self.step}; data: {counts}; "
+            f"non-finite steps skipped: {self.skipped}; mixed image/text-only micro-batches: {self.mixed}"
+        )
         return TrainResult(self.step, final, interrupted, counts, samples_per_s)
 
     def _counts(self) -> dict[str, int]:
         """Data counts summed over processes."""
         mine = self._data_state["counts"]  # of the batches trained on, not those read ahead
-        keys = sorted(set(mine) | {"read", "used", "used_with_images", "used_text_only", "bad_sample",
-                                   "dropped_too_long"})
+        keys = sorted(
+            set(mine) | {"read", "used", "used_with_images", "used_text_only", "bad_sample", "dropped_too_long"}
+        )
         values = all_reduce([float(mine.get(k, 0)) for k in keys], self.world)
         counts = {k: int(v) for k, v in zip(keys, values) if v}
         counts["mixed_microbatches"] = self.mixed
@@ -348,5 +387,6 @@ class Trainer:
 def _progress(total: int, initial: int, show: bool = True) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False,
-                disable=not show)
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False, disable=not show
+    )

@@ -34,9 +34,14 @@ _MEAN_STD = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 VisionKind = Literal["internvl", "siglip", "clip"]  # as nvlm.config.VisionConfig.type
-_MODEL_TYPES: dict[str, VisionKind] = {"internvl_vision": "internvl", "internvl": "internvl",
-                                       "siglip_vision_model": "siglip", "siglip": "siglip",
-                                       "clip_vision_model": "clip", "clip": "clip"}
+_MODEL_TYPES: dict[str, VisionKind] = {
+    "internvl_vision": "internvl",
+    "internvl": "internvl",
+    "siglip_vision_model": "siglip",
+    "siglip": "siglip",
+    "clip_vision_model": "clip",
+    "clip": "clip",
+}
 
 
 def _classes(kind: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
@@ -141,10 +146,12 @@ def _load_prefixed(model: nn.Module, path: Path, prefixes: tuple[str, ...]) -> N
         for key, value in load_file(file).items():
             for prefix in prefixes:
                 if key.startswith(prefix):
-                    state[key[len(prefix):]] = value
+                    state[key[len(prefix) :]] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(f"vision encoder {path}: weights missing for {missing[:5]} (and {max(0, len(missing) - 5)} more)")
+        raise ValueError(
+            f"vision encoder {path}: weights missing for {missing[:5]} (and {max(0, len(missing) - 5)} more)"
+        )
 
 
 class VisionEncoder(nn.Module):

@@ -36,8 +36,9 @@ class LinearProjector(nn.Module):
         return self.linear(x)
 
 
-def build_projector(arch: str, in_dim: int, out_dim: int, hidden_dim: int,
-                    eps: float = 1e-5) -> MLPProjector | LinearProjector:
+def build_projector(
+    arch: str, in_dim: int, out_dim: int, hidden_dim: int, eps: float = 1e-5
+) -> MLPProjector | LinearProjector:
     if arch == "X":
         return LinearProjector(in_dim, out_dim)
     return MLPProjector(in_dim, hidden_dim, out_dim, eps)

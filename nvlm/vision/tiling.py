@@ -95,8 +95,10 @@ def check_tile_counts(min_tiles: int, max_tiles: int) -> tuple[int, int]:
     min_tiles = _int_arg("min_tiles", min_tiles, 1)
     max_tiles = _int_arg("max_tiles", max_tiles, min_tiles)
     if max_tiles > MAX_TILES_LIMIT:
-        raise ValueError(f"max_tiles must be at most {MAX_TILES_LIMIT} (each tile costs hundreds of tokens and "
-                         f"the grid search grows with its square), got {max_tiles}; the paper uses 6")
+        raise ValueError(
+            f"max_tiles must be at most {MAX_TILES_LIMIT} (each tile costs hundreds of tokens and "
+            f"the grid search grows with its square), got {max_tiles}; the paper uses 6"
+        )
     return min_tiles, max_tiles
 
 

@@ -1,6 +1,6 @@
-"""Tiny text-benchmark releases (and the shared helpers) in their real public layouts, official and Hugging Face (parquet written with
-pyarrow, image columns as ``datasets`` writes them: a ``{"bytes", "path"}`` struct). Each builder returns
-``(--data, right answers, ids)``; the right answers score full marks in both modes."""
+"""Tiny text-benchmark releases (and the shared helpers) in their real public layouts, official and Hugging Face
+(parquet written with pyarrow, image columns as ``datasets`` writes them: a ``{"bytes", "path"}`` struct). Each
+builder returns ``(--data, right answers, ids)``; the right answers score full marks in both modes."""
 
 from __future__ import annotations
 
@@ -37,10 +37,7 @@ def parquet(path: Path, rows: list[dict], row_group_size: int = 1) -> Path:
 def shards(folder: Path, split: str, rows: list[dict], n: int = 2) -> list[Path]:
     """``rows`` split over ``{split}-0000i-of-0000n.parquet`` as the Hub names shards."""
     per = -(-len(rows) // n)
-    return [
-        parquet(folder / f"{split}-{i:05d}-of-{n:05d}.parquet", rows[i * per : (i + 1) * per])
-        for i in range(n)
-    ]
+    return [parquet(folder / f"{split}-{i:05d}-of-{n:05d}.parquet", rows[i * per : (i + 1) * per]) for i in range(n)]
 
 
 def write_json(path: Path, data) -> Path:
@@ -92,9 +89,7 @@ def mmlu_hf(root):
     ]
     parquet(root / "all" / "test-00000-of-00001.parquet", test)
     parquet(root / "all" / "dev-00000-of-00001.parquet", dev)
-    parquet(
-        root / "abstract_algebra" / "test-00000-of-00001.parquet", test[:1]
-    )  # subject copies: not read twice
+    parquet(root / "abstract_algebra" / "test-00000-of-00001.parquet", test[:1])  # subject copies: not read twice
     return root, ["B", "A"], ["computer_security/0", "computer_security/1"]
 
 

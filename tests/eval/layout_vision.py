@@ -16,9 +16,7 @@ def vqav2_hf(root):
             "multiple_choice_answer": "red",
             "image_id": 42,
             "answer_type": "other",
-            "answers": [
-                {"answer": a, "answer_confidence": "yes", "answer_id": k} for k, a in enumerate(["red"] * 10)
-            ],
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k} for k, a in enumerate(["red"] * 10)],
             "question_id": 42000 + i,
             "question": f"What color {i}?",
             "image": img(),
@@ -151,12 +149,8 @@ def ai2d_tsv(root):
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, delimiter="\t")
         w.writerow(["index", "question", "A", "B", "C", "D", "answer", "image"])
-        w.writerow(
-            [7, "Which is the leaf?", "root", "leaf", "stem", "", "B", base64.b64encode(png()).decode()]
-        )
-        w.writerow(
-            [9, "Which is the root?", "root", "leaf", "stem", "flower", "A", base64.b64encode(png()).decode()]
-        )
+        w.writerow([7, "Which is the leaf?", "root", "leaf", "stem", "", "B", base64.b64encode(png()).decode()])
+        w.writerow([9, "Which is the root?", "root", "leaf", "stem", "flower", "A", base64.b64encode(png()).decode()])
     return path, ["B", "A"], ["7", "9"]
 
 

@@ -20,9 +20,7 @@ def test_vectors_both_modes(vectors):
     for case in vectors["anls"]:
         assert anls_official(case["pred"], case["refs"]) == pytest.approx(case["expected"], abs=1e-4), case
         if "megatron_nvlm" in case:
-            assert anls_megatron(case["pred"], case["refs"]) == pytest.approx(
-                case["megatron_nvlm"], abs=1e-4
-            ), case
+            assert anls_megatron(case["pred"], case["refs"]) == pytest.approx(case["megatron_nvlm"], abs=1e-4), case
 
 
 def test_threshold_inclusive_official_strict_nvlm():

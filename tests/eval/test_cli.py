@@ -55,15 +55,11 @@ def test_every_task_scores_from_a_file(tmp_path, capsys):
     for task, item in ONE_ITEM.items():
         path = _jsonl(tmp_path / f"{task}.jsonl", [item])
         for mode in ("official", "nvlm"):
-            argv = ["score", task, path, "--mode", mode, "--json"] + (
-                ["--timeout", "3"] if task == "humaneval" else []
-            )
+            argv = ["score", task, path, "--mode", mode, "--json"] + (["--timeout", "3"] if task == "humaneval" else [])
             assert _run(argv) == 0, task
             out = json.loads(capsys.readouterr().out)
             expected = 1.0 if task == "ocrbench" else 100.0
-            assert (out["task"], out["mode"], out["score"], out["items"]) == (task, mode, expected, [1.0]), (
-                task
-            )
+            assert (out["task"], out["mode"], out["score"], out["items"]) == (task, mode, expected, [1.0]), task
 
 
 def test_text_output_and_blank_lines(tmp_path, capsys):
@@ -77,9 +73,7 @@ def test_text_output_and_blank_lines(tmp_path, capsys):
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path, capsys):
-    path = _jsonl(
-        tmp_path / "bad.jsonl", [ONE_ITEM["chartqa"]], raw_lines=['{"prediction": "1", "answers": ']
-    )
+    path = _jsonl(tmp_path / "bad.jsonl", [ONE_ITEM["chartqa"]], raw_lines=['{"prediction": "1", "answers": '])
     assert _run(["score", "chartqa", path]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"{path}:2: not valid JSON")

@@ -26,9 +26,7 @@ def _attacks(outside: str) -> dict[str, str]:
     """Completions of ``add`` that misbehave first and return the right value after."""
     return {
         "infinite_loop": _body("while True:\n    pass"),
-        "loop_swallowing_exceptions": _body(
-            "while True:\n    try:\n        pass\n    except Exception:\n        pass"
-        ),
+        "loop_swallowing_exceptions": _body("while True:\n    try:\n        pass\n    except Exception:\n        pass"),
         "subprocess": _body("import subprocess\nsubprocess.run(['echo', 'hi'])"),
         "os_fork": _body("import os\nos.fork()"),
         "multiprocessing": _body("import multiprocessing\nmultiprocessing.Process(target=print).start()"),
@@ -40,9 +38,7 @@ def _attacks(outside: str) -> dict[str, str]:
         "socket": _body("import socket\nsocket.create_connection(('127.0.0.1', 80))"),
         "memory_bomb": _body("x = bytearray(4 * 1024 ** 3)"),
         "exit_early": _body("import sys\nsys.exit(0)"),
-        "write_inside": _body(
-            "open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'"
-        ),
+        "write_inside": _body("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'"),
         "print_flood": _body("print('x' * 100000)"),
         "correct": "    return a + b\n",
     }

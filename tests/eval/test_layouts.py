@@ -50,9 +50,7 @@ def test_layout_reads_and_right_answers_score_full_marks(task, layout, tmp_path)
             raw = image if isinstance(image, str) else image.load()
             assert load_image(raw).size == (64, 48)
     for mode in ("official", "nvlm"):
-        records = [
-            {"id": it.id, "prediction": p, **it.fields} for it, p in zip(bench.items, right, strict=True)
-        ]
+        records = [{"id": it.id, "prediction": p, **it.fields} for it, p in zip(bench.items, right, strict=True)]
         full = len(records) if task == "ocrbench" else 100.0
         assert score_items(task, records, mode)["score"] == pytest.approx(full), mode
         if task != "humaneval":
@@ -70,9 +68,7 @@ def test_mmlu_keeps_line_breaks_in_quoted_fields_in_both_releases(tmp_path):
 
 def test_mathvista_github_query_comes_from_query_json(tmp_path):
     items = read_benchmark("mathvista", L.mathvista_github(tmp_path)[0])
-    assert "Please answer the question requiring an integer answer.\nQuestion: What is x?" in render(
-        items[1].prompt
-    )
+    assert "Please answer the question requiring an integer answer.\nQuestion: What is x?" in render(items[1].prompt)
     assert "Hint:" not in render(items[1].prompt)  # Megatron drops "Hint: "
     (tmp_path / "data" / "query.json").unlink()
     with pytest.raises(DataError, match=r"testmini.json\[1\]: no query .*query.json"):

@@ -49,9 +49,7 @@ def test_normalisation_rules():
     assert normalize_extraction("-3.9", _free("integer")) == "-3"  # truncation toward zero
     assert normalize_extraction("abc", _free("integer")) is None
     assert normalize_extraction("1.255", _free("float", 2)) == str(round(1.255, 2))
-    assert (
-        normalize_extraction("2.5", _free("float", None)) == "2"
-    )  # round(x, None): banker's rounding to int
+    assert normalize_extraction("2.5", _free("float", None)) == "2"  # round(x, None): banker's rounding to int
     assert normalize_extraction(" [1, 2] ", _free("list")) == " [1, 2] "
 
 

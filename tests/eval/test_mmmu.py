@@ -97,7 +97,8 @@ def test_aggregation_is_micro_with_subjects_and_domains():
                 "all_choices": ["A", "B"], "index2ans": {"A": "x", "B": "y"}}  # fmt: skip
 
     items = [item("A", "A", "Art"), item("B", "A", "Art"), item("A", "A", "Math"),
-             {"prediction": "It is 5", "answers": ["5"], "question_type": "open", "id": "validation_Art_Theory_1"}]  # fmt: skip
+             {"prediction": "It is 5", "answers": ["5"], "question_type": "open",
+              "id": "validation_Art_Theory_1"}]  # fmt: skip
     out = score_items("mmmu", items)
     assert out["score"] == 75.0
     assert out["by_subject"]["Art"] == {"score": 50.0, "n": 2}

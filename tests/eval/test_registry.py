@@ -46,6 +46,4 @@ def test_imports_are_stdlib_numpy_or_nvlm_eval(path):
             if top == "nvlm":
                 assert name.startswith("nvlm.eval"), f"{path.name} imports {name}"
             else:
-                assert top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY, (
-                    f"{path.name} imports {name}"
-                )
+                assert top in sys.stdlib_module_names or top in ALLOWED_THIRD_PARTY, f"{path.name} imports {name}"

@@ -23,9 +23,7 @@ QWEN2 = {"mmlu": 82.3, "gsm8k": 91.1, "math": 59.7, "humaneval": 86.0}
 
 def _write(folder, scores, mode="official"):
     for task, score in scores.items():
-        write_summary(
-            folder, task, {"task": task, "mode": mode, "score": score, "n": 10, "items": [1.0] * 10}
-        )
+        write_summary(folder, task, {"task": task, "mode": mode, "score": score, "n": 10, "items": [1.0] * 10})
 
 
 def test_write_summary_format(tmp_path):
@@ -33,9 +31,7 @@ def test_write_summary_format(tmp_path):
     path = write_summary(tmp_path, "gsm8k", result)
     assert path == tmp_path / "gsm8k" / "summary.json"
     data = json.loads(path.read_text())
-    assert (
-        data["task"] == "gsm8k" and data["score"] == 100.0 and data["n"] == 1 and data["mode"] == "official"
-    )
+    assert data["task"] == "gsm8k" and data["score"] == 100.0 and data["n"] == 1 and data["mode"] == "official"
     assert data["invalid"] == 0 and "items" not in data
     with_items = json.loads(write_summary(tmp_path, "gsm8k", result, include_items=True).read_text())
     assert with_items["items"] == [1.0]

@@ -76,35 +76,68 @@ def calls(monkeypatch):
 
 
 def run(ckpt, task, data, out, *extra) -> int:
-    return main(["eval", "run", "--model", str(ckpt), "--task", task, "--data", str(data), "--out", str(out),
-                 "--max-new-tokens", "3", *extra])
+    return main(
+        [
+            "eval",
+            "run",
+            "--model",
+            str(ckpt),
+            "--task",
+            task,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "3",
+            *extra,
+        ]
+    )
 
 
 # ---- fixture data in the public layouts -------------------------------------------------------------------------
 def textvqa_data(root: Path) -> Path:
     png(root / "train_images" / "a1.jpg", (64, 48))
     png(root / "train_images" / "b2.jpg", (40, 60), (0, 90, 200))
-    data = [{"question_id": 34602, "image_id": "a1", "question": "what brand is shown?", "answers": ["nokia"] * 10},
-            {"question_id": 34603, "image_id": "b2", "question": "what number is it?",
-             "answers": ["12"] * 6 + ["twelve"] * 4},
-            {"question_id": 34604, "image_id": "a1", "question": "what color?", "answers": ["red"] * 10}]
+    data = [
+        {"question_id": 34602, "image_id": "a1", "question": "what brand is shown?", "answers": ["nokia"] * 10},
+        {
+            "question_id": 34603,
+            "image_id": "b2",
+            "question": "what number is it?",
+            "answers": ["12"] * 6 + ["twelve"] * 4,
+        },
+        {"question_id": 34604, "image_id": "a1", "question": "what color?", "answers": ["red"] * 10},
+    ]
     path = root / "TextVQA_0.5.1_val.json"
     path.write_text(json.dumps({"dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data}))
     return path
 
 
 def gsm8k_data(root: Path) -> Path:
-    return jsonl(root / "test.jsonl", [
-        {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
-        {"question": "What is 6 times 12?", "answer": "6*12=72\n#### 72"},
-        {"question": "Tom had 10 pens and lost 1,000 of 1,001. Left?", "answer": "#### 1"}])
+    return jsonl(
+        root / "test.jsonl",
+        [
+            {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+            {"question": "What is 6 times 12?", "answer": "6*12=72\n#### 72"},
+            {"question": "Tom had 10 pens and lost 1,000 of 1,001. Left?", "answer": "#### 1"},
+        ],
+    )
 
 
 def mmlu_data(root: Path) -> Path:
     data = root / "data"
-    for split, rows in (("dev", [[f"What is {i}+1?", i, i + 1, i + 2, i + 3, "B"] for i in range(5)]),
-                        ("test", [["Which is prime?", 4, 6, 7, 8, "C"], ["Which is even?", 2, 3, 5, 7, "A"],
-                                  ["Pick D.", "a", "b", "c", "d", "D"]])):
+    for split, rows in (
+        ("dev", [[f"What is {i}+1?", i, i + 1, i + 2, i + 3, "B"] for i in range(5)]),
+        (
+            "test",
+            [
+                ["Which is prime?", 4, 6, 7, 8, "C"],
+                ["Which is even?", 2, 3, 5, 7, "A"],
+                ["Pick D.", "a", "b", "c", "d", "D"],
+            ],
+        ),
+    ):
         (data / split).mkdir(parents=True)
         with open(data / split / f"abstract_algebra_{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows(rows)
@@ -142,8 +175,11 @@ def test_gsm8k_end_to_end(ckpt, tmp_path, calls):
     records = lines(out / "gsm8k" / "predictions.jsonl")
     assert [r["id"] for r in records] == ["0", "1", "2"]
     assert records[1]["answers"] == ["6*12=72\n#### 72"]
-    assert calls[0][0][1] == chatml(None, "What is 6 times 12?\nSolve the problem step by step. Write the final "
-                                          'answer on the last line in the form "#### <number>".')
+    assert calls[0][0][1] == chatml(
+        None,
+        "What is 6 times 12?\nSolve the problem step by step. Write the final "
+        'answer on the last line in the form "#### <number>".',
+    )
     assert calls[0][1] == [[], [], []]
     summary = json.loads((out / "gsm8k" / "summary.json").read_text())
     assert summary["n"] == 3 and summary["score"] == score_items("gsm8k", records)["score"]
@@ -168,13 +204,12 @@ def test_mmlu_letters_by_log_probability(ckpt, tmp_path, calls):
     prompt = mmlu_prompt("abstract_algebra", dev, "Which is even?", ["2", "3", "5", "7"])
     assert prompt.startswith("The following are multiple choice questions (with answers) about  abstract algebra.")
     for letter in "AB":
-        assert records[1]["logprobs"][letter] == pytest.approx(_continuation_logprob(model, prompt, letter),
-                                                               abs=1e-3)
+        assert records[1]["logprobs"][letter] == pytest.approx(_continuation_logprob(model, prompt, letter), abs=1e-3)
 
 
 def _continuation_logprob(model, prompt: str, letter: str) -> float:
     tok = model.tokenizer
-    cont = tok(prompt + " " + letter)["input_ids"][len(tok(prompt)["input_ids"]):]
+    cont = tok(prompt + " " + letter)["input_ids"][len(tok(prompt)["input_ids"]) :]
     ids = torch.tensor([tok(prompt + " " + letter)["input_ids"]])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -206,7 +241,8 @@ def test_demo_end_to_end(ckpt, tmp_path, calls):
     assert run(ckpt, "demo", test, out, "--batch-size", "50") == 0  # the folder: color and add
     records = lines(out / "demo" / "predictions.jsonl")
     convs = list(read_records(test / "add.jsonl", tmp_path / "demo")) + list(
-        read_records(test / "color.jsonl", tmp_path / "demo"))
+        read_records(test / "color.jsonl", tmp_path / "demo")
+    )
     assert len(records) == len(convs) == 22
     assert calls[0][0] == [render(c.messages[:-1]) for c in convs]  # the demo's own evaluation prompts
     scores = [synthetic.score(r["task"], r["prediction"], r["answers"][0]) for r in records]
@@ -282,21 +318,54 @@ def test_bad_data_exit_2_naming_the_file(ckpt, tmp_path, capsys):
 # ---- the other readers, without a model: public layout -> prompt, images and fields the scorer takes -----------
 def _vqav2(root):
     png(root / "val2014" / "COCO_val2014_000000000042.jpg")
-    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
-        {"data_subtype": "val2014", "questions": [{"image_id": 42, "question": "What color?", "question_id": 42000}]}))
-    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": [
-        {"question_id": 42000, "image_id": 42, "answer_type": "other", "question_type": "what color",
-         "answers": [{"answer": "red", "answer_id": k} for k in range(1, 11)]}]}))
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        json.dumps(
+            {
+                "data_subtype": "val2014",
+                "questions": [{"image_id": 42, "question": "What color?", "question_id": 42000}],
+            }
+        )
+    )
+    (root / "v2_mscoco_val2014_annotations.json").write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {
+                        "question_id": 42000,
+                        "image_id": 42,
+                        "answer_type": "other",
+                        "question_type": "what color",
+                        "answers": [{"answer": "red", "answer_id": k} for k in range(1, 11)],
+                    }
+                ]
+            }
+        )
+    )
     return root, ["red"], "What color?\nAnswer the question using a single word or phrase."
 
 
 def _docvqa(root):
     png(root / "documents" / "pybv0228_81.png")
-    (root / "val_v1.0.json").write_text(json.dumps({"dataset_split": "val", "data": [
-        {"questionId": 49153, "question": "What is the date?", "image": "documents/pybv0228_81.png",
-         "answers": ["1/2/2005", "01/02/2005"]}]}))
-    return root / "val_v1.0.json", ["1/2/2005"], (
-        "What is the date?\nAnswer the question using a single word, phrase, or number.")
+    (root / "val_v1.0.json").write_text(
+        json.dumps(
+            {
+                "dataset_split": "val",
+                "data": [
+                    {
+                        "questionId": 49153,
+                        "question": "What is the date?",
+                        "image": "documents/pybv0228_81.png",
+                        "answers": ["1/2/2005", "01/02/2005"],
+                    }
+                ],
+            }
+        )
+    )
+    return (
+        root / "val_v1.0.json",
+        ["1/2/2005"],
+        ("What is the date?\nAnswer the question using a single word, phrase, or number."),
+    )
 
 
 def _chartqa(root):
@@ -310,19 +379,45 @@ def _chartqa(root):
 def _ocrbench(root):
     png(root / "OCRBench_Images" / "IIIT5K" / "test" / "1.png")
     png(root / "OCRBench_Images" / "HME100k" / "2.png")
-    (root / "OCRBench.json").write_text(json.dumps([
-        {"dataset_name": "IIIT5K", "id": 2843, "image_path": "IIIT5K/test/1.png",
-         "question": "what is written in the image?", "answers": "CENTRE", "type": "Regular Text Recognition"},
-        {"dataset_name": "HME100k", "id": 7, "image_path": "HME100k/2.png", "question": "Write the LaTeX.",
-         "answers": ["x^{2}+1"], "type": "Handwritten Mathematical Expression Recognition"}]))
+    (root / "OCRBench.json").write_text(
+        json.dumps(
+            [
+                {
+                    "dataset_name": "IIIT5K",
+                    "id": 2843,
+                    "image_path": "IIIT5K/test/1.png",
+                    "question": "what is written in the image?",
+                    "answers": "CENTRE",
+                    "type": "Regular Text Recognition",
+                },
+                {
+                    "dataset_name": "HME100k",
+                    "id": 7,
+                    "image_path": "HME100k/2.png",
+                    "question": "Write the LaTeX.",
+                    "answers": ["x^{2}+1"],
+                    "type": "Handwritten Mathematical Expression Recognition",
+                },
+            ]
+        )
+    )
     return root, ["It says centre", "x ^ {2} + 1"], "what is written in the image?"
 
 
 def _ai2d(root):
-    rows = [{"question": "Which part is the leaf?", "options": ["root", "leaf", "stem", "flower"], "answer": "1",
-             "image": {"bytes": b64(png()), "path": None}}]
-    return jsonl(root / "ai2d_test.jsonl", rows), ["B"], (
-        "Which part is the leaf?\nA. root\nB. leaf\nC. stem\nD. flower\n" + CHOICE)
+    rows = [
+        {
+            "question": "Which part is the leaf?",
+            "options": ["root", "leaf", "stem", "flower"],
+            "answer": "1",
+            "image": {"bytes": b64(png()), "path": None},
+        }
+    ]
+    return (
+        jsonl(root / "ai2d_test.jsonl", rows),
+        ["B"],
+        ("Which part is the leaf?\nA. root\nB. leaf\nC. stem\nD. flower\n" + CHOICE),
+    )
 
 
 def _realworldqa(root):
@@ -333,24 +428,60 @@ def _realworldqa(root):
 
 
 def _mmmu(root):
-    jsonl(root / "Art" / "validation-00000-of-00001.jsonl", [
-        {"id": "validation_Art_1", "question": "<image 1> Which painting style?", "options": "['Cubism', 'Baroque']",
-         "answer": "B", "question_type": "multiple-choice", "image_1": {"bytes": b64(png()), "path": None},
-         "image_2": None, "subfield": "Art History"},
-        {"id": "validation_Art_2", "question": "How many figures are in <image 1>?", "options": "[]",
-         "answer": "['3', 'three']", "question_type": "open", "image_1": {"bytes": b64(png())}}])
+    jsonl(
+        root / "Art" / "validation-00000-of-00001.jsonl",
+        [
+            {
+                "id": "validation_Art_1",
+                "question": "<image 1> Which painting style?",
+                "options": "['Cubism', 'Baroque']",
+                "answer": "B",
+                "question_type": "multiple-choice",
+                "image_1": {"bytes": b64(png()), "path": None},
+                "image_2": None,
+                "subfield": "Art History",
+            },
+            {
+                "id": "validation_Art_2",
+                "question": "How many figures are in <image 1>?",
+                "options": "[]",
+                "answer": "['3', 'three']",
+                "question_type": "open",
+                "image_1": {"bytes": b64(png())},
+            },
+        ],
+    )
     jsonl(root / "Art" / "dev-00000-of-00001.jsonl", [{"id": "dev_Art_1"}])  # not validation: ignored
     return root, ["B", "three"], ("Which painting style?\n(A) Cubism\n(B) Baroque\n\n" + CHOICE)
 
 
 def _mathvista(root):
     png(root / "images" / "2.jpg")
-    data = {"1": {"pid": "1", "question": "Which is bigger?", "choices": ["3", "4", "5"], "answer": "4",
-                  "question_type": "multi_choice", "answer_type": "text", "precision": None, "query": "unused",
-                  "decoded_image": {"bytes": b64(png())}, "metadata": {"source": "FunctionQA", "grade": "college"}},
-            "2": {"pid": "2", "question": "What is x?", "query": "Hint: Answer with an integer.\nQuestion: What is x?",
-                  "answer": "14", "question_type": "free_form", "answer_type": "integer", "precision": None,
-                  "choices": None, "image": "images/2.jpg"}}
+    data = {
+        "1": {
+            "pid": "1",
+            "question": "Which is bigger?",
+            "choices": ["3", "4", "5"],
+            "answer": "4",
+            "question_type": "multi_choice",
+            "answer_type": "text",
+            "precision": None,
+            "query": "unused",
+            "decoded_image": {"bytes": b64(png())},
+            "metadata": {"source": "FunctionQA", "grade": "college"},
+        },
+        "2": {
+            "pid": "2",
+            "question": "What is x?",
+            "query": "Hint: Answer with an integer.\nQuestion: What is x?",
+            "answer": "14",
+            "question_type": "free_form",
+            "answer_type": "integer",
+            "precision": None,
+            "choices": None,
+            "image": "images/2.jpg",
+        },
+    }
     (root / "testmini.json").write_text(json.dumps(data))
     return root / "testmini.json", ["B", "14"], "Which is bigger?\nA. 3\nB. 4\nC. 5\n" + CHOICE
 
@@ -358,22 +489,44 @@ def _mathvista(root):
 def _math(root):
     path = root / "MATH" / "test" / "algebra" / "1.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"problem": "Half of one?", "level": "Level 1", "type": "Algebra",
-                                "solution": "It is $\\boxed{\\frac{1}{2}}$."}))
+    path.write_text(
+        json.dumps(
+            {
+                "problem": "Half of one?",
+                "level": "Level 1",
+                "type": "Algebra",
+                "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+            }
+        )
+    )
     return root / "MATH", ["So $\\boxed{\\frac12}$"], "Half of one?\nPlease reason step by step"
 
 
 def _humaneval(root):
     prompt = 'def add(a, b):\n    """Add."""\n'
-    row = {"task_id": "HumanEval/0", "prompt": prompt, "canonical_solution": "    return a + b\n",
-           "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n", "entry_point": "add"}
+    row = {
+        "task_id": "HumanEval/0",
+        "prompt": prompt,
+        "canonical_solution": "    return a + b\n",
+        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+        "entry_point": "add",
+    }
     (root / "HumanEval.jsonl.gz").write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
     return root / "HumanEval.jsonl.gz", ["    return a + b\n"], prompt
 
 
-READERS = {"vqav2": _vqav2, "docvqa": _docvqa, "chartqa": _chartqa, "ocrbench": _ocrbench, "ai2d": _ai2d,
-           "realworldqa": _realworldqa, "mmmu": _mmmu, "mathvista": _mathvista, "math": _math,
-           "humaneval": _humaneval}
+READERS = {
+    "vqav2": _vqav2,
+    "docvqa": _docvqa,
+    "chartqa": _chartqa,
+    "ocrbench": _ocrbench,
+    "ai2d": _ai2d,
+    "realworldqa": _realworldqa,
+    "mmmu": _mmmu,
+    "mathvista": _mathvista,
+    "math": _math,
+    "humaneval": _humaneval,
+}
 
 
 @pytest.mark.parametrize("task", list(READERS))
@@ -406,7 +559,8 @@ def test_mmmu_reader_follows_megatron_single_image_prompt(tmp_path):
     assert [it.id for it in items] == ["validation_Art_1", "validation_Art_2"]
     assert render(items[1].prompt) == chatml(
         "Answer the questions.",
-        "<image>\nHow many figures are in the image?\nAnswer the question using a single word or phrase.")
+        "<image>\nHow many figures are in the image?\nAnswer the question using a single word or phrase.",
+    )
     assert items[0].fields["index2ans"] == {"A": "Cubism", "B": "Baroque"}
     assert items[1].fields["answers"] == ["3", "three"]
 

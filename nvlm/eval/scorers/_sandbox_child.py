@@ -99,9 +99,7 @@ def _seccomp():
     ]  # check arch; load nr
     if arch == 0xC000003E:
         prog.append((0x35, len(numbers) + 1, 0, 0x40000000))  # x32 ABI calls: denied
-    prog += [
-        (0x15, len(numbers) - i, 0, nr) for i, nr in enumerate(numbers)
-    ]  # match -> jump to the EPERM return
+    prog += [(0x15, len(numbers) - i, 0, nr) for i, nr in enumerate(numbers)]  # match -> jump to the EPERM return
     prog += [(0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, 0x00050000 | errno.EPERM)]  # allow ; deny
 
     class Filter(ctypes.Structure):
@@ -169,9 +167,7 @@ def _guard(tmpdir):
             if hasattr(module, name):
                 setattr(module, name, _blocked("socket." + name))
     for name in ("ctypes", "_ctypes", "multiprocessing", "_posixsubprocess", "pty", "resource", "psutil"):
-        sys.modules[name] = (
-            None  # importing them now raises ImportError (the seccomp filter is the real barrier)
-        )
+        sys.modules[name] = None  # importing them now raises ImportError (the seccomp filter is the real barrier)
 
 
 # ---- values crossing between the candidate and the tests: plain data only ----

@@ -30,9 +30,7 @@ from nvlm.eval.scorers.vqa_norm import vqa_normalize
 
 LEADING_LETTER = re.compile(r"^\s*([A-Z])\.")
 CHOICE_IN_QUESTION = re.compile(r"\b([A-Z])\.\s+([^\n]*)")
-NUMBER_WORDS = {
-    w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
-}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
@@ -100,11 +98,7 @@ def score_ai2d(items: list[dict], mode: str = "official") -> dict:
             gold = ai2d_gold(it["answers"][0], _options(it, i, required=False))
         except ValueError as exc:
             raise ScoringError(f"answers[0]: {exc}", i, "answers") from None
-        ok = (
-            ai2d_official(it["prediction"], gold)
-            if mode == "official"
-            else megatron_choice(it["prediction"], gold)
-        )
+        ok = ai2d_official(it["prediction"], gold) if mode == "official" else megatron_choice(it["prediction"], gold)
         scores.append(float(ok))
     return result("ai2d", mode, 100.0 * mean(scores), scores, metric="accuracy (%)")
 

@@ -48,9 +48,7 @@ def score_gsm8k(items: list[dict], mode: str = "official") -> dict:
         try:
             gold = gold_answer(it["answers"][0])
         except ValueError as exc:
-            raise ScoringError(
-                f"answers[0] {exc} (give the reference solution or its final number)", i
-            ) from None
+            raise ScoringError(f"answers[0] {exc} (give the reference solution or its final number)", i) from None
         pred = extract_answer(it["prediction"])
         invalid += pred == INVALID
         scores.append(float(pred != INVALID and pred == gold))

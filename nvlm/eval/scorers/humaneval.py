@@ -44,7 +44,10 @@ def estimate_pass_at_k(ns: Sequence[int], cs: Sequence[int], k: int) -> float:
 
 
 def score_humaneval(
-    items: list[dict], mode: str = "official", timeout: float = DEFAULT_TIMEOUT, workers: int | None = None,
+    items: list[dict],
+    mode: str = "official",
+    timeout: float = DEFAULT_TIMEOUT,
+    workers: int | None = None,
     unsafe_exec: bool = False,
 ) -> dict:
     """pass@k of model-written code, each completion run in the sandbox (``nvlm.eval.scorers.sandbox``): the

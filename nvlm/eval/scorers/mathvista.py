@@ -135,9 +135,7 @@ def _validate(items: list[dict]) -> None:
         qtype = require(it, i, "question_type", "str", "multi_choice or free_form")
         atype = require(it, i, "answer_type", "str", "integer, float, text or list")
         if qtype not in ("multi_choice", "free_form"):
-            raise ScoringError(
-                f'field "question_type" must be "multi_choice" or "free_form", got {qtype!r}', i
-            )
+            raise ScoringError(f'field "question_type" must be "multi_choice" or "free_form", got {qtype!r}', i)
         if qtype == "multi_choice":
             choices = require(it, i, "choices", "str_list", "the option texts")
             if it["answers"][0] not in choices:

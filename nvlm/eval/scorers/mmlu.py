@@ -61,14 +61,10 @@ def _letter(answer: Any) -> str:
     return LETTERS[int(answer)] if answer.isdigit() else answer
 
 
-def mmlu_prompt(
-    subject: str, dev_examples: Sequence[Any], question: str, choices: Sequence[str], k: int = 5
-) -> str:
+def mmlu_prompt(subject: str, dev_examples: Sequence[Any], question: str, choices: Sequence[str], k: int = 5) -> str:
     """The official k-shot prompt (pure function). ``dev_examples``: the subject's dev rows in order, each
     ``{"question", "choices", "answer"}`` or ``(question, choices, answer)``; answer a letter or an index."""
-    prompt = (
-        f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
-    )
+    prompt = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
     for row in list(dev_examples)[:k]:
         if isinstance(row, Mapping):
             q, c, a = row["question"], row["choices"], row["answer"]
@@ -108,14 +104,10 @@ def score_mmlu(items: list[dict], mode: str = "official") -> dict:
             choices = it["choices"]
             n_choices = len(choices) if isinstance(choices, list) else choices
             if not isinstance(n_choices, int) or not 2 <= n_choices <= len(LETTERS):
-                raise ScoringError(
-                    'field "choices" must be the option list or their number (2-10)', i, "choices"
-                )
+                raise ScoringError('field "choices" must be the option list or their number (2-10)', i, "choices")
         gold = _letter(it["answers"][0]) if it["answers"][0].strip().isdigit() else it["answers"][0].strip()
         if gold not in LETTERS[:n_choices]:
-            raise ScoringError(
-                f"answers[0] must be a letter A-{LETTERS[n_choices - 1]} or an index, got {gold!r}", i
-            )
+            raise ScoringError(f"answers[0] must be a letter A-{LETTERS[n_choices - 1]} or an index, got {gold!r}", i)
         if "logprobs" in it:
             logprobs = require(it, i, "logprobs", "dict", 'letter -> log-probability, e.g. {"A": -1.2, ...}')
             if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in logprobs.values()):

@@ -183,9 +183,7 @@ def score_mmmu(items: list[dict], mode: str = "official", seed: int = 42) -> dic
     for i, it in enumerate(items):
         qtype = require(it, i, "question_type", "str", "multiple-choice or open")
         if qtype == "multiple-choice":
-            choices = require(
-                it, i, "all_choices", "str_list", 'the option letters, e.g. ["A", "B", "C", "D"]'
-            )
+            choices = require(it, i, "all_choices", "str_list", 'the option letters, e.g. ["A", "B", "C", "D"]')
             index2ans = require(it, i, "index2ans", "str_dict", 'letter -> option text, e.g. {"A": "..."}')
             text = megatron_extract(it["prediction"]) if mode == "nvlm" else it["prediction"]
             letter, fell_back = parse_multi_choice(text, choices, index2ans, rng, nvlm=mode == "nvlm")

@@ -86,7 +86,5 @@ def score_ocrbench(items: list[dict], mode: str = "official") -> dict:
         metric="OCRBench points (out of 1000 on the full benchmark)",
         text_recognition=recognition,
         by_category={c: {"score": per_category[c], "total": TOTALS[c]} for c in CATEGORIES},
-        by_dataset={
-            name: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for name, v in sorted(per_dataset.items())
-        },
+        by_dataset={name: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for name, v in sorted(per_dataset.items())},
     )

@@ -35,9 +35,7 @@ def _to_float(text: str) -> float | None:
         return None
 
 
-def relaxed_correctness(
-    prediction: str, target: str, max_relative_change: float = MAX_RELATIVE_CHANGE
-) -> bool:
+def relaxed_correctness(prediction: str, target: str, max_relative_change: float = MAX_RELATIVE_CHANGE) -> bool:
     """pix2struct's relaxed correctness of one (prediction, target) pair."""
     pred_f = _to_float(prediction)
     target_f = _to_float(target)

@@ -48,9 +48,7 @@ TMPFS_BYTES = 64 << 20
 DETAIL_BYTES = 4096
 STARTUP_SLACK = 5.0
 UNSAFE_ENV = "NVLM_UNSAFE_EXEC"
-SANDBOX_DIR = (
-    "/tmp/work"  # inside the sandbox: the working folder (the guard's "inside"), on the private /tmp
-)
+SANDBOX_DIR = "/tmp/work"  # inside the sandbox: the working folder (the guard's "inside"), on the private /tmp
 _CHILD_SOURCE = (Path(__file__).with_name("_sandbox_child.py")).read_text(encoding="utf-8")
 _ISOLATION: tuple[bool, str] | None = None
 _ISOLATION_LOCK = threading.Lock()
@@ -137,9 +135,7 @@ def _command(isolated: bool) -> list[str]:
     return args + ["--dir", SANDBOX_DIR, "--chdir", SANDBOX_DIR, "--", *python]
 
 
-def _start(
-    spec: dict, isolated: bool, tmpdir: str | None, pass_fds=(), detail: bool = True
-) -> subprocess.Popen:
+def _start(spec: dict, isolated: bool, tmpdir: str | None, pass_fds=(), detail: bool = True) -> subprocess.Popen:
     env = {"PATH": os.defpath, "HOME": tmpdir or "/tmp", "TMPDIR": tmpdir or "/tmp", "LANG": "C.UTF-8"}
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and harness
         _command(isolated),
@@ -296,10 +292,7 @@ def run_problem(problem: Problem, limits: Limits | None = None) -> str:
 
 def _run_all(run, items: list, limits: Limits | None, workers: int | None) -> list[str]:
     limits = limits or Limits()
-    if (
-        run_program("pass", Limits(timeout=max(limits.timeout, 5.0), unsafe_exec=limits.unsafe_exec))
-        != "passed"
-    ):
+    if run_program("pass", Limits(timeout=max(limits.timeout, 5.0), unsafe_exec=limits.unsafe_exec)) != "passed":
         raise SandboxError("the HumanEval sandbox cannot run a trivial program on this machine")
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -312,8 +305,6 @@ def run_programs(programs: list[str], limits: Limits | None = None, workers: int
     return _run_all(run_program, programs, limits, workers)
 
 
-def run_problems(
-    problems: list[Problem], limits: Limits | None = None, workers: int | None = None
-) -> list[str]:
+def run_problems(problems: list[Problem], limits: Limits | None = None, workers: int | None = None) -> list[str]:
     """``run_problem`` for many problems in parallel; results in input order; SandboxError as ``run_programs``."""
     return _run_all(run_problem, problems, limits, workers)

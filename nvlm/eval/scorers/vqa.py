@@ -53,9 +53,7 @@ def vqav2_accuracy(prediction: str, answers: Sequence[str]) -> float:
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """Official TextVQA (EvalAI) accuracy of one question, in [0, 1]; needs exactly 10 answers."""
     if len(answers) != 10:
-        raise ValueError(
-            f"TextVQA needs exactly 10 answers (the official evaluator asserts it), got {len(answers)}"
-        )
+        raise ValueError(f"TextVQA needs exactly 10 answers (the official evaluator asserts it), got {len(answers)}")
     return leave_one_out(evalai_normalize(prediction), [evalai_normalize(a) for a in answers])
 
 
