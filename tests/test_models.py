@@ -205,10 +205,12 @@ def test_xattn_every_is_configurable_and_reported(build_model):
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
-def test_touch_all_runs_every_module_without_changing_the_result(build_model, arch):
+def test_a_touched_batch_runs_every_module_without_changing_the_result(build_model, arch):
     """Sharded training runs the vision tower, projector and each x-attn block on every process, even for a
-    text-only batch (a blank tile, a memory no row sees): the logits stay bit-identical, and the modules
-    get (zero) gradients, so every process takes part in the same collectives."""
+    text-only batch (the trainer adds a blank tile and a memory no row sees): the logits stay bit-identical,
+    and the modules get (zero) gradients, so every process takes part in the same collectives."""
+    from nvlm.training.trainer import touch_every_module
+
     model = build_model(arch)
     set_gates(model, 0.5)
     model.vision.requires_grad_(True)
@@ -223,7 +225,7 @@ def test_touch_all_runs_every_module_without_changing_the_result(build_model, ar
             *[(f"xattn.{i}", b) for i, b in enumerate(model.xattn)],
         ]
     ]
-    out = model(**batch, touch_all=True)
+    out = model(**touch_every_module(batch, model))
     for h in hooks:
         h.remove()
     assert torch.equal(out.logits, plain)

@@ -141,16 +141,11 @@ class NVLM(nn.Module):
         decoder_tiles: torch.Tensor | None = None,
         memory_index: torch.Tensor | None = None,
         memory_tag_ids: torch.Tensor | None = None,
-        touch_all: bool = False,
     ) -> tuple[torch.Tensor, XAttnState | None]:
         """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
-        of `memory_tag_ids`.
-
-        `touch_all` runs the vision tower and projector on one blank tile when this batch has no image, and
-        adds its features times zero: the output is unchanged, but every process of a sharded run calls the
-        same modules in the same order (FSDP gathers weights collectively; a process that skipped the
-        vision tower while another ran it would wait forever)."""
+        of `memory_tag_ids`. Tiles given but used by neither (a sharded run's stand-in tile, see
+        ``nvlm.training.trainer.touch_every_module``) still join the graph, times zero."""
         b, t = input_ids.shape
         has_memory = bool(self.xattn) and memory_index is not None and memory_index.numel() > 0
         # one call of the embedding table for the text and the H tile tags in the memory (a sharded table
@@ -160,10 +155,6 @@ class NVLM(nn.Module):
             flat = torch.cat([flat, memory_tag_ids.to(flat.device)])
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
         embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
-        if pixel_values is None and touch_all:
-            s = self.vision.tile_size
-            blank = self.encode_tiles(torch.zeros(1, 3, s, s, device=self.device))
-            embeds = embeds + 0 * blank.sum().to(embeds.dtype)
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
         if self.processor is None:
             raise RuntimeError("this NVLM was built without a tokenizer (a weight-less meta build): it cannot run")
@@ -183,6 +174,8 @@ class NVLM(nn.Module):
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         if memory_index is None or not has_memory:
+            if feats is not None and not n_dec:  # tiles nothing uses: zero effect, but backward reaches the
+                embeds = embeds + 0 * feats.sum().to(embeds.dtype)  # vision tower and projector on every process
             return embeds, None
         d = embeds.shape[-1]
         tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
@@ -210,7 +203,6 @@ class NVLM(nn.Module):
         logits_to_keep: int = 0,
         labels: Any = None,
         return_logits: bool = True,
-        touch_all: bool = False,
     ) -> Output:
         """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
 
@@ -219,19 +211,10 @@ class NVLM(nn.Module):
         With `labels` and ``return_logits=False`` (training), the LM head runs only at labelled positions and
         ``Output.logits`` is None: the loss and its gradients are those of the full logits, without computing or
         holding logits for image tokens, tags and prompts (``labelled_loss``).
-        `touch_all=True` runs every module (vision, projector, each x-attn block) even without an image, with
-        no effect on the result: sharded training needs it when another process's batch holds images.
         """
         input_ids = input_ids.to(self.device)
-        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids, touch_all)
+        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids)
         state = state or xattn_state
-        if state is None and touch_all and self.xattn:  # a one-token memory that no row may see: exact no-op
-            b = input_ids.shape[0]
-            state = XAttnState(
-                memory=embeds.new_zeros(b, 1, embeds.shape[-1]),
-                memory_len=torch.zeros(b, dtype=torch.long, device=self.device),
-            )
-            xattn_lo = xattn_hi = torch.zeros_like(input_ids)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
             if position_ids is None:  # left padding: count only real tokens

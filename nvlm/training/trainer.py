@@ -5,7 +5,7 @@ own share, see ``SampleStream``) and into micro-batches (gradient accumulation),
 the labelled tokens of the whole global step, as Megatron does: 1 or N processes take the same steps over the
 same samples. Under torchrun the model is sharded with FSDP2 (``nvlm.distributed``), built on the meta
 device on every process and filled from process 0, and every process runs the same modules each
-micro-batch even when only some hold images (``touch_all``), so mixed text-only / image steps never hang.
+micro-batch even when only some hold images (``touch_every_module``), so mixed text-only / image steps never hang.
 Faults do not lose work: checkpoints (DCP) are atomic and a restarted run with the same ``--out`` resumes
 exactly, also on another number of processes; SIGTERM saves and exits 0; a non-finite loss skips its step
 (weights untouched) and too many in a row stop the run (`NonFiniteLoss`, exit code 3); a data error on one
@@ -86,6 +86,23 @@ def fill_unused_grads(model: nvlm.NVLM, used: dict[str, bool]) -> list[torch.nn.
             f"{missing[:3]}: the model's graph is broken (a bug, please report it); not training"
         )
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def touch_every_module(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
+    """`batch` changed so that the model runs its vision tower, projector and every x-attn block, with no effect
+    on the result: under FSDP every process must call the same modules in the same order (weights are gathered
+    collectively; a process that skipped the vision tower while another ran it would wait forever).
+
+    A batch without images gets one blank tile, which the model encodes and adds times zero; for X/H a batch
+    without an image memory gets a one-token memory (the first tile's first token) that no row may see
+    (its ranges stay empty), so every block runs and leaves every row unchanged."""
+    out = dict(batch)
+    if out.get("pixel_values") is None:
+        s = model.vision.tile_size
+        out["pixel_values"] = torch.zeros(1, 3, s, s)
+    if model.xattn and out["memory_index"].numel() == 0:
+        out["memory_index"] = torch.zeros(out["input_ids"].shape[0], 1, dtype=torch.long)
+    return out
 
 
 class PeerFailed(RuntimeError):
@@ -191,7 +208,8 @@ class Trainer:
             touch = w.distributed and anyone > 0
             self.mixed += int(w.main and anyone > 0 and anyone < w.size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                out = self.model(**b, return_logits=False, touch_all=touch)  # the loss, no full logits
+                b = touch_every_module(b, self.model) if touch else b
+                out = self.model(**b, return_logits=False)  # the loss, no full logits
             # × processes: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
             loss = out.loss_sum * w.size / max(tokens, 1)
             if loss.requires_grad:
