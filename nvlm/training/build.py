@@ -10,6 +10,7 @@ import torch
 import nvlm
 from nvlm.distributed.parallel import World, parallelize
 from nvlm.models.llm import decoder_layers
+from nvlm.models.lora import apply_lora
 from nvlm.models.xattn import CrossAttentionDecoderLayer
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage
@@ -17,7 +18,16 @@ from nvlm.vision.encoder import vision_config
 
 
 def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
-    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding)."""
+    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding).
+    With ``train.lora`` its PEFT adapters are injected here, right after the build, so that the random
+    adapter weights are drawn at the same point of the seeded stream on 1 process as on process 0 of N."""
+    model = _build(cfg, meta)
+    if cfg.train.lora.enabled:
+        apply_lora(model, cfg.train.lora)
+    return model
+
+
+def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
     spec = cfg.model
     torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
     if spec.init_from:

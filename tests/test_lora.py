@@ -1,0 +1,115 @@
+"""LoRA fine-tuning through PEFT (issue 13): what trains, the PEFT-format adapter, merge, resume, dry-run counts.
+
+python -m pytest tests/test_lora.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_color_dataset
+from test_training import make_cfg, quiet
+
+import nvlm
+from nvlm.models.lora import is_adapter_param
+from nvlm.training.config import ConfigError, RunConfig, override
+from nvlm.training.trainer import Trainer
+
+LORA = {"r": 4, "alpha": 8.0, "targets": "attn,mlp"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_color_dataset(tmp_path_factory.mktemp("lora_data"), 12, 4)
+
+
+def lora_cfg(backbones, dataset, arch="H", steps=3, **train) -> RunConfig:
+    cfg = make_cfg(backbones, dataset, arch, steps=steps, lora=dict(LORA), **train)
+    cfg.model.overrides = {"tags.mode": "special"}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(backbones, dataset, tmp_path_factory):
+    """An NVLM-H run with LoRA in special-token tag mode: (the weights before, the trainer after 3 steps)."""
+    out = tmp_path_factory.mktemp("lora_run")
+    t = Trainer(lora_cfg(backbones, dataset), out, log=quiet)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    return before, t, out
+
+
+def test_only_adapters_projector_xattn_and_tag_rows_train(trained):
+    before, t, _ = trained
+    model = t.model
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    base = [k for k in before if k.startswith("llm.") and not is_adapter_param(k)]
+    assert base and not changed & set(base), "the LoRA base weights must stay bit-identical"
+    assert any(".lora_B." in k for k in changed) and any(k.startswith("projector.") for k in changed)
+    assert any(k.startswith("xattn.") for k in changed)
+    assert all(k.startswith(("llm.", "projector.", "xattn.")) for k in changed), sorted(changed)[:5]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    delta = [n for n in trainable if "trainable_tokens_delta" in n]
+    assert len(delta) == 1 and not any(n.startswith("vision.") for n in trainable)
+    rows = model.llm.get_input_embeddings().token_adapter.token_indices["default"]
+    tags = model.tokenizer.convert_tokens_to_ids(["<tile_1>", "<tile_global_thumbnail>", "<Image>"])
+    assert set(tags) <= set(rows) and len(rows) < 20  # the tag rows, nothing else of the table
+
+
+def _logits(model, seed=0):
+    batch = model.processor(["<image>\nWhat color is it?"], [[_picture()]])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def _picture():
+    from conftest import picture
+
+    return picture(64, 48)
+
+
+def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, t, out = trained
+    final = out / "final"
+    assert (final / "llm_adapter" / "adapter_config.json").is_file()
+    assert (final / "llm_adapter" / "adapter_model.safetensors").is_file()
+    loaded = nvlm.from_pretrained(final)  # adapters applied at load time
+    ref = _logits(t.model)
+    assert torch.allclose(_logits(loaded), ref, atol=1e-6)
+    # PEFT opens our adapter on the plain HF LLM (x-attn wrappers' names mapped back) and agrees with ours
+    ids = loaded.tokenizer(["the sky is <tile_1> blue"], return_tensors="pt")["input_ids"]
+    peft_llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "llm"), final / "llm_adapter")
+    with torch.no_grad():
+        loaded.gate_off = True  # text only: the LLM alone
+        ours = loaded.llm(input_ids=ids).logits
+        theirs = peft_llm.eval()(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # nvlm merge: a plain checkpoint with the same logits
+    from nvlm.cli import main
+
+    assert main(["merge", str(final), str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / "llm_adapter").exists()
+    merged = nvlm.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+    assert torch.allclose(_logits(merged), ref, atol=1e-5)
+
+
+def test_lora_config_errors():
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        override(RunConfig(), ["train.lora.r=-2"])
+    with pytest.raises(ConfigError, match="stage 2"):
+        override(RunConfig(), ["train.lora.r=8", "train.stage=pretrain"])
+    with pytest.raises(ConfigError, match="train.lora.dropout"):
+        override(RunConfig(), ["train.lora.dropout=2"])
+
+
+def test_unknown_target_is_a_clear_error(backbones, dataset, tmp_path):
+    cfg = lora_cfg(backbones, dataset)
+    cfg.train.lora.targets = "attn,bogus"
+    with pytest.raises(ValueError, match="'bogus' matches no linear layer"):
+        Trainer(cfg, tmp_path, log=quiet)
