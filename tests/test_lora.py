@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import write_color_dataset
-from test_training import make_cfg, quiet
+from test_training import losses, make_cfg, quiet
 
 import nvlm
 from nvlm.models.lora import is_adapter_param
@@ -113,3 +113,43 @@ def test_unknown_target_is_a_clear_error(backbones, dataset, tmp_path):
     cfg.train.lora.targets = "attn,bogus"
     with pytest.raises(ValueError, match="'bogus' matches no linear layer"):
         Trainer(cfg, tmp_path, log=quiet)
+
+
+def test_resume_after_a_stop_is_exact(backbones, dataset, tmp_path):
+    """A stop (what SIGTERM sets) at step 2 of 4, resumed from the DCP checkpoint: the same losses and weights."""
+    cfg = lora_cfg(backbones, dataset, "X", steps=4)
+    straight = Trainer(cfg, tmp_path / "straight", log=quiet)
+    straight.run()
+    first = Trainer(cfg, tmp_path / "stopped", log=quiet)
+    original = first.train_step
+
+    def stop_after_2(batches):
+        out = original(batches)
+        if first.step == 1:
+            first._stop = True
+        return out
+
+    first.train_step = stop_after_2  # type: ignore[method-assign]
+    assert first.run().steps == 2
+    resumed = Trainer(cfg, tmp_path / "stopped", log=quiet)
+    assert resumed.run().steps == 4
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dry_run_counts_equal_the_real_model(backbones, dataset):
+    from nvlm.training.build import build_model
+    from nvlm.training.plan import plan
+    from nvlm.training.stages import apply_stage
+
+    cfg = lora_cfg(backbones, dataset, "H")
+    real = build_model(cfg)
+    apply_stage(real, "sft")
+    report = plan(cfg, 2)
+    assert report["params_trainable"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert report["params_total"] == sum(p.numel() for p in real.parameters())
+    full = plan(make_cfg(backbones, dataset, "H"), 2)
+    lora, llm = report["components"]["llm"], full["components"]["llm"]
+    assert 0 < lora["trainable"] < llm["trainable"] / 10 and lora["frozen"] >= llm["trainable"]
+    assert report["memory_gib"]["optimizer"] < full["memory_gib"]["optimizer"]

@@ -175,7 +175,7 @@ def load_adapters(model: Any, root: Path) -> None:
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
         if component == "llm":
             state = _rename(state, {new: old for old, new in _wrapped_renames(model).items()})
-        result = set_peft_model_state_dict(module, state, adapter_name="default")
+        result: Any = set_peft_model_state_dict(module, state, adapter_name="default")  # (missing, unexpected)
         if result.unexpected_keys:
             raise ValueError(f"{path}: adapter keys that match no layer, e.g. {result.unexpected_keys[:3]}")
 
@@ -194,7 +194,7 @@ def merge_adapters(model: Any) -> None:
         for name in tops:
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name)
-            layer = parent.get_submodule(child)
+            layer: Any = parent.get_submodule(child)
             if isinstance(layer, AuxiliaryTrainingWrapper):
                 plain = layer.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
             else:

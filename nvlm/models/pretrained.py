@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
-from nvlm.models.lora import load_adapters
 from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
+from nvlm.models.lora import load_adapters
 from nvlm.models.nvlm import NVLM
 from nvlm.models.saving import OWN_PREFIXES
 from nvlm.vision.encoder import load_vision_model
