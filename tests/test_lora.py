@@ -89,8 +89,13 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
         ours = loaded.llm(input_ids=ids).logits
         theirs = peft_llm.eval()(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
-    # nvlm merge: a plain checkpoint with the same logits
+    # generation in bf16 and nvlm chat load the adapter checkpoint as it is
     from nvlm.cli import main
+
+    bf16 = nvlm.from_pretrained(final, dtype=torch.bfloat16)
+    assert isinstance(bf16.chat("What color?", image=_picture(), max_new_tokens=3), str)
+    assert main(["chat", "--model", str(final), "--max-new-tokens", "2", "Hi"]) == 0
+    # nvlm merge: a plain checkpoint with the same logits
 
     assert main(["merge", str(final), str(tmp_path / "merged")]) == 0
     assert not (tmp_path / "merged" / "llm_adapter").exists()
@@ -153,3 +158,28 @@ def test_dry_run_counts_equal_the_real_model(backbones, dataset):
     lora, llm = report["components"]["llm"], full["components"]["llm"]
     assert 0 < lora["trainable"] < llm["trainable"] / 10 and lora["frozen"] >= llm["trainable"]
     assert report["memory_gib"]["optimizer"] < full["memory_gib"]["optimizer"]
+
+
+def test_stage1_hands_over_to_lora_stage2_and_an_adapter_checkpoint_is_refused(backbones, dataset, tmp_path):
+    s1 = make_cfg(backbones, dataset, "H", stage="pretrain", steps=1)
+    s1.model.overrides = {"tags.mode": "special"}
+    r1 = Trainer(s1, tmp_path / "s1", log=quiet).run()
+    cfg = lora_cfg(backbones, dataset, "H", steps=1)
+    cfg.model.init_from = str(r1.final_dir)
+    t2 = Trainer(cfg, tmp_path / "s2", log=quiet)
+    stage1 = nvlm.from_pretrained(r1.final_dir).state_dict()
+    mine = t2.model.state_dict()
+    for k, v in stage1.items():  # stage 1's weights, under the base-layer names LoRA gives them
+        key = (
+            k
+            if k in mine
+            else k.replace("_proj.", "_proj.base_layer.").replace(
+                "embed_tokens.", "embed_tokens.token_adapter.base_layer."
+            )
+        )
+        assert torch.equal(mine[key], v), k
+    r2 = t2.run()
+    again = lora_cfg(backbones, dataset, "H", steps=1)
+    again.model.init_from = str(r2.final_dir)
+    with pytest.raises(ValueError, match="nvlm merge"):
+        Trainer(again, tmp_path / "s3", log=quiet)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 import nvlm
 from nvlm.distributed.parallel import World, parallelize
 from nvlm.models.llm import decoder_layers
-from nvlm.models.lora import apply_lora
+from nvlm.models.lora import ADAPTERS, apply_lora
 from nvlm.models.xattn import CrossAttentionDecoderLayer
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage
@@ -29,6 +30,12 @@ def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
 
 def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
     spec = cfg.model
+    if spec.init_from and any((Path(spec.init_from) / d / "adapter_config.json").is_file() for d in ADAPTERS.values()):
+        # checked on every process before any build, so a sharded run fails everywhere instead of hanging
+        raise ValueError(
+            f"model.init_from={spec.init_from} holds LoRA adapters; fold them in first: "
+            f"nvlm merge {spec.init_from} MERGED, then model.init_from=MERGED"
+        )
     torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
     if spec.init_from:
         from nvlm.models.pretrained import meta_from_pretrained
