@@ -95,6 +95,15 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     bf16 = nvlm.from_pretrained(final, dtype=torch.bfloat16)
     assert isinstance(bf16.chat("What color?", image=_picture(), max_new_tokens=3), str)
     assert main(["chat", "--model", str(final), "--max-new-tokens", "2", "Hi"]) == 0
+    from nvlm.serve.engine import Engine, SamplingParams  # what nvlm serve runs over the same from_pretrained
+
+    engine = Engine(loaded).start()
+    try:
+        loaded.gate_off = False
+        want = loaded.generate("<image>\nWhat color?", [_picture()], max_new_tokens=4)
+        assert engine.submit("<image>\nWhat color?", [_picture()], SamplingParams(max_tokens=4)).result() == want
+    finally:
+        engine.close()
     # nvlm merge: a plain checkpoint with the same logits
 
     assert main(["merge", str(final), str(tmp_path / "merged")]) == 0
