@@ -192,3 +192,29 @@ def test_stage1_hands_over_to_lora_stage2_and_an_adapter_checkpoint_is_refused(b
     again.model.init_from = str(r2.final_dir)
     with pytest.raises(ValueError, match="nvlm merge"):
         Trainer(again, tmp_path / "s3", log=quiet)
+
+
+def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_model, tmp_path):
+    from nvlm.models.lora import apply_lora
+    from nvlm.training.config import LoraSpec
+    from nvlm.training.stages import apply_stage
+
+    model = build_model("D")
+    apply_lora(model, LoraSpec(r=2, alpha=4.0, targets="q_proj,mlp", dora=True, rslora=True, vision=True))
+    apply_stage(model, "sft")
+    trains = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("vision.") and ".lora_A." in n for n in trains)
+    assert any("lora_magnitude_vector" in n for n in trains)
+    assert all(is_adapter_param(n) or n.startswith("projector.") for n in trains)
+    with torch.no_grad():  # adapters that do something (PEFT starts B at zero)
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "vision_adapter" / "adapter_config.json").is_file()
+    ref = _logits(model)
+    assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "ckpt")), ref, atol=1e-6)
+    from nvlm.models.lora import merge_checkpoint
+
+    merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
+    assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "merged")), ref, atol=1e-5)

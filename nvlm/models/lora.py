@@ -27,7 +27,9 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nvlm.config import ConfigError
 from nvlm.data.tags import all_tags
+from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 
 ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}  # component → folder in a checkpoint
@@ -54,7 +56,7 @@ def target_names(layer: nn.Module, targets: str) -> list[str]:
         hit = [n for n in linears if (t in GROUPS and t in n.split(".")[0]) or n.rsplit(".", 1)[-1] == t]
         if not hit:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ValueError(f"train.lora.targets: {t!r} matches no linear layer; use attn, mlp or one of {leaves}")
+            raise ConfigError(f"train.lora.targets: {t!r} matches no linear layer; use attn, mlp or one of {leaves}")
         chosen |= {n.rsplit(".", 1)[-1] for n in hit}
     return sorted(chosen)
 
@@ -107,7 +109,7 @@ def apply_lora(model: Any, spec: Any) -> None:
     """Inject `spec`'s adapters into `model` (in place; the LLM, and the vision tower with ``spec.vision``).
     Which parameters then train is decided by ``nvlm.training.stages.apply_stage``."""
     if has_adapters(model):
-        raise ValueError("the model already holds LoRA adapters (an adapter checkpoint): `nvlm merge` it first")
+        raise UserError("the model already holds LoRA adapters (an adapter checkpoint): `nvlm merge` it first")
     for component in ("llm", "vision") if spec.vision else ("llm",):
         config = peft_config(spec, model, component)
         inject_adapter_in_model(config, _target(model, component))  # also sets its .peft_config {"default": …}
@@ -169,7 +171,7 @@ def load_adapters(model: Any, root: Path) -> None:
             continue
         config = LoraConfig.from_pretrained(str(path))
         if json.loads((path / "adapter_config.json").read_text()).get("peft_type") != "LORA":
-            raise ValueError(f"{path}: not a LoRA adapter")
+            raise UserError(f"{path}: not a LoRA adapter (peft_type must be LORA)")
         module = _target(model, component)
         inject_adapter_in_model(config, module)
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
@@ -177,7 +179,7 @@ def load_adapters(model: Any, root: Path) -> None:
             state = _rename(state, {new: old for old, new in _wrapped_renames(model).items()})
         result: Any = set_peft_model_state_dict(module, state, adapter_name="default")  # (missing, unexpected)
         if result.unexpected_keys:
-            raise ValueError(f"{path}: adapter keys that match no layer, e.g. {result.unexpected_keys[:3]}")
+            raise UserError(f"{path}: adapter keys that match no layer, e.g. {result.unexpected_keys[:3]}")
 
 
 def merge_adapters(model: Any) -> None:
@@ -210,7 +212,7 @@ def merge_checkpoint(src: str | Path, dst: str | Path) -> None:
     from nvlm.models.pretrained import from_pretrained
 
     if not any((Path(src) / folder / "adapter_config.json").is_file() for folder in ADAPTERS.values()):
-        raise ValueError(f"{src}: no LoRA adapters there (no llm_adapter/adapter_config.json); nothing to merge")
+        raise UserError(f"{src}: no LoRA adapters there (no llm_adapter/adapter_config.json); nothing to merge")
     model = from_pretrained(src)
     merge_adapters(model)
     model.save_pretrained(str(dst))

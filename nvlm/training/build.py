@@ -13,7 +13,7 @@ from nvlm.distributed.parallel import World, parallelize
 from nvlm.models.llm import decoder_layers
 from nvlm.models.lora import ADAPTERS, apply_lora
 from nvlm.models.xattn import CrossAttentionDecoderLayer
-from nvlm.training.config import RunConfig
+from nvlm.training.config import ConfigError, RunConfig
 from nvlm.training.stages import apply_stage
 from nvlm.vision.encoder import vision_config
 
@@ -32,7 +32,7 @@ def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
     spec = cfg.model
     if spec.init_from and any((Path(spec.init_from) / d / "adapter_config.json").is_file() for d in ADAPTERS.values()):
         # checked on every process before any build, so a sharded run fails everywhere instead of hanging
-        raise ValueError(
+        raise ConfigError(
             f"model.init_from={spec.init_from} holds LoRA adapters; fold them in first: "
             f"nvlm merge {spec.init_from} MERGED, then model.init_from=MERGED"
         )
