@@ -5,6 +5,12 @@ python -m pytest tests/test_lora.py -q
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from conftest import write_color_dataset
@@ -129,25 +135,29 @@ def test_unknown_target_is_a_clear_error(backbones, dataset, tmp_path):
         Trainer(cfg, tmp_path, log=quiet)
 
 
-def test_resume_after_a_stop_is_exact(backbones, dataset, tmp_path):
-    """A stop (what SIGTERM sets) at step 2 of 4, resumed from the DCP checkpoint: the same losses and weights."""
-    cfg = lora_cfg(backbones, dataset, "X", steps=4)
+def test_resume_after_sigterm_is_exact(backbones, dataset, tmp_path):
+    """`nvlm train` with LoRA, SIGTERM mid-run (it saves a DCP checkpoint), run again: the same losses and
+    weights as a run never stopped."""
+    cfg = lora_cfg(backbones, dataset, "X", steps=10)
+    cfg.save(tmp_path / "run.json")
     straight = Trainer(cfg, tmp_path / "straight", log=quiet)
     straight.run()
-    first = Trainer(cfg, tmp_path / "stopped", log=quiet)
-    original = first.train_step
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "nvlm", "train", str(tmp_path / "run.json"), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and losses(out)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0 and "saved and stopped" in output, output
+    from nvlm.distributed.dcp import complete_checkpoints
 
-    def stop_after_2(batches):
-        out = original(batches)
-        if first.step == 1:
-            first._stop = True
-        return out
-
-    first.train_step = stop_after_2  # type: ignore[method-assign]
-    assert first.run().steps == 2
-    resumed = Trainer(cfg, tmp_path / "stopped", log=quiet)
-    assert resumed.run().steps == 4
-    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
+    assert int(complete_checkpoints(out / "checkpoints")[-1].name.split("_")[1]) < 10
+    resumed = Trainer(cfg, out, log=quiet)
+    assert resumed.run().steps == 10
+    assert losses(tmp_path / "straight") == losses(out)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
