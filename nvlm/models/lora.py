@@ -83,9 +83,9 @@ def peft_config(spec: Any, model: Any, component: str = "llm") -> LoraConfig:
         tags = tag_token_ids(model)
         tokens = {embed.rsplit(".", 1)[-1]: tags} if tags else None
         targets = target_names(layer, spec.targets)
-    else:  # the vision tower: every linear layer of its encoder layers
-        tokens, targets = None, sorted({n.rsplit(".", 1)[-1] for n, m in _vision(model).named_modules()
-                                        if isinstance(m, nn.Linear) and ".layer" in n})  # fmt: skip
+    else:  # the vision tower: every linear layer inside its encoder layers (not a pooling head)
+        linears = [n for n, m in _vision(model).named_modules() if isinstance(m, nn.Linear) and ".layer" in n]
+        tokens, targets = None, sorted({n.rsplit(".", 1)[-1] for n in linears})
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
