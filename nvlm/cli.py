@@ -1,6 +1,6 @@
 """The ``nvlm`` command: ``inspect`` (tiling and token layout), ``demo``, ``train`` (one process or torchrun),
 ``chat`` (ask a saved model), ``convert`` (release layout ↔ ours), ``eval``, ``bench``, ``serve``
-(OpenAI-compatible HTTP server).
+(OpenAI-compatible HTTP server), ``merge`` (fold LoRA adapters in).
 
     nvlm inspect doc.png
     torchrun --nproc_per_node=8 -m nvlm train d-72b-sft --out runs/sft
@@ -213,6 +213,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from nvlm.models.lora import merge_checkpoint
+
+    merge_checkpoint(args.src, args.dst)
+    print(f"wrote {args.dst}: a plain nvlm checkpoint, LoRA adapters folded in")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from nvlm.interop.convert import convert
 
@@ -306,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="fold a LoRA checkpoint's adapters into a plain nvlm checkpoint")
+    p.add_argument("src", help="a checkpoint with llm_adapter/ (a LoRA run's final/)")
+    p.add_argument("dst", help="the merged checkpoint's folder")
+    p.set_defaults(func=cmd_merge)
 
     from nvlm.bench.cli import add_bench_subcommands
     from nvlm.eval.cli import add_eval_subcommands

@@ -173,6 +173,13 @@ def tied_bf16_llm(backbones, root):
     return out
 
 
+def lora_cfg_dict(backbones, dataset) -> dict:
+    """NVLM-H with PEFT LoRA on the LLM and special-token tags (their embedding rows train)."""
+    cfg = cfg_dict(backbones, dataset, "H", lora={"r": 4, "alpha": 8.0})
+    cfg["model"]["overrides"] = {"tags.mode": "special"}
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def runs(backbones, dataset, tmp_path_factory):
     """All 2-process jobs of this module in one spawn (process start-up dominates on 2 cores)."""
@@ -207,6 +214,7 @@ def runs(backbones, dataset, tmp_path_factory):
                     "cfg": cfg_dict(backbones, dataset, arch, activation_checkpointing=ac),
                 }
             )
+    jobs.append({"kind": "train", "cfg": lora_cfg_dict(backbones, dataset), "out": str(root / "two-H-lora")})
     resume = cfg_dict(backbones, dataset, "X", steps=6, save_every=3)
     jobs += [
         {"kind": "train", "cfg": resume, "out": str(root / "straight")},
@@ -242,6 +250,21 @@ def test_two_processes_equal_one(runs, backbones, dataset, tmp_path, arch):
     assert s1.keys() == s2.keys()
     worst = max(float((s1[k] - s2[k]).abs().max()) for k in s1)
     assert worst < 1e-4, worst
+
+
+def test_lora_two_processes_equal_one(runs, backbones, dataset, tmp_path):
+    """LoRA under FSDP2: frozen base and adapters in the same units; losses and the exported adapter match."""
+    import nvlm
+
+    one = tmp_path / "one"
+    Trainer(RunConfig.from_dict(lora_cfg_dict(backbones, dataset)), one, log=quiet).run()
+    two = runs / "two-H-lora"
+    assert close(losses(two), losses(one)), (losses(two), losses(one))
+    assert (two / "final" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    s1, s2 = nvlm.from_pretrained(one / "final").state_dict(), nvlm.from_pretrained(two / "final").state_dict()
+    assert s1.keys() == s2.keys() and any(".lora_A." in k for k in s1)
+    worst = max(float((s1[k] - s2[k]).abs().max()) for k in s1)
+    assert worst < 1e-5, worst
 
 
 def test_activation_checkpointing_under_fsdp_keeps_the_losses(runs):

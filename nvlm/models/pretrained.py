@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
 from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
+from nvlm.models.lora import load_adapters
 from nvlm.models.nvlm import NVLM
 from nvlm.models.saving import OWN_PREFIXES
 from nvlm.vision.encoder import load_vision_model
@@ -130,6 +131,7 @@ def from_pretrained(
             f"{root}/model.safetensors does not match NVLM-{cfg.arch}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    load_adapters(model, root)  # an adapter checkpoint (LoRA): applied at load time, not merged
     if dtype is not None:
         model.to(dtype)
     return model.to(device) if device is not None else model

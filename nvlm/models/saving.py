@@ -7,6 +7,8 @@
       tokenizer.json, …        the tokenizer, with NVLM's tokens added
       llm/                     the backbone LLM as an ordinary Hugging Face checkpoint (its own parameter names)
       vision/                  the vision encoder as an ordinary Hugging Face checkpoint
+      llm_adapter/             only for a LoRA model: its adapters in PEFT's format (``nvlm.models.lora``); llm/
+                               then holds the base weights the adapters apply to
 
 Every file is JSON or safetensors: no pickle, no remote code. This module does not import the model class, so
 ``NVLM.save_pretrained`` can call it without an import cycle.
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from nvlm.models.llm import config_dict, decoder_layers
+from nvlm.models.lora import base_names, has_adapters, save_adapters
 
 OWN_PREFIXES = ("projector.", "xattn.")  # NVLM's own modules, in model.safetensors
 
@@ -34,7 +37,11 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
     out.mkdir(parents=True, exist_ok=True)
     model.config.llm.hf_config = config_dict(model.llm)
     model.config.save(out / "config.json")
-    state = backbone_names(model, model.state_dict() if state_dict is None else state_dict)
+    state = model.state_dict() if state_dict is None else state_dict
+    if has_adapters(model):  # PEFT-format adapters aside; the backbones get their base weights, plain names
+        save_adapters(model, out, state)
+        state = base_names(state)
+    state = backbone_names(model, state)
     own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(OWN_PREFIXES)}
     save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
     model.tokenizer.save_pretrained(out)

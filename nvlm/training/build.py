@@ -4,21 +4,38 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 import nvlm
 from nvlm.distributed.parallel import World, parallelize
 from nvlm.models.llm import decoder_layers
+from nvlm.models.lora import ADAPTERS, apply_lora
 from nvlm.models.xattn import CrossAttentionDecoderLayer
-from nvlm.training.config import RunConfig
+from nvlm.training.config import ConfigError, RunConfig
 from nvlm.training.stages import apply_stage
 from nvlm.vision.encoder import vision_config
 
 
 def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
-    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding)."""
+    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding).
+    With ``train.lora`` its PEFT adapters are injected here, right after the build, so that the random
+    adapter weights are drawn at the same point of the seeded stream on 1 process as on process 0 of N."""
+    model = _build(cfg, meta)
+    if cfg.train.lora.enabled:
+        apply_lora(model, cfg.train.lora)
+    return model
+
+
+def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
     spec = cfg.model
+    if spec.init_from and any((Path(spec.init_from) / d / "adapter_config.json").is_file() for d in ADAPTERS.values()):
+        # checked on every process before any build, so a sharded run fails everywhere instead of hanging
+        raise ConfigError(
+            f"model.init_from={spec.init_from} holds LoRA adapters; fold them in first: "
+            f"nvlm merge {spec.init_from} MERGED, then model.init_from=MERGED"
+        )
     torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
     if spec.init_from:
         from nvlm.models.pretrained import meta_from_pretrained

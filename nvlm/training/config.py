@@ -69,6 +69,32 @@ class DataSpec:
 
 
 @dataclass(kw_only=True)
+class LoraSpec:
+    """LoRA (Hu et al., 2021) through Hugging Face PEFT: low-rank adapters on the LLM's linear layers instead of
+    training it in full (stage 2 only). r=0: off."""
+
+    r: int = 0
+    """Adapter rank (PEFT ``LoraConfig.r``); 0 trains the LLM in full, as the paper does."""
+    alpha: float = 16.0
+    """PEFT ``lora_alpha``: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """PEFT ``lora_dropout`` on the adapter's input."""
+    targets: str = "attn,mlp"
+    """Comma-separated: ``attn`` and/or ``mlp`` (the decoder layers' linear layers under those names), or the
+    layers' own names (``q_proj,v_proj``)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (PEFT ``use_rslora``)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (PEFT ``use_dora``)."""
+    vision: bool = False
+    """Also put adapters on the vision tower's linear layers (else it stays frozen, as in both NVLM stages)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     stage: str = "sft"
     """"pretrain" (stage 1: alignment modules only) or "sft" (stage 2: + LLM)."""
@@ -103,6 +129,8 @@ class TrainConfig:
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """``train.lora.r=16``: LoRA on the LLM (PEFT); projector and x-attn blocks still train in full."""
     allow_data_change: bool = False
     """Resume although the data files or blend changed since the checkpoint (refused by default: the saved
     position would silently point at other samples; see ``nvlm.training.resume_check``)."""
@@ -122,6 +150,11 @@ class TrainConfig:
         if self.stage not in ("pretrain", "sft"):
             raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
         check_fields(self, "train.")
+        check_fields(self.lora, "train.lora.")
+        if self.lora.enabled and (self.stage != "sft" or self.freeze_llm):
+            raise ConfigError("train.lora applies to the LLM, which trains only in stage 2: use train.stage=sft")
+        if self.lora.enabled and not [t for t in self.lora.targets.split(",") if t.strip()]:
+            raise ConfigError("train.lora.targets must name layers, e.g. train.lora.targets=attn,mlp")
         self.accumulation(1)
         if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
@@ -202,6 +235,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.max_nonfinite_in_row": (1, None), "train.num_threads": (0, None), "train.min_lr": (0, None),
     "data.max_seq_len": (1, None), "data.max_bad_in_row": (0, None), "data.max_bad_fraction": (0, 1),
     "data.prefetch": (0, None), "data.sources[].weight": (0, None),
+    "train.lora.r": (0, 4096), "train.lora.alpha": (0, None), "train.lora.dropout": (0, 0.99),
 }  # fmt: skip
 POSITIVE = ("train.lr", "train.collective_timeout_s", "data.read_timeout_s")
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
+from nvlm.models.lora import apply_lora, is_adapter_param
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import apply_stage, components
 from nvlm.vision.projector import MLPProjector
@@ -74,6 +75,8 @@ def meta_model(cfg: RunConfig) -> NVLM:
         model = build_model(dataclasses.replace(cfg, model=model_spec), meta=True)
     elif llm is not None and vision is not None:
         model = build_meta(spec.arch, dict(llm), dict(vision), dict(spec.overrides))
+        if t.lora.enabled:  # build_model above injects the adapters itself
+            apply_lora(model, t.lora)
     else:
         missing = "model.llm" if llm is None else "model.vision"
         raise FileNotFoundError(
@@ -297,7 +300,14 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             "more than one image per sample",
         ],
         "notes": notes,
+        "lora": _lora_summary(model, t) if t.lora.enabled else None,
     }
+
+
+def _lora_summary(model: NVLM, t: Any) -> dict[str, Any]:
+    """The LoRA adapters' shape and size (PEFT's A/B matrices, DoRA magnitudes, the tag rows' delta)."""
+    adapters = sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
+    return {"r": t.lora.r, "alpha": t.lora.alpha, "targets": t.lora.targets, "adapter_params": adapters}
 
 
 def render(p: dict[str, Any]) -> str:
@@ -310,6 +320,10 @@ def render(p: dict[str, Any]) -> str:
         "",
         f"{'component':<12}{'trainable':>18}{'frozen':>18}",
     ]
+    if p.get("lora"):
+        lo = p["lora"]
+        lines[1:1] = [f"LoRA (PEFT) r={lo['r']} alpha={lo['alpha']} on {lo['targets']}: "
+                      f"{lo['adapter_params']:,} adapter parameters; the LLM's base weights frozen"]  # fmt: skip
     for name, c in p["components"].items():
         lines.append(f"{name:<12}{c['trainable']:>18,}{c['frozen']:>18,}")
     frozen = p["params_total"] - p["params_trainable"]

@@ -5,7 +5,9 @@
     sft          projector + LLM     projector + x-attn + LLM            projector + x-attn + LLM
 
 The vision encoder is frozen in both stages (``unfreeze_vision=True`` for weak encoders); NVLM-X's SFT can keep
-the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues against in §4.3).
+the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues against in §4.3). A model with PEFT
+LoRA adapters (``nvlm.models.lora``, ``train.lora``) trains only the adapters of its LLM (and of its vision
+tower, when that has some) where the component would train in full; the base weights stay frozen.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import nn
+
+from nvlm.models.lora import has_adapters, is_adapter_param
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -35,8 +39,14 @@ def apply_stage(model: NVLM, stage: str, *, freeze_llm: bool = False, unfreeze_v
         "xattn": True,
         "llm": stage == "sft" and not freeze_llm,
     }
+    if has_adapters(model.vision):
+        trains["vision"] = True
     for name, module in components(model).items():
-        module.requires_grad_(trains[name])
+        if trains[name] and has_adapters(module):
+            for pname, p in module.named_parameters():
+                p.requires_grad_(is_adapter_param(pname))
+        else:
+            module.requires_grad_(trains[name])
 
 
 def trainable_table(model: NVLM) -> str:
