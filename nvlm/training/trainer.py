@@ -184,7 +184,9 @@ class Trainer:
         memory = float(any(b["memory_index"].numel() > 0 for b in batches))
         tokens, any_memory, *with_images = all_reduce([local_tokens, memory, *images], w)  # one small collective
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
-        total = 0.0
+        total = torch.zeros(
+            (), device=self.device
+        )  # summed on the device: one read to the host per step, not one per micro-batch
         for b, anyone in zip(batches, with_images):
             # some process's micro-batch has images: every process runs the vision tower, projector and each
             # x-attn block (the model adds a blank tile or an empty memory where its own batch lacks them)
@@ -198,7 +200,7 @@ class Trainer:
                 loss.backward()
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
                 reshard(self.model)  # so free the weights FSDP kept gathered for it
-            total += float(out.loss_sum.detach())
+            total += out.loss_sum.detach().float()
         used = {
             "llm": True,
             "projector": any(with_images),
@@ -207,8 +209,8 @@ class Trainer:
         }
         params = fill_unused_grads(self.model, used)
         norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        (total,) = all_reduce([total], w)
-        return total / max(tokens, 1), norm, int(tokens)
+        (summed,) = all_reduce([float(total)], w)
+        return summed / max(tokens, 1), norm, int(tokens)
 
     def _read(self) -> list[dict[str, Any]]:
         return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.size))
