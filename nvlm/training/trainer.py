@@ -27,7 +27,7 @@ import torch
 import nvlm
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
-from nvlm.data.packing import collate_packed, pack_greedy
+from nvlm.data.packing import collate_packed, pack_greedy, should_pack
 from nvlm.data.prefetch import Prefetcher, StopSignals
 from nvlm.distributed.dcp import (
     complete_checkpoints,
@@ -161,11 +161,16 @@ class Trainer:
         self._prefetch: Prefetcher | None = None
         self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
 
+    @property
+    def packing(self) -> bool:
+        """data.pack, or when unset: SFT with several samples per micro-batch (see DataSpec.pack)."""
+        return should_pack(self.cfg.data.pack, self.cfg.train.stage, self.cfg.train.micro_batch_size)
+
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
         t, proc = self.cfg.train, self.model.processor
         micro = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
-        if not self.cfg.data.pack:
+        if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
         pad = proc.tokenizer.pad_token_id or 0
         out = []
