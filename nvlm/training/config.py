@@ -70,6 +70,9 @@ class DataSpec:
         return [from_dict(SourceSpec, s, f"data.sources[{i}].") for i, s in enumerate(self.sources)]
 
 
+ATTN_KERNELS = ("sdpa", "flash_attention_2", "flex_attention")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     stage: str = "sft"
@@ -101,6 +104,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each decoder layer and x-attn block (GPU, multi-process runs; a loss on CPU)."""
+    attn: str = "sdpa"
+    """The LLM's attention kernel. "sdpa": a packed row attends through a dense block-diagonal causal mask
+    (O(T²) memory; the CPU path). "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention":
+    transformers' variable-length paths, which read the sample boundaries from the restarting position ids."""
     collective_timeout_s: float = 1800.0
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
@@ -124,6 +131,8 @@ class TrainConfig:
         if self.stage not in ("pretrain", "sft"):
             raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
         check_fields(self, "train.")
+        if self.attn not in ATTN_KERNELS:
+            raise ConfigError(f"train.attn must be one of {', '.join(ATTN_KERNELS)}, got {self.attn!r}")
         self.accumulation(1)
         if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")

@@ -132,6 +132,8 @@ class Trainer:
             cast_for_training(self.model)  # fp32 master weights for what trains, as a sharded run keeps
             if t.activation_checkpointing:
                 activation_checkpointing(self.model)
+        if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
+            self.model.llm.set_attn_implementation(t.attn)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
             self.log(
