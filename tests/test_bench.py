@@ -207,3 +207,10 @@ def test_vs_hf_flags_are_checked(capsys):
     assert _bench("generate", "--vs", "hf", "--arch", "H") == 2
     assert _bench("train", "--vs", "hf", "--arch", "D,H") == 2
     assert "--arch D,X" in capsys.readouterr().err
+
+
+def test_bench_packing_runs_and_packing_keeps_the_loss(capsys):
+    """Smoke test of ``nvlm bench packing`` (no timing assertions)."""
+    assert _bench("packing", "--samples", "4", "--max-len", "96", "--rounds", "1", "--warmup", "0", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 4 and result["loss_rel_diff"] < 1e-5 and result["ratio"] > 0

@@ -89,6 +89,21 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     _vs_flags(g)
     g.set_defaults(func=run_generate)
 
+    k = sub.add_parser(
+        "packing",
+        help="SFT steps on long-tailed lengths: padded vs packed, real tokens/s",
+        description="Time NVLM-D training steps (cpu preset) on one micro-batch of long-tailed text samples, "
+        "padded to the longest vs packed into rows, interleaved in one process; print real tokens/s and the ratio.",
+    )
+    k.add_argument("--samples", type=int, default=16, help="samples in the micro-batch (default 16)")
+    k.add_argument("--max-len", type=int, default=512, help="longest sample and packed row length (default 512)")
+    k.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds (default 5)")
+    k.add_argument("--warmup", type=int, default=1, help="untimed steps of each first (default 1)")
+    k.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    k.set_defaults(func=run_packing)
+
     from nvlm.serve.bench import add_bench_serve_parser
 
     add_bench_serve_parser(sub)
@@ -213,4 +228,23 @@ def run_generate(args: argparse.Namespace) -> int:
         shape = replace(shape, llm={**shape.llm, "vocab_size": args.vocab_size})
     result = vs_hf.bench_generate(archs, shape, sizes, args.new_tokens, args.seed)
     print(json.dumps(result, indent=2) if args.json else vs_hf.render(result))
+    return 0
+
+
+def run_packing(args: argparse.Namespace) -> int:
+    if min(args.samples, args.rounds, args.threads) < 1 or args.warmup < 0 or args.max_len < 32:
+        print(
+            "nvlm bench packing: --samples, --rounds, --threads >= 1, --warmup >= 0, --max-len >= 32", file=sys.stderr
+        )
+        return BAD_INPUT
+    import torch
+
+    from nvlm.bench import packing
+    from nvlm.bench.train import resolve_shape
+
+    torch.set_num_threads(args.threads)
+    shape = resolve_shape("cpu", steps=args.rounds, warmup=args.warmup)
+    shape = replace(shape, llm={**shape.llm, "max_position_embeddings": max(4096, args.max_len)})
+    result = packing.bench_packing(shape, args.samples, args.max_len, args.seed)
+    print(json.dumps(result, indent=2) if args.json else packing.render(result))
     return 0
