@@ -182,3 +182,35 @@ def test_dry_run_counts_gpu_shapes_without_weights(capsys):
     # performance.md §3.3 predicts X ≈ 2.0–2.1× and H ≈ 1.7–1.8× D's sample rate from FLOPs at 34B
     assert 1.7 < result["ratios"]["X/D"]["flops_predicted"] < 2.3
     assert 1.4 < result["ratios"]["H/D"]["flops_predicted"] < 1.9
+
+
+def test_vs_hf_train_and_generate_run_on_tiny_shapes():
+    """Smoke test of ``nvlm bench train|generate --vs hf`` (no timing assertions): D is InternVL with our
+    weights (logits bitwise equal, same greedy tokens), X runs against Mllama."""
+    from dataclasses import replace
+
+    from nvlm.bench import vs_hf
+
+    shape = replace(TINY, steps=1, warmup=0, batch_size=1)
+    train = vs_hf.bench_train(["D", "X"], shape)
+    assert [(r["arch"], r["reference"]) for r in train["rows"]] == [("D", "InternVL"), ("X", "Mllama")]
+    assert train["rows"][0]["max_abs_logit_diff"] == 0.0
+    assert all(r["ratio"] > 0 for r in train["rows"])
+    gen = vs_hf.bench_generate(["D", "X"], shape, [1, 2], new_tokens=3)
+    assert [(r["arch"], r["batch_size"]) for r in gen["rows"]] == [("D", 1), ("D", 2), ("X", 1), ("X", 2)]
+    assert all(r["same_tokens"] for r in gen["rows"] if r["arch"] == "D")
+    assert "NVLM-X  Mllama" in vs_hf.render(train) and "tokens/s" in vs_hf.render(gen)
+
+
+def test_vs_hf_flags_are_checked(capsys):
+    assert _bench("generate", "--arch", "D") == 2  # no --vs hf
+    assert _bench("generate", "--vs", "hf", "--arch", "H") == 2
+    assert _bench("train", "--vs", "hf", "--arch", "D,H") == 2
+    assert "--arch D,X" in capsys.readouterr().err
+
+
+def test_bench_packing_runs_and_packing_keeps_the_loss(capsys):
+    """Smoke test of ``nvlm bench packing`` (no timing assertions)."""
+    assert _bench("packing", "--samples", "4", "--max-len", "96", "--rounds", "1", "--warmup", "0", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 4 and result["loss_rel_diff"] < 1e-5 and result["ratio"] > 0

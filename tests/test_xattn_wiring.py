@@ -145,3 +145,38 @@ def test_a_block_cut_off_the_graph_is_an_error_not_zero_gradients(build_model, m
     params = fill_unused_grads(model, {"llm": True, "projector": False, "vision": False, "xattn": False})
     assert all(p.grad is not None for p in params)
     assert all(not b.gate_attn.grad.any() for b in model.xattn)
+
+
+def test_grouped_kv_attention_equals_the_repeated_heads_bitwise():
+    """The block hands grouped K/V to SDPA (enable_gqa) instead of copying each head per query head: same
+    outputs and gradients, bit for bit, as the repeat_interleave it replaced."""
+    import torch.nn.functional as F
+
+    from nvlm.models.llm import LLMDims
+    from nvlm.models.xattn import GatedCrossAttentionBlock, xattn_mask
+
+    torch.manual_seed(0)
+    dims = LLMDims(
+        hidden_size=32, ffn_size=48, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=2, rms_norm_eps=1e-6
+    )
+    block = GatedCrossAttentionBlock(dims)
+    with torch.no_grad():
+        block.gate_attn.fill_(0.7)
+    x, memory = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 9, 32)
+    allowed, row = xattn_mask(torch.zeros(2, 5, dtype=torch.long), torch.tensor([[9] * 5, [4] * 5]), 9)
+    out, (k, v) = block(x, memory, allowed, row)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+
+    def repeated(x):  # the attention half of the block with K/V heads copied, as before
+        q = block.q_norm(block.q_proj(block.input_norm(x)).view(2, 5, 4, 8)).transpose(1, 2)
+        kk, vv = k.detach().repeat_interleave(2, 1), v.detach().repeat_interleave(2, 1)
+        a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed[:, None])
+        return x + torch.tanh(block.gate_attn) * block.o_proj(a.transpose(1, 2).reshape(2, 5, -1)) * row
+
+    x2 = x.detach().clone().requires_grad_()
+    h = repeated(x2)
+    n = block.post_norm(h)
+    ref = h + torch.tanh(block.gate_ffn) * block.down_proj(F.silu(block.gate_proj(n)) * block.up_proj(n)) * row
+    (gx2,) = torch.autograd.grad(ref.sum(), x2)
+    assert torch.equal(out, ref)
+    assert torch.equal(gx, gx2)

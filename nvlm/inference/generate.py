@@ -46,8 +46,8 @@ def generate_ids(
     """Yield the next token of every sample, step by step ([B] tensors). Finished samples get eos."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     batch = {k: v for k, v in batch.items() if k != "labels"}
-    eos = torch.tensor(eos_token_ids or [], dtype=torch.long)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    eos = torch.tensor(eos_token_ids or [], dtype=torch.long, device=ids.device)  # there once, not copied per step
     out = model(**batch, use_cache=use_cache, logits_to_keep=1)
     cache, state = out.past_key_values, out.xattn_state
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -57,8 +57,8 @@ def generate_ids(
         logits[:, model.processor.pad_id] = float("-inf")  # the image-pad token is never generated: no features
         nxt = sample_next(logits, do_sample, temperature, top_p, gen).to(ids.device)
         if eos.numel():
-            nxt = torch.where(done, eos[0].to(ids.device), nxt)
-            done |= torch.isin(nxt, eos.to(ids.device))
+            nxt = torch.where(done, eos[0], nxt)
+            done |= torch.isin(nxt, eos)
         yield nxt
         if bool(done.all()):
             return

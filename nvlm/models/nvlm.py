@@ -57,10 +57,14 @@ def labelled_loss(
     token has a label: only answers carry loss, so logits for image tokens, tags and prompts are never made.
     The labelled rows go through the head and cross-entropy `chunk_tokens` at a time, each chunk recomputed in
     backward, so a long batch never holds all its [N, vocab] logits at once."""
-    shift_labels = labels[:, 1:].to(hidden.device)  # [B, T-1]
-    keep = shift_labels != -100
-    rows = hidden[:, :-1][keep]  # [N, d]: the positions whose next token is labelled
-    targets = shift_labels[keep]  # [N]
+    # Which rows carry a label is worked out where the labels are: on the host for batches from the collate
+    # functions, so picking the rows costs no device→host synchronisation (a boolean mask on the GPU would).
+    b, t, d = hidden.shape
+    keep = torch.zeros(b, t, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = labels[:, 1:] != -100  # position i is kept when token i+1 is labelled
+    index = keep.reshape(-1).nonzero().squeeze(1)  # [N] rows of the flattened [B·T, d] states
+    targets = labels[:, 1:][keep[:, :-1]].to(hidden.device, non_blocking=True)  # [N], in the rows' order
+    rows = hidden.reshape(b * t, d).index_select(0, index.to(hidden.device, non_blocking=True))  # [N, d]
     if rows.shape[0] <= chunk_tokens:
         return _head_ce(rows, targets, head), int(targets.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -146,6 +150,8 @@ class NVLM(nn.Module):
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
         of `memory_tag_ids`. Tiles given but used by neither (a sharded run's stand-in tile, see
         ``nvlm.training.trainer.touch_every_module``) still join the graph, times zero."""
+        self._check_image_pads(input_ids, decoder_tiles)
+        input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
         has_memory = bool(self.xattn) and memory_index is not None and memory_index.numel() > 0
         # one call of the embedding table for the text and the H tile tags in the memory (a sharded table
@@ -156,18 +162,9 @@ class NVLM(nn.Module):
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
         embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
-        if self.processor is None:
-            raise RuntimeError("this NVLM was built without a tokenizer (a weight-less meta build): it cannot run")
+        assert self.processor is not None  # checked by _check_image_pads
         is_pad = input_ids == self.processor.pad_id
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
-        if int(is_pad.sum()) != n_dec * self.vision.tokens_per_tile:
-            per_sample = is_pad.sum(-1).tolist()
-            raise ValueError(
-                f"image placeholders and image features disagree: {int(is_pad.sum())} "
-                f"{self.config.tags.image_pad!r} tokens in the batch (per sample {per_sample}) but {n_dec} decoder "
-                f"tile(s) × {self.vision.tokens_per_tile} = {n_dec * self.vision.tokens_per_tile} feature tokens; "
-                "build inputs with model.processor so each <image> expands to its tiles"
-            )
         if decoder_tiles is not None and n_dec:
             if feats is None:
                 raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
@@ -183,6 +180,29 @@ class NVLM(nn.Module):
         index = memory_index.to(self.device)  # [B, M], -1 = padding
         memory = source[index.clamp(min=0)] * (index >= 0)[..., None].to(embeds.dtype)  # [B, M, d], padding zero
         return embeds, XAttnState(memory=memory, memory_len=(index >= 0).sum(-1))
+
+    def _check_image_pads(self, input_ids: torch.Tensor, decoder_tiles: torch.Tensor | None) -> None:
+        """Refuse a batch whose image-pad tokens do not match its decoder tiles' feature tokens.
+
+        Counting tokens on an accelerator stalls it until the count reaches the host, so the count is taken
+        where it is free: on host ids (every batch from ``model.processor`` and the collate functions, which
+        ``forward`` receives before moving them), and once per image batch otherwise. Decoding steps on an
+        accelerator (ids already there, no tiles) skip it: generation never samples the image-pad token."""
+        if self.processor is None:
+            raise RuntimeError("this NVLM was built without a tokenizer (a weight-less meta build): it cannot run")
+        n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
+        if input_ids.device.type != "cpu" and n_dec == 0:
+            return
+        is_pad = input_ids == self.processor.pad_id
+        n_pad = int(is_pad.sum())
+        if n_pad != n_dec * self.vision.tokens_per_tile:
+            per_sample = is_pad.sum(-1).tolist()
+            raise ValueError(
+                f"image placeholders and image features disagree: {n_pad} "
+                f"{self.config.tags.image_pad!r} tokens in the batch (per sample {per_sample}) but {n_dec} decoder "
+                f"tile(s) × {self.vision.tokens_per_tile} = {n_dec * self.vision.tokens_per_tile} feature tokens; "
+                "build inputs with model.processor so each <image> expands to its tiles"
+            )
 
     # ---- the forward pass --------------------------------------------------------------------------------
     def forward(
@@ -212,8 +232,9 @@ class NVLM(nn.Module):
         ``Output.logits`` is None: the loss and its gradients are those of the full logits, without computing or
         holding logits for image tokens, tags and prompts (``labelled_loss``).
         """
-        input_ids = input_ids.to(self.device)
+        # embed checks the image pads on the ids as given (host ids: no synchronisation), then moves them
         embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids)
+        input_ids = input_ids.to(self.device)
         state = state or xattn_state
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -265,6 +286,7 @@ class NVLM(nn.Module):
         """Summed next-token cross-entropy over labelled tokens, and their count (mean = sum / count, taken
         over the whole global batch by the trainer, as Megatron does)."""
         shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+        count = int((labels[:, 1:] != -100).sum())  # counted where the labels are (host: no synchronisation)
         shift_labels = labels[:, 1:].to(logits.device)  # [B, T-1]
         loss = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -272,7 +294,7 @@ class NVLM(nn.Module):
             ignore_index=-100,
             reduction="sum",
         )
-        return loss, int((shift_labels != -100).sum())
+        return loss, count
 
     # ---- convenience ---------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:

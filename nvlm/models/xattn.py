@@ -91,10 +91,10 @@ class GatedCrossAttentionBlock(nn.Module):
         kv = self.memory_kv(memory.to(dtype)) if isinstance(memory, torch.Tensor) else memory
         k, v = kv
         q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
-        rep = self.num_heads // self.num_kv_heads  # grouped-query attention: share each K/V head
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None].to(q.device))  # [B, H, T, hd]
+        # grouped-query attention: SDPA shares each K/V head among its query heads itself (enable_gqa), so the
+        # cached K/V are not copied num_heads/num_kv_heads times on every decoding step (same outputs, bitwise)
+        gqa = self.num_heads != self.num_kv_heads
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None].to(q.device), enable_gqa=gqa)
         a = self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [B, T, d]
         h = x + torch.tanh(self.gate_attn).to(x.dtype) * (a * row_mask.to(a.dtype))
         n = self.post_norm(h)

@@ -27,7 +27,7 @@ import torch
 import nvlm
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
-from nvlm.data.packing import collate_packed, pack_greedy
+from nvlm.data.packing import collate_packed, pack_greedy, should_pack
 from nvlm.data.prefetch import Prefetcher, StopSignals
 from nvlm.distributed.dcp import (
     complete_checkpoints,
@@ -149,6 +149,8 @@ class Trainer:
             cast_for_training(self.model)  # fp32 master weights for what trains, as a sharded run keeps
             if t.activation_checkpointing:
                 activation_checkpointing(self.model)
+        if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
+            self.model.llm.set_attn_implementation(t.attn)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
             self.log(
@@ -178,11 +180,16 @@ class Trainer:
         self._prefetch: Prefetcher | None = None
         self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
 
+    @property
+    def packing(self) -> bool:
+        """data.pack, or when unset: SFT with several samples per micro-batch (see DataSpec.pack)."""
+        return should_pack(self.cfg.data.pack, self.cfg.train.stage, self.cfg.train.micro_batch_size)
+
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
         t, proc = self.cfg.train, self.model.processor
         micro = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
-        if not self.cfg.data.pack:
+        if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
         pad = proc.tokenizer.pad_token_id or 0
         out = []
@@ -201,10 +208,11 @@ class Trainer:
         memory = float(any(b["memory_index"].numel() > 0 for b in batches))
         tokens, any_memory, *with_images = all_reduce([local_tokens, memory, *images], w)  # one small collective
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
-        total = 0.0
+        # summed on the device: one read to the host per step, not one per micro-batch
+        total = torch.zeros((), device=self.device)
         for b, anyone in zip(batches, with_images):
             # some process's micro-batch has images: every process runs the vision tower, projector and each
-            # x-attn block (the model adds a blank tile or an empty memory where its own batch lacks them)
+            # x-attn block (touch_every_module adds a blank tile or a memory no row sees where its batch lacks them)
             touch = w.distributed and anyone > 0
             self.mixed += int(w.main and anyone > 0 and anyone < w.size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
@@ -216,7 +224,7 @@ class Trainer:
                 loss.backward()
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
                 reshard(self.model)  # so free the weights FSDP kept gathered for it
-            total += float(out.loss_sum.detach())
+            total += out.loss_sum.detach().float()
         used = {
             "llm": True,
             "projector": any(with_images),
@@ -225,8 +233,8 @@ class Trainer:
         }
         params = fill_unused_grads(self.model, used)
         norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        (total,) = all_reduce([total], w)
-        return total / max(tokens, 1), norm, int(tokens)
+        (summed,) = all_reduce([float(total)], w)
+        return summed / max(tokens, 1), norm, int(tokens)
 
     def _read(self) -> list[dict[str, Any]]:
         return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.size))
