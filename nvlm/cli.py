@@ -214,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from nvlm.models.lora import merge_checkpoint
+    from nvlm.models.pretrained import merge_checkpoint
 
     merge_checkpoint(args.src, args.dst)
     print(f"wrote {args.dst}: a plain nvlm checkpoint, LoRA adapters folded in")

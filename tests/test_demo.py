@@ -24,7 +24,7 @@ def test_demo_quick_learns_every_task(tmp_path, capsys):
     # clearly above chance on held-out images; per task with a margin for CPU-dependent float rounding,
     # which moves a 3-minute run's individual numbers (measured: 1.35–4.8× chance per task)
     assert sum(ratios.values()) / len(ratios) >= 1.75, ratios
-    assert sum(v >= 1.5 for v in ratios.values()) >= 2, ratios
+    assert sum(v >= 1.5 - 1e-9 for v in ratios.values()) >= 2, ratios  # 0.3 / 0.2 is 1.4999999999999998
     assert min(ratios.values()) >= 0.75, ratios
     assert 0.0 <= results["text"]["backbone"] <= 1.0 and 0.0 <= results["text"]["final"] <= 1.0
     ckpt = results["runs"][0]["checkpoint"]

@@ -224,7 +224,7 @@ def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_mo
     assert (tmp_path / "ckpt" / "vision_adapter" / "adapter_config.json").is_file()
     ref = _logits(model)
     assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "ckpt")), ref, atol=1e-6)
-    from nvlm.models.lora import merge_checkpoint
+    from nvlm.models.pretrained import merge_checkpoint
 
     merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
     assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "merged")), ref, atol=1e-5)

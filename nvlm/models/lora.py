@@ -205,14 +205,3 @@ def merge_adapters(model: Any) -> None:
             setattr(parent, child, plain)
         if hasattr(module, "peft_config"):
             del module.peft_config
-
-
-def merge_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """``nvlm merge``: load an adapter checkpoint, fold its adapters in, save it as a plain nvlm checkpoint."""
-    from nvlm.models.pretrained import from_pretrained
-
-    if not any((Path(src) / folder / "adapter_config.json").is_file() for folder in ADAPTERS.values()):
-        raise UserError(f"{src}: no LoRA adapters there (no llm_adapter/adapter_config.json); nothing to merge")
-    model = from_pretrained(src)
-    merge_adapters(model)
-    model.save_pretrained(str(dst))

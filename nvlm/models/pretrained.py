@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
 from nvlm.data.tags import all_tags
+from nvlm.errors import UserError
 from nvlm.models.llm import add_special_tokens, config_dict, load_llm, load_tokenizer, resize_embeddings
-from nvlm.models.lora import load_adapters
+from nvlm.models.lora import ADAPTERS, load_adapters, merge_adapters
 from nvlm.models.nvlm import NVLM
 from nvlm.models.saving import OWN_PREFIXES
 from nvlm.vision.encoder import load_vision_model
@@ -135,3 +136,12 @@ def from_pretrained(
     if dtype is not None:
         model.to(dtype)
     return model.to(device) if device is not None else model
+
+
+def merge_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """``nvlm merge``: load an adapter checkpoint, fold its adapters in, save it as a plain nvlm checkpoint."""
+    if not any((Path(src) / folder / "adapter_config.json").is_file() for folder in ADAPTERS.values()):
+        raise UserError(f"{src}: no LoRA adapters there (no llm_adapter/adapter_config.json); nothing to merge")
+    model = from_pretrained(src)
+    merge_adapters(model)
+    model.save_pretrained(str(dst))
