@@ -41,9 +41,11 @@ def _pad_right(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 def _layers(cache: Any) -> list[Any]:
     layers = getattr(cache, "layers", None)
     if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
-        raise NotImplementedError(
+        # a documented limit, not a stub: sliding-window layers keep a rolling K/V that rows cannot be joined on
+        raise ValueError(
             "the serving engine needs a transformers DynamicCache without sliding-window "
-            "layers (per-row joins and leaves pad and slice each layer's K/V)"
+            "layers (per-row joins and leaves pad and slice each layer's K/V); serve an LLM with full attention "
+            "in every layer, or use model.generate / nvlm chat for this one"
         )
     return layers
 
