@@ -314,28 +314,27 @@ class Trainer:
         self.resume()
         if self.cfg.data.prefetch > 0:
             self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
-        signals = StopSignals(lambda: setattr(self, "_stop", True)).__enter__()  # SIGTERM and Ctrl-C: save, exit 0
         progress = _progress(t.max_steps, self.step, self.world.main)
         start, first_step = time.perf_counter(), self.step
         stopped = False
-        try:
-            while self.step < t.max_steps:
-                batches = self._next_batches()
-                if batches is None:  # a stop was requested (on any process)
-                    stopped = True
-                    break
-                loss, lr = self.optimizer_step(batches)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if t.save_every and self.step % t.save_every == 0:
-                    self.save()
-        finally:
-            if self._prefetch is not None:
-                self._prefetch.close()
-                self._prefetch = None
-            signals.__exit__()
-            progress.close()
-            self.metrics.close()
+        with StopSignals(lambda: setattr(self, "_stop", True)):  # SIGTERM and Ctrl-C: save, exit 0
+            try:
+                while self.step < t.max_steps:
+                    batches = self._next_batches()
+                    if batches is None:  # a stop was requested (on any process)
+                        stopped = True
+                        break
+                    loss, lr = self.optimizer_step(batches)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if t.save_every and self.step % t.save_every == 0:
+                        self.save()
+            finally:
+                if self._prefetch is not None:
+                    self._prefetch.close()
+                    self._prefetch = None
+                progress.close()
+                self.metrics.close()
         elapsed = time.perf_counter() - start
         seen = (self.step - first_step) * t.global_batch_size
         return self._finish(stopped, seen / elapsed if elapsed else 0.0)
