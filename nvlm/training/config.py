@@ -134,6 +134,10 @@ class TrainConfig:
     """The LLM's attention kernel. "sdpa": a packed row attends through a dense block-diagonal causal mask
     (O(T²) memory; the CPU path). "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention":
     transformers' variable-length paths, which read the sample boundaries from the restarting position ids."""
+    tp: int = 1
+    """Tensor-parallel degree within a node (1 = off). Processes = tp × dp_shard (``nvlm.distributed``)."""
+    dp_shard: int = -1
+    """FSDP2 sharding degree across the tp groups; -1 = world size / tp."""
     collective_timeout_s: float = 1800.0
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
     num_threads: int = 0
@@ -166,6 +170,8 @@ class TrainConfig:
             raise ConfigError("train.lora.targets must name layers, e.g. train.lora.targets=attn,mlp")
         if self.attn not in ATTN_KERNELS:
             raise ConfigError(f"train.attn must be one of {', '.join(ATTN_KERNELS)}, got {self.attn!r}")
+        if self.tp < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise ConfigError(f"train.tp must be >= 1 and train.dp_shard >= 1 or -1, got {self.tp}, {self.dp_shard}")
         self.accumulation(1)
         if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
