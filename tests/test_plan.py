@@ -184,3 +184,5 @@ def test_cli_dry_run_prints_layout_time_and_mfu(capsys):
     assert main(["train", "d-72b-sft", "--dry-run", "--world-size", "128", "--ib-gbs", "5", "--json"]) == 0
     slow = json.loads(capsys.readouterr().out)
     assert slow["hardware"]["ib_gbs"] == 5 and slow["time"]["mfu"] * 100 < mfu
+    assert main(["train", "d-72b-sft", "--dry-run", "--compute-efficiency", "1.5"]) == 2  # a fraction of peak
+    assert "--compute-efficiency must be > 0 and <= 1" in capsys.readouterr().err

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nvlm.bench.flops import SampleTokens, attention_flops, linear_numel, train_flops
+from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 from nvlm.models.xattn import GatedCrossAttentionBlock
 from nvlm.training.config import RunConfig
@@ -79,6 +80,14 @@ class Hardware:
     """GPU memory bandwidth, GB/s (H100 SXM HBM3), for the AdamW step."""
     gpus_per_node: int = 8
     memory_gib: float = 80.0
+
+    def __post_init__(self) -> None:
+        for k, v in dataclasses.asdict(self).items():
+            if not v > 0 or (k.endswith("efficiency") and v > 1):
+                flag = "--" + k.replace("_", "-").replace("peak-tflops", "gpu-peak-tflops").replace(
+                    "memory-gib", "gpu-memory-gib"
+                )
+                raise UserError(f"{flag} must be > 0{' and <= 1' if k.endswith('efficiency') else ''}, got {v}")
 
 
 def asdict(hw: Hardware) -> dict[str, Any]:
