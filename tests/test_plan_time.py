@@ -124,11 +124,11 @@ def test_memory_plan_divides_by_tp(model):
 
 def test_recommended_layout_fits_and_is_the_best(model):
     # the search keeps planned GiB × 1.1 + 2 GiB within the GPU; this tiny model plans at 0.01-0.02 GiB
-    free = plan_time.recommend(model, _cfg(), 16, Hardware())
+    free = plan_time.recommend(model, _cfg(), 16, Hardware(), memory)
     hw = Hardware(memory_gib=2.015)  # tight: tp 1 (the unconstrained best here) does not fit
-    rows = plan_time.candidates(model, _cfg(), 16, hw)
+    rows = plan_time.candidates(model, _cfg(), 16, hw, memory)
     assert {r["tp"] for r in rows} == {1, 2, 4, 8} and any(not r["fits"] for r in rows)
-    best = plan_time.recommend(model, _cfg(), 16, hw)
+    best = plan_time.recommend(model, _cfg(), 16, hw, memory)
     assert free is not None and free["tp"] == 1
     assert best is not None and best["fits"] and best["tp"] > 1
     assert best["gib_per_gpu"] * 1.1 + 2 <= hw.memory_gib
@@ -136,4 +136,4 @@ def test_recommended_layout_fits_and_is_the_best(model):
     # the candidates' memory is the plan's memory for that layout
     p = plan(_cfg(best["tp"], best["micro_batch_size"], best["activation_checkpointing"]), 16, hw)
     assert p["gib_per_gpu"] == pytest.approx(best["gib_per_gpu"])
-    assert plan_time.recommend(model, _cfg(), 16, Hardware(memory_gib=2.001)) is None
+    assert plan_time.recommend(model, _cfg(), 16, Hardware(memory_gib=2.001), memory) is None

@@ -374,7 +374,7 @@ def plan(cfg: RunConfig, world_size: int, hardware: Any = None, recommend: bool 
         "lora": _lora_summary(model, t) if t.lora.enabled else None,
         "hardware": plan_time.asdict(hw),
         "time": time,
-        "recommended": plan_time.recommend(model, cfg, world_size, hw) if recommend else None,
+        "recommended": plan_time.recommend(model, cfg, world_size, hw, memory) if recommend else None,
     }
 
 

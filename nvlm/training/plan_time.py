@@ -45,6 +45,7 @@ NCCL buffers, fragmentation) fits the GPU, and returns the one with the highest 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 BF16, FP32 = 2, 4
+# plan.memory(model, cfg, dp_shard, tp, micro-batch, AC) -> the memory terms `estimate` reads
+Memory = Callable[["NVLM", RunConfig, int, int, int, bool], dict[str, Any]]
 ADAMW_BYTES = 28  # per trainable fp32 parameter: read param, grad, exp_avg, exp_avg_sq; write param and both
 
 
@@ -199,10 +202,9 @@ def fits(gib: float, hw: Hardware) -> bool:
     return gib * 1.1 + 2 <= hw.memory_gib
 
 
-def candidates(model: NVLM, cfg: RunConfig, world: int, hw: Hardware) -> list[dict[str, Any]]:
-    """Every layout the search considers (see the module docstring), estimated; `fits` marks the ones that fit."""
-    from nvlm.training.plan import memory
-
+def candidates(model: NVLM, cfg: RunConfig, world: int, hw: Hardware, memory: Memory) -> list[dict[str, Any]]:
+    """Every layout the search considers (see the module docstring), estimated; `fits` marks the ones that fit.
+    `memory` is ``nvlm.training.plan.memory`` (passed in: that module imports this one)."""
     dm, gbs, out = model.dims, cfg.train.global_batch_size, []
     heads = [dm.num_heads, dm.num_kv_heads, *(int(getattr(b, "num_heads", 1)) for b in model.xattn)]
     for tp in (1, 2, 4, 8):
@@ -220,9 +222,9 @@ def candidates(model: NVLM, cfg: RunConfig, world: int, hw: Hardware) -> list[di
     return out
 
 
-def recommend(model: NVLM, cfg: RunConfig, world: int, hw: Hardware) -> dict[str, Any] | None:
+def recommend(model: NVLM, cfg: RunConfig, world: int, hw: Hardware, memory: Memory) -> dict[str, Any] | None:
     """The fitting layout with the highest MFU (ties: less memory), or None when none fits."""
-    ok = [r for r in candidates(model, cfg, world, hw) if r["fits"]]
+    ok = [r for r in candidates(model, cfg, world, hw, memory) if r["fits"]]
     return max(ok, key=lambda r: (round(r["mfu"], 4), -r["gib_per_gpu"]), default=None)
 
 
