@@ -155,6 +155,9 @@ def test_recipe_layout_is_the_recommended_one(recipe, d72):
     assert best["dp_shard"] == p["dp_shard"] == 128 // p["tp"]
     assert time["mfu"] >= 0.35 and time["step_s"] > 0  # the bar, at the stated hardware
     assert time["gib_per_gpu"] == pytest.approx(p["gib_per_gpu"])
+    # the best fitting layout per tp degree: the recommendation is the best of them
+    assert set(p["best_by_tp"]) == {1, 2, 4, 8} and p["best_by_tp"][best["tp"]] == best
+    assert all(r["mfu"] <= best["mfu"] and r["fits"] for r in p["best_by_tp"].values())
 
 
 def test_memory_under_tp_at_paper_scale():
@@ -180,6 +183,7 @@ def test_cli_dry_run_prints_layout_time_and_mfu(capsys):
     assert "tp 1 × dp_shard 128" in rec and " s, MFU " in rec and "GiB/GPU" in rec
     mfu = float(rec.split("MFU ")[1].split(" %")[0])
     assert 35 <= mfu < 60  # < the assumed 0.6 achievable fraction of peak
+    assert "best at tp 8       tp 8 × dp_shard 16" in out
     # a slower network makes the estimate slower: the flags reach the model
     assert main(["train", "d-72b-sft", "--dry-run", "--world-size", "128", "--ib-gbs", "5", "--json"]) == 0
     slow = json.loads(capsys.readouterr().out)

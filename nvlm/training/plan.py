@@ -374,8 +374,19 @@ def plan(cfg: RunConfig, world_size: int, hardware: Any = None, recommend: bool 
         "lora": _lora_summary(model, t) if t.lora.enabled else None,
         "hardware": plan_time.asdict(hw),
         "time": time,
-        "recommended": plan_time.recommend(model, cfg, world_size, hw, memory) if recommend else None,
+        **_recommendation(model, cfg, world_size, hw, recommend),
     }
+
+
+def _recommendation(model: NVLM, cfg: RunConfig, world: int, hw: Any, recommend: bool) -> dict[str, Any]:
+    """The recommended layout and the best fitting one per tp degree (None: nothing fits / not searched)."""
+    from nvlm.training import plan_time
+
+    if not recommend:
+        return {"recommended": None, "best_by_tp": {}}
+    rows = [r for r in plan_time.candidates(model, cfg, world, hw, memory) if r["fits"]]
+    by_tp = {tp: plan_time.best([r for r in rows if r["tp"] == tp]) for tp in sorted({r["tp"] for r in rows})}
+    return {"recommended": plan_time.best(rows), "best_by_tp": by_tp}
 
 
 def _lora_summary(model: NVLM, t: Any) -> dict[str, Any]:
@@ -423,5 +434,5 @@ def render(p: dict[str, Any]) -> str:
     if p.get("time"):
         from nvlm.training import plan_time
 
-        lines += plan_time.render(p["time"], p["recommended"], plan_time.Hardware(**p["hardware"]))
+        lines += plan_time.render(p["time"], p["recommended"], plan_time.Hardware(**p["hardware"]), p["best_by_tp"])
     return "\n".join(lines)

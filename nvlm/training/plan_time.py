@@ -224,12 +224,18 @@ def candidates(model: NVLM, cfg: RunConfig, world: int, hw: Hardware, memory: Me
 
 def recommend(model: NVLM, cfg: RunConfig, world: int, hw: Hardware, memory: Memory) -> dict[str, Any] | None:
     """The fitting layout with the highest MFU (ties: less memory), or None when none fits."""
-    ok = [r for r in candidates(model, cfg, world, hw, memory) if r["fits"]]
-    return max(ok, key=lambda r: (round(r["mfu"], 4), -r["gib_per_gpu"]), default=None)
+    return best([r for r in candidates(model, cfg, world, hw, memory) if r["fits"]])
 
 
-def render(time: dict[str, Any], best: dict[str, Any] | None, hw: Hardware) -> list[str]:
-    """The time part of the dry-run report."""
+def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row with the highest MFU (ties: less memory)."""
+    return max(rows, key=lambda r: (round(r["mfu"], 4), -r["gib_per_gpu"]), default=None)
+
+
+def render(
+    time: dict[str, Any], rec: dict[str, Any] | None, hw: Hardware, by_tp: dict[Any, Any] | None = None
+) -> list[str]:
+    """The time part of the dry-run report: this layout, the recommended one, the best fitting one per tp."""
 
     def line(r: dict[str, Any]) -> str:
         return (
@@ -252,13 +258,16 @@ def render(time: dict[str, Any], best: dict[str, Any] | None, hw: Hardware) -> l
         f"({time['tp_gb_per_gpu_micro_batch']:.1f} GB)",
         f"  this layout        {line(time)}, {time['grad_accum_steps']} micro-batch(es) per step",
     ]
-    if best is None:
+    if rec is None:
         lines.append(f"  recommended        none fits {hw.memory_gib:g} GiB per GPU")
     else:
-        lines.append(f"  recommended        {line(best)}")
+        lines.append(f"  recommended        {line(rec)}")
         lines.append(
-            f"                     (nvlm train ... train.tp={best['tp']} train.dp_shard={best['dp_shard']} "
-            f"train.micro_batch_size={best['micro_batch_size']} "
-            f"train.activation_checkpointing={str(best['activation_checkpointing']).lower()})"
+            f"                     (nvlm train ... train.tp={rec['tp']} train.dp_shard={rec['dp_shard']} "
+            f"train.micro_batch_size={rec['micro_batch_size']} "
+            f"train.activation_checkpointing={str(rec['activation_checkpointing']).lower()})"
         )
+    for r in (by_tp or {}).values():  # JSON turns the tp keys into strings: read tp off the rows
+        if r is not None:
+            lines.append(f"  best at tp {r['tp']}       {line(r)}")
     return lines
