@@ -3,6 +3,16 @@
     python benchmarks/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
     python benchmarks/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
     python benchmarks/plan_vs_measured.py --device cpu    # small shapes; peak from the profiler's memory timeline
+    python benchmarks/plan_vs_measured.py --time          # step time: plan_time's estimate vs gloo/CPU, 1 and 2 procs
+
+``--time`` checks the time model (``nvlm.training.plan_time``) rather than memory: for 1 and 2 processes
+(FSDP2 over gloo, one thread each, the plan's bf16 mixed precision) it measures the median step of the CPU
+shapes, and estimates it with the hardware figures measured on the spot by microbenchmarks: the "peak" is a
+bf16 matmul's FLOP/s at the LLM's own shape (micro-batch tokens × hidden → ffn; compute_efficiency = 1: that
+rate is taken as what the step's kernels reach; a square 1024³ matmul's rate is printed beside it),
+the link bandwidth is gloo's all_reduce bus bandwidth between the two processes (2·(n-1)/n · bytes / time), the
+memory bandwidth a large copy's. On CPU the overlap the model assumes does not exist (gloo runs on the same
+cores), so the estimate with max(compute, FSDP) is a lower bound and compute + FSDP an upper one: both printed.
 
 For NVLM-D and NVLM-X, with activation checkpointing off and on, it plans a `RunConfig` built here, then
 builds the same model with ``nvlm.build`` and trains a few steps in one process with the plan's policy:
@@ -230,6 +240,141 @@ def _one_process_group(cuda: bool) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
 
 
+# ---- --time: the step-time model against gloo/CPU -------------------------------------------------------------
+def matmul_flops(m: int = 1024, k: int = 1024, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of the fastest of `reps` bf16 (m×k)·(k×n) matmuls on this thread."""
+    import time
+
+    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b, time) for _ in range(reps))
+    return 2 * m * k * n / best
+
+
+def copy_bandwidth(numel: int = 1 << 25, reps: int = 3) -> float:
+    """Bytes/s of the fastest of `reps` copies of a `numel` fp32 tensor (read + write)."""
+    import time
+
+    a, b = torch.randn(numel), torch.empty(numel)
+    return 2 * 4 * numel / min(_timed(lambda: b.copy_(a), time) for _ in range(reps))
+
+
+def allreduce_busbw(world: int, numel: int = 1 << 22, reps: int = 5) -> float:
+    """gloo all_reduce bus bandwidth, bytes/s: 2·(n-1)/n · bytes / the fastest of `reps` calls."""
+    import time
+
+    import torch.distributed as dist
+
+    x = torch.ones(numel)
+    dist.all_reduce(x)
+    best = min(_timed(lambda: (dist.barrier(), dist.all_reduce(x)), time) for _ in range(reps))
+    return 2 * (world - 1) / world * 4 * numel / best
+
+
+def _timed(fn: Any, time: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _time_worker(rank: int, world: int, port: int, arch: str, ac: bool, seq: int, micro: int, steps: int, out: str):
+    import json
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    from nvlm.distributed.parallel import parallelize
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    llm, vision, overrides = SHAPES["cpu"][:3]
+    # the square 1024³ matmul's rate, and the rate at the LLM's own shape (tokens × hidden → ffn): the one used
+    peak, shaped, hbm = (
+        matmul_flops(),
+        matmul_flops(micro * seq, llm["hidden_size"], llm["intermediate_size"]),
+        copy_bandwidth(),
+    )
+    bw = allreduce_busbw(world) if world > 1 else 0.0
+    v = dict(vision)
+    torch.manual_seed(0)
+    model = nvlm.build(
+        arch,
+        llm=dict(llm),
+        vision=vision_config(v.pop("type"), **v),
+        tokenizer=tiny_tokenizer(),
+        config=dict(overrides),
+    )
+    apply_stage(model, "sft")
+    if ac:
+        activation_checkpointing(model)
+    parallelize(model.train(), mixed_precision=True)  # bf16 gathers and compute, fp32 reduce-scatter: the plan's
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = make_batch(model, seq, micro)
+    times = []
+    for i in range(steps + 1):  # step 0: warm-up
+        dist.barrier()
+        t0 = time.perf_counter()
+        out_ = model(**batch)
+        (out_.loss_sum / max(out_.num_tokens, 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        if i:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(
+            json.dumps({"peak": peak, "shaped": shaped, "hbm": hbm, "bw": bw, "step_s": statistics.median(times)})
+        )
+    dist.destroy_process_group()
+
+
+def time_check(archs: list[str], steps: int) -> None:
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from nvlm.training import plan_time
+    from nvlm.training.plan import memory
+
+    llm, vision, overrides, seq, micro = SHAPES["cpu"]
+    print(f"CPU/gloo, FSDP2 bf16, 1 thread per process, micro-batch {micro} × {seq} tokens, median of {steps} steps")
+    print(
+        f"{'arch':<5}{'AC':<5}{'procs':>6}{'1024³ GF/s':>11}{'shaped':>8}{'gloo GB/s':>10}{'compute s':>10}"
+        f"{'FSDP s':>8}{'est. s (max)':>13}{'est. s (sum)':>13}{'measured s':>11}{'meas/est':>9}"
+    )
+    for arch in archs:
+        for ac in (False, True):
+            for world in (1, 2):
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = f"{tmp}/r.json"
+                    port = 29600 + world + 2 * ac
+                    mp.spawn(_time_worker, (world, port, arch, ac, seq, micro, steps, out), nprocs=world)
+                    r = json.loads(Path(out).read_text())
+                cfg = run_config(arch, "sft", ac, SHAPES["cpu"], seq, micro * world)
+                hw = plan_time.Hardware(
+                    peak_tflops=r["shaped"] / 1e12,
+                    compute_efficiency=1.0,
+                    nvlink_gbs=max(r["bw"], 1.0) / 1e9,
+                    ib_gbs=max(r["bw"], 1.0) / 1e9,
+                    link_efficiency=1.0,
+                    hbm_gbs=r["hbm"] / 1e9,
+                    gpus_per_node=world,
+                )
+                model = meta_model(cfg)
+                e = plan_time.estimate(model, cfg, world, 1, micro, ac, hw, memory(model, cfg, world, 1, micro, ac))
+                s = e["seconds_per_micro_batch"]
+                serial = e["step_s"] - max(s["compute"], s["fsdp"]) + s["compute"] + s["fsdp"]
+                print(
+                    f"{arch:<5}{'on' if ac else 'off':<5}{world:>6}{r['peak'] / 1e9:11.1f}{r['shaped'] / 1e9:8.1f}"
+                    f"{r['bw'] / 1e9:10.2f}"
+                    f"{s['compute']:10.3f}{s['fsdp']:8.3f}{e['step_s']:13.3f}{serial:13.3f}{r['step_s']:11.3f}"
+                    f"{r['step_s'] / e['step_s']:9.2f}"
+                )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -239,7 +384,11 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--fsdp", action="store_true", help="shard with parallelize() in a 1-process group")
+    ap.add_argument("--time", action="store_true", help="step time: plan_time's estimate vs gloo/CPU, 1 and 2 procs")
     args = ap.parse_args()
+    if args.time:
+        time_check(args.archs if args.archs != ["D", "X"] else ["D"], args.steps)
+        return
     shapes = SHAPES[args.device]
     seq, micro = args.seq or shapes[3], args.micro_batch or shapes[4]
     cuda = args.device == "cuda"

@@ -183,9 +183,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = override(cfg, args.overrides)
     if args.dry_run:
         from nvlm.training.plan import plan, render
+        from nvlm.training.plan_time import Hardware
 
+        hw = Hardware(
+            peak_tflops=args.gpu_peak_tflops,
+            compute_efficiency=args.compute_efficiency,
+            nvlink_gbs=args.nvlink_gbs,
+            ib_gbs=args.ib_gbs,
+            gpus_per_node=args.gpus_per_node,
+            memory_gib=args.gpu_memory_gib,
+        )
         try:
-            report = plan(cfg, args.world_size)
+            report = plan(cfg, args.world_size, hw)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -292,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--world-size", type=_int_in(1), default=8, help="processes (GPUs) for --dry-run's estimate")
     p.add_argument("--json", action="store_true", help="--dry-run: print JSON")
+    # --dry-run's time model (nvlm.training.plan_time); defaults: H100 SXM nodes, one 400 Gb/s NIC per GPU
+    p.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="--dry-run: dense bf16 peak per GPU")
+    p.add_argument("--compute-efficiency", type=float, default=0.6, help="--dry-run: achievable fraction of peak")
+    p.add_argument("--nvlink-gbs", type=float, default=450.0, help="--dry-run: NVLink GB/s per GPU and direction")
+    p.add_argument("--ib-gbs", type=float, default=50.0, help="--dry-run: inter-node GB/s per GPU and direction")
+    p.add_argument("--gpus-per-node", type=_int_in(1), default=8, help="--dry-run: GPUs per node (tp stays inside)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--dry-run: memory per GPU for the search")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("chat", help="ask a saved model a question about images")

@@ -115,6 +115,7 @@ def test_bench_train_runs_all_three_archs(capsys):
     for r in archs.values():
         assert r["samples_per_s"] > 0 and len(r["step_s_all"]) == 2
         assert r["tflop_per_sample"] > 0 and r["mfu"] is None and r["peak_mem_gib"] is None
+        assert r["peak_reserved_gib"] is None  # CPU: no CUDA allocator
         assert r["tiles"] == 3
     # the point of Table 3: X and H shorten the decoder sequence (X most), D has no x-attn memory
     assert archs["X"]["decoder_tokens"] < archs["H"]["decoder_tokens"] < archs["D"]["decoder_tokens"]

@@ -139,3 +139,54 @@ def test_cli_dry_run_json(capsys):
     assert abs(report["params_total"] - 78.86e9) / 78.86e9 < 0.01
     assert report["world_size"] == 128 and 0 < report["gib_per_gpu"] < report["gib_per_gpu_no_ac"]
     assert main(["train", "tiny-d", "--dry-run", "model.llm=/nonexistent"]) == 2
+
+
+# ---- time per step, MFU and the recommended layout (nvlm.training.plan_time) ----------------------------------
+def _layout(r: dict) -> tuple:
+    return r["tp"], r["micro_batch_size"], r["activation_checkpointing"]
+
+
+@pytest.mark.parametrize("recipe", ["d-72b-sft", "d-72b-pretrain"])
+def test_recipe_layout_is_the_recommended_one(recipe, d72):
+    p = d72 if recipe == "d-72b-sft" else plan(get_recipe(recipe), 128)
+    best, time = p["recommended"], p["time"]
+    assert best is not None and best["fits"] and best["gib_per_gpu"] * 1.1 + 2 <= 80
+    assert _layout(best) == _layout(time) == (p["tp"], p["micro_batch_size"], p["activation_checkpointing"])
+    assert best["dp_shard"] == p["dp_shard"] == 128 // p["tp"]
+    assert time["mfu"] >= 0.35 and time["step_s"] > 0  # the bar, at the stated hardware
+    assert time["gib_per_gpu"] == pytest.approx(p["gib_per_gpu"])
+    # the best fitting layout per tp degree: the recommendation is the best of them
+    assert set(p["best_by_tp"]) == {1, 2, 4, 8} and p["best_by_tp"][best["tp"]] == best
+    assert all(r["mfu"] <= best["mfu"] and r["fits"] for r in p["best_by_tp"].values())
+
+
+def test_memory_under_tp_at_paper_scale():
+    cfg = get_recipe("d-72b-sft")
+    cfg.train.tp = 8
+    p = plan(cfg, 128, recommend=False)
+    assert (p["tp"], p["dp_shard"], p["grad_accum_steps"]) == (8, 16, 8)
+    # the LLM (fp32, TP-split) over all 128 GPUs; the projector (fp32) and the frozen bf16 vision tower whole on
+    # each tp rank: over the 16 dp_shard ranks
+    llm, proj, vision = p["components"]["llm"]["trainable"], p["components"]["projector"]["trainable"], 5.54e9
+    want = (llm * 4 / 128 + proj * 4 / 16 + vision * 2 / 16) / 1024**3
+    assert p["memory_gib"]["params"] == pytest.approx(want, rel=0.01)
+    assert p["time"]["tp_gb_per_gpu_micro_batch"] > 0
+
+
+def test_cli_dry_run_prints_layout_time_and_mfu(capsys):
+    from nvlm.cli import main
+
+    assert main(["train", "d-72b-sft", "--dry-run", "--world-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "128 GPU(s) as tp 1 × dp_shard 128" in out
+    rec = next(line for line in out.splitlines() if line.strip().startswith("recommended"))
+    assert "tp 1 × dp_shard 128" in rec and " s, MFU " in rec and "GiB/GPU" in rec
+    mfu = float(rec.split("MFU ")[1].split(" %")[0])
+    assert 35 <= mfu < 60  # < the assumed 0.6 achievable fraction of peak
+    assert "best at tp 8       tp 8 × dp_shard 16" in out
+    # a slower network makes the estimate slower: the flags reach the model
+    assert main(["train", "d-72b-sft", "--dry-run", "--world-size", "128", "--ib-gbs", "5", "--json"]) == 0
+    slow = json.loads(capsys.readouterr().out)
+    assert slow["hardware"]["ib_gbs"] == 5 and slow["time"]["mfu"] * 100 < mfu
+    assert main(["train", "d-72b-sft", "--dry-run", "--compute-efficiency", "1.5"]) == 2  # a fraction of peak
+    assert "--compute-efficiency must be > 0 and <= 1" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from nvlm.models.llm import decoder_layers
@@ -34,6 +35,19 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
+# dense bf16 FLOP/s per SXM GPU (performance.md §1; NVIDIA's data sheets: A100 312 T, H100/H200 989 T)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a CUDA `device` from `PEAK_BF16` by its name; None on CPU (no published per-box
+    peak), for GPUs not in the table, and for the lower-clocked PCIe / NVL variants (not the SXM figure)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "PCIe" in name or "NVL" in name:
+        return None
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 @dataclass(frozen=True)
@@ -147,3 +161,19 @@ def xattn_flops(
         + attention_flops(block.num_heads * block.head_dim, t_q, t_kv, inner_grad)
         + linear_flops(rest, t_q, trains, inner_grad)
     )
+
+
+def batch_flops(
+    model: NVLM, batch: dict, stage: str = "sft", *, freeze_llm: bool = False, unfreeze_vision: bool = False
+) -> int:
+    """Training FLOPs of one collated micro-batch, from its shapes alone (no device sync): B rows of T decoder
+    tokens (padding and packed rows counted in full, attention as one causal T×T per row) with an x-attn
+    memory of M tokens, and the batch's tiles through the vision tower and projector."""
+    rows, t = batch["input_ids"].shape
+    pixels = batch.get("pixel_values")
+    tiles = 0 if pixels is None else int(pixels.shape[0])
+    index = batch.get("memory_index")
+    memory = 0 if index is None or index.dim() < 2 else int(index.shape[1])
+    f = train_flops(model, SampleTokens(t, memory, 1), stage, freeze_llm=freeze_llm, unfreeze_vision=unfreeze_vision)
+    per_tile = f["vision"] + f["projector"]
+    return rows * (f["total"] - per_tile) + tiles * per_tile

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nvlm.bench.flops import SampleTokens, train_flops
+from nvlm.bench.flops import SampleTokens, device_peak_flops, train_flops
 from nvlm.models.saving import backbone_names
 
 ARCHS = ("D", "X", "H")
 PAPER_SAMPLES_PER_S = {"D": 28.8, "X": 50.6, "H": 36.2}  # Table 3: NVLM-34B on 128 H100
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s per SXM GPU (performance.md §1)
 
 
 @dataclass(frozen=True)
@@ -230,9 +229,10 @@ def time_steps(
     dev: torch.device,
     park: bool,
     times: dict[str, list[float]],
-) -> dict[str, int] | None:
+) -> dict[str, tuple[int, int]] | None:
     """Warm-up steps per arch, then `shape.steps` rounds of one timed step per arch (D, X, H, D, X, H, …),
-    appended to `times`. Returns each arch's peak CUDA memory (None on CPU)."""
+    appended to `times`. Returns each arch's peak CUDA memory, (allocated, reserved) bytes (None on CPU):
+    the caching allocator's reserved peak is what the process holds, fragmentation included."""
     cuda = dev.type == "cuda"
     opts = {}
     for arch, model in models.items():
@@ -240,7 +240,7 @@ def time_steps(
             model.to(dev)
         opts[arch] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if shape.dtype == "bf16" else nullcontext()
-    peak = {a: 0 for a in models}
+    peak = {a: (0, 0) for a in models}
     for r in range(-1, shape.steps):  # round -1: each arch's warm-up steps, untimed
         for arch, model in models.items():
             if park:
@@ -257,19 +257,17 @@ def time_steps(
                 if r >= 0:
                     times[arch].append(time.perf_counter() - t0)
             if cuda:
-                peak[arch] = max(peak[arch], torch.cuda.max_memory_allocated(dev))
+                alloc, reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+                peak[arch] = (max(peak[arch][0], alloc), max(peak[arch][1], reserved))
             if park:
                 _park(model, opts[arch], torch.device("cpu"))
     return peak if cuda else None
 
 
 def _peak_flops(dev: torch.device, dtype: str) -> float | None:
-    if dev.type != "cuda" or dtype != "bf16" or not torch.cuda.is_available():
-        return None  # CPU peaks are not published per box; an fp32 GPU peak is not what Table 3 ran at
-    name = torch.cuda.get_device_name(dev)
-    if "PCIe" in name or "NVL" in name:
-        return None  # lower-clocked H100 variants: their peak is not the SXM figure
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if dtype != "bf16":
+        return None  # an fp32 GPU peak is not what Table 3 ran at
+    return device_peak_flops(dev)  # None on CPU: CPU peaks are not published per box
 
 
 def summarize(
@@ -278,7 +276,7 @@ def summarize(
     times: dict[str, list[float]],
     tokens: dict[str, SampleTokens],
     flops: dict[str, dict[str, int]],
-    peak: dict[str, int] | None,
+    peak: dict[str, tuple[int, int]] | None,
     dev: torch.device,
     stage: str,
     park: bool,
@@ -311,7 +309,8 @@ def summarize(
             "flops_by_part": flops[arch],
             "achieved_tflops": achieved / 1e12 if achieved else None,
             "mfu": achieved / peak_flops if achieved and peak_flops else None,
-            "peak_mem_gib": peak[arch] / 2**30 if peak is not None else None,
+            "peak_mem_gib": peak[arch][0] / 2**30 if peak is not None else None,  # allocated
+            "peak_reserved_gib": peak[arch][1] / 2**30 if peak is not None else None,
         }
     if "D" in archs:
         d = out["archs"]["D"]
@@ -348,7 +347,7 @@ def render(result: dict[str, Any]) -> str:
         f"tiles (frozen); x-attn every {s['xattn_every']} layers; tags {s['tag_mode']}",
         "",
         f"{'arch':<5}{'samples/s':>11}{'step ms':>9}{'dec tok':>9}{'mem tok':>9}{'TFLOP/sample':>14}"
-        f"{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}",
+        f"{'TFLOP/s':>10}{'MFU':>8}{'alloc GiB':>10}{'resv GiB':>10}",
     ]
     for arch, r in result["archs"].items():
         step_ms = None if r["step_s_median"] is None else 1e3 * r["step_s_median"]
@@ -357,7 +356,7 @@ def render(result: dict[str, Any]) -> str:
             f"{arch:<5}{_fmt(r['samples_per_s'], '.3f'):>11}{_fmt(step_ms, '.1f'):>9}"
             f"{r['decoder_tokens']:>9}{r['memory_tokens']:>9}{r['tflop_per_sample']:>14.5f}"
             f"{_fmt(r['achieved_tflops'], '.4f'):>10}{_fmt(mfu, '.1f'):>8}"
-            f"{_fmt(r['peak_mem_gib'], '.2f'):>10}"
+            f"{_fmt(r['peak_mem_gib'], '.2f'):>10}{_fmt(r.get('peak_reserved_gib'), '.2f'):>10}"
         )
     if result["ratios"]:
         lines += ["", f"{'samples/s ratio':<17}{'measured':>10}{'FLOP-predicted':>16}{'paper (Table 3)':>17}"]

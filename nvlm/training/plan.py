@@ -4,15 +4,20 @@ Nothing is loaded: the model is built on the meta device from the recipe (archit
 recipes of Tables 10–11, the backbones' config.json for local folders, the checkpoint's config.json for
 ``init_from``), so a 79 B-parameter plan takes seconds on a laptop.
 
-Memory per GPU for world size W, as ``nvlm.distributed.parallel.parallelize`` runs on GPU:
+Memory per GPU for world size W = tp × dp_shard (``train.tp``, ``train.dp_shard``), as
+``nvlm.distributed.parallel.parallelize`` runs on GPU. "Sharded by S" below means S = tp × dp_shard for the
+weights tensor parallelism splits (the Linears and embeddings of the LLM and the x-attn blocks) and
+S = dp_shard for the rest (norms, projector, vision tower: replicated across the tp ranks):
 
-    params       trainable fp32 (4 B) / W + frozen bf16 (2 B) / W     (each tensor sharded on dim 0, rounded up)
-    grads        fp32 for trainable parameters, sharded: 4 B / W
-    optimizer    AdamW exp_avg + exp_avg_sq: 8 B per trainable parameter / W
-    gathered     bf16 unsharded weights: norm + LM head and the root stay gathered from forward to
-                 backward; of the others, the largest twice (the unit computing + the one prefetched)
+    params       trainable fp32 (4 B) / S + frozen bf16 (2 B) / S     (each tensor sharded on dim 0, rounded up)
+    grads        fp32 for trainable parameters, sharded: 4 B / S
+    optimizer    AdamW exp_avg + exp_avg_sq: 8 B per trainable parameter / S
+    gathered     bf16 weights as gathered over dp_shard (a tp rank's slice): norm + LM head and the root stay
+                 gathered from forward to backward; of the others, the largest twice (the unit computing + the
+                 one prefetched)
     unsharded_grads  the largest trainable unit's full gradient before reduce-scatter: bf16 + its fp32 copy
-    activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below
+    activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below; under
+                 tp (Megatron-style, sequence-parallel norms) the LLM's, x-attn blocks' and logits' share / tp
 
 Activations are what autograd holds at the start of backward (the peak): per decoder layer the tensors in
 `llm_layer_bytes`; with activation checkpointing each layer's input plus one layer being recomputed; the
@@ -30,6 +35,8 @@ allocator fragmentation and caching (``max_memory_reserved`` exceeds ``max_memor
 foreach temporaries during ``step``, the RoPE tables and tiny buffers, more than one image per sample.
 Grads are summed with the activation peak, which is exact under gradient accumulation and an upper bound
 (by up to `grads`) without it. ``benchmarks/plan_vs_measured.py`` compares this with a measured peak.
+
+The time per step, the MFU and the recommended layout: ``nvlm.training.plan_time``.
 """
 
 from __future__ import annotations
@@ -88,27 +95,48 @@ def meta_model(cfg: RunConfig) -> NVLM:
 
 
 # ---- parameters and FSDP units ---------------------------------------------------------------------------
-def _shard(p: nn.Parameter, world: int) -> int:
-    """Elements of `p` on the busiest rank: FSDP2 splits dim 0 in `world` chunks, the first ones rounded up."""
+def tp_sharded(model: NVLM) -> set[int]:
+    """ids of the parameters tensor parallelism splits: the parameters of every Linear and embedding of the LLM
+    and the x-attn blocks (column/row-parallel, vocabulary-parallel). Norms, LoRA adapters, the projector and
+    the frozen vision tower stay whole on every tp rank."""
+    out: set[int] = set()
+    for part in (model.llm, model.xattn):
+        for name, m in part.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not is_adapter_param(f"{name}.weight"):
+                # biases too: q/k/v's are column-parallel (split); a row-parallel bias (none in Qwen2 / Llama)
+                # would stay whole, a few thousand elements
+                out.update(id(p) for p in m.parameters(recurse=False))
+    return out
+
+
+def _shard(p: nn.Parameter, dp: int, tp: int = 1) -> int:
+    """Elements of `p` on the busiest rank: FSDP2 splits dim 0 in `dp` chunks, the first ones rounded up,
+    of the tp rank's slice (numel / tp) when tensor parallelism splits `p` (tp > 1)."""
     if p.dim() == 0:
         return 1
-    return math.ceil(p.shape[0] / world) * (p.numel() // max(p.shape[0], 1))
+    rows = math.ceil(p.shape[0] / tp)  # a row-parallel split of dim 1 gives the same count to within rounding
+    return math.ceil(rows / dp) * (p.numel() // max(p.shape[0], 1))
 
 
-def _units(model: NVLM, world: int) -> list[dict[str, Any]]:
-    """One row per FSDP unit, in `fsdp_units` order: each unit owns the parameters no earlier unit took."""
+def _units(model: NVLM, dp: int, tp: int = 1) -> list[dict[str, Any]]:
+    """One row per FSDP unit, in `fsdp_units` order: each unit owns the parameters no earlier unit took.
+    ``gathered``/``gathered_trainable``: elements one rank holds while the unit is gathered (its tp slice)."""
     taken: set[int] = set()
+    split = tp_sharded(model) if tp > 1 else set()
     rows = []
     for name, modules in fsdp_units(model):
         params = [p for m in modules for p in m.parameters() if id(p) not in taken]
         taken.update(id(p) for p in params)
+        t = {id(p): tp if id(p) in split else 1 for p in params}
         rows.append(
             {
                 "name": name,
                 "params": sum(p.numel() for p in params),
                 "trainable": sum(p.numel() for p in params if p.requires_grad),
-                "shard_trainable": sum(_shard(p, world) for p in params if p.requires_grad),
-                "shard_frozen": sum(_shard(p, world) for p in params if not p.requires_grad),
+                "gathered": sum(math.ceil(p.numel() / t[id(p)]) for p in params),
+                "gathered_trainable": sum(math.ceil(p.numel() / t[id(p)]) for p in params if p.requires_grad),
+                "shard_trainable": sum(_shard(p, dp, t[id(p)]) for p in params if p.requires_grad),
+                "shard_frozen": sum(_shard(p, dp, t[id(p)]) for p in params if not p.requires_grad),
             }
         )
     return rows
@@ -167,8 +195,10 @@ def xattn_memory_bytes(q: int, kv: int) -> int:
     return 2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)
 
 
-def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[str, int]:
-    """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring)."""
+def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool, tp: int = 1) -> dict[str, int]:
+    """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring), on
+    one tp rank: tensor parallelism with sequence-parallel norms splits the LLM's, the x-attn blocks' and the
+    vocabulary-parallel logits' tensors over the tp ranks; the mask, projector and vision tower run whole."""
     dm, c = model.dims, model.config
     d, f, heads, L = dm.hidden_size, dm.ffn_size, dm.num_heads, dm.num_layers
     q, kv = heads * dm.head_dim, dm.num_kv_heads * dm.head_dim
@@ -203,6 +233,9 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     # final norm (as in a layer), bf16 logits (2V), their fp32 copy → log-probs (4V) and its gradient (4V)
     out["logits"] = tokens * ((8 if llm_trains else 4) * d + (BF16 + FP32 + FP32) * vocab)
+    for k in ("llm_layers", "xattn", "logits"):  # a tp rank's share (before the vision transient is compared)
+        if k in out:
+            out[k] = math.ceil(out[k] / tp)
     n_tok = micro_batch * tiles * tpt
     proj_in = model.vision.out_dim
     if c.arch == "X":  # one Linear: its bf16-cast input
@@ -225,10 +258,57 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------
-def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """Parameters per component, the FSDP2 units and an estimate of GiB per GPU for `world_size` processes."""
+def layout(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(tp, dp_shard) of `cfg` at `world_size` processes: train.tp, and train.dp_shard (-1 = world / tp)."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    tp = cfg.train.tp
+    dp = cfg.train.dp_shard if cfg.train.dp_shard != -1 else world_size // tp
+    if tp * dp != world_size:
+        raise ValueError(
+            f"train.tp × train.dp_shard ({tp} × {dp}) must equal the world size {world_size}; "
+            "set train.dp_shard=-1 (world / tp) or change --world-size"
+        )
+    return tp, dp
+
+
+def memory(model: NVLM, cfg: RunConfig, dp: int, tp: int, micro: int, ac: bool) -> dict[str, Any]:
+    """Bytes per GPU of `model` sharded over dp_shard `dp` × tp `tp`, micro-batch `micro`, AC `ac`: the
+    units, the static terms (``mem``), the activations with AC off and on, and the total."""
+    units = _units(model, dp, tp)
+    shard_t = sum(u["shard_trainable"] for u in units)
+    shard_f = sum(u["shard_frozen"] for u in units)
+    kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
+    largest = max((u["gathered"] for u in units if u not in kept), default=0)
+    largest_t = max((u["gathered_trainable"] for u in units), default=0)
+    mem = {
+        "params": FP32 * shard_t + BF16 * shard_f,
+        "grads": FP32 * shard_t,
+        "optimizer": 2 * FP32 * shard_t,
+        "gathered": BF16 * (sum(u["gathered"] for u in kept) + 2 * largest),
+        "unsharded_grads": (BF16 + FP32) * largest_t,
+    }
+    acts = {a: activation_bytes(model, micro, cfg.data.max_seq_len, a, tp) for a in (False, True)}
+    static = sum(mem.values())
+    return {
+        "units": units,
+        "shard_trainable": shard_t,
+        "shard_frozen": shard_f,
+        "mem": mem,
+        "acts": acts,
+        "total": static + sum(acts[ac].values()),
+        "total_no_ac": static + sum(acts[False].values()),
+        "total_ac": static + sum(acts[True].values()),
+    }
+
+
+def plan(cfg: RunConfig, world_size: int, hardware: Any = None, recommend: bool = True) -> dict[str, Any]:
+    """Parameters per component, the FSDP2 units and an estimate of GiB per GPU for `world_size` processes in
+    the config's layout (train.tp × train.dp_shard); with the time per step, MFU and (`recommend`) the best
+    layout by ``nvlm.training.plan_time`` at `hardware` (a ``plan_time.Hardware``; None: its defaults)."""
+    from nvlm.training import plan_time  # it builds on this module's memory terms
+
+    tp, dp = layout(cfg, world_size)
     model = meta_model(cfg)
     t = cfg.train
     gbs = t.global_batch_size
@@ -239,32 +319,23 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         }
         for name, m in components(model).items()
     }
-    units = _units(model, world_size)
-    shard_t = sum(u["shard_trainable"] for u in units)
-    shard_f = sum(u["shard_frozen"] for u in units)
-    kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
-    largest = max((u["params"] for u in units if u not in kept), default=0)
-    largest_t = max((u["trainable"] for u in units), default=0)
-    mem = {
-        "params": FP32 * shard_t + BF16 * shard_f,
-        "grads": FP32 * shard_t,
-        "optimizer": 2 * FP32 * shard_t,
-        "gathered": BF16 * (sum(u["params"] for u in kept) + 2 * largest),
-        "unsharded_grads": (BF16 + FP32) * largest_t,
-    }
-    static = sum(mem.values())
-    acts = {ac: activation_bytes(model, t.micro_batch_size, cfg.data.max_seq_len, ac) for ac in (False, True)}
+    m = memory(model, cfg, dp, tp, t.micro_batch_size, t.activation_checkpointing)
+    units, mem, acts = m["units"], m["mem"], m["acts"]
     act = acts[t.activation_checkpointing]
     gib = {k: v / GIB for k, v in {**mem, "activations": sum(act.values())}.items()}
     dm = model.dims
     try:
-        accumulation, notes = t.accumulation(world_size), []
+        accumulation, notes = t.accumulation(dp), []  # each tp group reads one data-parallel share
     except ConfigError as e:  # the trainer refuses this run; the plan says why
-        accumulation, notes = 1, [str(e)]
+        accumulation, notes = 1, [str(e).replace("processes", "dp_shard")]
+    hw = hardware or plan_time.Hardware()
+    time = plan_time.estimate(model, cfg, world_size, tp, t.micro_batch_size, t.activation_checkpointing, hw, m)
     return {
         "arch": model.config.arch,
         "stage": t.stage,
         "world_size": world_size,
+        "tp": tp,
+        "dp_shard": dp,
         "micro_batch_size": t.micro_batch_size,
         "global_batch_size": gbs,
         "seq_len": cfg.data.max_seq_len,
@@ -282,16 +353,16 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "components": comps,
         "params_total": sum(v["trainable"] + v["frozen"] for v in comps.values()),
         "params_trainable": sum(v["trainable"] for v in comps.values()),
-        "params_per_gpu": shard_t + shard_f,
+        "params_per_gpu": m["shard_trainable"] + m["shard_frozen"],
         "units": _grouped(units),
         "memory_gib": gib,
         "activations_gib": {
             "no_ac": {k: v / GIB for k, v in acts[False].items()},
             "ac": {k: v / GIB for k, v in acts[True].items()},
         },
-        "gib_per_gpu": (static + sum(act.values())) / GIB,
-        "gib_per_gpu_no_ac": (static + sum(acts[False].values())) / GIB,
-        "gib_per_gpu_ac": (static + sum(acts[True].values())) / GIB,
+        "gib_per_gpu": m["total"] / GIB,
+        "gib_per_gpu_no_ac": m["total_no_ac"] / GIB,
+        "gib_per_gpu_ac": m["total_ac"] / GIB,
         "not_counted": [
             "CUDA context (~0.5-1 GiB)",
             "NCCL buffers",
@@ -301,7 +372,21 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         ],
         "notes": notes,
         "lora": _lora_summary(model, t) if t.lora.enabled else None,
+        "hardware": plan_time.asdict(hw),
+        "time": time,
+        **_recommendation(model, cfg, world_size, hw, recommend),
     }
+
+
+def _recommendation(model: NVLM, cfg: RunConfig, world: int, hw: Any, recommend: bool) -> dict[str, Any]:
+    """The recommended layout and the best fitting one per tp degree (None: nothing fits / not searched)."""
+    from nvlm.training import plan_time
+
+    if not recommend:
+        return {"recommended": None, "best_by_tp": {}}
+    rows = [r for r in plan_time.candidates(model, cfg, world, hw, memory) if r["fits"]]
+    by_tp = {tp: plan_time.best([r for r in rows if r["tp"] == tp]) for tp in sorted({r["tp"] for r in rows})}
+    return {"recommended": plan_time.best(rows), "best_by_tp": by_tp}
 
 
 def _lora_summary(model: NVLM, t: Any) -> dict[str, Any]:
@@ -314,7 +399,8 @@ def render(p: dict[str, Any]) -> str:
     """The plan as a text report: what trains, the FSDP units, memory per GPU."""
     ac = "on" if p["activation_checkpointing"] else "off"
     lines = [
-        f"NVLM-{p['arch']} dry run: stage {p['stage']}, {p['world_size']} GPU(s), micro-batch "
+        f"NVLM-{p['arch']} dry run: stage {p['stage']}, {p['world_size']} GPU(s) as tp {p['tp']} × dp_shard "
+        f"{p['dp_shard']}, micro-batch "
         f"{p['micro_batch_size']} × {p['seq_len']} tokens, global batch {p['global_batch_size']} "
         f"({p['grad_accum_steps']} accumulation step(s)), activation checkpointing {ac}",
         "",
@@ -345,4 +431,8 @@ def render(p: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in p["activations_gib"][key].items() if v)
         lines.append(f"  {label}: {p[f'gib_per_gpu_{key}']:8.2f} GiB per GPU  (activations: {parts})")
     lines += [f"  note: {n}" for n in p["notes"]]
+    if p.get("time"):
+        from nvlm.training import plan_time
+
+        lines += plan_time.render(p["time"], p["recommended"], plan_time.Hardware(**p["hardware"]), p["best_by_tp"])
     return "\n".join(lines)

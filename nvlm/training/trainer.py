@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import nvlm
+from nvlm.bench.flops import batch_flops, device_peak_flops
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy, should_pack
@@ -170,6 +171,10 @@ class Trainer:
         )
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
+        # MFU per logged step: model FLOPs (nvlm.bench.flops, from the batches' shapes) / step time / this bf16
+        # peak, looked up by GPU name; None (CPU, unknown GPUs): no MFU logged
+        self.peak_flops = device_peak_flops(self.device)
+        self.mfu: float | None = None  # the last logged step's, for the progress line
         self.metrics = MetricsWriter(self.out) if self.world.main else _NoMetrics()
         self.step = 0
         self.nonfinite_in_row = 0
@@ -326,7 +331,8 @@ class Trainer:
                         break
                     loss, lr = self.optimizer_step(batches)
                     progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    mfu = {} if self.mfu is None else {"mfu": f"{100 * self.mfu:.1f}%"}
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **mfu)
                     if t.save_every and self.step % t.save_every == 0:
                         self.save()
             finally:
@@ -372,6 +378,11 @@ class Trainer:
             "skipped_nonfinite": self.skipped,
         }
         if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.peak_flops:  # this process's FLOPs and time; shapes only, no device sync
+                f = sum(batch_flops(self.model, b, t.stage, freeze_llm=t.freeze_llm,
+                                    unfreeze_vision=t.unfreeze_vision) for b in batches)  # fmt: skip
+                self.mfu = f / (t.global_batch_size / row["samples_per_s"]) / self.peak_flops
+                row.update(model_tflop=f / 1e12, mfu=self.mfu)
             self.metrics.write(row)
         return loss, lr
 
