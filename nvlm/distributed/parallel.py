@@ -16,9 +16,10 @@ optimizer's master copy), computed in bf16 with fp32 gradient reduction.
 
 Order (torchtitan's): activation checkpointing is switched on first (each decoder layer checkpoints itself when
 called: transformers' per-layer checkpointing, or ``CrossAttentionDecoderLayer`` for a layer with an x-attn
-block); ``parallelize`` then splits projections over the TP mesh, compiles what each checkpointed call runs (the
-decoder layer's and the x-attn block's ``forward``, never the checkpointing wrapper itself, so checkpointing stays
-eager and recomputes the compiled forward in backward), and last applies ``fully_shard`` over the dp mesh.
+block); ``parallelize`` then splits projections over the TP mesh, compiles what each checkpointed call runs
+(each decoder layer's attention and MLP, each x-attn block; never the checkpointing call itself, so it stays
+eager and recomputes the compiled forwards in backward: ``compile_targets``), and last applies ``fully_shard``
+over the dp mesh.
 
 The model never imports ``torch.distributed``; this file and ``nvlm.distributed.dcp`` are the only
 places that shard or communicate.
@@ -195,13 +196,18 @@ def cast_for_training(model: nn.Module, mixed_precision: bool = False) -> None:
 
 
 def compile_targets(model: NVLM) -> list[nn.Module]:
-    """The modules whose ``forward`` ``train.compile`` compiles: each LLM decoder layer (for a layer with an x-attn
-    block, the backbone's layer inside ``CrossAttentionDecoderLayer``) and each x-attn block. The checkpointing
-    call around them (transformers' ``GradientCheckpointingLayer.__call__``, ``CrossAttentionDecoderLayer.forward``)
-    stays outside the compiled code: compiled, torch.utils.checkpoint becomes a graph tag whose recomputation
-    depends on the compiler's partitioner; eager, it recomputes the compiled forward in every backward."""
-    layers = [m.layer if isinstance(m, CrossAttentionDecoderLayer) else m for m in decoder_layers(model.llm)]
-    return [*layers, *model.xattn]
+    """The modules whose ``forward`` ``train.compile`` compiles: each LLM decoder layer's attention and MLP, and
+    each x-attn block. The checkpointing around them stays outside the compiled code and recomputes the compiled
+    forwards in backward: transformers (5.x) checkpoints inside the decoder layer's class-level ``forward``, so
+    compiling a whole layer's forward would trace the checkpoint into the graph as a tag that only some
+    backends' partitioners honour (with "aot_eager" the layer kept every activation: 0 recomputations, as
+    many bytes saved as without checkpointing); ``CrossAttentionDecoderLayer`` checkpoints around its block
+    and layer by calling them as modules."""
+    targets: list[nn.Module] = []
+    for m in decoder_layers(model.llm):
+        layer = m.layer if isinstance(m, CrossAttentionDecoderLayer) else m
+        targets += [layer.self_attn, layer.mlp]
+    return [*targets, *model.xattn]
 
 
 def compile_backend() -> str:
@@ -230,7 +236,7 @@ def parallelize(model: NVLM, *, mesh: Any = None, mixed_precision: bool = False,
     if compile:
         backend = compile_backend()
         for block in compile_targets(model):
-            block.forward = torch.compile(block.forward, backend=backend)  # hooks (FSDP, checkpoint) stay eager
+            block.forward = torch.compile(block.forward, backend=backend)  # FSDP hooks, checkpoint stay eager
     # FSDP2 warns when a unit returns a view (the x-attn block's K/V, the logits), because an in-place op on
     # it would skip its pre-backward hook; nothing here modifies a unit's output in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
