@@ -205,7 +205,7 @@ def compile_targets(model: NVLM) -> list[nn.Module]:
     and layer by calling them as modules."""
     targets: list[nn.Module] = []
     for m in decoder_layers(model.llm):
-        layer = m.layer if isinstance(m, CrossAttentionDecoderLayer) else m
+        layer: Any = m.layer if isinstance(m, CrossAttentionDecoderLayer) else m
         targets += [layer.self_attn, layer.mlp]
     return [*targets, *model.xattn]
 
