@@ -215,3 +215,45 @@ def test_tp_plan_names_exist_in_every_layer_and_block(build_model):
         for _, module, plan in plans:
             for name in plan:
                 assert isinstance(module.get_submodule(name), (torch.nn.Linear, torch.nn.RMSNorm))
+
+
+# ---- process-group start-up: timeouts and NCCL's flight recorder ------------------------------------------
+def test_init_world_starts_long_then_steps_with_the_configured_timeout(monkeypatch, tmp_path):
+    """The start-up timeout reaches init_process_group, the flight recorder variables are set (a user's own
+    value kept), and start_steps lowers every group's timeout to train.collective_timeout_s."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from nvlm.distributed import parallel
+
+    seen: dict = {}
+    real_init = dist.init_process_group
+
+    def fake_init(backend, timeout, device_id=None):
+        seen.update(backend=backend, timeout=timeout)
+        real_init(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+    for k in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "500")  # the user's choice wins
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", fake_init)
+    world = parallel.init_world(120, dump_dir=tmp_path / "fr")
+    try:
+        assert seen == {"backend": "gloo", "timeout": timedelta(seconds=parallel.STARTUP_TIMEOUT_S)}
+        assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+        assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
+        assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "fr" / "rank_")
+        assert (tmp_path / "fr").is_dir()
+        world = parallel.with_layout(world, 1, -1)
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        assert backend.options._timeout == timedelta(seconds=parallel.STARTUP_TIMEOUT_S)
+        parallel.start_steps(world)
+        assert backend.options._timeout == timedelta(seconds=120)
+        tp_group = world.mesh.get_group("tp")._get_backend(torch.device("cpu"))
+        assert tp_group.options._timeout == timedelta(seconds=120)
+    finally:
+        dist.destroy_process_group()
