@@ -84,7 +84,7 @@ FLIGHT_RECORDER_ENV = {
 }
 """Set before the process group starts unless the user set them. The dump goes to
 ``TORCH_FR_DUMP_TEMP_FILE`` + rank: ``RUN/flight_recorder/rank_N`` when ``init_world`` is given the run folder,
-else torch's default /tmp/nccl_trace_rank_N. Read it with ``python -m torch.distributed.flight_recorder.fr_trace``."""
+else torch's default /tmp/nccl_trace_rank_N. Read: ``python -m torch.distributed.flight_recorder.fr_trace DIR``."""
 
 
 def flight_recorder_env(dump_dir: str | os.PathLike | None) -> dict[str, str]:
