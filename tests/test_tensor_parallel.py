@@ -93,6 +93,16 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
                         save_file({n: g.contiguous() for n, g in grads.items()}, f"{job['out']}.grads.safetensors")
                 else:
+                    if job.get("stop_at") is not None:  # a SIGTERM seen after step stop_at - 1
+                        original = trainer.train_step
+
+                        def stop(batches, trainer=trainer, original=original, at=job["stop_at"]):
+                            out = original(batches)
+                            if trainer.step == at - 1:
+                                trainer._stop = True
+                            return out
+
+                        trainer.train_step = stop  # type: ignore[method-assign]
                     r = trainer.run()
                     result.update(steps=r.steps, counts=r.counts)
             except Exception as e:  # noqa: BLE001 - reported to the test process
@@ -142,6 +152,12 @@ def runs(backbones, dataset, tmp_path_factory):
     for arch in ("D", "X", "H"):
         jobs.append({"kind": "train", "cfg": cfg_dict(backbones, dataset, arch, tp=2), "out": str(root / f"tp-{arch}")})
         jobs.append({"kind": "grads", "cfg": cfg_dict(backbones, dataset, arch, tp=2), "out": str(root / f"g-{arch}")})
+    resume = cfg_dict(backbones, dataset, "X", tp=2, max_steps=4, save_every=2)
+    jobs += [
+        {"kind": "train", "cfg": resume, "out": str(root / "straight")},
+        {"kind": "train", "cfg": resume, "out": str(root / "stopped"), "stop_at": 2},
+        {"kind": "train", "cfg": resume, "out": str(root / "stopped")},  # resumes from the 2-D sharded checkpoint
+    ]
     spawn(jobs)
     return root
 
@@ -257,3 +273,11 @@ def test_init_world_starts_long_then_steps_with_the_configured_timeout(monkeypat
         assert tp_group.options._timeout == timedelta(seconds=120)
     finally:
         dist.destroy_process_group()
+
+
+def test_tp2_resumes_exactly(runs):
+    """A TP run stopped after step 2 and resumed from its DCP checkpoint (weights and AdamW state as 2-D
+    DTensors) takes the steps the uninterrupted run took."""
+    straight, resumed = losses(runs / "straight"), losses(runs / "stopped")
+    assert len(straight) == len(resumed) == 4
+    assert resumed == straight, (resumed, straight)
