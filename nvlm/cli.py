@@ -206,7 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nvlm.distributed.parallel import init_world, shutdown
     from nvlm.training.trainer import PeerFailed
 
-    world = init_world(cfg.train.collective_timeout_s)
+    # NCCL's flight recorder dumps there when a collective times out (see nvlm.distributed.parallel)
+    world = init_world(cfg.train.collective_timeout_s, dump_dir=Path(args.out) / "flight_recorder")
     try:
         result = Trainer(cfg, args.out, world=world).run()
     except NonFiniteLoss as e:

@@ -1,8 +1,10 @@
 """Scale-out applied from outside the model: torchrun process groups and FSDP2 sharding (paper §4.5 trains
 NVLM on 128 H100s; we use PyTorch's own stack, as torchtitan does).
 
-    world = init_world()                      # torchrun's env → process group (NCCL on GPU, gloo on CPU)
-    parallelize(model, mixed_precision=True)  # fully_shard per block, then the root
+    world = init_world(step_timeout_s)          # torchrun's env → process group (NCCL on GPU, gloo on CPU)
+    world = with_layout(world, tp, dp_shard)    # the 2-D mesh ("dp_shard", "tp"), see ``tensor_parallel``
+    parallelize(model, mesh=world.mesh, mixed_precision=True)  # TP, compile, then fully_shard per block
+    start_steps(world)                          # from now on a collective waits step_timeout_s, not start-up's
 
 ``fully_shard`` is applied once per LLM decoder layer, per gated cross-attention block, per vision-encoder
 layer, to the vision tower as its own unit, to the input embeddings and to the final norm + LM head, and
@@ -12,6 +14,13 @@ vision tower) are sharded too but get no gradient and no optimizer state; gradie
 frozen LLM to the projector. On GPU, frozen weights are stored in bf16 and trainable ones in fp32 (the
 optimizer's master copy), computed in bf16 with fp32 gradient reduction.
 
+Order (torchtitan's): activation checkpointing is switched on first (each decoder layer checkpoints itself when
+called: transformers' per-layer checkpointing, or ``CrossAttentionDecoderLayer`` for a layer with an x-attn
+block); ``parallelize`` then splits projections over the TP mesh, compiles what each checkpointed call runs
+(each decoder layer's attention and MLP, each x-attn block; never the checkpointing call itself, so it stays
+eager and recomputes the compiled forwards in backward: ``compile_targets``), and last applies ``fully_shard``
+over the dp mesh.
+
 The model never imports ``torch.distributed``; this file and ``nvlm.distributed.dcp`` are the only
 places that shard or communicate.
 """
@@ -20,15 +29,18 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from nvlm.distributed.tensor_parallel import apply_tensor_parallel, device_mesh, layout
 from nvlm.models.llm import decoder_layers
+from nvlm.models.xattn import CrossAttentionDecoderLayer
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -41,33 +53,92 @@ class World:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     distributed: bool = False  # launched by torchrun (even with one process): FSDP and DCP collectives
+    tp: int = 1  # tensor-parallel degree: processes rank//tp*tp ... +tp-1 form a TP group and read the same data
+    mesh: Any = None  # the ("dp_shard", "tp") DeviceMesh of a distributed run (``with_layout``)
+    step_timeout_s: float = 1800.0  # how long a collective may wait once training steps (``start_steps``)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel rank: which share of the samples it reads (its TP peers read the same)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.size // self.tp
 
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def init_world(timeout_s: float = 1800.0) -> World:
+STARTUP_TIMEOUT_S = 3600.0
+"""How long a collective may wait during start-up (model build, weight loading, resume), which on a large
+model far exceeds one training step; ``start_steps`` then lowers it to ``train.collective_timeout_s``."""
+FLIGHT_RECORDER_ENV = {
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # NCCL's flight recorder: the last 2000 collectives per process
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # written to a file when a collective times out
+}
+"""Set before the process group starts unless the user set them. The dump goes to
+``TORCH_FR_DUMP_TEMP_FILE`` + rank: ``RUN/flight_recorder/rank_N`` when ``init_world`` is given the run folder,
+else torch's default /tmp/nccl_trace_rank_N. Read: ``python -m torch.distributed.flight_recorder.fr_trace DIR``."""
+
+
+def flight_recorder_env(dump_dir: str | os.PathLike | None) -> dict[str, str]:
+    """The variables ``init_world`` sets (those the user has not set already)."""
+    env = dict(FLIGHT_RECORDER_ENV)
+    if dump_dir is not None:
+        env["TORCH_FR_DUMP_TEMP_FILE"] = str(Path(dump_dir) / "rank_")
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def init_world(
+    timeout_s: float = 1800.0, startup_timeout_s: float = STARTUP_TIMEOUT_S, dump_dir: str | os.PathLike | None = None
+) -> World:
     """The process group from torchrun's environment, or a one-process world without one.
 
-    `timeout_s` bounds how long a collective waits for a process that never arrives (a crashed or hung
-    rank) before the run fails instead of hanging; torchrun then stops the other workers."""
+    A collective that waits for a process that never arrives (a crashed or hung rank) fails the run instead of
+    hanging; torchrun then stops the other workers. Until ``start_steps`` the wait may last `startup_timeout_s`
+    (loading a large model), then `timeout_s` per collective. NCCL's flight recorder is switched on and dumps
+    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout."""
     cuda = torch.cuda.is_available()
     if not launched_by_torchrun():
-        return World(device=torch.device("cuda" if cuda else "cpu"))
+        return World(device=torch.device("cuda" if cuda else "cpu"), step_timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    env = flight_recorder_env(dump_dir)
+    if "TORCH_FR_DUMP_TEMP_FILE" in env:
+        Path(dump_dir or ".").mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)  # read by the NCCL process group when it starts
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), device_id=device if cuda else None
+            "nccl" if cuda else "gloo",
+            timeout=timedelta(seconds=max(startup_timeout_s, timeout_s)),
+            device_id=device if cuda else None,
         )
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, True, step_timeout_s=timeout_s)
+
+
+def with_layout(world: World, tp: int, dp_shard: int) -> World:
+    """`world` with its parallel layout (``tensor_parallel.layout``) and, when distributed, its 2-D device mesh."""
+    tp, dp_shard = layout(world.size, tp, dp_shard)
+    mesh = device_mesh(world.device.type, tp, dp_shard) if world.distributed else None
+    return replace(world, tp=tp, mesh=mesh)
+
+
+def start_steps(world: World) -> None:
+    """Start-up is over: every process group (the world's and the mesh's) now waits `world.step_timeout_s`."""
+    if not world.distributed:
+        return
+    timeout = timedelta(seconds=world.step_timeout_s)
+    groups = [None] + ([world.mesh.get_group(d) for d in world.mesh.mesh_dim_names] if world.mesh else [])
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)  # the public init_process_group sets it once only
 
 
 def shutdown(world: World) -> None:
@@ -124,13 +195,35 @@ def cast_for_training(model: nn.Module, mixed_precision: bool = False) -> None:
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
 
 
-def parallelize(model: NVLM, *, mixed_precision: bool = False, compile: bool = False) -> NVLM:
-    """Shard `model` in place with FSDP2 over the default process group. Call after ``apply_stage`` (so that
-    which weights train is known) and after activation checkpointing is switched on.
+def compile_targets(model: NVLM) -> list[nn.Module]:
+    """The modules whose ``forward`` ``train.compile`` compiles: each LLM decoder layer's attention and MLP, and
+    each x-attn block. The checkpointing around them stays outside the compiled code and recomputes the compiled
+    forwards in backward: transformers (5.x) checkpoints inside the decoder layer's class-level ``forward``, so
+    compiling a whole layer's forward would trace the checkpoint into the graph as a tag that only some
+    backends' partitioners honour (with "aot_eager" the layer kept every activation: 0 recomputations, as
+    many bytes saved as without checkpointing); ``CrossAttentionDecoderLayer`` checkpoints around its block
+    and layer by calling them as modules."""
+    targets: list[nn.Module] = []
+    for m in decoder_layers(model.llm):
+        layer: Any = m.layer if isinstance(m, CrossAttentionDecoderLayer) else m
+        targets += [layer.self_attn, layer.mlp]
+    return [*targets, *model.xattn]
+
+
+def compile_backend() -> str:
+    """torch.compile's backend: NVLM_COMPILE_BACKEND (e.g. "aot_eager" for CPU tests), else inductor."""
+    return os.environ.get("NVLM_COMPILE_BACKEND", "inductor")
+
+
+def parallelize(model: NVLM, *, mesh: Any = None, mixed_precision: bool = False, compile: bool = False) -> NVLM:
+    """Parallelize `model` in place: tensor parallelism over ``mesh["tp"]`` (when its size is > 1), then
+    ``torch.compile`` per block (`compile`), then FSDP2 over ``mesh["dp_shard"]`` (the default process group
+    without a mesh). Call after ``apply_stage`` (so that which weights train is known) and after activation
+    checkpointing is switched on.
 
     Trainable weights are kept in fp32. `mixed_precision` (GPU): frozen weights are stored in bf16; weights
-    are gathered in bf16 and gradients reduced in fp32. `compile`: ``torch.compile`` each decoder layer's and x-attn
-    block's forward (GPU; on CPU compilation costs more than it saves)."""
+    are gathered in bf16 and gradients reduced in fp32. `compile`: see ``compile_targets`` (GPU; on CPU
+    compilation costs more than it saves)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     cast_for_training(model, mixed_precision)
@@ -138,17 +231,21 @@ def parallelize(model: NVLM, *, mixed_precision: bool = False, compile: bool = F
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     if compile:
-        for block in [*decoder_layers(model.llm), *model.xattn]:
-            block.forward = torch.compile(block.forward)  # hooks (FSDP, x-attn) stay eager around it
+        backend = compile_backend()
+        for block in compile_targets(model):
+            block.forward = torch.compile(block.forward, backend=backend)  # FSDP hooks, checkpoint stay eager
     # FSDP2 warns when a unit returns a view (the x-attn block's K/V, the logits), because an in-place op on
     # it would skip its pre-backward hook; nothing here modifies a unit's output in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    units = fsdp_units(model)
-    for name, modules in units:
+    dp_mesh = mesh["dp_shard"] if mesh is not None else None
+    for name, modules in fsdp_units(model):
         # the head and the root run last in forward and first in backward: keep them gathered in between
         last = name in ("llm.norm+lm_head", "root")
-        fully_shard(modules if len(modules) > 1 else modules[0], mp_policy=policy, reshard_after_forward=not last)
+        unit = modules if len(modules) > 1 else modules[0]
+        fully_shard(unit, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not last)
     return model
 
 

@@ -69,8 +69,9 @@ class GatedCrossAttentionBlock(nn.Module):
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, M, d] → K, V of shape [B, kvH, M, hd]; done once per image memory."""
         b, m, _ = memory.shape
-        k = self.k_norm(self.k_proj(memory).view(b, m, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(memory).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism a rank's k/v projections yield its own kvH/tp heads only
+        k = self.k_norm(self.k_proj(memory).view(b, m, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(memory).view(b, m, -1, self.head_dim).transpose(1, 2)
         return k, v
 
     def forward(
@@ -90,7 +91,7 @@ class GatedCrossAttentionBlock(nn.Module):
         x = x.to(dtype)
         kv = self.memory_kv(memory.to(dtype)) if isinstance(memory, torch.Tensor) else memory
         k, v = kv
-        q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, -1, self.head_dim)).transpose(1, 2)  # [B,H,T,hd]
         # grouped-query attention: SDPA shares each K/V head among its query heads itself (enable_gqa), so the
         # cached K/V are not copied num_heads/num_kv_heads times on every decoding step (same outputs, bitwise)
         gqa = self.num_heads != self.num_kv_heads

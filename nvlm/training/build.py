@@ -73,7 +73,7 @@ def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
     apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
     if t.activation_checkpointing:
         activation_checkpointing(model)
-    parallelize(model, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
+    parallelize(model, mesh=world.mesh, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
     model.to_empty(device=world.device)
     full = real.state_dict() if real is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -36,7 +36,8 @@ from nvlm.distributed.dcp import (
     load_checkpoint,
     save_checkpoint,
 )
-from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard
+from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard, start_steps, with_layout
+from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.training.build import activation_checkpointing, build_model, build_sharded
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
@@ -126,9 +127,11 @@ class Trainer:
     ) -> None:
         t = cfg.train
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world.mesh is None:  # tp × dp_shard, checked; processes of one TP group read the same samples
+            self.world = with_layout(self.world, t.tp, t.dp_shard)
         self.cfg, self.out = cfg, Path(out)
         self.log = log if self.world.main else (lambda *a, **k: None)
-        self.accum = t.accumulation(self.world.size)  # checked before any work
+        self.accum = t.accumulation(self.world.dp_size)  # checked before any work
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "run_config.json")
@@ -141,8 +144,8 @@ class Trainer:
             if model is not None:
                 raise ValueError("a sharded run builds its own model on every process: pass no model= under torchrun")
             self.model = build_sharded(cfg, self.world)
-            if not self.world.main:  # distinct random streams per process (dropout, if a backbone has any)
-                torch.manual_seed(t.seed + self.world.rank)
+            if not self.world.main or self.world.tp > 1:  # distinct streams per data-parallel rank (dropout)
+                torch.manual_seed(t.seed + self.world.dp_rank)  # the same within a TP group
         else:
             self.model = model if model is not None else build_model(cfg)
             self.model.to(self.device)
@@ -155,7 +158,8 @@ class Trainer:
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
             self.log(
-                f"{self.world.size} processes × {t.micro_batch_size} samples × {self.accum} accumulation "
+                f"{self.world.dp_size} data-parallel ranks (each tp {self.world.tp}) × {t.micro_batch_size} samples × "
+                f"{self.accum} accumulation "
                 f"steps = global batch {t.global_batch_size}"
             )
         self.stream = SampleStream(
@@ -165,8 +169,8 @@ class Trainer:
             cfg.data.system,
             cfg.data.max_bad_in_row,
             cfg.data.max_bad_fraction,
-            self.world.rank,
-            self.world.size,
+            self.world.dp_rank,
+            self.world.dp_size,
             read_timeout=cfg.data.read_timeout_s,
         )
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
@@ -211,7 +215,8 @@ class Trainer:
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         images = [float(b.get("pixel_values") is not None) for b in batches]
         memory = float(any(b["memory_index"].numel() > 0 for b in batches))
-        tokens, any_memory, *with_images = all_reduce([local_tokens, memory, *images], w)  # one small collective
+        # one small collective; a TP group's processes hold the same batches: counted once
+        tokens, any_memory, *with_images = [v / w.tp for v in all_reduce([local_tokens, memory, *images], w)]
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         # summed on the device: one read to the host per step, not one per micro-batch
         total = torch.zeros((), device=self.device)
@@ -219,12 +224,12 @@ class Trainer:
             # some process's micro-batch has images: every process runs the vision tower, projector and each
             # x-attn block (touch_every_module adds a blank tile or a memory no row sees where its batch lacks them)
             touch = w.distributed and anyone > 0
-            self.mixed += int(w.main and anyone > 0 and anyone < w.size)
+            self.mixed += int(w.main and anyone > 0 and anyone < w.dp_size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                 b = touch_every_module(b, self.model) if touch else b
                 out = self.model(**b, return_logits=False)  # the loss, no full logits
-            # × processes: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
-            loss = out.loss_sum * w.size / max(tokens, 1)
+            # × data-parallel ranks: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
+            loss = out.loss_sum * w.dp_size / max(tokens, 1)
             if loss.requires_grad:
                 loss.backward()
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
@@ -237,12 +242,13 @@ class Trainer:
             "xattn": any_memory > 0 and not self.model.gate_off,
         }
         params = fill_unused_grads(self.model, used)
-        norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
-        (summed,) = all_reduce([float(total)], w)
+        clip = clip_grad_norm if w.tp > 1 else torch.nn.utils.clip_grad_norm_  # TP: gradients on two meshes
+        norm = grad_norm(clip(params, self.cfg.train.grad_clip))
+        (summed,) = [v / w.tp for v in all_reduce([float(total)], w)]
         return summed / max(tokens, 1), norm, int(tokens)
 
     def _read(self) -> list[dict[str, Any]]:
-        return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.size))
+        return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.dp_size))
 
     def _next_batches(self) -> list[dict[str, Any]] | None:
         """This process's micro-batches for the next step, or None when the run must stop (SIGTERM on any
@@ -317,6 +323,7 @@ class Trainer:
         """Train from the last complete checkpoint to `train.max_steps`, or until SIGTERM / Ctrl-C (then save)."""
         t = self.cfg.train
         self.resume()
+        start_steps(self.world)  # start-up (build, load, resume) is over: collectives now wait the step timeout
         if self.cfg.data.prefetch > 0:
             self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
         progress = _progress(t.max_steps, self.step, self.world.main)
@@ -414,7 +421,7 @@ class Trainer:
         keys = sorted(
             set(mine) | {"read", "used", "used_with_images", "used_text_only", "bad_sample", "dropped_too_long"}
         )
-        values = all_reduce([float(mine.get(k, 0)) for k in keys], self.world)
+        values = [v / self.world.tp for v in all_reduce([float(mine.get(k, 0)) for k in keys], self.world)]
         counts = {k: int(v) for k, v in zip(keys, values) if v}
         counts["mixed_microbatches"] = self.mixed
         return counts
