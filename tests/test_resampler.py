@@ -148,3 +148,39 @@ def test_config_is_validated_and_export_refuses():
     cfg = apply_overrides(NVLMConfig(), {"resampler.latents": 16})
     assert any("Perceiver resampler" in why for why in exportable(cfg, {}))
     assert not any("resampler" in why for why in exportable(NVLMConfig(), {}))
+
+
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_trainer_stage1_trains_it_and_hands_it_to_stage2(backbones, tmp_path, arch):
+    from conftest import write_color_dataset
+
+    from nvlm.training.trainer import Trainer
+
+    (tmp_path / "data").mkdir()
+    data = write_color_dataset(tmp_path / "data", 8, 2)
+
+    def cfg(stage: str, init_from: str | None = None) -> RunConfig:
+        return RunConfig.from_dict(
+            {
+                "model": {
+                    "arch": arch,
+                    "llm": str(backbones["qwen2"]),
+                    "vision": str(backbones["internvl"]),
+                    "init_from": init_from,
+                    "overrides": {"resampler.latents": 2, "resampler.heads": 2},  # the repro's model override
+                },
+                "data": {"sources": [{"path": str(data / "images.jsonl")}], "max_seq_len": 256, "pack": False},
+                "train": {"stage": stage, "max_steps": 2, "global_batch_size": 2, "micro_batch_size": 2, "lr": 1e-2},
+            }
+        )
+
+    t1 = Trainer(cfg("pretrain"), tmp_path / "s1", log=lambda *a, **k: None)
+    before = {k: v.clone() for k, v in t1.model.state_dict().items()}
+    r1 = t1.run()
+    after = t1.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("resampler."))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("llm."))  # frozen in stage 1
+    t2 = Trainer(cfg("sft", str(r1.final_dir)), tmp_path / "s2", log=lambda *a, **k: None)
+    assert t2.model.tokens_per_tile == 2
+    for k, v in nvlm.from_pretrained(r1.final_dir).state_dict().items():
+        assert torch.equal(v, t2.model.state_dict()[k]), k
