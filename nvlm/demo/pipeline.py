@@ -44,7 +44,7 @@ BUDGETS = {"quick": Budget(1500, 100, 250, 80, 480), "default": Budget(6000, 200
 VISION_TASKS = tuple(synthetic.TASKS)
 # Text LLM pretraining: shares of addition, scene-description Q&A and caption-writing batches. Without the captions
 # (issue 12), stage 1 asked the frozen LLM for sentences it had never been trained to produce: caption loss stayed
-# ~7 nats/token, above a uniform guess (ln 384 ≈ 5.95), and the stage-1 loss did not fall over 80 or 400 steps.
+# ~7 nats/token, above a uniform guess (ln 384 ≈ 5.95); the stage-1 loss did not fall (measured over 80 steps).
 TEXT_MIX = (0.1, 0.7, 0.2)
 TASK_MIX = {t: 1 / len(VISION_TASKS) for t in VISION_TASKS}  # stage-2 blend weights of the vision tasks
 
