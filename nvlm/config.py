@@ -131,6 +131,28 @@ class XAttnConfig:
 
 
 @dataclass(kw_only=True)
+class ResamplerConfig:
+    """Optional Perceiver resampler per tile after the projector (paper Appendix C; ``nvlm.vision.resampler``).
+    Off by default: NVLM uses none."""
+
+    latents: int = 0
+    """Learned latents per tile, which replace the tile's tokens everywhere (decoder and x-attn memory); 0 = off."""
+    layers: int = 2
+    """Resampler layers (cross-attention of the latents over [tile tokens ; latents], then an MLP)."""
+    heads: int = 4
+    """Attention heads; must divide the LLM's width."""
+    ffn_mult: int = 4
+    """MLP width as a multiple of the LLM's width (Flamingo's 4)."""
+
+    def validate(self, prefix: str = "resampler") -> None:
+        if self.latents < 0:
+            raise ConfigError(f"{prefix}.latents must be >= 0 (0 = no resampler), got {self.latents}")
+        for key in ("layers", "heads", "ffn_mult"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(kw_only=True)
 class NVLMConfig:
     """Everything needed to rebuild an NVLM model; saved as config.json next to the weights."""
 
@@ -141,6 +163,7 @@ class NVLMConfig:
     tags: TagConfig = field(default_factory=TagConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     template: Literal["chatml", "release"] = "chatml"
     """Prompt format of ``model.chat``: `chatml` = Megatron's training format (newline after each <|im_end|>,
     tags tokenized piece by piece); `release` = NVLM-D-72B's own ``chat()`` (system "Answer the questions.", no
@@ -159,6 +182,7 @@ class NVLMConfig:
         self.tiling.validate()
         self.tags.validate()
         self.xattn.validate()
+        self.resampler.validate()
         return self
 
     # ---- (de)serialisation -------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_llava_jsonl_well_formed(data):
     assert len(captions) == len(TASKS) * N_TRAIN == manifest["counts"]["train"]["caption"]
     assert {c["image"] for c in captions} == {r["image"] for t in TASKS for r in _jsonl(root / f"train/{t}.jsonl")}
     assert all(c["conversations"][0]["value"] == "<image>\n" + synthetic.CAPTION_PROMPT for c in captions)
-    for name in ("train/add.jsonl", "test/add.jsonl", "train/text_scene.jsonl"):
+    for name in ("train/add.jsonl", "test/add.jsonl", "train/text_scene.jsonl", "train/text_caption.jsonl"):
         for r in _jsonl(root / name):
             assert "image" not in r and "<image>" not in r["conversations"][0]["value"]
             assert [m["from"] for m in r["conversations"]] == ["human", "gpt"]
@@ -250,6 +250,16 @@ def test_add_split_80_20(data):
         assert [r["conversations"][0]["value"] for r in recs] == [f"What is {a}+{b}?" for a, b in pairs]
         assert [r["conversations"][1]["value"] for r in recs] == [str(a + b) for a, b in pairs]
     assert manifest["params"]["add_test_pairs"] == [list(p) for p in test]
+
+
+def test_text_caption_describes_the_text_scenes(data):
+    root, _ = data
+    scenes, described = _jsonl(root / "train/text_scene.jsonl"), _jsonl(root / "train/text_caption.jsonl")
+    assert len(described) == len(scenes) == len(TASKS) * N_SCENE
+    for s, c in zip(scenes, described):
+        assert c["conversations"][0]["value"] == synthetic.CAPTION_PROMPT  # no image: the LLM's own prior
+        caption = c["conversations"][1]["value"]
+        assert s["conversations"][0]["value"].startswith(caption[0].upper() + caption[1:] + ". ")
 
 
 def test_text_scene_answer_follows_from_the_description(data):

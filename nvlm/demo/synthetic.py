@@ -9,9 +9,11 @@ on 2 CPU cores with tiny random-init models, so the data are tiny too, drawn wit
 * five scored vision tasks (:data:`TASKS`): ``color`` and ``quadrant`` (VQA), ``count`` (counting),
   ``bars`` (chart reading) and ``read`` (OCR: one large glyph, see :class:`ReadConfig`);
 * ``caption``: a short description of every training image, for stage 1;
-* text only: single-digit addition with 20 of the 100 pairs held out (the text-regression check), and
+* text only: single-digit addition with 20 of the 100 pairs held out (the text-regression check),
   "text-scene" items, a scene described in words followed by a task's question, which give the tiny text
-  LLM the answer vocabulary that a real pretrained LLM would bring.
+  LLM the answer vocabulary that a real pretrained LLM would bring, and "text-caption" items, the caption
+  prompt answered by a scene's description with no image: a real LLM can write such sentences, the tiny one
+  must learn to, or stage 1's captions are text its frozen weights were never trained to produce.
 
 :func:`generate` writes LLaVA-format JSONL plus PNGs and a manifest; held-out images come from a different
 random stream than training, and any held-out image whose pixels equal a training image's is redrawn.
@@ -225,7 +227,8 @@ def generate(
 
     Layout: ``images/{train,test}/{task}_{i:06d}.png``; ``{train,test}/{task}.jsonl`` (LLaVA format);
     ``train/caption.jsonl`` (one caption per training image); ``train/add.jsonl``, ``test/add.jsonl`` and
-    ``train/text_scene.jsonl`` (``n_text_scene`` per task), text only. Same arguments → same bytes.
+    ``train/text_scene.jsonl`` and ``train/text_caption.jsonl`` (``n_text_scene`` per task, the same scenes),
+    text only. Same arguments → same bytes.
     """
     out, cfg = Path(out_dir), read or _READ
     tasks = list(TASKS) if tasks is None else list(tasks)
@@ -237,7 +240,7 @@ def generate(
     hashes: dict[str, str] = {}  # relative path → sha256 of the pixels (PNG) or of the bytes (JSONL)
     counts: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     dropped: dict[str, int] = {}
-    captions, scenes = [], []
+    captions, scenes, described = [], [], []
     for t in tasks:
         for split in ("train", "test"):  # images left by an earlier, larger run would look like data
             for stale in (out / "images" / split).glob(f"{t}_*.png"):
@@ -254,6 +257,7 @@ def generate(
             s = _scene(t, rng, **({"read": cfg} if t == "read" else {}))
             q = f"{s.caption[0].upper()}{s.caption[1:]}. {TASKS[t].questions[0]}"
             scenes.append(_record(f"text_scene_{t}_{i:06d}", q, s.answer, t))
+            described.append(_record(f"text_caption_{t}_{i:06d}", CAPTION_PROMPT, s.caption, "text_caption"))
     add_train, add_test = add_split(seed)
     for split, pairs in (("train", add_train), ("test", add_test)):
         recs = [_record(f"add_{a}_{b}", f"What is {a}+{b}?", str(a + b), "add") for a, b in pairs]
@@ -261,7 +265,9 @@ def generate(
         counts[split]["add"] = len(recs)
     _write_jsonl(out / "train" / "caption.jsonl", captions, hashes, out)
     _write_jsonl(out / "train" / "text_scene.jsonl", scenes, hashes, out)
+    _write_jsonl(out / "train" / "text_caption.jsonl", described, hashes, out)
     counts["train"]["caption"], counts["train"]["text_scene"] = len(captions), len(scenes)
+    counts["train"]["text_caption"] = len(described)
 
     specs = {t: dataclasses.asdict(TASKS[t]) for t in tasks}
     if "read" in specs:  # the read task's answers and chance follow the ReadConfig actually used

@@ -198,6 +198,8 @@ def exportable(cfg: NVLMConfig, llm_json: dict[str, Any]) -> list[str]:
     t, why = cfg.tags, []
     if cfg.arch != "D":
         why.append(f"NVLM-{cfg.arch} has cross-attention blocks; the release layout is decoder-only NVLM-D")
+    if cfg.resampler.latents:
+        why.append("the model has a Perceiver resampler (resampler.latents > 0); the release layout has none")
     if cfg.vision.type != "internvl":
         why.append(f"the vision tower is {cfg.vision.type}; the release layout holds an InternViT")
     if (t.style, t.mode, t.thumbnail_tag, t.image_start, t.image_end, t.image_pad) != (

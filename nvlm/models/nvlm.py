@@ -35,6 +35,7 @@ from nvlm.models.xattn import (
 )
 from nvlm.vision.encoder import VisionEncoder, VisionTower, default_mean_std
 from nvlm.vision.projector import build_projector
+from nvlm.vision.resampler import PerceiverResampler
 
 
 @dataclass
@@ -99,6 +100,9 @@ class NVLM(nn.Module):
         d = self.dims.hidden_size
         hidden = config.projector.hidden_size or self.dims.ffn_size
         self.projector = build_projector(config.arch, self.vision.out_dim, d, hidden, config.projector.layer_norm_eps)
+        r = config.resampler  # optional Perceiver resampler after the projector (Appendix C); None = off, as in NVLM
+        self.resampler = PerceiverResampler(d, r.latents, r.layers, r.heads, r.ffn_mult) if r.latents else None
+        self.tokens_per_tile: int = r.latents or self.vision.tokens_per_tile  # feature tokens per tile, downstream
         self.xattn_layers: list[int] = []
         self.xattn = nn.ModuleList()
         if config.arch in ("X", "H"):
@@ -117,7 +121,7 @@ class NVLM(nn.Module):
                 tokenizer,
                 config,
                 self.vision.tile_size,
-                self.vision.tokens_per_tile,
+                self.tokens_per_tile,
                 config.vision.image_mean or mean,
                 config.vision.image_std or std,
             )
@@ -131,12 +135,13 @@ class NVLM(nn.Module):
 
     # ---- vision → projector ------------------------------------------------------------------------------
     def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] tiles → [N, tokens_per_tile, d] projected features."""
+        """[N, 3, S, S] tiles → [N, tokens_per_tile, d] projected (and, with a resampler, resampled) features."""
         pixel_values = pixel_values.to(self.device, next(self.vision.parameters()).dtype)
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = self.vision(pixel_values)  # [N, 256, 4C]
-        return self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
+        out = self.projector(feats.to(next(self.projector.parameters()).dtype))  # [N, 256, d]
+        return out if self.resampler is None else self.resampler(out)  # [N, latents, d]
 
     def embed(
         self,
@@ -195,12 +200,12 @@ class NVLM(nn.Module):
             return
         is_pad = input_ids == self.processor.pad_id
         n_pad = int(is_pad.sum())
-        if n_pad != n_dec * self.vision.tokens_per_tile:
+        if n_pad != n_dec * self.tokens_per_tile:
             per_sample = is_pad.sum(-1).tolist()
             raise ValueError(
                 f"image placeholders and image features disagree: {n_pad} "
                 f"{self.config.tags.image_pad!r} tokens in the batch (per sample {per_sample}) but {n_dec} decoder "
-                f"tile(s) × {self.vision.tokens_per_tile} = {n_dec * self.vision.tokens_per_tile} feature tokens; "
+                f"tile(s) × {self.tokens_per_tile} = {n_dec * self.tokens_per_tile} feature tokens; "
                 "build inputs with model.processor so each <image> expands to its tiles"
             )
 
@@ -318,6 +323,9 @@ class NVLM(nn.Module):
             f"{self.dims.hidden_size}), vision {v.kind} ({v.tile_size} px tiles → {v.tokens_per_tile} tokens × "
             f"{v.out_dim}), tags {c.tags.style}/{c.tags.mode}"
         ]
+        if self.resampler is not None:
+            r = c.resampler
+            lines.append(f"Perceiver resampler: {r.latents} latents per tile, {r.layers} layers, {r.heads} heads")
         if self.xattn_layers:
             lines.append(
                 f"gated cross-attention: {len(self.xattn_layers)} blocks, before LLM layers {self.xattn_layers}"

@@ -2,7 +2,7 @@
 
     out/
       config.json              NVLMConfig (architecture, tiling, tags, projector, x-attn; backbone configs)
-      model.safetensors        NVLM's own modules: projector.*, xattn.* (cross-attention blocks)
+      model.safetensors        NVLM's own modules: projector.*, resampler.* (if any), xattn.* (x-attn blocks)
       preprocessor_config.json tile size, tiling limits, normalisation (for other tools; config.json rules)
       tokenizer.json, …        the tokenizer, with NVLM's tokens added
       llm/                     the backbone LLM as an ordinary Hugging Face checkpoint (its own parameter names)
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from nvlm.models.llm import config_dict, decoder_layers
 from nvlm.models.lora import base_names, has_adapters, save_adapters
 
-OWN_PREFIXES = ("projector.", "xattn.")  # NVLM's own modules, in model.safetensors
+OWN_PREFIXES = ("projector.", "resampler.", "xattn.")  # NVLM's own modules, in model.safetensors
 
 
 def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -184,7 +184,7 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
     }
     # images: one per sample, at the most tiles (and the thumbnail) the config allows
     tiles = c.tiling.max_tiles + (1 if c.tiling.use_thumbnail and c.tiling.max_tiles > 1 else 0)
-    tpt = model.vision.tokens_per_tile
+    tpt = model.tokens_per_tile  # after the resampler, if any: what the decoder and the x-attn memory hold
     mem = 0
     if c.arch == "X":
         mem = tiles * tpt
@@ -203,7 +203,7 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     # final norm (as in a layer), bf16 logits (2V), their fp32 copy → log-probs (4V) and its gradient (4V)
     out["logits"] = tokens * ((8 if llm_trains else 4) * d + (BF16 + FP32 + FP32) * vocab)
-    n_tok = micro_batch * tiles * tpt
+    n_tok = micro_batch * tiles * model.vision.tokens_per_tile  # the projector sees every pixel-shuffled token
     proj_in = model.vision.out_dim
     if c.arch == "X":  # one Linear: its bf16-cast input
         out["projector"] = n_tok * BF16 * proj_in
@@ -211,6 +211,11 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool) -> dict[
         assert isinstance(model.projector, MLPProjector)  # NVLM-D and NVLM-H
         hidden = model.projector.linear_1.out_features
         out["projector"] = n_tok * ((FP32 + BF16) * proj_in + 2 * BF16 * hidden)
+    if model.resampler is not None:  # per layer: media LayerNorm's fp32 input and bf16 output, K and V (bf16);
+        r = c.resampler  # on the latents' side the same plus the MLP's input, hidden and GELU output
+        n_lat = micro_batch * tiles * r.latents
+        per_layer = n_tok * (FP32 + 3 * BF16) * d + n_lat * ((2 * FP32 + 6 * BF16) * d + 2 * BF16 * r.ffn_mult * d)
+        out["resampler"] = r.layers * per_layer
     vc = model.vision.model.config
     patches = micro_batch * tiles * (model.vision.grid**2 + int(model.vision.has_cls))
     n_vl = vc.num_hidden_layers
@@ -277,7 +282,7 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             "vocab": model.llm.get_output_embeddings().weight.shape[0],
             "xattn_blocks": len(model.xattn),
             "max_tiles": model.config.tiling.max_tiles,
-            "tokens_per_tile": model.vision.tokens_per_tile,
+            "tokens_per_tile": model.tokens_per_tile,
         },
         "components": comps,
         "params_total": sum(v["trainable"] + v["frozen"] for v in comps.values()),

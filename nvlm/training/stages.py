@@ -4,6 +4,7 @@
     pretrain     projector           projector + x-attn                  projector + x-attn
     sft          projector + LLM     projector + x-attn + LLM            projector + x-attn + LLM
 
+The optional Perceiver resampler (Appendix C, off by default) trains wherever the projector does, as Flamingo's.
 The vision encoder is frozen in both stages (``unfreeze_vision=True`` for weak encoders); NVLM-X's SFT can keep
 the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues against in §4.3). A model with PEFT
 LoRA adapters (``nvlm.models.lora``, ``train.lora``) trains only the adapters of its LLM (and of its vision
@@ -22,11 +23,14 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
-COMPONENTS = ("vision", "projector", "xattn", "llm")
+COMPONENTS = ("vision", "projector", "resampler", "xattn", "llm")
 
 
 def components(model: NVLM) -> dict[str, nn.Module]:
-    return {"vision": model.vision, "projector": model.projector, "xattn": model.xattn, "llm": model.llm}
+    out = {"vision": model.vision, "projector": model.projector, "xattn": model.xattn, "llm": model.llm}
+    if model.resampler is not None:  # an alignment module like the projector: trains in both stages
+        out["resampler"] = model.resampler
+    return out
 
 
 def apply_stage(model: NVLM, stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> None:
@@ -36,6 +40,7 @@ def apply_stage(model: NVLM, stage: str, *, freeze_llm: bool = False, unfreeze_v
     trains = {
         "vision": unfreeze_vision,
         "projector": True,
+        "resampler": True,
         "xattn": True,
         "llm": stage == "sft" and not freeze_llm,
     }

@@ -228,6 +228,7 @@ class Trainer:
         used = {
             "llm": True,
             "projector": any(with_images),
+            "resampler": any(with_images),
             "vision": any(with_images),
             "xattn": any_memory > 0 and not self.model.gate_off,
         }
