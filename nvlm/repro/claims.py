@@ -112,7 +112,9 @@ FREEZE_LLM = Claim(
     comparisons=(("LLM trained", "LLM frozen", "char_accuracy"),),
 )
 
-RESAMPLER_LATENTS = 8
+# latents per tile (resampler.latents): the demo's 32 px tile carries 4 tokens (4×4 patches, pixel shuffle), so 4
+# latents compress nothing and isolate what Appendix C blames: latents that mix the tile's tokens
+RESAMPLER_LATENTS = 4
 RESAMPLER = Claim(
     name="resampler",
     title="A Perceiver resampler hurts dense OCR (paper Appendix C, Figure 9)",

@@ -49,7 +49,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale("quick", 300, 40, 100, 120, 10, 30, batch=16, bench_steps=2, bench_warmup=1),
-    "default": Scale("default", 3000, 100, 500, 300, 60, 240, batch=32, bench_steps=5),
+    "default": Scale("default", 2000, 100, 300, 300, 60, 300, batch=16, bench_steps=5),
 }
 
 
@@ -72,7 +72,13 @@ def prepare(root: Path, scale: Scale, log=print) -> dict[str, Any]:
     counts = rtasks.generate(data, tuple(rtasks.TASKS), scale.n_train, scale.n_test, seed=0)
     tokenizer = build_tokenizer(data)  # its corpus is every train/*.jsonl: the repro tasks' words included
     quiet = _quiet(root / "backbones.log")
-    sources = [(data / "train" / "add.jsonl", TEXT_MIX[0]), (data / "train" / "text_scene.jsonl", TEXT_MIX[1])]
+    # the demo's text mix (addition, scene Q&A and, where the recipe has it, caption writing); the caption share
+    # is split between the demo's captions and the repro tasks' text-only captions
+    sources = [(data / "train" / f"{n}.jsonl", w) for n, w in zip(("add", "text_scene"), TEXT_MIX[:2])]
+    if len(TEXT_MIX) > 2:
+        share = TEXT_MIX[2] / (1 + len(rtasks.TASKS))
+        sources.append((data / "train" / "text_caption.jsonl", share))
+        sources += [(data / "train" / f"{t}_text_caption.jsonl", share) for t in rtasks.TASKS]
     text = pretrain_llm(root / "backbones" / "llm", tokenizer, sources, scale.text_steps, seed=0, log=quiet)
     save_vision(root / "backbones" / "vision", 0)
     import nvlm

@@ -119,7 +119,8 @@ def _pixels(im: Image.Image) -> str:
 
 
 def generate(out: Path, tasks: tuple[str, ...], n_train: int, n_test: int, seed: int = 0) -> dict[str, int]:
-    """Write ``{train,test}/{task}.jsonl``, ``train/{task}_caption.jsonl`` and the PNGs under `out` (the demo's
+    """Write ``{train,test}/{task}.jsonl``, ``train/{task}_caption.jsonl``, ``train/{task}_text_caption.jsonl``
+    (text only) and the PNGs under `out` (the demo's
     data folder layout, image paths relative to it). Same arguments → same bytes. Returns the counts."""
     counts = {}
     for task in tasks:
@@ -145,6 +146,21 @@ def generate(out: Path, tasks: tuple[str, ...], n_train: int, n_test: int, seed:
             if split == "train":
                 _write(out / "train" / f"{task}_caption.jsonl", caps)
             counts[f"{split}/{task}"] = len(recs)
+        # text only: the caption prompt answered by a described scene (own stream, no image), for the text LLM,
+        # as the demo's text_caption.jsonl: the frozen LLM must already write such sentences for stage 1 to align
+        rng = stream(seed, "text_caption", task)
+        described = [
+            {
+                "id": f"text_caption_{task}_{i:06d}",
+                "conversations": [
+                    {"from": "human", "value": CAPTION_PROMPT},
+                    {"from": "gpt", "value": SAMPLERS[task](rng).caption},
+                ],
+                "task": "text_caption",
+            }
+            for i in range(n_train)
+        ]
+        _write(out / "train" / f"{task}_text_caption.jsonl", described)
     return counts
 
 
