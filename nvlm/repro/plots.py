@@ -50,10 +50,11 @@ def claim_figure(summary: dict[str, Any], path: Path, curves: bool = False) -> b
             for i, name in enumerate(names):
                 for j, run in enumerate(r for r in summary["runs"] if r.get("arm") == name):
                     ys = run["curves"][stage]
-                    xs = range(1, len(ys) + 1)
+                    train = run["config"][f"stage{k}"]["train"]  # metrics.jsonl: a row every log_every steps
+                    xs = [min(train["log_every"] * (n + 1), train["max_steps"]) for n in range(len(ys))]
                     cax.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.7)
                     cax.plot(xs, smooth(ys), color=f"C{i}", linewidth=1.6, label=name if j == 0 else None)
-            cax.set_xlabel("logged step (every train.log_every steps)")
+            cax.set_xlabel("training step")
             cax.set_ylabel("training loss (nats / token)")
             cax.set_title(f"{stage}: raw (thin) and smoothed (thick)")
             cax.grid(alpha=0.3)
