@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.set_defaults(func=cmd_demo)
 
+    from nvlm.repro.cli import add_repro_parser
+
+    add_repro_parser(sub)
+
     p = sub.add_parser("train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft)")
     p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")

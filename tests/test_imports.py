@@ -125,12 +125,23 @@ def test_layers_import_one_way(layer, forbidden):
 
 
 def test_only_entry_points_import_the_demo():
-    entry = ("nvlm.cli", "nvlm.__main__")
+    entry = ("nvlm.cli", "nvlm.__main__", "nvlm.repro")  # nvlm repro is a script-level package, like the demo
     bad = sorted(
         (m, d)
         for m, deps in import_graph().items()
         if not m.startswith(("nvlm.demo", *entry))
         for d in deps
         if d.startswith("nvlm.demo")
+    )
+    assert bad == []
+
+
+def test_only_the_command_line_imports_repro():
+    bad = sorted(
+        (m, d)
+        for m, deps in import_graph().items()
+        if not m.startswith(("nvlm.repro", "nvlm.cli", "nvlm.__main__"))
+        for d in deps
+        if d.startswith("nvlm.repro")
     )
     assert bad == []

@@ -1,13 +1,12 @@
-"""Run metrics: ``metrics.jsonl`` (one line per step), TensorBoard scalars, and a loss-curve PNG."""
+"""Run metrics: ``metrics.jsonl`` (one line per step), TensorBoard scalars, and a loss-curve PNG (matplotlib)."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
-
-from PIL import Image, ImageDraw
 
 
 class MetricsWriter:
@@ -47,32 +46,43 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def smooth(values: list[float], alpha: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard draws it); non-finite values skipped."""
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if math.isfinite(v):
+            n += 1
+            avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha**n) if n else math.nan)
+    return out
+
+
 def plot_curves(curves: dict[str, list[float]], path: Path, title: str = "training loss") -> None:
-    """A small line chart of one or more loss curves, drawn with Pillow (no plotting dependency)."""
-    w, h, pad = 640, 360, 48
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    values = [v for c in curves.values() for v in c if math.isfinite(v)]
-    if not values:
-        d.text((pad, h // 2), "no finite values", fill="black")
-        im.save(path)
+    """Loss curves → PNG with matplotlib (the ``plot`` extra): one panel per curve (stage), the raw loss per
+    logged step (thin) and its smoothed trend (thick), labelled axes with ticks. Without matplotlib: one line
+    on stderr saying how to install it, and no PNG (a training run never fails for a missing figure)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no {Path(path).name}: matplotlib is not installed; pip install 'nvlm[plot]'", file=sys.stderr)
         return
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1
-    d.rectangle([pad, pad // 2, w - pad // 2, h - pad], outline="black")
-    d.text((pad, 4), title, fill="black")
-    d.text((4, pad // 2), f"{hi:.3g}", fill="black")
-    d.text((4, h - pad - 10), f"{lo:.3g}", fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
-    n_max = max(len(c) for c in curves.values())
-    for k, (name, c) in enumerate(curves.items()):
-        pts = [
-            (pad + (w - 1.5 * pad) * i / max(1, n_max - 1), h - pad - (h - 1.5 * pad) * (v - lo) / (hi - lo))
-            for i, v in enumerate(c)
-            if math.isfinite(v)
-        ]
-        if len(pts) > 1:
-            d.line(pts, fill=colors[k % len(colors)], width=2)
-        d.text((w - 200, pad // 2 + 4 + 14 * k), name, fill=colors[k % len(colors)])
-    d.text((w // 2 - 20, h - pad + 8), f"step (0–{n_max})", fill="black")
-    im.save(path)
+    names = list(curves) or ["(no curves)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.8 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ys = curves.get(name, [])
+        xs = range(1, len(ys) + 1)
+        ax.plot(xs, ys, color="C0", alpha=0.35, linewidth=0.8, label="raw")
+        ax.plot(xs, smooth(ys), color="C0", linewidth=1.8, label="smoothed (EMA 0.9)")
+        ax.set_title(name)
+        ax.set_xlabel("logged step (every train.log_every steps)")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+        if ys:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""``results.json`` and ``REPORT.md`` of ``nvlm repro``: per claim the paper's claim and numbers, ours (mean,
+spread and every seed) and the verdict computed by :mod:`nvlm.repro.stats` from those numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nvlm.repro import stats
+from nvlm.repro.claims import Claim
+
+METRICS = {
+    "vl_accuracy": "held-out accuracy (exact match, mean over the claim's tasks)",
+    "char_accuracy": "held-out per-character accuracy (mean over the claim's tasks; 1-character answers: exact)",
+    "text_accuracy": "held-out text-only accuracy (single-digit addition, 20 unseen pairs)",
+    "final_loss": "stage-2 training loss (mean of the last 10 % of steps)",
+    "samples_per_s": "training samples/s (median step, interleaved D/X/H)",
+}
+
+
+def per_arm(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """{arm: {metric: [value per seed, in seed order]}}."""
+    out: dict[str, dict[str, list[float]]] = {a.name: {} for a in claim.arms}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        if "per_arm" in run:  # the speed claim: all arms timed in one run per seed
+            items = [(a, m) for a, m in run["per_arm"].items()]
+        else:
+            items = [(run["arm"], run["metrics"])]
+        for arm, metrics in items:
+            for k, v in metrics.items():
+                if v is not None:
+                    out.setdefault(arm, {}).setdefault(k, []).append(float(v))
+    return out
+
+
+def summarise(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The claim's arms (values and spread per metric), comparisons and verdict, all from `runs`."""
+    values = per_arm(claim, runs)
+    comps = []
+    for a, b, metric in claim.comparisons:
+        v = stats.compare(values[a].get(metric, []), values[b].get(metric, []))
+        comps.append({"a": a, "b": b, "metric": metric, "verdict": v})
+    return {
+        "name": claim.name,
+        "title": claim.title,
+        "claim": claim.claim,
+        "metric": claim.metric,
+        "arms": {
+            arm: {m: {"values": vs, **stats.spread(vs)} for m, vs in metrics.items()} for arm, metrics in values.items()
+        },
+        "comparisons": comps,
+        "verdict": stats.verdict([c["verdict"] for c in comps]),
+        "rule": stats.RULE,
+        "wall_s": sum(r["wall_s"] for r in runs),
+        "runs": runs,
+    }
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def section(summary: dict[str, Any], claim: Claim, plot: str | None) -> str:
+    """The REPORT.md section of one claim."""
+    metric = summary["metric"]
+    shown = [metric] + sorted({c["metric"] for c in summary["comparisons"]} - {metric})
+    if summary["name"] == "text-sft":
+        shown.append("text_backbone_accuracy")
+    lines = [f"## {summary['title']}", "", f"**Paper:** {summary['claim']}.", "", claim.paper, ""]
+    lines += ["**Ours** (mean ± sample std over seeds, [min, max], per-seed values):", ""]
+    lines += ["| arm | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for arm, metrics in summary["arms"].items():
+        cells = []
+        for m in shown:
+            s = metrics.get(m)
+            if not s or s["n"] == 0:
+                cells.append("—")
+                continue
+            seeds = ", ".join(f"{v:.3f}" for v in s["values"])
+            cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} [{_fmt(s['min'])}, {_fmt(s['max'])}] ({seeds})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Metrics: " + "; ".join(f"`{m}` = {METRICS.get(m, m)}" for m in shown) + ".", ""]
+    for c in summary["comparisons"]:
+        lines.append(f"- {c['a']} > {c['b']} on `{c['metric']}`: **{c['verdict']}**")
+    lines += ["", f"**Verdict: {summary['verdict']}** (computed; rule: {summary['rule']}).", ""]
+    lines.append(f"Wall time of its runs: {summary['wall_s']:.0f} s.")
+    if plot:
+        lines += ["", f"![{summary['name']}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, summaries: dict[str, dict[str, Any]], sections: dict[str, str], header: str) -> None:
+    """Merge `summaries` into ``results.json`` and rewrite ``REPORT.md`` from every claim it holds."""
+    path = out / "results.json"
+    data = json.loads(path.read_text()) if path.exists() else {"claims": {}}
+    data["claims"].update(summaries)
+    path.write_text(json.dumps(data, indent=2))
+    sec_path = out / "sections"
+    sec_path.mkdir(exist_ok=True)
+    for name, text in sections.items():
+        (sec_path / f"{name}.md").write_text(text)
+    table = ["| claim | verdict | seeds | wall s |", "|---|---|---|---|"]
+    for s in data["claims"].values():
+        seeds = len({r["seed"] for r in s["runs"]})
+        table.append(f"| {s['title']} | **{s['verdict']}** | {seeds} | {s['wall_s']:.0f} |")
+    body = [header, "", *table, "", f"Verdict rule: {stats.RULE}.", ""]
+    body += [(sec_path / f"{n}.md").read_text() for n in data["claims"] if (sec_path / f"{n}.md").exists()]
+    (out / "REPORT.md").write_text("\n".join(body))
