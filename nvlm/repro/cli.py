@@ -24,7 +24,12 @@ per-seed numbers by `nvlm.repro.stats` (rule under the table), never written by 
 def add_repro_parser(sub: Any) -> None:
     p = sub.add_parser("repro", help="re-run the paper's five design findings at small scale, with a report")
     p.add_argument("claim", choices=[*NAMES, "all"], help="which finding (all: the five, then REPORT.md)")
-    p.add_argument("--arch", default="D", choices=["D", "X", "d", "x"], help="tags: NVLM-D (Table 1) or -X (Table 2)")
+    p.add_argument(
+        "--arch",
+        default="D",
+        choices=["D", "X", "d", "x"],
+        help="tags: NVLM-D (Table 1) or -X (Table 2); all runs both",
+    )
     p.add_argument("--seeds", type=int, default=3, help="training seeds per arm (default 3; --quick: 1)")
     p.add_argument("--out", default="runs/repro", help="output folder (--quick writes under OUT/quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, tiny budgets (≤ 2 min per claim)")
@@ -50,14 +55,18 @@ def cmd_repro(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from nvlm.repro.run import SCALES
 
-    names = list(NAMES) if args.claim == "all" else [args.claim]
+    if args.claim == "all":  # both tag tables (NVLM-D: Table 1, NVLM-X: Table 2), then the other four claims
+        runs = [("tags", "D"), ("tags", "X")] + [(n, "D") for n in NAMES if n != "tags"]
+    else:
+        runs = [(args.claim, args.arch.upper())]
+    names = [n for n, _ in runs]
     if "resampler" in names:
         require_resampler()  # before hours of other claims, not after
     seeds = 1 if args.quick else args.seeds
     out = Path(args.out) / ("quick" if args.quick else "")
     scale = SCALES["quick" if args.quick else "default"]
-    for name in names:
-        run_claim(name, out, args.arch.upper(), seeds, scale, args.set, args.device)
+    for name, arch in runs:
+        run_claim(name, out, arch, seeds, scale, args.set, args.device)
     print(f"report: {out / 'REPORT.md'}; data: {out / 'results.json'}")
     return 0
 

@@ -168,9 +168,9 @@ def run_arm(
     log = _quiet(out / "log.txt")
     c1, c2 = arm_configs(root, scale, claim, arm, seed, sets)
     s1 = root / "stage1" / f"{arm.arch}-{_key(c1)}"  # arms with equal stage-1 configs share it
-    r1 = Trainer(c1, s1, log=log).run()
+    r1 = Trainer(c1, s1, log=log, progress=False).run()
     c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(r1.final_dir)))
-    r2 = Trainer(c2, out / "stage2", log=log).run()
+    r2 = Trainer(c2, out / "stage2", log=log, progress=False).run()
     model = nvlm.from_pretrained(r2.final_dir)
     per_task = eval_tasks(model, root / "data", claim.tasks)
     text = evaluate(model, root / "data", ("add",))["add"]["accuracy"]

@@ -123,13 +123,20 @@ class _NoMetrics:  # processes other than 0 log nothing
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, out: str | Path, model: nvlm.NVLM | None = None, log=print, world: World | None = None
+        self,
+        cfg: RunConfig,
+        out: str | Path,
+        model: nvlm.NVLM | None = None,
+        log=print,
+        world: World | None = None,
+        progress: bool = True,
     ) -> None:
+        """`progress`: draw the per-step bar (callers that draw their own, such as ``nvlm repro``, turn it off)."""
         t = cfg.train
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if self.world.mesh is None:  # tp × dp_shard, checked; processes of one TP group read the same samples
             self.world = with_layout(self.world, t.tp, t.dp_shard)
-        self.cfg, self.out = cfg, Path(out)
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.log = log if self.world.main else (lambda *a, **k: None)
         self.accum = t.accumulation(self.world.dp_size)  # checked before any work
         if self.world.main:
@@ -327,7 +334,7 @@ class Trainer:
         start_steps(self.world)  # start-up (build, load, resume) is over: collectives now wait the step timeout
         if self.cfg.data.prefetch > 0:
             self._prefetch = Prefetcher(self._read, self.stream.state_dict, self.cfg.data.prefetch)
-        progress = _progress(t.max_steps, self.step, self.world.main)
+        progress = _progress(t.max_steps, self.step, self.world.main and self.progress)
         start, first_step = time.perf_counter(), self.step
         stopped = False
         with StopSignals(lambda: setattr(self, "_stop", True)):  # SIGTERM and Ctrl-C: save, exit 0
