@@ -10,12 +10,14 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_distributed import cpu_unless_gpus, tied_bf16_llm
 
 from nvlm.training.build import build_model
 from nvlm.training.config import RunConfig
@@ -52,6 +54,9 @@ class CountingOpen:
         class Slice:
             def get_shape(self):
                 return sl.get_shape()
+
+            def get_dtype(self):
+                return sl.get_dtype()
 
             def __getitem__(self, box):
                 return count(sl[box])
@@ -96,18 +101,10 @@ def spawn(jobs: list[dict], world_size: int = 2) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # gloo on CPU even where CUDA is visible: the children see no GPU
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
+    with cpu_unless_gpus(world_size):
         ctx = mp.start_processes(
             _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
         )
-    finally:
-        if hidden is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES")
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -141,6 +138,7 @@ def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
         "H": model_cfg(backbones, "H"),
         "init_from": model_cfg(backbones, "X", init_from=str(ckpt)),
         "random_vision": model_cfg(backbones, "H", vision=random_vision),
+        "tied_bf16": model_cfg(backbones, "D", llm=str(tied_bf16_llm(backbones, tmp_path))),
     }
     jobs = [{"cfg": cfg, "out": str(tmp_path / name)} for name, cfg in cases.items()]
     spawn(jobs)
@@ -150,7 +148,8 @@ def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
         for key, value in want.items():
             assert torch.equal(got[key], value.to(got[key].dtype)), (name, key)
         # every process read about half of the LLM's weights; both together read each byte once
-        llm_file = str((ckpt / "llm" if name == "init_from" else backbones["qwen2"]) / "model.safetensors")
+        llm_file = str(Path(cases[name]["model"].get("init_from", cfg["model"]["llm"])) / "model.safetensors")
+        llm_file = llm_file.replace("model.safetensors", "llm/model.safetensors") if name == "init_from" else llm_file
         with safe_open(llm_file, "pt") as f:
             total = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
         read = [json.loads((tmp_path / f"{name}.bytes{r}.json").read_text()).get(llm_file, 0) for r in (0, 1)]

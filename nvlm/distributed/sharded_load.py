@@ -45,6 +45,7 @@ class FileTensor:
     path: Path
     key: str
     shape: tuple[int, ...]
+    dtype: torch.dtype
     new_rows: tuple[int, int, float, int] | None = None
 
 
@@ -73,9 +74,13 @@ def tensor_index(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def _shape(path: Path, key: str) -> tuple[int, ...]:
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _header(path: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
     with safe_open(str(path), "pt") as f:
-        return tuple(f.get_slice(key).get_shape())
+        sl = f.get_slice(key)
+        return tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), torch.float32)
 
 
 Folders = dict[str, tuple[Path, tuple[str, ...]]]
@@ -105,6 +110,7 @@ def skeleton(cfg: Any) -> tuple[Any, Folders, int | None] | None:
             llm = load_llm(dict(ncfg.llm.hf_config))
             vision, _ = load_vision_model(vision_config(ncfg.vision.type, **ncfg.vision.hf_config))
             model = NVLM(ncfg, llm, vision, load_tokenizer(root))
+        model.llm.tie_weights()  # re-registering meta parameters unties them; the real load ties them
         saved: Folders = {"llm.": (root / "llm", ("",)), "vision.model.": (root / "vision", ("",)), "": (root, ("",))}
         return model, saved, None
     if not isinstance(spec.llm, (str, os.PathLike)):
@@ -127,6 +133,7 @@ def skeleton(cfg: Any) -> tuple[Any, Folders, int | None] | None:
         folders["vision.model."] = (vision_dir, ("", "model.vision_tower.", "vision_tower."))
     tokenizer = load_tokenizer(spec.tokenizer or llm_dir)
     model, seed = compose(spec.arch, llm, vision, kind, tokenizer, dict(spec.overrides))
+    model.llm.tie_weights()  # re-registering meta parameters unties them; the real load ties them
     return model, folders, seed
 
 
@@ -155,12 +162,12 @@ def plan(cfg: Any) -> Plan | None:
         if key is None:
             return None
         path = indexes[prefix][key]
-        shape = _shape(path, key)
+        shape, dtype = _header(path, key)
         want = tuple(tensor.shape)
         if shape == want:
-            sources[name] = FileTensor(path, key, shape)
+            sources[name] = FileTensor(path, key, shape, dtype)
         elif name in grown and seed is not None and shape[1:] == want[1:] and shape[0] < want[0]:
-            sources[name] = FileTensor(path, key, shape, (seed, grown[name], std, want[0]))
+            sources[name] = FileTensor(path, key, shape, dtype, (seed, grown[name], std, want[0]))
         else:
             return None
     return Plan(sources)
@@ -191,7 +198,8 @@ def _read(src: FileTensor, shape: tuple[int, ...], offset: tuple[int, ...], plan
         plan.bytes_read[str(src.path)] = plan.bytes_read.get(str(src.path), 0) + part.numel() * part.element_size()
     if src.new_rows is not None and box[0].stop > file_rows:  # the added tokens' rows
         seed, which, std, rows = src.new_rows
-        new = new_embedding_rows(seed, which, rows - file_rows, src.shape[1], std)
+        # rounded to the file's dtype: the one-process build grows the embedding as loaded
+        new = new_embedding_rows(seed, which, rows - file_rows, src.shape[1], std).to(src.dtype)
         start = max(box[0].start, file_rows) - file_rows
         parts.append(new[start : box[0].stop - file_rows][(slice(None), *box[1:])])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
