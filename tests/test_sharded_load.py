@@ -129,22 +129,28 @@ def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
     from nvlm.tiny import tiny_vision_config
 
     ckpt = tmp_path / "stage1"
-    build_model(RunConfig.from_dict(model_cfg(backbones, "X"))).save_pretrained(str(ckpt))
+    build_model(RunConfig.from_dict(model_cfg(backbones, "X", overrides={"tags.mode": "special"}))).save_pretrained(
+        str(ckpt)
+    )
     random_vision = {"type": "siglip", **tiny_vision_config("siglip").to_dict()}
     random_vision.pop("model_type", None)
     cases = {
         "D": model_cfg(backbones, "D"),
-        "X": model_cfg(backbones, "X"),
+        "X": model_cfg(backbones, "X", overrides={"tags.mode": "special"}),  # tags: embedding rows added
         "H": model_cfg(backbones, "H"),
         "init_from": model_cfg(backbones, "X", init_from=str(ckpt)),
         "random_vision": model_cfg(backbones, "H", vision=random_vision),
-        "tied_bf16": model_cfg(backbones, "D", llm=str(tied_bf16_llm(backbones, tmp_path))),
+        "tied_bf16": model_cfg(
+            backbones, "D", llm=str(tied_bf16_llm(backbones, tmp_path)), overrides={"tags.mode": "special"}
+        ),
     }
     jobs = [{"cfg": cfg, "out": str(tmp_path / name)} for name, cfg in cases.items()]
     spawn(jobs)
     for name, cfg in cases.items():
         got, want = load_file(str(tmp_path / f"{name}.safetensors")), one_process(cfg)
         assert got.keys() == want.keys(), name
+        if "tags.mode" in cfg["model"].get("overrides", {}):  # the added tokens' rows were drawn, not read
+            assert got["llm.model.embed_tokens.weight"].shape[0] > 427, name
         for key, value in want.items():
             assert torch.equal(got[key], value.to(got[key].dtype)), (name, key)
         # every process read about half of the LLM's weights; both together read each byte once

@@ -105,7 +105,7 @@ def resize_embeddings(llm: CausalLM, vocab_size: int) -> int | None:
     old = llm.get_input_embeddings().weight.shape[0]
     if old >= vocab_size:
         return None
-    seed = int(torch.randint(2**62, ()).item())
+    seed = int(torch.randint(2**62, (), device="cpu").item())  # also inside a meta-device build
     stream = torch.get_rng_state()
     llm.resize_token_embeddings(vocab_size, mean_resizing=False)
     torch.set_rng_state(stream)  # transformers draws the whole matrix; only the new rows matter (below)
