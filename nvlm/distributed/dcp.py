@@ -89,7 +89,6 @@ class CheckpointWriter:
         self._group = dist.new_group(backend="gloo") if asynchronous and world.distributed else None
         self._pending: Any = None  # the write's future
         self._finisher: threading.Thread | None = None
-        self._errors: list[BaseException] = []
 
     def save(
         self,
@@ -150,22 +149,20 @@ class CheckpointWriter:
     def _finish(self, pending: Any, tmp: Path, final: Path, root: Path, keep_last: int) -> None:
         try:
             pending.result()
-            _complete(tmp, final, root, keep_last)
-        except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the training thread
-            self._errors.append(e)
+        except BaseException:  # noqa: BLE001 - a failed write is never marked; wait() raises its error
+            return
+        _complete(tmp, final, root, keep_last)
 
     def wait(self) -> None:
         """Block until the pending save (if any) is written and, on process 0, marked complete."""
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        pending.result()
         if self._finisher is not None:
             self._finisher.join()
             self._finisher = None
+        pending.result()
         barrier(self.world)
-        if self._errors:
-            raise self._errors.pop()
 
 
 def _complete(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
