@@ -87,6 +87,8 @@ class CheckpointWriter:
     def __init__(self, world: World, asynchronous: bool) -> None:
         self.world, self.asynchronous = world, asynchronous
         self._group = dist.new_group(backend="gloo") if asynchronous and world.distributed else None
+        if asynchronous and not world.distributed:  # DCP's one-process warning, raised in the writer thread
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         self._pending: Any = None  # the write's future
         self._finisher: threading.Thread | None = None
 
