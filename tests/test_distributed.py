@@ -9,11 +9,13 @@ hang fails the test instead of blocking the suite.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import traceback
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -130,13 +132,32 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
         shutdown(world)
 
 
+@contextlib.contextmanager
+def cpu_unless_gpus(world_size: int) -> Iterator[None]:
+    """The workers (spawned inside) run gloo on CPU unless there is one GPU per process: init_world picks NCCL
+    and cuda:LOCAL_RANK whenever CUDA is visible, and rank 1 on a one-GPU machine would ask for cuda:1."""
+    if torch.cuda.device_count() >= world_size:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned workers, before they touch CUDA
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.start_processes(
-        _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
-    )
+    with cpu_unless_gpus(world_size):
+        ctx = mp.start_processes(
+            _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
+        )
     import time
 
     deadline = time.monotonic() + TIMEOUT_S

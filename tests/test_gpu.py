@@ -1,4 +1,5 @@
-"""GPU checks (skipped without CUDA): the invariants hold on the device, bf16 runs, training steps on GPU.
+"""GPU checks (skipped without CUDA): the invariants hold on the device, bf16 runs, training steps on GPU
+(loss falls over several steps, sharded = plain, a stopped run resumes where it stopped).
 
 python -m pytest tests/test_gpu.py -q        (on a machine with a CUDA GPU)
 """
@@ -101,7 +102,65 @@ def test_sharded_training_on_gpu_matches_plain(backbones, tmp_path):
     spawn([{"kind": "train", "cfg": cfg, "out": str(tmp_path / "sharded")}], world_size=1)
     Trainer(RunConfig.from_dict(cfg), tmp_path / "plain", log=lambda *a: None).run()
     sharded, plain = losses(tmp_path / "sharded"), losses(tmp_path / "plain")
-    assert abs(sharded[0] - plain[0]) < 0.02 * plain[0], (sharded, plain)
+    assert len(sharded) == len(plain) == 8
+    # every step, not only the first: bf16 gathers drift a little from autocast, not away
+    assert all(abs(s - p) < 0.05 * p for s, p in zip(sharded, plain, strict=True)), (sharded, plain)
     assert sharded[-1] < sharded[0] and plain[-1] < plain[0]
     assert json.loads((tmp_path / "sharded.rank0.json").read_text())["steps"] == 8
     nvlm.from_pretrained(tmp_path / "sharded" / "final")
+
+
+def test_stopped_run_resumes_on_gpu(backbones, tmp_path):
+    """bf16 on the GPU with background checkpoints: a run stopped after step 4 (as by SIGTERM) saves, the same
+    command resumes from that checkpoint, steps 1..8 are logged once each, and the losses follow the uninterrupted
+    run's (bf16 GPU kernels are not bit-reproducible: within 2 %)."""
+    from conftest import write_color_dataset
+    from test_distributed import losses
+
+    from nvlm.distributed.dcp import complete_checkpoints
+    from nvlm.training.config import RunConfig
+    from nvlm.training.metrics import read_metrics
+    from nvlm.training.trainer import Trainer
+
+    (tmp_path / "data").mkdir()
+    data = write_color_dataset(tmp_path / "data", 24, 24)
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"arch": "H", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {
+                "sources": [{"path": str(data / "images.jsonl")}, {"path": str(data / "text.jsonl")}],
+                "max_seq_len": 256,
+            },
+            "train": {
+                "stage": "sft",
+                "max_steps": 8,
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 3e-3,
+                "save_every": 2,
+                "bf16": True,
+                "async_checkpoint": True,
+            },
+        }
+    )
+    quiet = lambda *a, **k: None  # noqa: E731
+    Trainer(cfg, tmp_path / "straight", log=quiet).run()
+    stopped = Trainer(cfg, tmp_path / "stopped", log=quiet)
+    original = stopped.train_step
+
+    def stop_after_4(batches):
+        out = original(batches)
+        if stopped.step == 3:  # the step being trained is the 4th
+            stopped._stop = True
+        return out
+
+    stopped.train_step = stop_after_4  # type: ignore[method-assign]
+    first = stopped.run()
+    assert first.interrupted and first.steps == 4
+    assert complete_checkpoints(tmp_path / "stopped" / "checkpoints")[-1].name == "step_0000004"
+    second = Trainer(cfg, tmp_path / "stopped", log=quiet).run()
+    assert second.steps == 8 and not second.interrupted
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")] == list(range(1, 9))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(resumed, straight, strict=True)), (resumed, straight)
+    assert straight[-1] < straight[0]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -100,7 +101,15 @@ def test_torn_checkpoint_is_never_loaded(backbones, dataset, tmp_path, monkeypat
         real_save(*a, **k)
         raise OSError("disk full")
 
+    real_async_save = state.dcp.async_save
+
+    def boom_async(*a, **k):  # train.async_checkpoint: the background write fails the same way
+        done, failed = real_async_save(*a, **k), Future()
+        done.add_done_callback(lambda _: failed.set_exception(OSError("disk full")))
+        return failed
+
     monkeypatch.setattr(state.dcp, "save", boom)
+    monkeypatch.setattr(state.dcp, "async_save", boom_async)
     trainer = Trainer(make_cfg(backbones, dataset, steps=6, save_every=2), tmp_path, log=quiet)
     with pytest.raises(OSError, match="disk full"):
         trainer.run()

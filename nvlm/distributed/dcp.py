@@ -12,6 +12,11 @@ of them have finished and the marker is on disk, so a run killed mid-save leaves
 never loaded (the folder must be on a file system all processes share). Frozen weights are not saved: they
 are the backbones', rebuilt from them. DCP reshards on load, so a run saved on N processes resumes on M
 (one process without torchrun included). The same code serves a one-process run.
+
+Periodic saves are written in the background (``CheckpointWriter``, ``train.async_checkpoint``): each process
+stages its shards in host memory and returns to training while a thread writes them; process 0 then writes
+the marker, renames and deletes old checkpoints off the training thread. The next save, the last one and a
+SIGTERM save wait for a pending write first.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,38 +70,112 @@ def save_checkpoint(
     run_config: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Save step `step` (every process calls this); `rank_state` is this process's data position."""
-    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(world)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
-    with _one_process_ok():
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "weights"), no_dist=not world.distributed
-        )
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
-    ranks = _gather(rank_state, world)
-    if world.main:
-        state = {"step": step, "world_size": world.size, "ranks": ranks}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    barrier(world)  # every process's shards are on disk
-    if world.main:
-        (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic on one file system: a reader sees all of it or none
-        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(world)
-    return final
+    """Save step `step` now (every process calls this); `rank_state` is this process's data position."""
+    return CheckpointWriter(world, asynchronous=False).save(
+        root, step, model, optimizer, rank_state, run_config, keep_last
+    )
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints; every process holds one. `asynchronous`: the weights and AdamW state are
+    copied to host memory and written by a background thread (``dcp.async_save``, coordinating over a gloo
+    side process group, so training's own collectives never interleave with it); training goes on meanwhile.
+    Process 0 marks a checkpoint complete, renames it and deletes old ones in another thread once the write has
+    finished, so no deletion is on the critical path and ``COMPLETE`` never names a half-written checkpoint.
+    A save first waits for the previous one (host memory holds at most one staged copy)."""
+
+    def __init__(self, world: World, asynchronous: bool) -> None:
+        self.world, self.asynchronous = world, asynchronous
+        self._group = dist.new_group(backend="gloo") if asynchronous and world.distributed else None
+        if asynchronous and not world.distributed:  # DCP's one-process warning, raised in the writer thread
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        self._pending: Any = None  # the write's future
+        self._finisher: threading.Thread | None = None
+
+    def save(
+        self,
+        root: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rank_state: dict[str, Any],
+        run_config: dict[str, Any],
+        keep_last: int = 2,
+        wait: bool = False,
+    ) -> Path:
+        """Save step `step` (every process calls this); `wait`: return only when it is complete on disk (a
+        SIGTERM save: the process exits next)."""
+        self.wait()
+        world = self.world
+        final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(world)
+        # the small files first: once the weights are written (all processes), the checkpoint is whole
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
+        ranks = _gather(rank_state, world)
+        if world.main:
+            state = {"step": step, "world_size": world.size, "ranks": ranks}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        barrier(world)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
+        state_dict, weights = {"model": model_sd, "optim": optim_sd}, str(tmp / "weights")
+        if not self.asynchronous:
+            with _one_process_ok():
+                dcp.save(state_dict, checkpoint_id=weights, no_dist=not world.distributed)
+            barrier(world)  # every process's shards are on disk
+            if world.main:
+                _complete(tmp, final, root, keep_last)
+            barrier(world)
+            return final
+        with _one_process_ok():  # returns once the state is copied to host memory; the write goes on
+            self._pending = dcp.async_save(
+                state_dict, checkpoint_id=weights, process_group=self._group, no_dist=not world.distributed
+            )
+        if world.main:  # DCP's coordinator resolves its future after every process's write has finished
+            self._finisher = threading.Thread(
+                target=self._finish, args=(self._pending, tmp, final, root, keep_last), name="checkpoint-finish"
+            )
+            self._finisher.start()
+        if wait:
+            self.wait()
+        return final
+
+    def _finish(self, pending: Any, tmp: Path, final: Path, root: Path, keep_last: int) -> None:
+        try:
+            pending.result()
+        except BaseException:  # noqa: BLE001 - a failed write is never marked; wait() raises its error
+            return
+        _complete(tmp, final, root, keep_last)
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is written and, on process 0, marked complete."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+        pending.result()
+        barrier(self.world)
+
+
+def _complete(tmp: Path, final: Path, root: Path, keep_last: int) -> None:
+    """Process 0, once every process's shards are on disk: mark, publish, then delete checkpoints past
+    `keep_last`."""
+    (tmp / MARKER).write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic on one file system: a reader sees all of it or none
+    for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -97,6 +97,33 @@ def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
     return tokenizer.add_tokens(new, special_tokens=True)
 
 
-def resize_embeddings(llm: CausalLM, vocab_size: int) -> None:
-    if llm.get_input_embeddings().weight.shape[0] < vocab_size:
-        llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+def resize_embeddings(llm: CausalLM, vocab_size: int) -> int | None:
+    """Grow the input (and an untied output) embedding to `vocab_size` rows (NVLM's added tokens). Their new
+    rows are drawn by ``new_embedding_rows`` from a seed taken off the global random stream, the rest of that
+    stream untouched, so a sharded build can draw the same rows without the full matrices. Returns the seed
+    (None when nothing grew)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if old >= vocab_size:
+        return None
+    seed = int(torch.randint(2**62, (), device="cpu").item())  # also inside a meta-device build
+    stream = torch.get_rng_state()
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    torch.set_rng_state(stream)  # transformers draws the whole matrix; only the new rows matter (below)
+    std = getattr(llm.config.get_text_config(), "initializer_range", 0.02)
+    with torch.no_grad():
+        for which, weight in enumerate(embedding_weights(llm)):
+            if not weight.is_meta:
+                weight[old:] = new_embedding_rows(seed, which, vocab_size - old, weight.shape[1], std)
+    return seed
+
+
+def embedding_weights(llm: CausalLM) -> list[nn.Parameter]:
+    """The input embedding's weight, then the output embedding's when it is not tied to it."""
+    inp, out = llm.get_input_embeddings().weight, llm.get_output_embeddings()
+    return [inp] if out is None or out.weight is inp else [inp, out.weight]
+
+
+def new_embedding_rows(seed: int, which: int, rows: int, width: int, std: float) -> torch.Tensor:
+    """The added tokens' rows of embedding `which` (0 input, 1 output), N(0, std) as transformers draws them."""
+    gen = torch.Generator().manual_seed(seed + which)
+    return torch.empty(rows, width).normal_(0.0, std, generator=gen)

@@ -49,13 +49,22 @@ def build(
         vision_model = vision_model.to(dtype)
     flat = dict(overrides.pop("config", {}))
     flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return compose(arch, llm_model, vision_model, kind, tokenizer, flat)[0]
+
+
+def compose(
+    arch: str, llm_model: Any, vision_model: Any, kind: Any, tokenizer: Any, flat: dict[str, Any]
+) -> tuple[NVLM, int | None]:
+    """NVLM-`arch` around loaded (or meta) backbones: NVLM's tokens added, embeddings grown, its own modules
+    (projector, x-attn blocks) drawn from the global random stream. Returns the model and the seed of the added
+    embedding rows (``nvlm.models.llm.resize_embeddings``)."""
     # `arch` is any string here: cfg.validate() below checks it
     cfg = apply_overrides(NVLMConfig(arch=cast(Any, arch), vision=VisionConfig(type=kind)), flat)
     _add_tokens(tokenizer, cfg, vision_model)
-    resize_embeddings(llm_model, len(tokenizer))
+    seed = resize_embeddings(llm_model, len(tokenizer))
     cfg.llm = LLMConfig(hf_config=config_dict(llm_model))
     cfg.vision.hf_config = clean_hf_config(vision_model.config.to_dict())
-    return NVLM(cfg.validate(), llm_model, vision_model, tokenizer)
+    return NVLM(cfg.validate(), llm_model, vision_model, tokenizer), seed
 
 
 def build_meta(

@@ -49,8 +49,10 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-    model.llm.save_pretrained(out / "llm", state_dict=part("llm."))
-    model.vision.model.save_pretrained(out / "vision", state_dict=part("vision.model."))
+    for folder, module, prefix in (("llm", model.llm, "llm."), ("vision", model.vision.model, "vision.model.")):
+        weights = part(prefix)
+        module.save_pretrained(out / folder, state_dict=weights)
+        stamp_dtype(out / folder / "config.json", weights)
     p = model.processor
     pre = {
         "tile_size": p.tile_size,
@@ -78,3 +80,21 @@ def backbone_names(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torc
         old = next((o for o in renames if k.startswith(o)), None)
         out[k if old is None else renames[old] + k[len(old) :]] = v
     return out
+
+
+def stamp_dtype(config_json: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Make a backbone's config.json name the dtype its weights were written in. transformers writes the
+    module's config, i.e. the fp32 master copy's dtype, also when bf16 weights are written (a bf16 export of
+    a sharded run), and ``dtype="auto"`` would then load a 72B model in fp32."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in weights.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    if not sizes:
+        return
+    name = str(max(sizes, key=lambda d: sizes[d])).removeprefix("torch.")  # most weights' dtype, e.g. "bfloat16"
+    cfg = json.loads(config_json.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = name
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -61,20 +61,32 @@ def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
 
 
 def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
-    """Every process builds the model on the meta device and shards it; process 0 alone builds it for real
-    (loads the backbones) and broadcasts the weights: host memory holds one full copy (process 0's), not one
-    per process."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Every process builds the model on the meta device, shards it, and reads its own block of every weight
+    from the backbones' safetensors (``nvlm.distributed.sharded_load``): no process holds the full model,
+    nothing is broadcast. Models that module does not handle (an LLM from a config, LoRA, the released NVLM-D
+    layout) are loaded by process 0 alone and broadcast, tensor by tensor."""
+    from nvlm.distributed import sharded_load
 
     t = cfg.train
-    real = build_model(cfg) if world.main else None
+    plan = sharded_load.plan(cfg)
+    real = build_model(cfg) if world.main and plan is None else None
     model = build_model(cfg, meta=True)
     apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
     if t.activation_checkpointing:
         activation_checkpointing(model)
     parallelize(model, mesh=world.mesh, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
     model.to_empty(device=world.device)
+    if plan is not None:
+        sharded_load.load(model, plan)
+    else:
+        _broadcast_from_main(model, real)
+    return model
+
+
+def _broadcast_from_main(model: nvlm.NVLM, real: nvlm.NVLM | None) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     full = real.state_dict() if real is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     real_buffers = dict(real.named_buffers()) if real is not None else {}
@@ -82,8 +94,6 @@ def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
         if real is not None:
             buf.copy_(real_buffers[name])
         dist.broadcast(buf, src=0)
-    del real, full
-    return model
 
 
 def activation_checkpointing(model: nvlm.NVLM) -> None:

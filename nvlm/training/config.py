@@ -122,6 +122,10 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end and on SIGTERM)."""
     keep_last: int = 2
+    async_checkpoint: bool = True
+    """Write periodic checkpoints in the background (``dcp.async_save``) while training goes on; the last and
+    the SIGTERM save are always waited for. Costs one host-memory copy of the trainable weights and AdamW state
+    per process while a write is pending."""
     log_every: int = 1
     max_nonfinite_in_row: int = 5
     """Non-finite losses in a row before the run stops (exit code 3)."""

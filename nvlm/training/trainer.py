@@ -31,10 +31,10 @@ from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy, should_pack
 from nvlm.data.prefetch import Prefetcher, StopSignals
 from nvlm.distributed.dcp import (
+    CheckpointWriter,
     complete_checkpoints,
     export_pretrained,
     load_checkpoint,
-    save_checkpoint,
 )
 from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard, start_steps, with_layout
 from nvlm.distributed.tensor_parallel import clip_grad_norm
@@ -193,6 +193,7 @@ class Trainer:
         self.mixed = 0  # micro-batches where some processes held images and others none
         self._stop = False
         self._saved_step = -1
+        self._checkpoints = CheckpointWriter(self.world, t.async_checkpoint)
         self._prefetch: Prefetcher | None = None
         self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
 
@@ -310,18 +311,20 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {done[-1]} (step {self.step})")
 
-    def save(self) -> Path:
+    def save(self, wait: bool = True) -> Path:
+        """Checkpoint this step; `wait=False` (``train.async_checkpoint``): return once it is staged in host
+        memory, written in the background (``CheckpointWriter``)."""
         self._saved_step = self.step
         rank_state = {"data": self._data_state, "skipped": self.skipped, "fingerprint": self._fingerprint}
-        return save_checkpoint(
+        return self._checkpoints.save(
             self.out / "checkpoints",
             self.step,
             self.model,
             self.optimizer,
-            self.world,
             rank_state,
             self.cfg.to_dict(),
             self.cfg.train.keep_last,
+            wait=wait,
         )
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -349,7 +352,7 @@ class Trainer:
                     mfu = {} if self.mfu is None else {"mfu": f"{100 * self.mfu:.1f}%"}
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **mfu)
                     if t.save_every and self.step % t.save_every == 0:
-                        self.save()
+                        self.save(wait=False)
             finally:
                 if self._prefetch is not None:
                     self._prefetch.close()
@@ -406,6 +409,7 @@ class Trainer:
         t = self.cfg.train
         if self._saved_step != self.step:  # save_every may have just saved this step
             self.save()
+        self._checkpoints.wait()  # a background save of this step: complete before exit or export
         interrupted = stopped or self.step < t.max_steps
         final = None
         if not interrupted:

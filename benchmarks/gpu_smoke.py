@@ -1,0 +1,194 @@
+"""The Python parts of benchmarks/gpu_smoke.sh (issue 17, item 5): each subcommand prints one JSON line.
+
+    python benchmarks/gpu_smoke.py prepare OUT [--hidden 1024 --layers 8]   backbones, data, run config
+    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py memory OUT --ac --compile --steps 6
+    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py save-speed OUT
+    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py sync-points OUT --steps 3
+    python benchmarks/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
+
+The runs use random backbones written to OUT (nothing is downloaded); `--hidden/--layers` size the LLM so that
+activation memory, not weights, dominates. The figures are the device's: run it where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser("prepare", help="write random backbones, a dataset and run.json under OUT")
+    prep.add_argument("out", type=Path)
+    prep.add_argument("--hidden", type=int, default=1024)
+    prep.add_argument("--layers", type=int, default=8)
+    prep.add_argument("--samples", type=int, default=64)
+    mem = sub.add_parser("memory", help="peak CUDA memory over a few sharded bf16 steps (under torchrun)")
+    mem.add_argument("out", type=Path)
+    mem.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
+    mem.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    mem.add_argument("--steps", type=int, default=6)
+    save = sub.add_parser("save-speed", help="a checkpoint's size and write speed, sync and async (under torchrun)")
+    save.add_argument("out", type=Path)
+    sync = sub.add_parser("sync-points", help="host-device syncs per step, torch.cuda.set_sync_debug_mode")
+    sync.add_argument("out", type=Path)
+    sync.add_argument("--steps", type=int, default=3)
+    check = sub.add_parser("check-run", help="a finished run: steps 1..N logged once each, loss fell, checkpoint")
+    check.add_argument("run", type=Path)
+    check.add_argument("--steps", type=int, required=True)
+    return p
+
+
+def run_config(out: Path, **train: Any) -> dict[str, Any]:
+    cfg = json.loads((out / "run.json").read_text())
+    cfg["train"].update(train)
+    return cfg
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from PIL import Image
+
+    from nvlm.tiny import save_tiny_backbones
+
+    out: Path = args.out
+    llm, vision = save_tiny_backbones(out / "backbones", "qwen2", "internvl", hidden=args.hidden, layers=args.layers)
+    (out / "data" / "img").mkdir(parents=True, exist_ok=True)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    with open(out / "data" / "d.jsonl", "w") as f:
+        for i in range(args.samples):
+            name = list(colors)[i % 3]
+            Image.new("RGB", (112, 56 + 28 * (i % 4)), colors[name]).save(out / "data" / "img" / f"{i}.png")
+            turns = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": name}]
+            f.write(json.dumps({"image": f"img/{i}.png", "conversations": turns}) + "\n")
+    cfg = {
+        "model": {"arch": "X", "llm": str(llm), "vision": str(vision)},
+        "data": {"sources": [{"path": str(out / "data" / "d.jsonl")}], "max_seq_len": 512},
+        "train": {
+            "stage": "sft",
+            "max_steps": 30,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "bf16": True,
+            "save_every": 10,
+        },
+    }
+    (out / "run.json").write_text(json.dumps(cfg, indent=2))
+    return {"prepared": str(out), "hidden": args.hidden, "layers": args.layers}
+
+
+def _trainer(out: Path, run: str, **train: Any) -> Any:
+    from nvlm.distributed.parallel import init_world
+    from nvlm.training.config import RunConfig
+    from nvlm.training.trainer import Trainer
+
+    world = init_world(timeout_s=600)
+    return Trainer(RunConfig.from_dict(run_config(out, **train)), out / run, log=lambda *a, **k: None, world=world)
+
+
+def _steps(trainer: Any, n: int) -> list[float]:
+    return [trainer.optimizer_step(trainer._next_batches())[0] for _ in range(n)]
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    run = f"memory-ac{int(args.ac)}-compile{int(args.compile)}"
+    trainer = _trainer(args.out, run, activation_checkpointing=args.ac, compile=args.compile)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    losses = _steps(trainer, args.steps)
+    torch.cuda.synchronize()
+    return {
+        "ac": args.ac,
+        "compile": args.compile,
+        "steps": args.steps,
+        "s_per_step": (time.perf_counter() - t0) / args.steps,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def save_speed(args: argparse.Namespace) -> dict[str, Any]:
+    trainer = _trainer(args.out, "save-speed")
+    _steps(trainer, 2)
+    t0 = time.perf_counter()
+    path = trainer.save(wait=True)
+    sync_s = time.perf_counter() - t0
+    size = _size(path)
+    _steps(trainer, 1)
+    t0 = time.perf_counter()
+    trainer.save(wait=False)  # the part training waits for: staging into host memory
+    staged_s = time.perf_counter() - t0
+    trainer._checkpoints.wait()
+    total_s = time.perf_counter() - t0
+    return {
+        "checkpoint_bytes": size,
+        "sync_save_s": sync_s,
+        "sync_gb_per_s": size / sync_s / 1e9,
+        "async_blocking_s": staged_s,
+        "async_total_s": total_s,
+    }
+
+
+def sync_points(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    trainer = _trainer(args.out, "sync-points")
+    _steps(trainer, 2)  # warm-up: allocator, lazy inits
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _steps(trainer, args.steps)
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"steps": args.steps, "syncs": len(syncs), "per_step": len(syncs) / args.steps, "top": where.most_common(10)}
+
+
+def check_run(args: argparse.Namespace) -> dict[str, Any]:
+    from nvlm.distributed.dcp import complete_checkpoints
+    from nvlm.training.metrics import read_metrics
+
+    rows = read_metrics(args.run / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    done = complete_checkpoints(args.run / "checkpoints")
+    ok = steps == list(range(1, args.steps + 1)) and rows[-1]["loss"] < rows[0]["loss"] and bool(done)
+    return {
+        "ok": ok,
+        "steps": steps[-1] if steps else 0,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "last_loss": rows[-1]["loss"] if rows else None,
+        "checkpoints": [p.name for p in done],
+    }
+
+
+COMMANDS = {
+    "prepare": prepare,
+    "memory": memory,
+    "save-speed": save_speed,
+    "sync-points": sync_points,
+    "check-run": check_run,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    print(json.dumps({"cmd": args.cmd, **COMMANDS[args.cmd](args)}))
+
+
+if __name__ == "__main__":
+    main()
