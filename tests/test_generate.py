@@ -28,6 +28,39 @@ def test_cached_generation_equals_uncached(build_model, arch):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_cached_generation_equals_uncached_without_padding(build_model, arch):
+    # one sample: no padding, so decoding steps pass no attention mask (and X's blocks no memory mask)
+    model = build_model(arch)
+    set_gates(model, 0.5)
+    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    assert bool(batch["attention_mask"].all())
+    assert torch.equal(_run(model, batch, 10, use_cache=True), _run(model, batch, 10, use_cache=False))
+
+
+def test_one_forward_per_token_and_ordinary_tensors(build_model):
+    model = build_model("D")
+    calls = []
+    model.llm.register_forward_pre_hook(lambda *_: calls.append(1))
+    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    steps = list(generate_ids(model, batch, 5))
+    assert len(steps) == 5 and len(calls) == 5  # the prefill and 4 decoding steps: none for a 6th token
+    assert not any(s.is_inference() for s in steps)  # usable outside inference mode, in place too
+    steps[0].add_(1)
+
+
+def test_decode_step_mask_is_made_once_and_none_when_all_memory_is_valid():
+    from nvlm.models.xattn import XAttnState, xattn_mask
+
+    full = XAttnState(memory=torch.zeros(2, 5, 4), memory_len=torch.tensor([5, 5]))
+    assert full.step_mask(2, 1) == (None, None)
+    part = XAttnState(memory=torch.zeros(2, 5, 4), memory_len=torch.tensor([5, 2]))
+    allowed, row = part.step_mask(2, 1)
+    want = xattn_mask(torch.zeros(2, 1, dtype=torch.long), torch.tensor([[5], [2]]), 5)
+    assert torch.equal(allowed, want[0]) and torch.equal(row, want[1])
+    assert part.step_mask(2, 1)[0] is allowed  # kept, not rebuilt every step
+
+
 def test_cross_attention_kv_computed_once_per_image(build_model):
     model = build_model("X")
     set_gates(model, 0.5)

@@ -89,6 +89,8 @@ def bench_generate(
             ours = partial(_ours_generate, pair.ours, ours_in, new_tokens)
             theirs = partial(_hf_generate, pair.hf, hf_in, new_tokens, pad)
             same = bool(torch.equal(ours(), theirs())) if arch == "D" else None
+            if same is False:  # same weights and inputs: a speed figure for different tokens would mean nothing
+                raise RuntimeError(f"NVLM-D and InternVL generated different tokens at batch {b}: not timed")
             t_ours, t_hf = _interleaved(ours, theirs, shape.steps, shape.warmup)
             rows.append(
                 {

@@ -168,11 +168,11 @@ class NVLM(nn.Module):
         embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
         assert self.processor is not None  # checked by _check_image_pads
-        is_pad = input_ids == self.processor.pad_id
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
         if decoder_tiles is not None and n_dec:
             if feats is None:
                 raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
+            is_pad = input_ids == self.processor.pad_id
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         if memory_index is None or not has_memory:
@@ -249,14 +249,12 @@ class NVLM(nn.Module):
         # packed sample only (transformers derives the block-diagonal causal mask from the restarts).
         xattn = None  # what the CrossAttentionDecoderLayers read; None skips every block
         if state is not None and not self.gate_off:
-            b, t = input_ids.shape
-            if xattn_lo is None:  # decode step: see the sample's whole memory
-                xattn_lo = torch.zeros(b, t, dtype=torch.long, device=self.device)
-                xattn_hi = state.memory_len[:, None].expand(b, t)
+            if xattn_lo is None:  # decode step: see the sample's whole memory (the same mask every step)
+                allowed, row = state.step_mask(*input_ids.shape)
             elif xattn_hi is None:
                 raise ValueError("xattn_lo was given without xattn_hi")
-            # one mask for all blocks of this forward
-            allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
+            else:  # one mask for all blocks of this forward
+                allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)
         extra = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its decoder layers
         if labels is not None and not return_logits and not use_cache and self._plain_head():

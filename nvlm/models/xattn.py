@@ -41,6 +41,21 @@ class XAttnState:
     memory: torch.Tensor  # [B, M, d]
     memory_len: torch.Tensor  # [B] valid memory tokens per sample
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # block → ([B,kvH,M,hd], …)
+    # a decoding step's (allowed, row_mask): the same at every step, so made once per state (``step_mask``)
+    _step: tuple[torch.Tensor | None, torch.Tensor | None] | None = field(default=None, repr=False)
+
+    def step_mask(self, b: int, t: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(allowed, row_mask) for `t` new tokens per sample that each see their sample's whole memory (a
+        decoding step); (None, None) when every sample's memory is all valid: then the blocks attend without a
+        mask and skip the row multiply, bitwise the same. Made once (one device→host read of memory_len), so
+        a state must not have memory_len changed in place afterwards (``nvlm.serve.batch`` builds new ones)."""
+        if self._step is None or (self._step[0] is not None and self._step[0].shape[:2] != (b, t)):
+            if bool((self.memory_len == self.memory.shape[1]).all()):
+                self._step = (None, None)
+            else:
+                lo = torch.zeros(b, t, dtype=torch.long, device=self.memory.device)
+                self._step = xattn_mask(lo, self.memory_len[:, None].expand(b, t), self.memory.shape[1])
+        return self._step
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -78,11 +93,12 @@ class GatedCrossAttentionBlock(nn.Module):
         self,
         x: torch.Tensor,
         memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        allowed: torch.Tensor,
-        row_mask: torch.Tensor,
+        allowed: torch.Tensor | None,
+        row_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x [B, T, d]; memory [B, M, d] or its cached (K, V) from an earlier call; allowed [B, T, M] bool;
-        row_mask [B, T, 1]. Returns the new hidden states and (K, V), which decoding reuses.
+        row_mask [B, T, 1] (both None: every row sees the whole memory). Returns the new hidden states and
+        (K, V), which decoding reuses.
 
         K/V are computed inside ``forward`` (not by the caller) so that a sharded block (FSDP) gathers its
         weights once per call."""
@@ -95,12 +111,17 @@ class GatedCrossAttentionBlock(nn.Module):
         # grouped-query attention: SDPA shares each K/V head among its query heads itself (enable_gqa), so the
         # cached K/V are not copied num_heads/num_kv_heads times on every decoding step (same outputs, bitwise)
         gqa = self.num_heads != self.num_kv_heads
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None].to(q.device), enable_gqa=gqa)
+        mask = None if allowed is None else allowed[:, None].to(q.device)  # [B, 1, T, M]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         a = self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [B, T, d]
-        h = x + torch.tanh(self.gate_attn).to(x.dtype) * (a * row_mask.to(a.dtype))
+        if row_mask is not None:
+            a = a * row_mask.to(a.dtype)
+        h = x + torch.tanh(self.gate_attn).to(x.dtype) * a
         n = self.post_norm(h)
         f = self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
-        return (h + torch.tanh(self.gate_ffn).to(h.dtype) * (f * row_mask.to(f.dtype))).to(out_dtype), kv
+        if row_mask is not None:
+            f = f * row_mask.to(f.dtype)
+        return (h + torch.tanh(self.gate_ffn).to(h.dtype) * f).to(out_dtype), kv
 
 
 @dataclass
@@ -108,8 +129,8 @@ class XAttnInputs:
     """What every gated block of one forward reads, passed down to the decoder layers as an argument."""
 
     state: XAttnState  # the image memory and, while decoding, each block's cached K/V
-    allowed: torch.Tensor  # [B, T, M] bool: which memory tokens each text token may see
-    row_mask: torch.Tensor  # [B, T, 1]: 0 for rows that see no memory token
+    allowed: torch.Tensor | None  # [B, T, M] bool: which memory tokens each text token may see (None: all)
+    row_mask: torch.Tensor | None  # [B, T, 1]: 0 for rows that see no memory token (None: every row sees some)
 
 
 class CrossAttentionDecoderLayer(nn.Module):
