@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from nvlm.distributed.parallel import World, barrier
+from nvlm.distributed.tensor_parallel import full_tensor
 
 MARKER = "COMPLETE"
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
@@ -240,8 +241,7 @@ def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.d
     if world.distributed or dtype is not None:
         full = {}
         for name, tensor in model.state_dict().items():
-            gather = getattr(tensor, "full_tensor", None)  # a DTensor shard: every process takes part
-            value = gather() if gather is not None else tensor
+            value = full_tensor(tensor)  # a DTensor shard: every process takes part
             if world.main:
                 cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
                 full[name] = value.detach().to("cpu", cast)

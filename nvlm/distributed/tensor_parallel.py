@@ -23,7 +23,7 @@ samples: their data-parallel rank is ``rank // tp`` (the mesh's dp coordinate).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -155,8 +155,36 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     norms = []
     for group in groups.values():
         norm = get_total_norm([p.grad for p in group if p.grad is not None])
-        norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().cpu())
+        norms.append((_whole_norm(norm) if isinstance(norm, DTensor) else norm).float().cpu())
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     for group in groups.values():
         clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def _whole_norm(norm: Any) -> torch.Tensor:
+    """A 2-norm that is partial over some mesh dimensions (each rank holds the norm of its own block), made whole:
+    the squares summed over each partial dimension's group in turn. (``full_tensor`` does the same two
+    all-reduces on a 2-D mesh, and warns about it on every step.)"""
+    import torch.distributed as dist
+
+    sq = norm.to_local().float() ** 2
+    for dim, placement in enumerate(norm.placements):
+        if placement.is_partial():
+            dist.all_reduce(sq, group=norm.device_mesh.get_group(dim))
+    return sq.sqrt()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard, gathered one mesh dimension at a time (one collective each, in an
+    order DTensor accepts for FSDP's strided shards of TP shards); a plain tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(t, DTensor):
+        return t
+    placements = list(t.placements)
+    for dim in range(len(placements)):
+        if not placements[dim].is_replicate():
+            placements[dim] = Replicate()
+            t = t.redistribute(t.device_mesh, placements)
+    return t.to_local()
