@@ -4,4 +4,5 @@ import sys
 
 from nvlm.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned data worker re-imports this module
+    sys.exit(main())

@@ -155,17 +155,19 @@ def test_corrupt_image_is_skipped_and_counted(backbones, dataset, tmp_path):
 
 
 def test_read_ahead_thread_changes_nothing(backbones, dataset, tmp_path):
-    """Batches read ahead in a thread (data.prefetch) give the same losses, counts and checkpointed data
-    position as reading in the step: the checkpoint records the last batch trained on, not read."""
+    """Batches read ahead in a thread (data.prefetch), with or without data worker processes (data.workers),
+    give the same losses, counts and checkpointed data position as reading in the step: the checkpoint records
+    the last batch trained on, not read."""
     results = {}
-    for depth in (0, 3):
+    for depth, workers in ((0, 0), (3, 0), (1, 2)):  # (1, 2): the thread drives 2 data worker processes
         cfg = make_cfg(backbones, dataset, steps=5, broken=True)
-        cfg.data.prefetch = depth
-        r = Trainer(cfg, tmp_path / str(depth), log=quiet).run()
-        state = json.loads((tmp_path / str(depth) / "checkpoints/step_0000005/trainer_state.json").read_text())
-        results[depth] = (losses(tmp_path / str(depth)), r.counts, state["ranks"])
-    assert results[0] == results[3]
-    assert results[0][1]["used"] == 5 * 4
+        cfg.data.prefetch, cfg.data.workers = depth, workers
+        out = tmp_path / f"{depth}-{workers}"
+        r = Trainer(cfg, out, log=quiet).run()
+        state = json.loads((out / "checkpoints/step_0000005/trainer_state.json").read_text())
+        results[depth, workers] = (losses(out), r.counts, state["ranks"])
+    assert results[0, 0] == results[3, 0] == results[1, 2]
+    assert results[0, 0][1]["used"] == 5 * 4
 
 
 def test_stage1_checkpoint_hands_over_to_stage2(backbones, dataset, tmp_path):

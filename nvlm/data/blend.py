@@ -13,11 +13,14 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from nvlm.data.formats import Conversation, DataFormatError, chatml_segments
 from nvlm.data.processor import Encoded
+from nvlm.data.workers import EncodePool
 from nvlm.vision.image_io import ImageLoadError
 
 
@@ -93,10 +96,12 @@ class SampleStream:
         rank: int = 0,
         world_size: int = 1,
         read_timeout: float | None = None,
+        workers: int = 0,
     ) -> None:
         """With `world_size` > 1 every process walks the same blend sequence (cheap: no image is read) and
         takes the positions p with p % world_size == rank, so processes never share a sample and together
-        read the samples one process would read, in the same global order."""
+        read the samples one process would read, in the same global order. `workers` > 0: ``batch`` encodes
+        in that many processes (``nvlm.data.workers``), with the same result as in this one."""
         self.blend, self.processor, self.max_seq_len, self.system = blend, processor, max_seq_len, system
         self.rank, self.world_size = rank, world_size
         self.max_bad_in_row, self.max_bad_fraction = max_bad_in_row, max_bad_fraction
@@ -104,6 +109,7 @@ class SampleStream:
         self.recent_errors: deque[str] = deque(maxlen=5)
         self._bad_in_row = 0
         self.read_timeout = read_timeout
+        self.pool: EncodePool | None = EncodePool(workers, processor, system) if workers > 0 else None
 
     def _encode(self, conv: Conversation) -> Encoded:
         """Read and encode one sample; with `read_timeout`, in a daemon thread so that a read that blocks (a
@@ -134,23 +140,34 @@ class SampleStream:
 
     def next(self) -> Encoded:
         while True:
+            name, idx, conv = self._draw()
+            enc = self._accept(name, idx, conv, partial(self._encode, conv))
+            if enc is not None:
+                return enc
+
+    def _draw(self) -> tuple[str, int, Conversation]:
+        """The blend's next conversation that is this process's to read."""
+        while True:
             name, idx, conv = self.blend.next()
-            if (self.blend.position - 1) % self.world_size != self.rank:
-                continue  # another process's sample
-            self.counts["read"] += 1
-            try:
-                enc = self._encode(conv)
-            except (ImageLoadError, DataFormatError, ValueError, SampleTimeout) as e:
-                self._bad(f"{conv.source or f'{name}[{idx}]'}: {e}", "bad_sample")
-                continue
-            if len(enc.input_ids) > self.max_seq_len:
-                # never cut an image block (or an answer): drop the sample, count it
-                self.counts["dropped_too_long"] += 1
-                continue
-            self._bad_in_row = 0
-            self.counts["used"] += 1
-            self.counts["used_with_images" if conv.images else "used_text_only"] += 1
-            return enc
+            if (self.blend.position - 1) % self.world_size == self.rank:
+                return name, idx, conv
+
+    def _accept(self, name: str, idx: int, conv: Conversation, encode: Callable[[], Encoded]) -> Encoded | None:
+        """Encode one drawn sample and keep it, or count it as bad / too long and return None."""
+        self.counts["read"] += 1
+        try:
+            enc = encode()
+        except (ImageLoadError, DataFormatError, ValueError, SampleTimeout) as e:
+            self._bad(f"{conv.source or f'{name}[{idx}]'}: {e}", "bad_sample")
+            return None
+        if len(enc.input_ids) > self.max_seq_len:
+            # never cut an image block (or an answer): drop the sample, count it
+            self.counts["dropped_too_long"] += 1
+            return None
+        self._bad_in_row = 0
+        self.counts["used"] += 1
+        self.counts["used_with_images" if conv.images else "used_text_only"] += 1
+        return enc
 
     def _bad(self, message: str, kind: str) -> None:
         self.counts[kind] += 1
@@ -168,7 +185,24 @@ class SampleStream:
             )
 
     def batch(self, size: int) -> list[Encoded]:
-        return [self.next() for _ in range(size)]
+        pool = self.pool
+        if pool is None:
+            return [self.next() for _ in range(size)]
+        out: list[Encoded] = []
+        while len(out) < size:  # draw exactly what is missing, encode it in parallel, accept it in order
+            drawn = [self._draw() for _ in range(size - len(out))]
+            pending = [pool.submit(conv) for _, _, conv in drawn]
+            for (name, idx, conv), fut in zip(drawn, pending):
+                enc = self._accept(name, idx, conv, partial(pool.result, fut, self.read_timeout, SampleTimeout))
+                if enc is not None:
+                    out.append(enc)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"blend": self.blend.state_dict(), "counts": dict(self.counts)}

@@ -62,6 +62,9 @@ class DataSpec:
     max_bad_fraction: float = 0.1
     prefetch: int = 1
     """Steps of batches read ahead in a background thread while the current one computes (0: read in step)."""
+    workers: int = 0
+    """Processes that decode, tile and tokenize samples (``nvlm.data.workers``); 0: the prefetch thread does it.
+    The samples, their order and the saved data position are the same either way."""
     read_timeout_s: float = 120.0
     """Seconds one sample may take to read and encode before it counts as bad (a FIFO or a hung network mount
     among the images must not wedge the run; needs prefetch >= 1, where reads run in the background)."""
@@ -255,7 +258,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.save_every": (0, None), "train.keep_last": (1, None), "train.log_every": (1, None),
     "train.max_nonfinite_in_row": (1, None), "train.num_threads": (0, None), "train.min_lr": (0, None),
     "data.max_seq_len": (1, None), "data.max_bad_in_row": (0, None), "data.max_bad_fraction": (0, 1),
-    "data.prefetch": (0, None), "data.sources[].weight": (0, None),
+    "data.prefetch": (0, None), "data.workers": (0, 256), "data.sources[].weight": (0, None),
     "train.lora.r": (0, 4096), "train.lora.alpha": (0, None), "train.lora.dropout": (0, 0.99),
 }  # fmt: skip
 POSITIVE = ("train.lr", "train.collective_timeout_s", "data.read_timeout_s")

@@ -179,6 +179,7 @@ class Trainer:
             self.world.dp_rank,
             self.world.dp_size,
             read_timeout=cfg.data.read_timeout_s,
+            workers=cfg.data.workers,
         )
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
@@ -357,6 +358,7 @@ class Trainer:
                 if self._prefetch is not None:
                     self._prefetch.close()
                     self._prefetch = None
+                self.stream.close()  # data workers, if any
                 progress.close()
                 self.metrics.close()
         elapsed = time.perf_counter() - start
