@@ -9,17 +9,15 @@ hang fails the test instead of blocking the suite.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import socket
 import traceback
-from collections.abc import Iterator
 
+import dist_util
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import picture, write_color_dataset
 
 from nvlm.distributed.dcp import complete_checkpoints
@@ -132,40 +130,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
         shutdown(world)
 
 
-@contextlib.contextmanager
-def cpu_unless_gpus(world_size: int) -> Iterator[None]:
-    """The workers (spawned inside) run gloo on CPU unless there is one GPU per process: init_world picks NCCL
-    and cuda:LOCAL_RANK whenever CUDA is visible, and rank 1 on a one-GPU machine would ask for cuda:1."""
-    if torch.cuda.device_count() >= world_size:
-        yield
-        return
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned workers, before they touch CUDA
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
-
-
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with cpu_unless_gpus(world_size):
-        ctx = mp.start_processes(
-            _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
-        )
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world_size}-process jobs did not finish within {TIMEOUT_S} s (a hang)")
+    dist_util.spawn(_worker, jobs, world_size, TIMEOUT_S)
 
 
 def result(out, rank=0) -> dict:

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
-import pytest
+import dist_util
 import torch
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_distributed import cpu_unless_gpus, tied_bf16_llm
+from test_distributed import tied_bf16_llm
 
 from nvlm.training.build import build_model
 from nvlm.training.config import RunConfig
@@ -98,19 +95,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
 
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with cpu_unless_gpus(world_size):
-        ctx = mp.start_processes(
-            _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
-        )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world_size}-process jobs did not finish within {TIMEOUT_S} s (a hang)")
+    dist_util.spawn(_worker, jobs, world_size, TIMEOUT_S)
 
 
 def model_cfg(backbones, arch: str, **model) -> dict:

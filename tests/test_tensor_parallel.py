@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import traceback
 
+import dist_util
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import picture, write_color_dataset
 
 from nvlm.config import ConfigError
@@ -117,18 +115,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
 
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(
-        _worker, args=(world_size, port, jobs), nprocs=world_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world_size}-process jobs did not finish within {TIMEOUT_S} s (a hang)")
+    dist_util.spawn(_worker, jobs, world_size, TIMEOUT_S)
 
 
 def result(out, rank=0) -> dict:
