@@ -116,6 +116,8 @@ def run_arch(arch: str, root: Path, budget: Budget, seed: int, log=print) -> dic
     t0 = time.perf_counter()
     runs = root / f"nvlm-{arch.lower()}"
     r1 = Trainer(stage_config(arch, "pretrain", root, budget, seed=seed), runs / "stage1", log=log).run()
+    # the stage-1 model alone (LLM still frozen): does the alignment reach the frozen LLM? (paper §4.5, issue 12)
+    stage1 = evaluate(nvlm.from_pretrained(r1.final_dir), root / "data", VISION_TASKS)
     r2 = Trainer(
         stage_config(arch, "sft", root, budget, init_from=str(r1.final_dir), seed=seed), runs / "stage2", log=log
     ).run()
@@ -127,6 +129,7 @@ def run_arch(arch: str, root: Path, budget: Budget, seed: int, log=print) -> dic
     return {
         "arch": arch,
         "tasks": tasks,
+        "tasks_stage1": stage1,
         "text_final": text,
         "checkpoint": str(r2.final_dir),
         "samples_per_s": {"stage1": r1.samples_per_s, "stage2": r2.samples_per_s},
@@ -184,7 +187,7 @@ def run_demo(
         "wall_s": time.perf_counter() - start,
     }
     if len(runs) == 1:  # the single-architecture layout: fields at the top level
-        results.update({k: runs[0][k] for k in ("arch", "tasks", "text")})
+        results.update({k: runs[0][k] for k in ("arch", "tasks", "tasks_stage1", "text")})
     (root / "results.json").write_text(json.dumps(results, indent=2))
     log(render_table(results))
     final = nvlm.from_pretrained(runs[-1]["checkpoint"])
@@ -202,10 +205,14 @@ def run_demo(
 def render_table(results: dict[str, Any]) -> str:
     """A table in the spirit of the paper's Tables 7–8: accuracy per task with its chance level."""
     lines = [f"\nnvlm demo ({results['budget']}, seed {results['seed']}): held-out accuracy", ""]
-    head = f"{'task':<10} {'chance':>7} " + " ".join(f"{'NVLM-' + r['arch']:>8}" for r in results["runs"])
+    head = f"{'task':<10} {'chance':>7} " + " ".join(
+        f"{'NVLM-' + r['arch']:>8} {'(stage 1)':>9}" for r in results["runs"]
+    )  # the final model, and the stage-1 model alone (frozen LLM)
     lines += [head, "-" * len(head)]
     for task in VISION_TASKS:
-        accs = " ".join(f"{r['tasks'][task]['accuracy']:>8.3f}" for r in results["runs"])
+        accs = " ".join(
+            f"{r['tasks'][task]['accuracy']:>8.3f} {r['tasks_stage1'][task]['accuracy']:>9.3f}" for r in results["runs"]
+        )
         lines.append(f"{task:<10} {results['runs'][0]['tasks'][task]['chance']:>7.3f} {accs}")
     r0 = results["runs"][0]["text"]
     lines.append(
