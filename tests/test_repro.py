@@ -96,7 +96,8 @@ def test_arm_configs_come_from_the_demo_recipe(tmp_path):
     low = claims.tags("D").arms[0]
     s1, s2 = arm_configs(tmp_path, scale, claims.tags("D"), low, seed=1, sets=["train.lr=0.001"])
     recipe1 = stage_config("D", "pretrain", tmp_path, scale.budget(), seed=1)
-    assert s1.model.overrides == {**recipe1.model.overrides, "tiling.max_tiles": 1}
+    assert s1.model.overrides == {**recipe1.model.overrides, "tags.mode": "text", "tiling.max_tiles": 1}
+    assert s1.data.max_seq_len == s2.data.max_seq_len == claims.TAG_SEQ_LEN  # text bbox tags are long
     assert s1.data.sources[: len(recipe1.data.sources)] == recipe1.data.sources  # the recipe's stage-1 data stay
     assert s1.train.max_steps == scale.stage1_steps and s1.train.lr == 0.001 and s1.train.seed == 1
     names = {Path(s["path"]).stem for s in s2.data.sources}
@@ -108,6 +109,14 @@ def test_arm_configs_come_from_the_demo_recipe(tmp_path):
     assert {Path(s["path"]).stem for s in none.data.sources} == {"tile_read", "tile_mark"}
     _, frozen = arm_configs(tmp_path, scale, claims.FREEZE_LLM, claims.FREEZE_LLM.arms[0], seed=0, sets=[])
     assert frozen.train.freeze_llm and frozen.model.arch == "X"
+    assert frozen.data.max_seq_len == stage_config("X", "sft", tmp_path, scale.budget()).data.max_seq_len
+
+
+def test_tag_arms_differ_as_text():
+    # with one learned token per tag, 2-D grid and 2-D bbox tags are the same model up to renaming: text keeps
+    # the formats apart, as in the paper
+    for arch in ("D", "X"):
+        assert all(a.model["tags.mode"] == "text" for a in claims.tags(arch).arms)
 
 
 TINY = Scale("tiny", 24, 6, 8, 2, 2, 3, batch=4, bench_steps=1, bench_warmup=0)

@@ -121,6 +121,10 @@ def arm_configs(
         data=dataclasses.replace(s2.data, sources=srcs),
         train=dataclasses.replace(s2.train, freeze_llm=arm.freeze_llm),
     )
+    if claim.max_seq_len is not None:
+        s1, s2 = (
+            dataclasses.replace(c, data=dataclasses.replace(c.data, max_seq_len=claim.max_seq_len)) for c in (s1, s2)
+        )
     return override(s1, sets), override(s2, sets)
 
 
