@@ -5,7 +5,7 @@ One NVLM-D (cpu preset shapes), one micro-batch of `samples` text conversations 
 log-normal law clipped to [32, max_len] tokens (most short, a few long: what SFT mixtures look like), timed
 in one process: warm-up, then padded/packed/packed/padded rounds and medians. The padded micro-batch is what
 ``data.pack=false`` trains on; the packed one what the default does. Their losses are compared (the same
-token-level mean; packed rows attend within each sample through the block-diagonal mask).
+token-level mean; packed rows attend within each sample: per-sample SDPA, ``nvlm.models.packed_attention``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from nvlm.bench.train import Shape
 from nvlm.bench.vs_hf import _interleaved
 from nvlm.data.packing import collate_packed, pack_greedy
+from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.optim import make_optimizer
 
 
@@ -52,6 +53,7 @@ def bench_packing(shape: Shape, samples: int, max_len: int, seed: int = 0) -> di
     from nvlm.bench.train import build_models
 
     model = build_models(["D"], shape, "sft", seed)["D"]
+    use_packed_attention(model.llm)  # as the trainer does on CPU: packed rows attend per sample; padded: SDPA
     encoded = long_tailed_samples(model, samples, max_len, seed)
     proc = model.processor
     padded = proc.collate(encoded, padding_side="right")

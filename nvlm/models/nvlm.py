@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
 from nvlm.models.llm import CausalLM, LLMDims, decoder_layers, dims_of
+from nvlm.models.packed_attention import ATTENTION, segment_lengths
 from nvlm.models.saving import save_pretrained
 from nvlm.models.xattn import (
     CrossAttentionDecoderLayer,
@@ -256,7 +257,9 @@ class NVLM(nn.Module):
             else:  # one mask for all blocks of this forward
                 allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)
-        extra = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its decoder layers
+        extra: dict[str, Any] = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its layers
+        if attention_mask is None and position_ids is not None and self.llm.config._attn_implementation == ATTENTION:
+            extra["cu_seq_lens_q"] = segment_lengths(position_ids)  # packed rows: attention per sample
         if labels is not None and not return_logits and not use_cache and self._plain_head():
             # training: run the decoder, then the LM head only where a label is (see labelled_loss)
             hidden = self.llm.get_decoder()(

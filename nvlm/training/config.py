@@ -138,9 +138,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each decoder layer and x-attn block (GPU, multi-process runs; a loss on CPU)."""
     attn: str = "sdpa"
-    """The LLM's attention kernel. "sdpa": a packed row attends through a dense block-diagonal causal mask
-    (O(T²) memory; the CPU path). "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention":
-    transformers' variable-length paths, which read the sample boundaries from the restarting position ids."""
+    """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
+    (``nvlm.models.packed_attention``), on GPU SDPA over a dense block-diagonal causal mask (O(T²) memory).
+    "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention": transformers' variable-length
+    paths, which read the sample boundaries from the restarting position ids."""
     tp: int = 1
     """Tensor-parallel degree within a node (1 = off). Processes = tp × dp_shard (``nvlm.distributed``)."""
     dp_shard: int = -1

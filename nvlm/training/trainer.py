@@ -38,6 +38,7 @@ from nvlm.distributed.dcp import (
 )
 from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard, start_steps, with_layout
 from nvlm.distributed.tensor_parallel import clip_grad_norm
+from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import activation_checkpointing, build_model, build_sharded
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
@@ -162,6 +163,8 @@ class Trainer:
                 activation_checkpointing(self.model)
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             self.model.llm.set_attn_implementation(t.attn)
+        elif self.packing and self.device.type == "cpu":  # SDPA per packed sample, not over the dense mask
+            use_packed_attention(self.model.llm)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
             self.log(

@@ -1,0 +1,91 @@
+"""Attention per packed sample (``nvlm.models.packed_attention``): the loss and gradients of the dense
+block-diagonal mask, and nothing changes for unpacked inputs or generation.
+
+python -m pytest tests/test_packed_attention.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import picture, set_gates
+
+from nvlm.data.formats import Conversation, chatml_segments
+from nvlm.data.packing import collate_packed
+from nvlm.models import packed_attention
+from nvlm.models.packed_attention import ATTENTION, segment_lengths, use_packed_attention
+
+
+def test_segment_lengths_from_restarting_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    assert segment_lengths(pos).tolist() == [0, 3, 5, 6, 10, 12]
+
+
+def conversations() -> list[Conversation]:
+    return [
+        Conversation(
+            [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red and blue"}],
+            [picture(150, 100, 1)],
+        ),
+        Conversation([{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]),
+        Conversation(
+            [{"role": "user", "content": "<image>\nDescribe it."}, {"role": "assistant", "content": "a red box"}],
+            [picture(60, 120, 2)],
+        ),
+        Conversation([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]),
+    ]
+
+
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, return_logits=False)
+    (out.loss_sum / out.num_tokens).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss_sum.detach() / out.num_tokens, grads
+
+
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_per_sample_attention_equals_the_dense_mask(build_model, arch, monkeypatch):
+    model = build_model(arch)
+    set_gates(model, 0.5)
+    model.train()
+    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    rows = [[samples[0], samples[1]], [samples[2], samples[3]]]  # two rows; the shorter ends in a padding tail
+    batch = collate_packed(rows, 0, model.processor.tokens_per_tile)
+    dense_loss, dense = loss_and_grads(model, batch)  # transformers' SDPA over the block-diagonal mask
+    use_packed_attention(model.llm)
+    assert model.llm.config._attn_implementation == ATTENTION
+    calls = []  # the per-sample path really runs: one causal SDPA per packed sample and layer
+    one_sample = packed_attention.causal_sdpa
+
+    def counted(*args):
+        calls.append(1)
+        return one_sample(*args)
+
+    monkeypatch.setattr(packed_attention, "causal_sdpa", counted)
+    loss, grads = loss_and_grads(model, batch)
+    monkeypatch.undo()
+    segments = len(segment_lengths(batch["position_ids"])) - 1
+    assert segments >= 4 and len(calls) == segments * len(model.llm.get_decoder().layers)
+    torch.testing.assert_close(loss, dense_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == dense.keys() and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dense[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and unpacked: the padded batch of the same samples gives the same loss again
+    padded = model.processor.collate(samples, padding_side="right")
+    torch.testing.assert_close(loss_and_grads(model, padded)[0], dense_loss, rtol=1e-5, atol=0)
+
+
+def test_generation_is_unchanged(build_model):
+    model = build_model("D")
+    texts = ["<image>\nWhat color?", "Hi"]
+    images = [[picture(150, 100)], []]
+    batch = model.processor(texts, images)  # left-padded: the attention mask matters
+    with torch.no_grad():
+        before = model(**batch).logits
+        ids_before = model.generate(texts, images, max_new_tokens=5)
+        use_packed_attention(model.llm)
+        after = model(**batch).logits
+        ids_after = model.generate(texts, images, max_new_tokens=5)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert ids_after == ids_before
