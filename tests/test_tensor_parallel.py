@@ -237,9 +237,14 @@ def test_init_world_starts_long_then_steps_with_the_configured_timeout(monkeypat
         seen.update(backend=backend, timeout=timeout)
         real_init(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
-    for k in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE"):
+    for k in (
+        "TORCH_FR_BUFFER_SIZE",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT",
+        "TORCH_FR_DUMP_TEMP_FILE",
+    ):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "500")  # the user's choice wins
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "500")  # the user's choice wins
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
@@ -248,7 +253,7 @@ def test_init_world_starts_long_then_steps_with_the_configured_timeout(monkeypat
     try:
         assert seen == {"backend": "gloo", "timeout": timedelta(seconds=parallel.STARTUP_TIMEOUT_S)}
         assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-        assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
+        assert os.environ["TORCH_FR_BUFFER_SIZE"] == "500" and "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ
         assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "fr" / "rank_")
         assert (tmp_path / "fr").is_dir()
         world = parallel.with_layout(world, 1, -1)

@@ -79,7 +79,8 @@ STARTUP_TIMEOUT_S = 3600.0
 """How long a collective may wait during start-up (model build, weight loading, resume), which on a large
 model far exceeds one training step; ``start_steps`` then lowers it to ``train.collective_timeout_s``."""
 FLIGHT_RECORDER_ENV = {
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # NCCL's flight recorder: the last 2000 collectives per process
+    "TORCH_FR_BUFFER_SIZE": "2000",  # the flight recorder: the last 2000 collectives per process (torch 2.13's
+    # name; the older TORCH_NCCL_TRACE_BUFFER_SIZE still works but warns, and a user's setting of it wins)
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # written to a file when a collective times out
 }
 """Set before the process group starts unless the user set them. The dump goes to
@@ -92,6 +93,8 @@ def flight_recorder_env(dump_dir: str | os.PathLike | None) -> dict[str, str]:
     env = dict(FLIGHT_RECORDER_ENV)
     if dump_dir is not None:
         env["TORCH_FR_DUMP_TEMP_FILE"] = str(Path(dump_dir) / "rank_")
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" in os.environ:
+        env.pop("TORCH_FR_BUFFER_SIZE")
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
