@@ -41,7 +41,7 @@ def test_cached_generation_equals_uncached_without_padding(build_model, arch):
 def test_one_forward_per_token_and_ordinary_tensors(build_model):
     model = build_model("D")
     calls = []
-    model.llm.register_forward_pre_hook(lambda *_: calls.append(1))
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
     batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     steps = list(generate_ids(model, batch, 5))
     assert len(steps) == 5 and len(calls) == 5  # the prefill and 4 decoding steps: none for a 6th token

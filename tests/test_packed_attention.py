@@ -89,3 +89,30 @@ def test_generation_is_unchanged(build_model):
         ids_after = model.generate(texts, images, max_new_tokens=5)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert ids_after == ids_before
+
+
+def test_packed_rows_build_no_dense_mask(build_model):
+    """transformers builds no [rows, 1, T, T] mask for packed rows (the per-sample attention would ignore it);
+    unpacked batches still get SDPA's mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    model = build_model("D")
+    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    packed = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, model.processor.tokens_per_tile)
+    padded = model.processor.collate(samples, padding_side="right")
+    use_packed_attention(model.llm)
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return sdpa_mask(*args, **kwargs)
+
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, counting)
+    try:
+        with torch.no_grad():
+            model(**packed, return_logits=False)
+            assert built == []
+            model(**padded, return_logits=False)
+            assert built == [1]
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from nvlm.data.chat import chat_prompt
+from nvlm.inference.kv_cache import preallocated_cache
 
 
 def sample_next(
@@ -62,8 +63,9 @@ def _decode(
     use_cache: bool,
     seed: int | None,
 ) -> Iterator[torch.Tensor]:
-    """``generate_ids``' loop. A decoding step is one token per sample through the LLM with its KV cache; what
-    the step needs besides is made once per call, not per step: the attention mask (a view of one buffer for
+    """``generate_ids``' loop. A decoding step is one token per sample through the LLM with its KV cache (written
+    in place into buffers sized for the whole call: ``nvlm.inference.kv_cache``); what the step needs besides
+    is made once per call, not per step: the attention mask (a view of one buffer for
     prompt + new tokens, or none at all when no sample is padded), the next positions (counted up, not
     re-derived from the mask) and, while no eos is given, no device→host synchronisation at all."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -73,7 +75,9 @@ def _decode(
     b, t = ids.shape
     eos = torch.tensor(eos_token_ids or [], dtype=torch.long, device=device)  # there once, not copied per step
     pad_id = model.processor.pad_id
-    out = model(**batch, use_cache=use_cache, logits_to_keep=1)
+    # room for the prompt and every new token, written in place (no torch.cat of the whole cache per step)
+    cache = preallocated_cache(model.llm.config, t + max_new_tokens) if use_cache else None
+    out = model(**batch, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
     cache, state = out.past_key_values, out.xattn_state
     # Left padding only ever sits in the prompt: with none (read on the host mask from the processor, free),
     # decoding steps need no mask at all; otherwise each step passes the prefix of one buffer.

@@ -4,7 +4,8 @@ tiny ones from config objects).
 
 Any Hugging Face decoder (Qwen2, Llama, Mistral, …) works: NVLM only needs its input embeddings, its list of
 decoder layers (to insert gated cross-attention before some of them) and its usual forward with a KV cache.
-Nothing here runs remote code.
+For the Llama family, a decoding step may also run the decoder's own modules one after the other
+(``decode_step``), skipping what the model-level forward does around them. Nothing here runs remote code.
 """
 
 from __future__ import annotations
@@ -127,3 +128,70 @@ def new_embedding_rows(seed: int, which: int, rows: int, width: int, std: float)
     """The added tokens' rows of embedding `which` (0 input, 1 output), N(0, std) as transformers draws them."""
     gen = torch.Generator().manual_seed(seed + which)
     return torch.empty(rows, width).normal_(0.0, std, generator=gen)
+
+
+# Decoders whose model-level forward is exactly: inputs_embeds → rotary embedding → every layer with one causal
+# mask → final norm (then the LM head). Others (Gemma scales its embeddings, Granite multiplies them, sliding-window
+# layers need their own masks, …) always decode through their own forward.
+_LAYERWISE_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+_LAYERWISE_ATTENTION = frozenset({"sdpa", "nvlm_packed_sdpa"})  # take a boolean [B, 1, T, T_kv] mask
+
+
+def layerwise_decode_ok(llm: CausalLM) -> bool:
+    """Whether ``decode_step`` computes exactly what ``llm(...)`` computes for this LLM (checked once per model)."""
+    c = llm.config
+    full = all(t == "full_attention" for t in (getattr(c, "layer_types", None) or ["full_attention"]))
+    windowed = c.model_type == "mistral" and getattr(c, "sliding_window", None) is not None
+    dec = llm.get_decoder()
+    parts = all(hasattr(dec, name) for name in ("rotary_emb", "layers", "norm"))
+    return (
+        c.model_type in _LAYERWISE_FAMILIES
+        and full
+        and not windowed
+        and parts
+        and c._attn_implementation in (_LAYERWISE_ATTENTION | {"eager"})
+    )
+
+
+def decode_step(
+    llm: CausalLM,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    cache: Any,
+    logits_to_keep: int = 0,
+    **layer_kwargs: Any,
+) -> torch.Tensor | None:
+    """Logits [B, T, vocab] for `T` new tokens [B, T, d] after the tokens held in `cache`, through the decoder's
+    own rotary embedding, layers, norm and LM head called one after the other: the model-level forward's
+    wrappers (output capture, keyword merging, mask dispatch) cost about as much as one decoder layer per step
+    on a small model. Bitwise the same logits as ``llm(...)``. None (use ``llm(...)``) where the mask would need
+    more than SDPA's boolean form: an eager LLM with left padding or several new tokens.
+
+    `attention_mask` [B, past + T] (1 = real token; None = no padding); `position_ids` [B, T]."""
+    b, t, _ = inputs_embeds.shape
+    mask = None  # one new token per sample and no padding: it attends to every cached key
+    if attention_mask is not None or t > 1:
+        if llm.config._attn_implementation not in _LAYERWISE_ATTENTION:
+            return None
+        kv = cache.get_seq_length() + t
+        keys = torch.arange(kv, device=inputs_embeds.device)
+        causal = keys[None, :] <= (kv - t + torch.arange(t, device=keys.device))[:, None]  # [T, kv]
+        mask = causal[None, None].expand(b, 1, t, kv)  # [B, 1, T, kv]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :].bool()
+    dec = llm.get_decoder()
+    hidden = inputs_embeds
+    rotary = dec.rotary_emb(hidden, position_ids)
+    for layer in dec.layers:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=rotary,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **layer_kwargs,
+        )
+    hidden = dec.norm(hidden)
+    return llm.get_output_embeddings()(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)

@@ -23,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor
-from nvlm.models.llm import CausalLM, LLMDims, decoder_layers, dims_of
-from nvlm.models.packed_attention import ATTENTION, segment_lengths
+from nvlm.models.llm import CausalLM, LLMDims, decode_step, decoder_layers, dims_of, layerwise_decode_ok
+from nvlm.models.packed_attention import ATTENTION, packed_kwargs
 from nvlm.models.saving import save_pretrained
 from nvlm.models.xattn import (
     CrossAttentionDecoderLayer,
@@ -129,6 +129,9 @@ class NVLM(nn.Module):
         )
         self.gate_off = False  # text-only use: skip every cross-attention block
         self.loss_chunk_tokens = 4096  # labelled tokens per LM-head + cross-entropy chunk (labelled_loss)
+        # decoding steps through the LLM's layers one after the other (``nvlm.models.llm.decode_step``) where
+        # that is exactly the LLM's forward; False: always through the LLM's own forward (the same logits)
+        self.layerwise_decode = True
 
     @property
     def device(self) -> torch.device:
@@ -258,8 +261,16 @@ class NVLM(nn.Module):
                 allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)
         extra: dict[str, Any] = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its layers
-        if attention_mask is None and position_ids is not None and self.llm.config._attn_implementation == ATTENTION:
-            extra["cu_seq_lens_q"] = segment_lengths(position_ids)  # packed rows: attention per sample
+        if (
+            attention_mask is None
+            and position_ids is not None
+            and past_key_values is None
+            and self.llm.config._attn_implementation == ATTENTION
+        ):  # packed rows: attention per sample (nvlm.models.packed_attention), boundaries read once
+            extra.update(packed_kwargs(position_ids))
+            # the masks the layers get, given ready-made: None, so transformers does not build the dense
+            # [rows, 1, T, T] block-diagonal mask that the per-sample attention would ignore
+            attention_mask = {"full_attention": None, "sliding_attention": None}  # type: ignore[assignment]
         if labels is not None and not return_logits and not use_cache and self._plain_head():
             # training: run the decoder, then the LM head only where a label is (see labelled_loss)
             hidden = self.llm.get_decoder()(
@@ -267,6 +278,15 @@ class NVLM(nn.Module):
             ).last_hidden_state
             labelled, count = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
             return Output(None, None, state, labelled, count)
+        if use_cache and labels is None and self._decoding_layerwise(past_key_values):
+            if position_ids is None:  # no padding: the new tokens follow the cached ones
+                past = past_key_values.get_seq_length()
+                position_ids = torch.arange(past, past + embeds.shape[1], device=embeds.device).expand(*input_ids.shape)
+            logits = decode_step(
+                self.llm, embeds, attention_mask, position_ids, past_key_values, logits_to_keep, **extra
+            )
+            if logits is not None:
+                return Output(logits, past_key_values, state)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -281,6 +301,16 @@ class NVLM(nn.Module):
         if labels is not None:
             loss_sum, n = self.loss(out.logits, labels)
         return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n)
+
+    def _decoding_layerwise(self, cache: Any) -> bool:
+        """A decoding step (a cache that already holds tokens) of an LLM that ``decode_step`` covers."""
+        return (
+            self.layerwise_decode
+            and cache is not None
+            and cache.get_seq_length() > 0
+            and self._plain_head()
+            and layerwise_decode_ok(self.llm)
+        )
 
     def _plain_head(self) -> bool:
         """Whether logits are just lm_head(final hidden state): not for LLMs that scale or soft-cap them."""

@@ -6,7 +6,9 @@ masked-out block as well: for a 512-token row of samples of ≈ 100 tokens most 
 This attention function runs causal SDPA per sample instead (Σ nᵢ² work instead of T²), reading the sample
 boundaries from ``cu_seq_lens_q`` — the same keyword transformers' FlashAttention-2 variable-length path reads,
 so the model passes one thing to either kernel. Without it (unpacked training, generation) it is
-transformers' own SDPA, with the mask transformers builds for SDPA.
+transformers' own SDPA, with the mask transformers builds for SDPA. For packed rows the model hands the layers
+their masks ready-made (None: transformers would otherwise build the dense mask this function ignores) and the
+boundaries once per forward as host integers (``packed_kwargs``), not read back in every layer.
 
 Registered under ``ATTENTION`` in transformers' attention and mask interfaces by :func:`register`.
 """
@@ -25,6 +27,13 @@ def segment_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     flat = position_ids.reshape(-1)  # [rows · T]; every row starts a sample (its position 0)
     starts = torch.nonzero(flat == 0).flatten()
     return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def packed_kwargs(position_ids: torch.Tensor) -> dict[str, object]:
+    """What a packed forward passes down to every attention call: ``cu_seq_lens_q`` (the tensor
+    variable-length kernels read) and ``packed_bounds``, the same boundaries as a list of ints, read once."""
+    cu = segment_lengths(position_ids)
+    return {"cu_seq_lens_q": cu, "packed_bounds": cu.tolist()}
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scale: float | None) -> torch.Tensor:
@@ -52,7 +61,7 @@ def packed_sdpa(
     q = query.transpose(0, 1).reshape(heads, rows * t, d)  # [H, rows·T, D]: the rows end to end
     k = key.transpose(0, 1).reshape(key.shape[1], rows * t, d)
     v = value.transpose(0, 1).reshape(value.shape[1], rows * t, d)
-    bounds = cu.tolist()  # host values: the boundaries come from the collated batch on the CPU
+    bounds = kwargs.get("packed_bounds") or cu.tolist()  # host ints, read once per forward by the model
     out = torch.empty_like(q)
     p = dropout if module.training else 0.0
     for lo, hi in zip(bounds[:-1], bounds[1:]):
