@@ -215,3 +215,23 @@ def test_bench_packing_runs_and_packing_keeps_the_loss(capsys):
     assert _bench("packing", "--samples", "4", "--max-len", "96", "--rounds", "1", "--warmup", "0", "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 4 and result["loss_rel_diff"] < 1e-5 and result["ratio"] > 0
+
+
+def test_race_ratio_is_the_median_of_each_rounds_own_ratio(monkeypatch):
+    """A slow spell of the machine slows both calls of a round; the per-round ratio cancels it, a ratio of the
+    two medians would not."""
+    from nvlm.bench import vs_hf
+
+    clock = [0.0]
+    monkeypatch.setattr(vs_hf.time, "perf_counter", lambda: clock[0])
+    slow = iter([1, 1, 5, 5, 5, 5, 1, 1] * 2)  # the machine's speed factor, one value per call, in call order
+
+    def call(cost: float):
+        def run():
+            clock[0] += cost * next(slow)
+
+        return run
+
+    race = vs_hf._interleaved(call(1.0), call(1.5), rounds=8, warmup=0)  # theirs costs 1.5× ours
+    assert race.ratio == pytest.approx(1.5) and race.spread == pytest.approx((1.5, 1.5))
+    assert race.ours == pytest.approx(3.0) and race.theirs == pytest.approx(4.5)  # medians across the spell

@@ -15,6 +15,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -25,8 +26,22 @@ from nvlm.bench.train import Shape
 from nvlm.training.optim import make_optimizer
 
 
-def _interleaved(ours: Callable[[], Any], theirs: Callable[[], Any], rounds: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of `ours` and `theirs` over `rounds` A-B-B-A rounds, after `warmup` calls of each."""
+@dataclass(frozen=True)
+class Race:
+    """Seconds per call of `ours` and `theirs` (medians over rounds) and the ratio theirs/ours (> 1: ours faster),
+    taken as the median of each round's own ratio: the two calls of a round run back to back, so a slow spell of
+    the machine (seen here: ±20 % on the same matmul from one second to the next) slows both; `spread` is the
+    lower and upper quartile of the rounds' ratios."""
+
+    ours: float
+    theirs: float
+    ratio: float
+    spread: tuple[float, float]
+
+
+def _interleaved(ours: Callable[[], Any], theirs: Callable[[], Any], rounds: int, warmup: int) -> Race:
+    """`ours` and `theirs` over `rounds` rounds, alternately ours-theirs and theirs-ours, after `warmup` calls
+    of each."""
     for _ in range(warmup):
         ours()
         theirs()
@@ -37,7 +52,14 @@ def _interleaved(ours: Callable[[], Any], theirs: Callable[[], Any], rounds: int
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return statistics.median(times["ours"]), statistics.median(times["theirs"])
+    ratios = [t / o for o, t in zip(times["ours"], times["theirs"], strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return Race(
+        statistics.median(times["ours"]),
+        statistics.median(times["theirs"]),
+        statistics.median(ratios),
+        (quartiles[0], quartiles[2]),
+    )
 
 
 def _train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], ours: bool) -> None:
@@ -55,7 +77,7 @@ def bench_train(archs: list[str], shape: Shape, seed: int = 0) -> dict[str, Any]
         (ours_batch, hf_batch), b = pair.train, shape.batch_size
         opt_ours = make_optimizer(pair.ours, 1e-5, 0.1, (0.9, 0.95))
         opt_hf = make_optimizer(pair.hf, 1e-5, 0.1, (0.9, 0.95))
-        t_ours, t_hf = _interleaved(
+        race = _interleaved(
             partial(_train_step, pair.ours, opt_ours, ours_batch, True),
             partial(_train_step, pair.hf, opt_hf, hf_batch, False),
             shape.steps,
@@ -64,9 +86,10 @@ def bench_train(archs: list[str], shape: Shape, seed: int = 0) -> dict[str, Any]
         rows.append(
             {
                 **_describe(pair),
-                "ours_samples_per_s": b / t_ours,
-                "hf_samples_per_s": b / t_hf,
-                "ratio": t_hf / t_ours,
+                "ours_samples_per_s": b / race.ours,
+                "hf_samples_per_s": b / race.theirs,
+                "ratio": race.ratio,
+                "ratio_quartiles": list(race.spread),
             }
         )
     return {"command": "train", "settings": _settings(shape, seed), "rows": rows}
@@ -91,7 +114,7 @@ def bench_generate(
             same = bool(torch.equal(ours(), theirs())) if arch == "D" else None
             if same is False:  # same weights and inputs: a speed figure for different tokens would mean nothing
                 raise RuntimeError(f"NVLM-D and InternVL generated different tokens at batch {b}: not timed")
-            t_ours, t_hf = _interleaved(ours, theirs, shape.steps, shape.warmup)
+            race = _interleaved(ours, theirs, shape.steps, shape.warmup)
             rows.append(
                 {
                     **_describe(pair),
@@ -99,9 +122,10 @@ def bench_generate(
                     "prompt_tokens": prompt,
                     "new_tokens": new_tokens,
                     "same_tokens": same,
-                    "ours_tokens_per_s": b * new_tokens / t_ours,
-                    "hf_tokens_per_s": b * new_tokens / t_hf,
-                    "ratio": t_hf / t_ours,
+                    "ours_tokens_per_s": b * new_tokens / race.ours,
+                    "hf_tokens_per_s": b * new_tokens / race.theirs,
+                    "ratio": race.ratio,
+                    "ratio_quartiles": list(race.spread),
                 }
             )
     settings = {**_settings(shape, seed), "batch_sizes": batch_sizes, "new_tokens": new_tokens}
@@ -165,11 +189,11 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"nvlm bench {result['command']} --vs hf — {what}; LLM {llm['num_hidden_layers']}L×{llm['hidden_size']} "
         f"(vocab {vocab}), ViT {vit['num_hidden_layers']}L×{vit['hidden_size']}, {s['tiles']}+1 tiles, "
-        f"{s['threads']} thread(s), median of {s['rounds']} interleaved rounds after {s['warmup']} warm-up; "
+        f"{s['threads']} thread(s), {s['rounds']} interleaved rounds after {s['warmup']} warm-up; "
         f"load average {s['load_avg_1m']:.1f} on {s['cpu_count']} cores at the start",
         "",
         f"{'ours':<8}{'reference':<11}{'batch':>6}{'dec tok':>9}{'mem tok':>10}"
-        f"{'ours ' + unit:>17}{'ref ' + unit:>16}{'ours/ref':>10}  check",
+        f"{'ours ' + unit:>17}{'ref ' + unit:>16}{'ours/ref':>10}{'quartiles':>13}  check",
     ]
     for r in result["rows"]:
         if r["max_abs_logit_diff"] is not None:
@@ -184,8 +208,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"NVLM-{r['arch']:<3}{r['reference']:<11}{r.get('batch_size', s['batch_size']):>6}"
             f"{dec:>9}{mem:>10}{r['ours_' + rate]:>17.2f}{r['hf_' + rate]:>16.2f}"
-            f"{r['ratio']:>10.2f}  {check}"
+            f"{r['ratio']:>10.2f}{'{:.2f}–{:.2f}'.format(*r['ratio_quartiles']):>13}  {check}"
         )
     lines.append("dec tok: decoder tokens per sample (generate: the prompt's); mem tok: image tokens in the")
     lines.append("cross-attention memory per sample, ours/reference. Generation times include the prefill.")
+    lines.append("ours/ref: median over rounds of each round's ratio (quartiles beside it); rates: medians.")
     return "\n".join(lines)
