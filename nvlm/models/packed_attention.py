@@ -62,11 +62,22 @@ def packed_sdpa(
     k = key.transpose(0, 1).reshape(key.shape[1], rows * t, d)
     v = value.transpose(0, 1).reshape(value.shape[1], rows * t, d)
     bounds = kwargs.get("packed_bounds") or cu.tolist()  # host ints, read once per forward by the model
-    out = torch.empty_like(q)
-    p = dropout if module.training else 0.0
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        out[:, lo:hi] = causal_sdpa(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], p, scaling)
+    out = per_sample(q, k, v, bounds, dropout if module.training else 0.0, scaling)
     return out.reshape(heads, rows, t, d).permute(1, 2, 0, 3), None  # [rows, T, H, D]
+
+
+# Left out of torch.compile (train.compile): traced, the loop would be unrolled once per number of packed
+# samples and recompiled for each new count until dynamo's recompile limit sends the whole layer back to eager.
+@torch.compiler.disable
+def per_sample(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], dropout: float, scale: float | None
+) -> torch.Tensor:
+    """[H, N, D] queries, [H_kv, N, D] keys and values of rows laid end to end → [H, N, D], each packed sample
+    (`bounds`: its start and end offsets) attending causally within itself."""
+    out = torch.empty_like(q)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[:, lo:hi] = causal_sdpa(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], dropout, scale)
+    return out
 
 
 def register() -> None:

@@ -36,7 +36,16 @@ from nvlm.distributed.dcp import (
     export_pretrained,
     load_checkpoint,
 )
-from nvlm.distributed.parallel import World, all_reduce, cast_for_training, grad_norm, reshard, start_steps, with_layout
+from nvlm.distributed.parallel import (
+    World,
+    all_reduce,
+    cast_for_training,
+    compile_blocks,
+    grad_norm,
+    reshard,
+    start_steps,
+    with_layout,
+)
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import activation_checkpointing, build_model, build_sharded
@@ -161,6 +170,8 @@ class Trainer:
             cast_for_training(self.model)  # fp32 master weights for what trains, as a sharded run keeps
             if t.activation_checkpointing:
                 activation_checkpointing(self.model)
+            if t.compile:  # a sharded run compiles inside build_sharded, before fully_shard
+                compile_blocks(self.model)
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             self.model.llm.set_attn_implementation(t.attn)
         elif self.packing and self.device.type == "cpu":  # SDPA per packed sample, not over the dense mask
