@@ -203,11 +203,33 @@ def test_vs_hf_train_and_generate_run_on_tiny_shapes():
     assert "NVLM-X  Mllama" in vs_hf.render(train) and "tokens/s" in vs_hf.render(gen)
 
 
+def test_vs_hf_train_compiles_ours_and_the_reference(monkeypatch):
+    """``--compile both``: every decoder layer of both models is compiled, and the first (compiling) step is
+    reported apart from the timed rounds."""
+    from dataclasses import replace
+
+    from nvlm.bench import hf_refs, vs_hf
+    from nvlm.distributed.parallel import compile_targets
+
+    monkeypatch.setenv("NVLM_COMPILE_BACKEND", "aot_eager")  # no C compiler needed, seconds
+    built = []
+    monkeypatch.setattr(vs_hf, "build_pair", lambda *a: built.append(hf_refs.build_pair(*a)) or built[-1])
+    train = vs_hf.bench_train(["D"], replace(TINY, steps=1, warmup=0, batch_size=1), compile="both")
+    (row,) = train["rows"]
+    assert row["ours_first_step_s"] > 0 and row["hf_first_step_s"] > 0 and row["ratio"] > 0
+    pair = built[0]
+    for m in [*compile_targets(pair.ours), *pair.hf.model.language_model.layers]:
+        assert hasattr(m.forward, "_torchdynamo_orig_callable")
+    assert "both torch.compile'd" in vs_hf.render(train) and "first step (compiling)" in vs_hf.render(train)
+
+
 def test_vs_hf_flags_are_checked(capsys):
     assert _bench("generate", "--arch", "D") == 2  # no --vs hf
     assert _bench("generate", "--vs", "hf", "--arch", "H") == 2
     assert _bench("train", "--vs", "hf", "--arch", "D,H") == 2
     assert "--arch D,X" in capsys.readouterr().err
+    assert _bench("train", "--compile", "ours") == 2  # compile is a --vs hf comparison
+    assert "add --vs hf" in capsys.readouterr().err
 
 
 def test_bench_packing_runs_and_packing_keeps_the_loss(capsys):

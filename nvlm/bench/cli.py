@@ -68,6 +68,13 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     _vs_flags(p)
+    p.add_argument(
+        "--compile",
+        choices=("none", "ours", "both"),
+        default="none",
+        help="with --vs hf: torch.compile our decoder layers and x-attn blocks as train.compile does (ours), "
+        "or also the reference's decoder layers (both); default none (all eager)",
+    )
     p.set_defaults(func=run_train)
 
     g = sub.add_parser(
@@ -150,6 +157,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.vs is not None:
         return run_vs_hf(args, archs)
+    if args.compile != "none":
+        print("nvlm bench train: --compile compares against the reference: add --vs hf", file=sys.stderr)
+        return BAD_INPUT
 
     import torch
 
@@ -197,7 +207,7 @@ def run_vs_hf(args: argparse.Namespace, archs: list[str]) -> int:
     )  # fmt: skip
     if args.vocab_size is not None:
         shape = replace(shape, llm={**shape.llm, "vocab_size": args.vocab_size})
-    result = vs_hf.bench_train(archs, shape, args.seed)
+    result = vs_hf.bench_train(archs, shape, args.seed, args.compile)
     print(json.dumps(result, indent=2) if args.json else vs_hf.render(result))
     return 0
 

@@ -84,6 +84,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
         per_tile = (vit.image_size // vit.patch_size) ** 2 + 1  # patches + a class token per tile
         memory = (tokens.memory, n_tiles * per_tile)
         pair = Pair(arch, "Mllama", ours, hf, (batch, hf_batch), memory, (tokens.decoder,) * 2, None)
+    pair.train[1]["use_cache"] = False  # as training scripts set it: no KV cache filled in a training forward
     hf.train()
     hf.requires_grad_(True)
     _vision_of(hf).requires_grad_(False)  # frozen, as ours

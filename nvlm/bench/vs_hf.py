@@ -6,7 +6,8 @@ both alike) and medians. Training: one full step each (forward with the loss, ba
 from ``nvlm.training.optim``); ours computes the LM head only at labelled positions, as our trainer does,
 transformers over every position, as its models do. Generation: greedy decoding of a fixed number of new
 tokens (no early stop), ours through ``generate_ids`` and theirs through ``.generate``; for D the two token
-streams are compared. Ratios are ours/theirs in samples/s or tokens/s: > 1 means ours is faster.
+streams are compared. ``--compile ours|both`` (training): torch.compile per decoder layer, as ``train.compile``.
+Ratios are ours/theirs in samples/s or tokens/s: > 1 means ours is faster.
 """
 
 from __future__ import annotations
@@ -69,20 +70,32 @@ def _train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], o
     opt.step()
 
 
-def bench_train(archs: list[str], shape: Shape, seed: int = 0) -> dict[str, Any]:
-    """Training step, ours vs the reference, for each arch."""
+COMPILE = ("none", "ours", "both")
+
+
+def bench_train(archs: list[str], shape: Shape, seed: int = 0, compile: str = "none") -> dict[str, Any]:
+    """Training step, ours vs the reference, for each arch. `compile`: "ours" compiles our model as
+    ``train.compile`` does (``compile_blocks``: each decoder layer whole, each x-attn block), "both" also each
+    decoder layer of the reference (its cross-attention layers included), so that like meets like."""
     rows = []
     for arch in archs:
         pair = build_pair(arch, shape, seed)
         (ours_batch, hf_batch), b = pair.train, shape.batch_size
         opt_ours = make_optimizer(pair.ours, 1e-5, 0.1, (0.9, 0.95))
         opt_hf = make_optimizer(pair.hf, 1e-5, 0.1, (0.9, 0.95))
-        race = _interleaved(
-            partial(_train_step, pair.ours, opt_ours, ours_batch, True),
-            partial(_train_step, pair.hf, opt_hf, hf_batch, False),
-            shape.steps,
-            shape.warmup,
-        )
+        ours = partial(_train_step, pair.ours, opt_ours, ours_batch, True)
+        theirs = partial(_train_step, pair.hf, opt_hf, hf_batch, False)
+        first = {}
+        if compile != "none":
+            from nvlm.distributed.parallel import compile_backend, compile_blocks
+
+            compile_blocks(pair.ours)
+            if compile == "both":
+                hf: Any = pair.hf
+                for layer in hf.model.language_model.layers:
+                    layer.forward = torch.compile(layer.forward, backend=compile_backend())
+            first = {"ours_first_step_s": _seconds(ours), "hf_first_step_s": _seconds(theirs)}  # compiles
+        race = _interleaved(ours, theirs, shape.steps, shape.warmup)
         rows.append(
             {
                 **_describe(pair),
@@ -90,9 +103,16 @@ def bench_train(archs: list[str], shape: Shape, seed: int = 0) -> dict[str, Any]
                 "hf_samples_per_s": b / race.theirs,
                 "ratio": race.ratio,
                 "ratio_quartiles": list(race.spread),
+                **first,
             }
         )
-    return {"command": "train", "settings": _settings(shape, seed), "rows": rows}
+    return {"command": "train", "settings": {**_settings(shape, seed), "compile": compile}, "rows": rows}
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def bench_generate(
@@ -186,6 +206,9 @@ def render(result: dict[str, Any]) -> str:
     vocab = llm.get("vocab_size", "tokenizer")
     unit = "samples/s" if train else "tokens/s"
     what = f"training step, batch {s['batch_size']}" if train else f"greedy decoding, {s['new_tokens']} new tokens"
+    compiled = {"ours": "ours torch.compile'd, reference eager", "both": "both torch.compile'd"}
+    if s.get("compile", "none") != "none":
+        what += f" ({compiled[s['compile']]})"
     lines = [
         f"nvlm bench {result['command']} --vs hf — {what}; LLM {llm['num_hidden_layers']}L×{llm['hidden_size']} "
         f"(vocab {vocab}), ViT {vit['num_hidden_layers']}L×{vit['hidden_size']}, {s['tiles']}+1 tiles, "
@@ -210,6 +233,12 @@ def render(result: dict[str, Any]) -> str:
             f"{dec:>9}{mem:>10}{r['ours_' + rate]:>17.2f}{r['hf_' + rate]:>16.2f}"
             f"{r['ratio']:>10.2f}{'{:.2f}–{:.2f}'.format(*r['ratio_quartiles']):>13}  {check}"
         )
+    for r in result["rows"]:
+        if "ours_first_step_s" in r:
+            lines.append(
+                f"NVLM-{r['arch']}: first step (compiling) {r['ours_first_step_s']:.1f} s, "
+                f"{r['reference']} {r['hf_first_step_s']:.1f} s"
+            )
     lines.append("dec tok: decoder tokens per sample (generate: the prompt's); mem tok: image tokens in the")
     lines.append("cross-attention memory per sample, ours/reference. Generation times include the prefill.")
     lines.append("ours/ref: median over rounds of each round's ratio (quartiles beside it); rates: medians.")
