@@ -70,9 +70,6 @@ def _train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], o
     opt.step()
 
 
-COMPILE = ("none", "ours", "both")
-
-
 def bench_train(archs: list[str], shape: Shape, seed: int = 0, compile: str = "none") -> dict[str, Any]:
     """Training step, ours vs the reference, for each arch. `compile`: "ours" compiles our model as
     ``train.compile`` does (``compile_blocks``: each decoder layer whole, each x-attn block), "both" also each
@@ -87,13 +84,12 @@ def bench_train(archs: list[str], shape: Shape, seed: int = 0, compile: str = "n
         theirs = partial(_train_step, pair.hf, opt_hf, hf_batch, False)
         first = {}
         if compile != "none":
-            from nvlm.distributed.parallel import compile_backend, compile_blocks
+            from nvlm.distributed.parallel import compile_blocks, compile_forwards
 
             compile_blocks(pair.ours)
             if compile == "both":
                 hf: Any = pair.hf
-                for layer in hf.model.language_model.layers:
-                    layer.forward = torch.compile(layer.forward, backend=compile_backend())
+                compile_forwards(hf.model.language_model.layers)
             first = {"ours_first_step_s": _seconds(ours), "hf_first_step_s": _seconds(theirs)}  # compiles
         race = _interleaved(ours, theirs, shape.steps, shape.warmup)
         rows.append(

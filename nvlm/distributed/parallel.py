@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -221,11 +222,17 @@ def compile_targets(model: NVLM) -> list[nn.Module]:
 
 
 def compile_blocks(model: NVLM) -> None:
-    """``torch.compile`` each of ``compile_targets`` in place (its ``forward``: hooks such as FSDP's stay
-    eager). Call after activation checkpointing is switched on, which decides the targets."""
+    """``torch.compile`` each of ``compile_targets`` in place. Call after activation checkpointing is switched
+    on, which decides the targets."""
+    compile_forwards(compile_targets(model))
+
+
+def compile_forwards(modules: Iterable[nn.Module]) -> None:
+    """Replace each module's ``forward`` by its compiled version (``compile_backend``); hooks on the module's
+    call, such as FSDP's, stay eager."""
     backend = compile_backend()
-    for block in compile_targets(model):
-        block.forward = torch.compile(block.forward, backend=backend)
+    for m in modules:
+        m.forward = torch.compile(m.forward, backend=backend)
 
 
 def compile_backend() -> str:

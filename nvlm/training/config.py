@@ -137,8 +137,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each decoder layer and x-attn block (``nvlm.distributed.parallel.compile_targets``). The
-    first steps of each new sequence length pay for compilation (seconds to minutes); then the fused element-wise
-    work saves time on CPU and GPU alike (``nvlm bench train --vs hf --compile``)."""
+    first step, and the first new sequence lengths until dynamo treats lengths as dynamic, pay for compilation
+    (seconds to minutes); then the fused element-wise work saves time (``nvlm bench train --vs hf --compile``)."""
     attn: str = "sdpa"
     """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
     (``nvlm.models.packed_attention``), on GPU SDPA over a dense block-diagonal causal mask (O(T²) memory).
