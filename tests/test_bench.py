@@ -204,8 +204,8 @@ def test_vs_hf_train_and_generate_run_on_tiny_shapes():
 
 
 def test_vs_hf_train_compiles_ours_and_the_reference(monkeypatch):
-    """``--compile both``: every decoder layer of both models is compiled, and the first (compiling) step is
-    reported apart from the timed rounds."""
+    """``--compile both``: every decoder layer, vision layer and projector of both models is compiled, and the
+    first (compiling) step is reported apart from the timed rounds."""
     from dataclasses import replace
 
     from nvlm.bench import hf_refs, vs_hf
@@ -218,7 +218,9 @@ def test_vs_hf_train_compiles_ours_and_the_reference(monkeypatch):
     (row,) = train["rows"]
     assert row["ours_first_step_s"] > 0 and row["hf_first_step_s"] > 0 and row["ratio"] > 0
     pair = built[0]
-    for m in [*compile_targets(pair.ours), *pair.hf.model.language_model.layers]:
+    theirs = hf_refs.reference_compile_targets(pair.hf)
+    assert pair.hf.model.multi_modal_projector in theirs and len(theirs) > len(pair.hf.model.language_model.layers) + 1
+    for m in [*compile_targets(pair.ours), *theirs]:
         assert hasattr(m.forward, "_torchdynamo_orig_callable")
     assert "both torch.compile'd" in vs_hf.render(train) and "first step (compiling)" in vs_hf.render(train)
 

@@ -69,7 +69,9 @@ def test_one_process_run_compiles_whole_layers_with_the_eager_gradients(backbone
     compiled = trainer(backbones, dataset, tmp_path / "compiled", arch, compile=True)
     targets = compile_targets(compiled.model)
     layers = [m.layer if isinstance(m, CrossAttentionDecoderLayer) else m for m in decoder_layers(compiled.model.llm)]
-    assert targets == [*layers, *compiled.model.xattn]  # no checkpointing: each layer whole, and each block
+    vision = [*compiled.model.vision.layers, compiled.model.projector]
+    assert len(vision) > 1  # the tower's layers (frozen, but run every step) and the trained projector
+    assert targets == [*layers, *compiled.model.xattn, *vision]  # no checkpointing: each layer whole, each block
     assert all(is_compiled(m) for m in targets) and not any(is_compiled(m) for m in compile_targets(eager.model))
 
     proc = eager.model.processor
@@ -122,6 +124,28 @@ def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_mode
         graphs.append(counters["stats"]["unique_graphs"])
     # the first three batches settle the dynamic shapes; after that a new number of samples (traced, the
     # per-sample loop would be unrolled per count) and a new length compile nothing more
+    assert graphs[2] > 0 and graphs[-1] == graphs[2], graphs
+    with torch.no_grad():
+        loss, loss_eager = (m(**batch, return_logits=False).loss_sum for m in (model, eager))
+    torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=0)
+
+
+def test_images_with_new_tile_counts_reuse_the_compiled_vision_layers(build_model):
+    model = build_model("D").train()
+    eager = build_model("D").train()
+    compile_blocks(model)
+    assert all(is_compiled(m) for m in [*model.vision.layers, model.projector])
+    proc, size = model.processor, model.vision.tile_size
+    graphs, tiles = [], []
+    for cols in range(1, 6):  # a 1×cols grid of tiles (+ a thumbnail past one): a new tile count each batch
+        enc = proc.encode_segments([("<image>\nWhat? ", False), ("ok", True)], [picture(cols * size, size, cols)])
+        batch = proc.collate([enc], padding_side="right")
+        out = model(**batch, return_logits=False)
+        (out.loss_sum / out.num_tokens).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        tiles.append(batch["pixel_values"].shape[0])
+    assert len(set(tiles)) == 5, tiles
+    # the first counts settle the dynamic tile dimension; later ones (and their new lengths) compile nothing
     assert graphs[2] > 0 and graphs[-1] == graphs[2], graphs
     with torch.no_grad():
         loss, loss_eager = (m(**batch, return_logits=False).loss_sum for m in (model, eager))

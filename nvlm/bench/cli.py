@@ -72,8 +72,8 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
         "--compile",
         choices=("none", "ours", "both"),
         default="none",
-        help="with --vs hf: torch.compile our decoder layers and x-attn blocks as train.compile does (ours), "
-        "or also the reference's decoder layers (both); default none (all eager)",
+        help="with --vs hf: torch.compile our decoder layers, x-attn blocks, vision layers and projector as "
+        "train.compile does (ours), or also the reference's counterparts (both); default none (all eager)",
     )
     p.set_defaults(func=run_train)
 

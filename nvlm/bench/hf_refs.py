@@ -116,6 +116,18 @@ def mllama_inputs(hf: nn.Module, ids: torch.Tensor, pixels: torch.Tensor, mask: 
     }
 
 
+def reference_compile_targets(hf: nn.Module) -> list[nn.Module]:
+    """The reference's counterparts of ``nvlm.distributed.parallel.compile_targets``: each decoder layer (Mllama's
+    cross-attention layers included), each vision layer (Mllama's global ones too) and the projector."""
+    model: Any = hf.model
+    vision: Any = _vision_of(hf)
+    if hasattr(vision, "encoder"):  # InternVL's vision tower
+        vision_layers = list(vision.encoder.layer)
+    else:  # Mllama's: local layers, then global ones
+        vision_layers = [*vision.transformer.layers, *vision.global_transformer.layers]
+    return [*model.language_model.layers, *vision_layers, model.multi_modal_projector]
+
+
 def _vision_of(hf: nn.Module) -> nn.Module:
     model: Any = hf.model
     return model.vision_tower if hasattr(model, "vision_tower") else model.vision_model

@@ -6,7 +6,7 @@ both alike) and medians. Training: one full step each (forward with the loss, ba
 from ``nvlm.training.optim``); ours computes the LM head only at labelled positions, as our trainer does,
 transformers over every position, as its models do. Generation: greedy decoding of a fixed number of new
 tokens (no early stop), ours through ``generate_ids`` and theirs through ``.generate``; for D the two token
-streams are compared. ``--compile ours|both`` (training): torch.compile per decoder layer, as ``train.compile``.
+streams are compared. ``--compile ours|both`` (training): torch.compile per layer, as ``train.compile``.
 Ratios are ours/theirs in samples/s or tokens/s: > 1 means ours is faster.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nvlm.bench.hf_refs import Pair, build_pair, generate_inputs
+from nvlm.bench.hf_refs import Pair, build_pair, generate_inputs, reference_compile_targets
 from nvlm.bench.train import Shape
 from nvlm.training.optim import make_optimizer
 
@@ -72,8 +72,8 @@ def _train_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], o
 
 def bench_train(archs: list[str], shape: Shape, seed: int = 0, compile: str = "none") -> dict[str, Any]:
     """Training step, ours vs the reference, for each arch. `compile`: "ours" compiles our model as
-    ``train.compile`` does (``compile_blocks``: each decoder layer whole, each x-attn block), "both" also each
-    decoder layer of the reference (its cross-attention layers included), so that like meets like."""
+    ``train.compile`` does (``compile_blocks``: each decoder layer whole, each x-attn block, each vision layer, the
+    projector), "both" also the reference's counterparts (``reference_compile_targets``), so that like meets like."""
     rows = []
     for arch in archs:
         pair = build_pair(arch, shape, seed)
@@ -88,8 +88,7 @@ def bench_train(archs: list[str], shape: Shape, seed: int = 0, compile: str = "n
 
             compile_blocks(pair.ours)
             if compile == "both":
-                hf: Any = pair.hf
-                compile_forwards(hf.model.language_model.layers)
+                compile_forwards(reference_compile_targets(pair.hf))
             first = {"ours_first_step_s": _seconds(ours), "hf_first_step_s": _seconds(theirs)}  # compiles
         race = _interleaved(ours, theirs, shape.steps, shape.warmup)
         rows.append(

@@ -136,9 +136,10 @@ class TrainConfig:
     """bf16 autocast on GPU (ignored on CPU)."""
     activation_checkpointing: bool = False
     compile: bool = False
-    """torch.compile each decoder layer and x-attn block (``nvlm.distributed.parallel.compile_targets``). The
-    first step, and the first new sequence lengths until dynamo treats lengths as dynamic, pay for compilation
-    (seconds to minutes); then the fused element-wise work saves time (``nvlm bench train --vs hf --compile``)."""
+    """torch.compile each decoder layer, x-attn block, vision layer and the projector
+    (``nvlm.distributed.parallel.compile_targets``). The first step, and the first new sequence lengths and
+    tile counts until dynamo treats them as dynamic, pay for compilation (seconds to minutes); then the fused
+    element-wise work saves time (``nvlm bench train --vs hf --compile``)."""
     attn: str = "sdpa"
     """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
     (``nvlm.models.packed_attention``), on GPU SDPA over a dense block-diagonal causal mask (O(T²) memory).

@@ -174,6 +174,13 @@ class VisionEncoder(nn.Module):
         self.tokens_per_tile: int = (self.grid // scale) ** 2
         self.out_dim: int = self.hidden_size * scale * scale
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The tower's transformer layers, in order (InternViT names them ``encoder.layer``, SigLIP and CLIP
+        ``encoder.layers``)."""
+        encoder = self.model.encoder
+        return encoder.layer if hasattr(encoder, "layer") else encoder.layers
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.select_layer != -1
         out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
