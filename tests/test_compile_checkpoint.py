@@ -37,7 +37,7 @@ def world():
 
 
 def step(backbones, dataset, tmp_path, world, arch, compile, ac):
-    """One training micro-batch (an image sample, x-attn gates opened); returns (calls per compiled module,
+    """One training micro-batch (an image sample, x-attn gates opened); returns (calls per compiled LLM module,
     bytes saved for backward outside checkpointed regions, full gradients, compiled graphs)."""
     sources = [{"path": str(dataset / "images.jsonl")}]
     cfg = RunConfig.from_dict(
@@ -78,7 +78,11 @@ def step(backbones, dataset, tmp_path, world, arch, compile, ac):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.train_step([proc.collate([enc], padding_side="right")])
     grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return calls, saved[0], grads, compiled
+    # the vision layers and the projector come last among the targets; activation checkpointing (decoder
+    # layers and their blocks) leaves them alone, so they run once either way
+    tower = len(model.vision.layers) + 1
+    assert set(calls[-tower:]) == {1}, calls
+    return calls[:-tower], saved[0], grads, compiled
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
