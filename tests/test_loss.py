@@ -34,7 +34,7 @@ def test_labelled_loss_equals_the_full_logits_loss(build_model, arch, chunk):
     assert fast.num_tokens == full.num_tokens > chunk or chunk == 4096
     torch.testing.assert_close(fast.loss_sum, full.loss_sum, rtol=1e-6, atol=0)
     assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 10
-    for name in full_grads:  # chunks sum in another order: rounding-level differences, scaled to the gradient
-        g = full_grads[name]
-        diff = float((fast_grads[name] - g).abs().max())
-        assert diff <= 1e-5 * float(g.abs().max()) + 1e-9, (name, diff, float(g.abs().max()))
+    for name, g in full_grads.items():  # chunks sum in another order: rounding at the gradient's own scale
+        torch.testing.assert_close(
+            fast_grads[name], g, rtol=1e-5, atol=max(1e-7, 1e-6 * float(g.abs().max())), msg=name
+        )

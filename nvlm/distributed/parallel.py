@@ -204,7 +204,7 @@ def compile_targets(model: NVLM) -> list[nn.Module]:
     residual adds fuse with the attention's and MLP's element-wise work: the cpu preset's D step against eager
     InternVL measured 1.13–1.15× compiled whole, 1.06× with attention + MLP alone, on one machine; 1.06× whole
     on another), each x-attn block, each layer of the vision tower and the projector (frozen or not, the tower
-    runs every step; on the cpu preset's 4-layer tower the gain is within the noise: 1.06× → 1.06–1.08×).
+    runs every step; on the cpu preset's 4-layer tower the gain is within the noise: 1.06× without, 1.08× with).
 
     A layer that checkpoints itself (transformers' per-layer activation checkpointing) has only its attention and
     MLP compiled: transformers (5.x) checkpoints inside the layer's class-level ``forward``, so compiling the
