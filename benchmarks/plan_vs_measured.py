@@ -144,10 +144,10 @@ def autocast_copies(model: nn.Module, ac: bool) -> int:
     return BF16 * (_linear(model) - inside + one)
 
 
-def make_batch(model: Any, seq: int, micro: int) -> dict[str, Any]:
+def make_batch(model: Any, proc: Any, seq: int, micro: int) -> dict[str, Any]:
     """`micro` samples with one image at the most tiles; rows 8 tokens shorter each (a padding mask, as in
     training), truncated to `seq` tokens."""
-    proc, c = model.processor, model.config
+    c = model.config
     side = proc.tile_size
     cols = max(1, c.tiling.max_tiles // 2)
     image = Image.new("RGB", (side * cols, side * max(1, c.tiling.max_tiles // cols)), (120, 60, 200))
@@ -169,7 +169,7 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
     llm, vision, overrides = shapes[:3]
     v = dict(vision)
     torch.manual_seed(0)
-    model = nvlm.build(
+    model, processor = nvlm.build(
         arch,
         llm=dict(llm),
         vision=vision_config(v.pop("type"), **v),
@@ -190,7 +190,7 @@ def measure(arch: str, cfg: RunConfig, shapes: tuple, device: str, steps: int, f
             p.data = p.data.to(torch.float32 if p.requires_grad else torch.bfloat16)
         model.llm.get_input_embeddings().register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda and not fsdp)
-    batch = make_batch(model, cfg.data.max_seq_len, cfg.train.micro_batch_size)
+    batch = make_batch(model, processor, cfg.data.max_seq_len, cfg.train.micro_batch_size)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -299,7 +299,7 @@ def _time_worker(rank: int, world: int, port: int, arch: str, ac: bool, seq: int
     bw = allreduce_busbw(world) if world > 1 else 0.0
     v = dict(vision)
     torch.manual_seed(0)
-    model = nvlm.build(
+    model, processor = nvlm.build(
         arch,
         llm=dict(llm),
         vision=vision_config(v.pop("type"), **v),
@@ -311,7 +311,7 @@ def _time_worker(rank: int, world: int, port: int, arch: str, ac: bool, seq: int
         activation_checkpointing(model)
     parallelize(model.train(), mixed_precision=True)  # bf16 gathers and compute, fp32 reduce-scatter: the plan's
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batch = make_batch(model, seq, micro)
+    batch = make_batch(model, processor, seq, micro)
     times = []
     for i in range(steps + 1):  # step 0: warm-up
         dist.barrier()

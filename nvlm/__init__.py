@@ -1,22 +1,25 @@
 """nvlm: NVLM 1.0 (NVLM-D, NVLM-X, NVLM-H) in PyTorch over any Hugging Face LLM and vision encoder.
 
-    model = nvlm.build(arch="H", llm="path/to/Qwen2-0.5B-Instruct", vision="path/to/internvl-vision")
-    model.save_pretrained("out/");  model = nvlm.from_pretrained("out/")
-    text = model.chat("What is the total?", image="doc.png")
+    model, processor = nvlm.build(arch="H", llm="path/to/Qwen2-0.5B-Instruct", vision="path/to/internvl-vision")
+    model.save_pretrained("out/");  processor.save_pretrained("out/")
+    model, processor = nvlm.load("out/")
+    text = model.chat(processor, "What is the total?", image="doc.png")
 
 The names below load lazily, so ``nvlm eval score`` (pure Python scorers) does not import torch.
 """
 
 from typing import Any
 
-__all__ = ["NVLM", "NVLMConfig", "build", "from_pretrained"]
+__all__ = ["NVLM", "NVLMConfig", "Processor", "build", "from_pretrained", "load"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "NVLM": "nvlm.models.nvlm",
     "NVLMConfig": "nvlm.config",
-    "build": "nvlm.models.pretrained",
-    "from_pretrained": "nvlm.models.pretrained",
+    "Processor": "nvlm.data.processor",
+    "build": "nvlm.loading",
+    "load": "nvlm.loading",
+    "from_pretrained": "nvlm.loading",
 }
 
 

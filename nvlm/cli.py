@@ -151,15 +151,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"--image {image}: no such file; check the path")
-    model = nvlm.from_pretrained(args.model)
-    model.eval()
+    model, processor = nvlm.load(args.model)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
         temperature=args.temperature,
         top_p=args.top_p,
     )
-    for piece in model.chat(args.question, images=args.image, stream=True, **kwargs):
+    for piece in model.chat(processor, args.question, images=args.image, stream=True, **kwargs):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -224,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from nvlm.models.pretrained import merge_checkpoint
+    from nvlm.loading import merge_checkpoint
 
     merge_checkpoint(args.src, args.dst)
     print(f"wrote {args.dst}: a plain nvlm checkpoint, LoRA adapters folded in")

@@ -168,6 +168,9 @@ class NVLMConfig:
     """Prompt format of ``model.chat``: `chatml` = Megatron's training format (newline after each <|im_end|>,
     tags tokenized piece by piece); `release` = NVLM-D-72B's own ``chat()`` (system "Answer the questions.", no
     newline after <|im_end|>, the whole prompt tokenized at once; NVLM-D only). See nvlm.data.chat."""
+    image_token_id: int | None = None
+    """The image-pad token's id in the processor's tokenizer: the model scatters tile features into these slots
+    and never samples it. Set when the model is built (None: a weight-less build from architecture dicts)."""
     format_version: int = 1
 
     def validate(self) -> NVLMConfig:

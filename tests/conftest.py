@@ -42,13 +42,13 @@ def backbones(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def build_model(backbones):
-    """build_model("X", llm="qwen2", vision="internvl", **overrides) → an NVLM model in eval mode."""
+    """build_model("X", llm="qwen2", vision="internvl", **overrides) → (an NVLM model in eval mode, its processor)."""
     import nvlm
 
     def make(arch: str, llm: str = "qwen2", vision: str = "internvl", seed: int = 0, **overrides):
         torch.manual_seed(seed)
-        model = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), **overrides)
-        return model.eval()
+        model, processor = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), **overrides)
+        return model.eval(), processor
 
     return make
 
@@ -120,3 +120,10 @@ def write_color_dataset(root, images: int, texts: int):
                 + "\n"
             )
     return root
+
+
+def save_pair(built, path) -> None:
+    """Save a (model, processor) pair as one checkpoint folder, as nvlm.load reads it."""
+    model, processor = built
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))

@@ -18,33 +18,34 @@ from nvlm.data.chat import chat_prompt
 
 @pytest.mark.parametrize("arch,tags", [("D", {}), ("X", {"tags__mode": "special"}), ("H", {"tags__style": "2d_grid"})])
 def test_save_load_identical_logits(build_model, tmp_path, arch, tags):
-    model = build_model(arch, **tags)
+    model, processor = build_model(arch, **tags)
     set_gates(model, 0.3)
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(0.01)  # make sure trained (non-initial) projector weights are what gets saved
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     with torch.no_grad():
         before = model(**batch).logits
     model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
     files = {p.name for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".pth"))]
-    loaded = nvlm.from_pretrained(tmp_path / "ckpt").eval()
+    loaded, loaded_proc = nvlm.load(tmp_path / "ckpt")
     assert loaded.config.to_dict() == model.config.to_dict()
-    batch2 = loaded.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch2 = loaded_proc(chat_prompt("Describe.", 1), [picture(150, 100)])
     assert torch.equal(batch2["input_ids"], batch["input_ids"])
     with torch.no_grad():
         assert torch.equal(loaded(**batch2).logits, before)
 
 
 def test_special_token_mode_tags_are_single_tokens(build_model):
-    model = build_model("D", tags__mode="special")
+    model, processor = build_model("D", tags__mode="special")
     for tag in ("<tile_1>", "<tile_6>", "<tile_global_thumbnail>", "<Image>", "</Image>"):
-        assert len(model.processor.tokens(tag)) == 1
-    text_mode = build_model("D")
-    assert len(text_mode.processor.tokens("<tile_1>")) > 1  # released behaviour: plain BPE text
-    assert model.llm.get_input_embeddings().weight.shape[0] >= len(model.tokenizer)
+        assert len(processor.tokens(tag)) == 1
+    text_mode, text_mode_proc = build_model("D")
+    assert len(text_mode_proc.tokens("<tile_1>")) > 1  # released behaviour: plain BPE text
+    assert model.llm.get_input_embeddings().weight.shape[0] >= len(processor.tokenizer)
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):

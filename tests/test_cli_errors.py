@@ -29,8 +29,9 @@ def setup(backbones, tmp_path_factory):
     (root / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     (root / "fake_model").mkdir()
     (root / "fake_model" / "config.json").write_text("{}")
-    model = nvlm.build("D", llm=str(backbones["qwen2"]), vision=str(backbones["internvl"]))
+    model, processor = nvlm.build("D", llm=str(backbones["qwen2"]), vision=str(backbones["internvl"]))
     model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
 
     def config(name: str, data_file=None, arch="D", **train) -> str:
         sources = [{"path": str(data_file or data / "text.jsonl")}]

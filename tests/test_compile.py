@@ -74,7 +74,7 @@ def test_one_process_run_compiles_whole_layers_with_the_eager_gradients(backbone
     assert targets == [*layers, *compiled.model.xattn, *vision]  # no checkpointing: each layer whole, each block
     assert all(is_compiled(m) for m in targets) and not any(is_compiled(m) for m in compile_targets(eager.model))
 
-    proc = eager.model.processor
+    proc = eager.processor
     enc = proc.encode_segments([("<image>\nWhat color? ", False), ("red", True)], [picture(150, 100)])
     batch = proc.collate([enc], padding_side="right")
     loss_eager, _, _ = eager.train_step([batch])
@@ -89,7 +89,7 @@ def test_one_process_run_compiles_whole_layers_with_the_eager_gradients(backbone
 
 
 def test_checkpointed_layers_compile_attention_and_mlp_only(build_model):
-    model = build_model("H", config={"xattn.every": 2}).train()  # blocks before layers 0 and 2 of 4
+    model, processor = build_model("H", config={"xattn.every": 2}).train()  # blocks before layers 0 and 2 of 4
     activation_checkpointing(model)
     wrapped = [m for m in decoder_layers(model.llm) if isinstance(m, CrossAttentionDecoderLayer)]
     plain = [m for m in decoder_layers(model.llm) if not isinstance(m, CrossAttentionDecoderLayer)]
@@ -109,12 +109,12 @@ def conversation(words: int) -> Conversation:
 
 
 def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_model):
-    model = build_model("D").train()
-    eager = build_model("D").train()
+    model, processor = build_model("D").train()
+    eager, eager_proc = build_model("D").train()
     for m in (model, eager):
         use_packed_attention(m.llm)  # per-sample SDPA over packed rows (the CPU default for packing)
     compile_blocks(model)
-    proc = model.processor
+    proc = processor
     graphs = []
     for i in range(6):  # 2 … 7 packed samples over two rows, longer each time
         samples = [proc.encode_segments(chatml_segments(conversation(i + j)), []) for j in range(2 + i)]
@@ -131,11 +131,11 @@ def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_mode
 
 
 def test_images_with_new_tile_counts_reuse_the_compiled_vision_layers(build_model):
-    model = build_model("D").train()
-    eager = build_model("D").train()
+    model, processor = build_model("D").train()
+    eager, eager_proc = build_model("D").train()
     compile_blocks(model)
     assert all(is_compiled(m) for m in [*model.vision.layers, model.projector])
-    proc, size = model.processor, model.vision.tile_size
+    proc, size = processor, model.vision.tile_size
     graphs, tiles = [], []
     for cols in range(1, 6):  # a 1×cols grid of tiles (+ a thumbnail past one): a new tile count each batch
         enc = proc.encode_segments([("<image>\nWhat? ", False), ("ok", True)], [picture(cols * size, size, cols)])

@@ -73,7 +73,7 @@ def step(backbones, dataset, tmp_path, world, arch, compile, ac):
         saved[0] += t.numel() * t.element_size()
         return t
 
-    proc = model.processor
+    proc = trainer.processor
     enc = proc.encode_segments([("<image>\nWhat color? ", False), ("red", True)], [picture(150, 100)])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.train_step([proc.collate([enc], padding_side="right")])

@@ -95,7 +95,7 @@ def test_bad_records_name_file_and_line(tmp_path):
 
 
 def test_loss_only_on_assistant_content_and_im_end(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     conv = Conversation(
         [
             {"role": "system", "content": "Sys."},
@@ -106,11 +106,11 @@ def test_loss_only_on_assistant_content_and_im_end(build_model):
         ],
         [picture(150, 100)],
     )
-    enc = model.processor.encode_segments(chatml_segments(conv), conv.images)
-    tok = model.tokenizer
+    enc = processor.encode_segments(chatml_segments(conv), conv.images)
+    tok = processor.tokenizer
     trained = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100]
     assert tok.decode(trained) == "first answer<|im_end|>second<|im_end|>"
-    assert all(lab == -100 for i, lab in zip(enc.input_ids, enc.labels) if i == model.processor.pad_id)
+    assert all(lab == -100 for i, lab in zip(enc.input_ids, enc.labels) if i == processor.pad_id)
     assert enc.labels == [i if lab != -100 else -100 for i, lab in zip(enc.input_ids, enc.labels)]
 
 
@@ -150,14 +150,14 @@ def test_blend_is_weighted_deterministic_and_resumable():
 
 
 def test_too_long_samples_are_dropped_not_cut(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     short = Conversation(
         [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(56, 56)]
     )
     long = Conversation(
         [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(150, 100)]
     )  # 7 tiles: does not fit
-    stream = SampleStream(Blend([Source("s", [short, long])], seed=0), model.processor, max_seq_len=40)
+    stream = SampleStream(Blend([Source("s", [short, long])], seed=0), processor, max_seq_len=40)
     got = [stream.next() for _ in range(4)]
     assert all(len(e.input_ids) <= 40 and len(e.plans[0].boxes) == 1 for e in got)
     assert stream.counts["dropped_too_long"] >= 3
@@ -165,7 +165,7 @@ def test_too_long_samples_are_dropped_not_cut(build_model):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_packing_equals_unpacked_loss(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
     convs = [
         Conversation(
@@ -184,10 +184,10 @@ def test_packing_equals_unpacked_loss(build_model, arch):
             [picture(120, 60, 2), picture(56, 56, 3)],
         ),
     ]
-    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in convs]
-    tpt = model.processor.tokens_per_tile
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in convs]
+    tpt = processor.tokens_per_tile
     with torch.no_grad():
-        plain = model(**model.processor.collate(samples, padding_side="right"))
+        plain = model(**processor.collate(samples, padding_side="right"))
         rows = pack_greedy([len(s.input_ids) for s in samples], max_len=400)
         assert len(rows) == 1  # all three share one row
         packed = model(**collate_packed([[samples[i] for i in r] for r in rows], 0, tpt))
@@ -202,6 +202,7 @@ def test_packing_equals_unpacked_loss(build_model, arch):
 
 def test_every_recipe_builds_on_meta_with_the_papers_modules():
     from nvlm.models.pretrained import build_meta
+
     from nvlm.recipes import RECIPES, get_recipe
 
     def count(m):

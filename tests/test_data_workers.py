@@ -35,7 +35,7 @@ def same(a, b) -> None:
 
 
 def test_workers_give_the_same_batches_counts_and_position(build_model, blend_parts):
-    processor = build_model("D").processor
+    _, processor = build_model("D")
     plain, pooled = stream(blend_parts, processor, 0), stream(blend_parts, processor, 2)
     try:
         for _ in range(3):
@@ -50,7 +50,7 @@ def test_workers_give_the_same_batches_counts_and_position(build_model, blend_pa
 
 
 def test_workers_resume_from_a_saved_position(build_model, blend_parts):
-    processor = build_model("D").processor
+    _, processor = build_model("D")
     plain = stream(blend_parts, processor, 0)
     plain.batch(4)
     state = plain.state_dict()
@@ -65,7 +65,7 @@ def test_workers_resume_from_a_saved_position(build_model, blend_parts):
 
 
 def test_too_long_samples_are_dropped_alike(build_model, blend_parts):
-    processor = build_model("D").processor
+    _, processor = build_model("D")
     plain, pooled = stream(blend_parts, processor, 0, max_seq_len=40), stream(blend_parts, processor, 2, 40)
     try:
         same(plain.batch(4), pooled.batch(4))

@@ -45,14 +45,14 @@ def _steps(model, batch, n: int, layerwise: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("padded", [True, False])
 def test_layerwise_steps_equal_the_llm_forward_bitwise(build_model, arch, llm, padded):
     vision = "internvl" if llm == "qwen2" else "siglip"
-    model = build_model(arch, llm=llm, vision=vision)
+    model, processor = build_model(arch, llm=llm, vision=vision)
     set_gates(model, 0.5)
     assert layerwise_decode_ok(model.llm)
     if padded:
-        batch = model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+        batch = processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
         assert not bool(batch["attention_mask"].all())
     else:
-        batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+        batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     fast, slow = _steps(model, batch, 6, True), _steps(model, batch, 6, False)
     for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
         assert torch.equal(a, b), f"step {i}: max |diff| {(a - b).abs().max().item()}"
@@ -60,11 +60,11 @@ def test_layerwise_steps_equal_the_llm_forward_bitwise(build_model, arch, llm, p
 
 def test_decoding_steps_skip_the_llm_forward(build_model):
     """The path is really taken: after the prefill, the LLM's own forward is not called (its layers are)."""
-    model = build_model("X")
+    model, processor = build_model("X")
     llm_calls, layer_calls = [], []
     model.llm.register_forward_pre_hook(lambda *_: llm_calls.append(1))
     model.llm.get_decoder().layers[-1].register_forward_pre_hook(lambda *_: layer_calls.append(1))
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     _steps(model, batch, 4, True)
     assert (len(llm_calls), len(layer_calls)) == (1, 5)
     llm_calls.clear()
@@ -74,8 +74,8 @@ def test_decoding_steps_skip_the_llm_forward(build_model):
 
 def test_several_new_tokens_per_step_attend_causally(build_model):
     """Two tokens fed at once after the prompt (a chunked step) see each other causally, as in the LLM's forward."""
-    model = build_model("D")
-    batch = model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+    model, processor = build_model("D")
+    batch = processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
     batch.pop("labels")
     new = torch.tensor([[5, 6], [7, 8]])
     results = []

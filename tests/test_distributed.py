@@ -93,7 +93,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
                     trainer.train_step = stop
                 if job["kind"] == "grads":  # one step's full gradients, gathered from the shards
-                    proc = trainer.model.processor
+                    proc = trainer.processor
                     enc = proc.encode_segments(
                         [(f"<image>\nWhat color? {rank}", False), ("red", True)], [picture(150, 100, seed=rank)]
                     )
@@ -104,7 +104,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
                         save_file({n: g.contiguous() for n, g in grads.items()}, f"{job['out']}.grads.safetensors")
                 elif job["kind"] == "mixed":  # process 0 holds only text, process 1 only images
-                    proc = trainer.model.processor
+                    proc = trainer.processor
                     if rank == 0:
                         enc = proc.encode_segments([("What is 2+2? ", False), ("4", True)], [])
                     else:
@@ -278,7 +278,7 @@ def test_tied_embeddings_from_a_bf16_checkpoint_train_sharded(runs):
 
     out = runs / "two-tied-bf16"
     assert result(out)["steps"] == 2 and all(torch.isfinite(torch.tensor(losses(out))))
-    model = nvlm.from_pretrained(out / "final")
+    model, processor = nvlm.load(out / "final")
     assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
 
 
@@ -288,8 +288,10 @@ def test_stage1_frozen_weights_unchanged_under_fsdp(runs, backbones, dataset):
     out = runs / "two-H-pretrain"
     r = result(out)
     assert r["steps"] == 3 and r["optimizer_params"] == r["trainable_params"]
-    fresh = build_model(RunConfig.from_dict(cfg_dict(backbones, dataset, "H", stage="pretrain"))).state_dict()
-    trained = nvlm.from_pretrained(out / "final").state_dict()
+    fresh, fresh_proc = build_model(
+        RunConfig.from_dict(cfg_dict(backbones, dataset, "H", stage="pretrain"))
+    ).state_dict()
+    trained, trained_proc = nvlm.load(out / "final").state_dict()
     for k, v in fresh.items():
         if k.startswith(("llm.", "vision.")):
             assert torch.equal(trained[k], v), k

@@ -40,9 +40,9 @@ def test_select_layer(backbones):
 
 @pytest.mark.parametrize("vision", ["siglip", "clip"])
 def test_models_over_other_encoders(build_model, vision):
-    model = build_model("D", llm="llama" if vision == "siglip" else "qwen2", vision=vision)
+    model, processor = build_model("D", llm="llama" if vision == "siglip" else "qwen2", vision=vision)
     assert not any(p.requires_grad for p in model.vision.parameters())  # frozen by default
-    out = model(**model.processor(chat_prompt("Describe.", 1), [picture(120, 60)]))
+    out = model(**processor(chat_prompt("Describe.", 1), [picture(120, 60)]))
     assert torch.isfinite(out.logits).all()
 
 

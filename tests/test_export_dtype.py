@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import save_pair
 from safetensors import safe_open
 
 import nvlm
@@ -17,7 +18,7 @@ from nvlm.distributed.parallel import World
 
 
 def test_bf16_export_says_bf16_and_loads_as_bf16(build_model, tmp_path):
-    model = build_model("X")  # fp32, as the trainer's master copy
+    model, processor = build_model("X")  # fp32, as the trainer's master copy
     assert model.llm.dtype == torch.float32
     export_pretrained(model, tmp_path / "final", World(), torch.bfloat16)
     for folder in ("llm", "vision"):
@@ -25,11 +26,11 @@ def test_bf16_export_says_bf16_and_loads_as_bf16(build_model, tmp_path):
         assert cfg["dtype"] == "bfloat16", (folder, cfg.get("dtype"))
         with safe_open(str(tmp_path / "final" / folder / "model.safetensors"), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, folder
-    loaded = nvlm.from_pretrained(tmp_path / "final")  # transformers' default: the config's dtype
+    loaded, loaded_proc = nvlm.load(tmp_path / "final")  # transformers' default: the config's dtype
     assert loaded.llm.dtype == torch.bfloat16
 
 
 def test_fp32_export_says_fp32(build_model, tmp_path):
-    build_model("D").save_pretrained(str(tmp_path / "m"))
+    save_pair(build_model("D"), str(tmp_path / "m"))
     for folder in ("llm", "vision"):
         assert json.loads((tmp_path / "m" / folder / "config.json").read_text())["dtype"] == "float32"

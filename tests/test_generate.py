@@ -19,9 +19,9 @@ def _run(model, batch, n, **kw):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_cached_generation_equals_uncached(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
-    batch = model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+    batch = processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
     cached = _run(model, batch, 12, use_cache=True)
     uncached = _run(model, batch, 12, use_cache=False)
     assert cached.shape == (2, 12)
@@ -31,18 +31,18 @@ def test_cached_generation_equals_uncached(build_model, arch):
 @pytest.mark.parametrize("arch", ["D", "X"])
 def test_cached_generation_equals_uncached_without_padding(build_model, arch):
     # one sample: no padding, so decoding steps pass no attention mask (and X's blocks no memory mask)
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     assert bool(batch["attention_mask"].all())
     assert torch.equal(_run(model, batch, 10, use_cache=True), _run(model, batch, 10, use_cache=False))
 
 
 def test_one_forward_per_token_and_ordinary_tensors(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     steps = list(generate_ids(model, batch, 5))
     assert len(steps) == 5 and len(calls) == 5  # the prefill and 4 decoding steps: none for a 6th token
     assert not any(s.is_inference() for s in steps)  # usable outside inference mode, in place too
@@ -62,26 +62,26 @@ def test_decode_step_mask_is_made_once_and_none_when_all_memory_is_valid():
 
 
 def test_cross_attention_kv_computed_once_per_image(build_model):
-    model = build_model("X")
+    model, processor = build_model("X")
     set_gates(model, 0.5)
     calls = []
     for block in model.xattn:
         orig = block.memory_kv
         block.memory_kv = lambda m, orig=orig: calls.append(1) or orig(m)
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     _run(model, batch, 6)
     assert len(calls) == len(model.xattn)  # once per block in the prefill, never while decoding
 
 
 @pytest.mark.parametrize("arch", ["D", "H"])
 def test_batched_generation_equals_one_by_one(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
     texts = [chat_prompt("What is 2+2?", 0), chat_prompt("Describe the two.", 2), chat_prompt("One", 1)]
     images = [[], [picture(120, 60), picture(50, 50, 1)], [picture(150, 100, 2)]]
-    together = _run(model, model.processor(texts, images), 8)
+    together = _run(model, processor(texts, images), 8)
     for i, (t, im) in enumerate(zip(texts, images)):
-        assert torch.equal(together[i], _run(model, model.processor(t, im), 8)[0])
+        assert torch.equal(together[i], _run(model, processor(t, im), 8)[0])
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
@@ -101,19 +101,21 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy():
 
 
 def test_stop_strings_streaming_and_eos(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     prompt = chat_prompt("Describe.", 1)
-    full = model.generate(prompt, [picture(120, 60)], max_new_tokens=16)
+    full = model.generate(processor, prompt, [picture(120, 60)], max_new_tokens=16)
     assert isinstance(full, str) and len(full) > 3
-    pieces = list(model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stream=True))
+    pieces = list(model.generate(processor, prompt, [picture(120, 60)], max_new_tokens=16, stream=True))
     assert "".join(pieces) == full and len(pieces) > 1
     stop = full[2:4]
-    cut = model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop])
+    cut = model.generate(processor, prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop])
     assert cut == full[: full.find(stop)]
-    streamed = "".join(model.generate(prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop], stream=True))
+    streamed = "".join(
+        model.generate(processor, prompt, [picture(120, 60)], max_new_tokens=16, stop=[stop], stream=True)
+    )
     assert streamed == cut
     # an eos token ends the sample: make <|im_end|> the only possible token
-    im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     vocab = model.llm.get_output_embeddings().weight.shape[0]
 
     class OnlyEos(torch.nn.Module):
@@ -123,19 +125,19 @@ def test_stop_strings_streaming_and_eos(build_model):
             return out
 
     model.llm.lm_head = OnlyEos()
-    steps = list(generate_ids(model, model.processor(prompt, [picture(120, 60)]), 10, eos_token_ids=[im_end]))
-    assert len(steps) == 1 and model.generate(prompt, [picture(120, 60)], max_new_tokens=10) == ""
+    steps = list(generate_ids(model, processor(prompt, [picture(120, 60)]), 10, eos_token_ids=[im_end]))
+    assert len(steps) == 1 and model.generate(processor, prompt, [picture(120, 60)], max_new_tokens=10) == ""
 
 
 def test_chat_answers_a_string(build_model):
-    model = build_model("H")
-    answer = model.chat("What is in the picture?", image=picture(150, 100), max_new_tokens=5)
+    model, processor = build_model("H")
+    answer = model.chat(processor, "What is in the picture?", image=picture(150, 100), max_new_tokens=5)
     assert isinstance(answer, str)
 
 
 def test_image_pad_token_is_never_generated(build_model):
-    model = build_model("X")
-    pad = model.processor.pad_id
+    model, processor = build_model("X")
+    pad = processor.pad_id
     vocab = model.llm.get_output_embeddings().weight.shape[0]
 
     class PreferPad(torch.nn.Module):  # a head that always ranks the image-pad token first
@@ -146,6 +148,6 @@ def test_image_pad_token_is_never_generated(build_model):
             return out
 
     model.llm.lm_head = PreferPad()
-    batch = model.processor(chat_prompt("Describe.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe.", 1), [picture(150, 100)])
     steps = torch.stack(list(generate_ids(model, batch, 4)), 1)
     assert (steps != pad).all() and (steps == 7).all()

@@ -18,27 +18,27 @@ def test_cuda_cached_equals_uncached_and_batch_equals_single(build_model, arch):
     from nvlm.data.chat import chat_prompt
     from nvlm.inference.generate import generate_ids
 
-    model = build_model(arch).cuda()
+    model, processor = build_model(arch).cuda()
     set_gates(model, 0.5)
     texts = [chat_prompt("Describe.", 1), chat_prompt("Hi", 0)]
     images = [[picture(150, 100)], []]
-    batch = model.processor(texts, images)
+    batch = processor(texts, images)
     cached = torch.stack(list(generate_ids(model, batch, 8, use_cache=True)), 1)
     uncached = torch.stack(list(generate_ids(model, batch, 8, use_cache=False)), 1)
     assert cached.device.type == "cuda" and torch.equal(cached, uncached)
     with torch.no_grad():
         logits = model(**batch).logits
-        single = model(**model.processor(texts[0], images[0])).logits[0]
+        single = model(**processor(texts[0], images[0])).logits[0]
     torch.testing.assert_close(logits[0, -single.shape[0] :], single, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_bf16_forward_and_generation(build_model, arch):
-    model = build_model(arch).to("cuda", torch.bfloat16)
+    model, processor = build_model(arch).to("cuda", torch.bfloat16)
     set_gates(model, 0.5)
-    out = model(**model.processor("<image>\nWhat?", [picture(150, 100)]))
+    out = model(**processor("<image>\nWhat?", [picture(150, 100)]))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
-    assert isinstance(model.chat("What?", image=picture(120, 60), max_new_tokens=4), str)
+    assert isinstance(model.chat(processor, "What?", image=picture(120, 60), max_new_tokens=4), str)
 
 
 def test_training_on_gpu_with_bf16_autocast(backbones, tmp_path):

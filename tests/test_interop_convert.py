@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import picture
+from conftest import picture, save_pair
 from safetensors import safe_open
 
 import nvlm
@@ -76,11 +76,12 @@ def test_converted_model_answers_as_the_release_folder(replica, tmp_path):
 
 
 def test_our_nvlm_d_exports_to_the_release_layout_and_back_bit_exact(build_model, tmp_path):
-    model = build_model("D")
+    model, processor = build_model("D")
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "release"), "--to", "release"]) == 0
     out = tmp_path / "release"
     cfg = json.loads((out / "config.json").read_text())
@@ -99,10 +100,10 @@ def test_our_nvlm_d_exports_to_the_release_layout_and_back_bit_exact(build_model
     assert w["mlp1.1.weight"].shape[0] == cfg["llm_config"]["intermediate_size"]
     tok = json.loads((out / "tokenizer_config.json").read_text())
     assert "chat_template" in tok or (out / "chat_template.jinja").is_file()
-    back = nvlm.from_pretrained(out).eval()  # the release layout read back: same tensors
+    back, back_proc = nvlm.load(out).eval()  # the release layout read back: same tensors
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    batch = model.processor(chat_prompt("What?", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("What?", 1), [picture(150, 100)])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, back(**batch).logits)
 
@@ -117,7 +118,7 @@ def test_our_nvlm_d_exports_to_the_release_layout_and_back_bit_exact(build_model
     ],
 )
 def test_export_refuses_what_vllm_cannot_serve(build_model, tmp_path, capsys, arch, llm, vision, over, why):
-    build_model(arch, llm=llm, vision=vision, **over).save_pretrained(tmp_path / "ours")
+    save_pair(build_model(arch, llm=llm, vision=vision, **over), tmp_path / "ours")
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "out"), "--to", "release"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot export to the release layout") and why in err and "\n" not in err

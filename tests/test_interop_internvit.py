@@ -136,18 +136,18 @@ def test_unknown_vision_weight_is_refused(tmp_path):
 @pytest.mark.parametrize("arch", ["D", "H"])
 def test_build_with_an_original_internvit_folder_and_reload(backbones, tmp_path, arch):
     folder = internvit_replica(tmp_path / "InternViT-300M-tiny", dummy_heads=0, **KINDS["300m"])
-    model = nvlm.build(arch, llm=str(backbones["qwen2"]), vision=str(folder)).eval()
+    model, processor = nvlm.build(arch, llm=str(backbones["qwen2"]), vision=str(folder))
     assert model.config.vision.type == "internvl" and model.config.vision.hf_config["norm_type"] == "layer_norm"
     model.save_pretrained(tmp_path / "ckpt")  # our format stores transformers' names in vision/
-    loaded = nvlm.from_pretrained(tmp_path / "ckpt").eval()
-    batch = model.processor("<image>\nWhat?", [picture(150, 100)])
+    loaded, loaded_proc = nvlm.load(tmp_path / "ckpt")
+    batch = processor("<image>\nWhat?", [picture(150, 100)])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
 def test_keymap_vision_names_round_trip(build_model):
     """Every InternVLVisionModel weight has an original name and back (q/k/v → one fused qkv)."""
-    names = [k for k in build_model("D").state_dict() if k.startswith("vision.model.")]
+    names = [k for k in build_model("D")[0].state_dict() if k.startswith("vision.model.")]
     fused = {}
     for name in names:
         m = keymap.ours_to_release(name)

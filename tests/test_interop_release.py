@@ -123,20 +123,20 @@ def _reference_logits(vision, llm, mlp1, batch, pad_id):
 
 
 def test_loaded_release_equals_transformers_models_assembled_by_hand(replica):
-    model = nvlm.from_pretrained(replica).eval()
+    model, processor = nvlm.load(replica)
     assert model.config.arch == "D" and model.config.template == "release"
     assert (model.config.tags.style, model.config.tags.mode) == ("1d", "text")
     assert model.vision.model.config.num_attention_heads == 2  # the real heads; the 7 dummies are gone
-    batch = model.processor(chat_prompt("What is shown?", 1, template="release"), [picture(150, 100)])
+    batch = processor(chat_prompt("What is shown?", 1, template="release"), [picture(150, 100)])
     assert batch["pixel_values"].shape[0] > 1  # several tiles and a thumbnail went through
     with torch.no_grad():
         ours = model(**batch).logits
-    reference = _reference_logits(*_by_hand(replica), batch, model.processor.pad_id)
+    reference = _reference_logits(*_by_hand(replica), batch, processor.pad_id)
     assert torch.equal(ours, reference)
 
 
 def test_config_quirks_mapped(replica):
-    model = nvlm.from_pretrained(replica)
+    model, processor = nvlm.load(replica)
     cfg = model.config
     assert type(model.llm).__name__ == "Qwen2ForCausalLM"  # from architectures[0], not model_type "llama"
     rope = model.llm.config.rope_parameters
@@ -144,15 +144,15 @@ def test_config_quirks_mapped(replica):
     assert (cfg.tiling.min_tiles, cfg.tiling.max_tiles, cfg.tiling.use_thumbnail) == (1, 6, True)
     assert cfg.vision.image_mean == (0.485, 0.456, 0.406) and cfg.vision.select_layer == -1
     assert model.projector.linear_1.weight.shape == (128, 128)  # hidden width = the LLM's FFN size
-    assert model.llm.get_input_embeddings().weight.shape[0] == len(model.tokenizer) + 16  # no resize, no new tokens
+    assert model.llm.get_input_embeddings().weight.shape[0] == len(processor.tokenizer) + 16  # no resize, no new tokens
 
 
 def test_sliced_heads_equal_an_unpadded_tower_exactly(tmp_path):
-    padded = nvlm.from_pretrained(release_replica(tmp_path / "padded", dummy_heads=7)).eval()
-    plain = nvlm.from_pretrained(release_replica(tmp_path / "plain", dummy_heads=0)).eval()
+    padded, padded_proc = nvlm.load(release_replica(tmp_path / "padded", dummy_heads=7))
+    plain, plain_proc = nvlm.load(release_replica(tmp_path / "plain", dummy_heads=0))
     a, b = padded.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    batch = padded.processor(chat_prompt("Hi", 1, template="release"), [picture(100, 100)])
+    batch = padded_proc(chat_prompt("Hi", 1, template="release"), [picture(100, 100)])
     with torch.no_grad():
         assert torch.equal(padded(**batch).logits, plain(**batch).logits)
 
@@ -160,7 +160,7 @@ def test_sliced_heads_equal_an_unpadded_tower_exactly(tmp_path):
 def test_padded_attention_by_the_release_rule_equals_the_sliced_attention(replica):
     """The release's padded attention, computed here from the padded weights (32-head layout, q/k RMSNorm variance
     over the real channels only), equals our sliced InternVLVisionModel attention."""
-    model = nvlm.from_pretrained(replica).eval()
+    model, processor = nvlm.load(replica)
     w = _release_weights(replica)
     c, h = 32, 2
     hd = c // h
@@ -191,7 +191,7 @@ def test_padded_attention_by_the_release_rule_equals_the_sliced_attention(replic
 def test_remote_code_is_never_imported(replica):
     cfg = json.loads((replica / "config.json").read_text())
     assert "auto_map" in cfg and (replica / "modeling_nvlm_d.py").is_file()
-    model = nvlm.from_pretrained(replica)
+    model, processor = nvlm.load(replica)
     assert model is not None
     assert not (replica / "REMOTE_CODE_RAN").exists()
     assert not [m for m in sys.modules if "nvlm_d" in m or "intern_vit" in m]
@@ -211,20 +211,20 @@ def test_nonzero_dummy_heads_are_reported(tmp_path):
 def test_release_template_gives_the_release_input_ids(replica, size):
     """release chat(): system 'Answer the questions.', no newline after <|im_end|>, '<image>\\n' before the
     question, tags <tile_1>… then <tile_global_thumbnail> (alone for one tile), the whole query tokenized at once."""
-    model = nvlm.from_pretrained(replica)
+    model, processor = nvlm.load(replica)
     question = "What is the total? Answer: 42."
-    batch = model.processor(chat_prompt(question, 1, template="release"), [picture(*size)])
+    batch = processor(chat_prompt(question, 1, template="release"), [picture(*size)])
     n = batch["pixel_values"].shape[0]
     tags = [f"<tile_{i}>" for i in range(1, n)] + ["<tile_global_thumbnail>"]
-    image = "<Image>" + "".join(t + "<|vision_pad|>" * model.processor.tokens_per_tile for t in tags) + "</Image>"
+    image = "<Image>" + "".join(t + "<|vision_pad|>" * processor.tokens_per_tile for t in tags) + "</Image>"
     query = (
         f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{image}\n{question}<|im_end|>"
         "<|im_start|>assistant\n"
     )
-    want = model.tokenizer(query)["input_ids"]
+    want = processor.tokenizer(query)["input_ids"]
     assert batch["input_ids"][0].tolist() == want
     assert (n == 1) == (size == (56, 56))
-    chatml = model.processor(chat_prompt(question, 1), [picture(*size)])["input_ids"][0].tolist()
+    chatml = processor(chat_prompt(question, 1), [picture(*size)])["input_ids"][0].tolist()
     assert chatml != want  # Megatron's ChatML: newlines, no system, tags tokenized piece by piece
 
 
@@ -233,7 +233,7 @@ def test_chat_uses_the_model_template(replica, monkeypatch):
 
     seen = []
     monkeypatch.setattr(gen, "generate", lambda model, prompt, images, **kw: seen.append(prompt) or "")
-    nvlm.from_pretrained(replica).chat("Q?", image=picture(56, 56))
+    nvlm.load(replica)[0].chat(nvlm.load(replica)[1], "Q?", image=picture(56, 56))
     assert seen == [
         "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ?<|im_end|>"
         "<|im_start|>assistant\n"
@@ -242,12 +242,12 @@ def test_chat_uses_the_model_template(replica, monkeypatch):
 
 def test_bf16_and_dtype(tmp_path):
     root = release_replica(tmp_path / "bf16", dtype=torch.bfloat16)
-    model = nvlm.from_pretrained(root)
+    model, processor = nvlm.load(root)
     assert model.llm.dtype == torch.bfloat16 and model.vision.model.embeddings.cls_token.dtype == torch.bfloat16
     assert model.projector.linear_1.weight.dtype == torch.float32  # as nvlm.from_pretrained on our format
     assert (
         model.llm.model.rotary_emb.inv_freq.dtype == torch.float32 and not model.llm.model.rotary_emb.inv_freq.is_meta
     )
-    cast = nvlm.from_pretrained(root, dtype=torch.float32)
+    cast, cast_proc = nvlm.load(root, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in cast.parameters())
     assert not any(p.is_meta for p in cast.parameters()) and not any(b.is_meta for b in cast.buffers())

@@ -67,9 +67,9 @@ def test_cache_only_for_full_attention_llms():
 
 def test_generation_with_the_preallocated_cache_equals_recomputation(build_model):
     """generate_ids sizes the buffers for prompt + new tokens; padded rows, x-attn and all: the same tokens."""
-    model = build_model("H")
+    model, processor = build_model("H")
     set_gates(model, 0.5)
-    batch = model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+    batch = processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
     cached = torch.stack(list(generate_ids(model, batch, 9, use_cache=True)), 1)
     uncached = torch.stack(list(generate_ids(model, batch, 9, use_cache=False)), 1)
     assert torch.equal(cached, uncached)

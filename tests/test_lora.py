@@ -59,12 +59,12 @@ def test_only_adapters_projector_xattn_and_tag_rows_train(trained):
     delta = [n for n in trainable if "trainable_tokens_delta" in n]
     assert len(delta) == 1 and not any(n.startswith("vision.") for n in trainable)
     rows = model.llm.get_input_embeddings().token_adapter.token_indices["default"]
-    tags = model.tokenizer.convert_tokens_to_ids(["<tile_1>", "<tile_global_thumbnail>", "<Image>"])
+    tags = processor.tokenizer.convert_tokens_to_ids(["<tile_1>", "<tile_global_thumbnail>", "<Image>"])
     assert set(tags) <= set(rows) and len(rows) < 20  # the tag rows, nothing else of the table
 
 
 def _logits(model, seed=0):
-    batch = model.processor(["<image>\nWhat color is it?"], [[_picture()]])
+    batch = processor(["<image>\nWhat color is it?"], [[_picture()]])
     torch.manual_seed(seed)
     with torch.no_grad():
         return model.eval()(**batch).logits
@@ -84,11 +84,11 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     final = out / "final"
     assert (final / "llm_adapter" / "adapter_config.json").is_file()
     assert (final / "llm_adapter" / "adapter_model.safetensors").is_file()
-    loaded = nvlm.from_pretrained(final)  # adapters applied at load time
+    loaded, loaded_proc = nvlm.load(final)  # adapters applied at load time
     ref = _logits(t.model)
     assert torch.allclose(_logits(loaded), ref, atol=1e-6)
     # PEFT opens our adapter on the plain HF LLM (x-attn wrappers' names mapped back) and agrees with ours
-    ids = loaded.tokenizer(["the sky is <tile_1> blue"], return_tensors="pt")["input_ids"]
+    ids = loaded_proc.tokenizer(["the sky is <tile_1> blue"], return_tensors="pt")["input_ids"]
     peft_llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "llm"), final / "llm_adapter")
     with torch.no_grad():
         loaded.gate_off = True  # text only: the LLM alone
@@ -98,15 +98,15 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     # generation in bf16 and nvlm chat load the adapter checkpoint as it is
     from nvlm.cli import main
 
-    bf16 = nvlm.from_pretrained(final, dtype=torch.bfloat16)
-    assert isinstance(bf16.chat("What color?", image=_picture(), max_new_tokens=3), str)
+    bf16, bf16_proc = nvlm.load(final, dtype=torch.bfloat16)
+    assert isinstance(bf16.chat(bf16_proc, "What color?", image=_picture(), max_new_tokens=3), str)
     assert main(["chat", "--model", str(final), "--max-new-tokens", "2", "Hi"]) == 0
     from nvlm.serve.engine import Engine, SamplingParams  # what nvlm serve runs over the same from_pretrained
 
     engine = Engine(loaded).start()
     try:
         loaded.gate_off = False
-        want = loaded.generate("<image>\nWhat color?", [_picture()], max_new_tokens=4)
+        want = loaded.generate(loaded_proc, "<image>\nWhat color?", [_picture()], max_new_tokens=4)
         assert engine.submit("<image>\nWhat color?", [_picture()], SamplingParams(max_tokens=4)).result() == want
     finally:
         engine.close()
@@ -114,7 +114,7 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
 
     assert main(["merge", str(final), str(tmp_path / "merged")]) == 0
     assert not (tmp_path / "merged" / "llm_adapter").exists()
-    merged = nvlm.from_pretrained(tmp_path / "merged")
+    merged, merged_proc = nvlm.load(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
     assert torch.allclose(_logits(merged), ref, atol=1e-5)
 
@@ -168,7 +168,7 @@ def test_dry_run_counts_equal_the_real_model(backbones, dataset):
     from nvlm.training.stages import apply_stage
 
     cfg = lora_cfg(backbones, dataset, "H")
-    real = build_model(cfg)
+    real, real_proc = build_model(cfg)
     apply_stage(real, "sft")
     report = plan(cfg, 2)
     assert report["params_trainable"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
@@ -186,7 +186,7 @@ def test_stage1_hands_over_to_lora_stage2_and_an_adapter_checkpoint_is_refused(b
     cfg = lora_cfg(backbones, dataset, "H", steps=1)
     cfg.model.init_from = str(r1.final_dir)
     t2 = Trainer(cfg, tmp_path / "s2", log=quiet)
-    stage1 = nvlm.from_pretrained(r1.final_dir).state_dict()
+    stage1, stage1_proc = nvlm.load(r1.final_dir).state_dict()
     mine = t2.model.state_dict()
     for k, v in stage1.items():  # stage 1's weights, under the base-layer names LoRA gives them
         key = (
@@ -209,7 +209,7 @@ def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_mo
     from nvlm.training.config import LoraSpec
     from nvlm.training.stages import apply_stage
 
-    model = build_model("D")
+    model, processor = build_model("D")
     apply_lora(model, LoraSpec(r=2, alpha=4.0, targets="q_proj,mlp", dora=True, rslora=True, vision=True))
     apply_stage(model, "sft")
     trains = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -221,10 +221,11 @@ def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_mo
             if ".lora_B." in n:
                 p.normal_(0, 0.05)
     model.save_pretrained(str(tmp_path / "ckpt"))
+    processor.save_pretrained(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "vision_adapter" / "adapter_config.json").is_file()
     ref = _logits(model)
     assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "ckpt")), ref, atol=1e-6)
-    from nvlm.models.pretrained import merge_checkpoint
+    from nvlm.loading import merge_checkpoint
 
     merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
     assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "merged")), ref, atol=1e-5)

@@ -22,7 +22,7 @@ def _loss_and_grads(model, batch, **kwargs):
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 @pytest.mark.parametrize("chunk", [4096, 3])  # one chunk, and many (recomputed in backward)
 def test_labelled_loss_equals_the_full_logits_loss(build_model, arch, chunk):
-    model = build_model(arch, xattn__every=2)
+    model, processor = build_model(arch, xattn__every=2)
     set_gates(model, 0.5)
     apply_stage(model, "sft")
     model.train()

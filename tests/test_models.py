@@ -26,13 +26,13 @@ def _backbone_logits(model, batch, embeds=None):
 @pytest.mark.parametrize("llm", ["qwen2", "llama"])
 @pytest.mark.parametrize("arch", ["X", "H"])
 def test_zero_gates_equal_backbone_exactly(build_model, arch, llm):
-    model = build_model(arch, llm=llm, vision="internvl" if llm == "qwen2" else "siglip")
-    text_only = model.processor(chat_prompt("What is 3+4?", 0))
-    with_image = model.processor(chat_prompt("Describe it.", 1), [picture(150, 100)])
+    model, processor = build_model(arch, llm=llm, vision="internvl" if llm == "qwen2" else "siglip")
+    text_only = processor(chat_prompt("What is 3+4?", 0))
+    with_image = processor(chat_prompt("Describe it.", 1), [picture(150, 100)])
     with torch.no_grad():
         for batch in (text_only, with_image):
             logits = model(**batch).logits
-            embeds, state = model.embed(
+            embeds, state, _ = model.embed(
                 batch["input_ids"],
                 batch["pixel_values"],
                 batch["decoder_tiles"],
@@ -44,8 +44,8 @@ def test_zero_gates_equal_backbone_exactly(build_model, arch, llm):
 
 
 def test_zero_gates_x_with_image_equals_plain_backbone_on_ids(build_model):
-    model = build_model("X")
-    batch = model.processor(chat_prompt("Describe it.", 2), [picture(150, 100), picture(50, 50, 1)])
+    model, processor = build_model("X")
+    batch = processor(chat_prompt("Describe it.", 2), [picture(150, 100), picture(50, 50, 1)])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, _backbone_logits(model, batch))
 
@@ -61,28 +61,28 @@ def test_bf16_llm_with_fp32_blocks_zero_gates_equal_backbone(backbones, tmp_path
     folder = tmp_path / "llm-bf16"
     AutoModelForCausalLM.from_pretrained(backbones["qwen2"]).to(torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(backbones["qwen2"]).save_pretrained(folder)
-    model = nvlm.build(arch, llm=str(folder), vision=str(backbones["internvl"])).eval()
+    model, processor = nvlm.build(arch, llm=str(folder), vision=str(backbones["internvl"]))
     assert model.llm.dtype == torch.bfloat16 and model.xattn[0].q_proj.weight.dtype == torch.float32
-    batch = model.processor(chat_prompt("Describe it.", 1), [picture(150, 100)])
+    batch = processor(chat_prompt("Describe it.", 1), [picture(150, 100)])
     with torch.no_grad():
         logits = model(**batch).logits
-        embeds, _ = model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"])
+        embeds, _, _ = model.embed(batch["input_ids"], batch["pixel_values"], batch["decoder_tiles"])
         assert torch.equal(logits, _backbone_logits(model, batch, embeds))
 
 
 def test_d_without_image_equals_backbone(build_model):
-    model = build_model("D", llm="llama", vision="siglip")
-    batch = model.processor(chat_prompt("What is 3+4?", 0))
+    model, processor = build_model("D", llm="llama", vision="siglip")
+    batch = processor(chat_prompt("What is 3+4?", 0))
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, _backbone_logits(model, batch))
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
 def test_open_gates_change_only_rows_that_see_an_image(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.7)
     # text before the image sees nothing: its row is zeroed, never NaN
-    batch = model.processor("Look at this: <image>\nWhat is it?", [picture(150, 100)])
+    batch = processor("Look at this: <image>\nWhat is it?", [picture(150, 100)])
     with torch.no_grad():
         logits = model(**batch).logits
         base = _backbone_logits(
@@ -100,13 +100,13 @@ def test_open_gates_change_only_rows_that_see_an_image(build_model, arch):
 
 
 def test_tag_row_sees_only_its_tile(build_model):
-    model = build_model("X")
+    model, processor = build_model("X")
     tpt = model.vision.tokens_per_tile
-    enc = model.processor.encode(chat_prompt("Describe it.", 1), [picture(150, 100)])  # 3×2 grid + thumbnail
+    enc = processor.encode(chat_prompt("Describe it.", 1), [picture(150, 100)])  # 3×2 grid + thumbnail
     assert enc.plans[0].num_tiles == 7 and enc.memory_len == 7 * tpt
     ids = enc.input_ids
     for k in range(6):
-        tag_ids = model.processor.tokens(f"<tile_{k + 1}>")
+        tag_ids = processor.tokens(f"<tile_{k + 1}>")
         start = next(i for i in range(len(ids)) if ids[i : i + len(tag_ids)] == tag_ids)
         for t in range(start, start + len(tag_ids)):
             assert (enc.xattn_lo[t], enc.xattn_hi[t]) == (k * tpt, (k + 1) * tpt)
@@ -148,24 +148,24 @@ def test_block_rows_that_see_nothing_are_identity_and_finite():
 
 
 def test_placeholder_mismatch_is_a_clear_error(build_model):
-    model = build_model("D")
-    batch = model.processor(chat_prompt("Describe it.", 1), [picture(120, 60)])
-    pad = model.processor.pad_id
+    model, processor = build_model("D")
+    batch = processor(chat_prompt("Describe it.", 1), [picture(120, 60)])
+    pad = processor.pad_id
     ids = batch["input_ids"].clone()
     first = (ids[0] == pad).nonzero()[0, 0]
     ids[0, first] = 0
     with pytest.raises(ValueError, match=r"disagree: 11 .* 3 decoder tile\(s\) × 4 = 12"):
         model(**{**batch, "input_ids": ids})
     with pytest.raises(ValueError, match="2 <image> placeholder"):
-        model.processor.encode("<image><image> two?", [picture(50, 50)])
+        processor.encode("<image><image> two?", [picture(50, 50)])
     with pytest.raises(ValueError, match="image-pad token"):
-        model.processor.encode("sneaky <|vision_pad|>", [])
+        processor.encode("sneaky <|vision_pad|>", [])
 
 
 def test_mixed_batch_logits_equal_one_by_one(build_model):
     """Left-padded batch of text-only and 1–3 images with different tile counts == samples one at a time."""
     for arch in ("D", "X", "H"):
-        model = build_model(arch)
+        model, processor = build_model(arch)
         set_gates(model, 0.4)
         texts = [
             chat_prompt("What is 2+2?", 0),
@@ -179,11 +179,11 @@ def test_mixed_batch_logits_equal_one_by_one(build_model):
             [picture(50, 50), picture(120, 60, 1), picture(60, 200, 2)],
             [picture(100, 100, 3), picture(56, 56, 4)],
         ]
-        batch = model.processor(texts, images)
+        batch = processor(texts, images)
         with torch.no_grad():
             logits = model(**batch).logits
             for i, (t, im) in enumerate(zip(texts, images)):
-                single = model(**model.processor(t, im)).logits[0]
+                single = model(**processor(t, im)).logits[0]
                 n = single.shape[0]
                 torch.testing.assert_close(logits[i, -n:], single, rtol=1e-4, atol=1e-5)
 
@@ -198,10 +198,10 @@ def test_schedule():
 
 
 def test_xattn_every_is_configurable_and_reported(build_model):
-    model = build_model("H", xattn__every=2)
+    model, processor = build_model("H", xattn__every=2)
     assert model.xattn_layers == [0, 2] and len(model.xattn) == 2
     assert "2 blocks, before LLM layers [0, 2]" in model.describe()
-    assert len(build_model("D").xattn) == 0
+    assert len(build_model("D")[0].xattn) == 0
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
@@ -209,12 +209,12 @@ def test_a_touched_batch_runs_every_module_without_changing_the_result(build_mod
     """Sharded training runs the vision tower, projector and each x-attn block on every process, even for a
     text-only batch (the trainer adds a blank tile and a memory no row sees): the logits stay bit-identical,
     and the modules get (zero) gradients, so every process takes part in the same collectives."""
-    from nvlm.training.trainer import touch_every_module
+    from nvlm.training.trainer import touch_every_module, with_unused
 
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
     model.vision.requires_grad_(True)
-    batch = model.processor(chat_prompt("What is 3+4?", 0))
+    batch = processor(chat_prompt("What is 3+4?", 0))
     plain = model(**batch).logits
     called = []
     hooks = [
@@ -230,7 +230,7 @@ def test_a_touched_batch_runs_every_module_without_changing_the_result(build_mod
         h.remove()
     assert torch.equal(out.logits, plain)
     assert set(called) == {"vision", "projector", *[f"xattn.{i}" for i in range(len(model.xattn))]}
-    out.logits.sum().backward()
+    with_unused(out.logits.sum(), out).backward()  # as the trainer's loss
     for name, p in [
         *model.vision.named_parameters(),
         *model.projector.named_parameters(),

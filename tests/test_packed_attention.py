@@ -46,12 +46,12 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 @pytest.mark.parametrize("arch", ["D", "X"])
 def test_per_sample_attention_equals_the_dense_mask(build_model, arch, monkeypatch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)
     model.train()
-    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
     rows = [[samples[0], samples[1]], [samples[2], samples[3]]]  # two rows; the shorter ends in a padding tail
-    batch = collate_packed(rows, 0, model.processor.tokens_per_tile)
+    batch = collate_packed(rows, 0, processor.tokens_per_tile)
     dense_loss, dense = loss_and_grads(model, batch)  # transformers' SDPA over the block-diagonal mask
     use_packed_attention(model.llm)
     assert model.llm.config._attn_implementation == ATTENTION
@@ -72,21 +72,21 @@ def test_per_sample_attention_equals_the_dense_mask(build_model, arch, monkeypat
     for name, g in grads.items():
         torch.testing.assert_close(g, dense[name], rtol=1e-4, atol=1e-6, msg=name)
     # and unpacked: the padded batch of the same samples gives the same loss again
-    padded = model.processor.collate(samples, padding_side="right")
+    padded = processor.collate(samples, padding_side="right")
     torch.testing.assert_close(loss_and_grads(model, padded)[0], dense_loss, rtol=1e-5, atol=0)
 
 
 def test_generation_is_unchanged(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     texts = ["<image>\nWhat color?", "Hi"]
     images = [[picture(150, 100)], []]
-    batch = model.processor(texts, images)  # left-padded: the attention mask matters
+    batch = processor(texts, images)  # left-padded: the attention mask matters
     with torch.no_grad():
         before = model(**batch).logits
-        ids_before = model.generate(texts, images, max_new_tokens=5)
+        ids_before = model.generate(processor, texts, images, max_new_tokens=5)
         use_packed_attention(model.llm)
         after = model(**batch).logits
-        ids_after = model.generate(texts, images, max_new_tokens=5)
+        ids_after = model.generate(processor, texts, images, max_new_tokens=5)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert ids_after == ids_before
 
@@ -96,10 +96,10 @@ def test_packed_rows_build_no_dense_mask(build_model):
     unpacked batches still get SDPA's mask."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    model = build_model("D")
-    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
-    packed = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, model.processor.tokens_per_tile)
-    padded = model.processor.collate(samples, padding_side="right")
+    model, processor = build_model("D")
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    packed = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, processor.tokens_per_tile)
+    padded = processor.collate(samples, padding_side="right")
     use_packed_attention(model.llm)
     built = []
 

@@ -37,7 +37,7 @@ def test_packed_rows_under_flex_attention_give_the_unpacked_loss(build_model):
     """train.attn=flex_attention: transformers reads the packed samples' boundaries from the restarting position
     ids and builds a FlexAttention block mask instead of the dense [T, T] one; same loss as unpacked. (CPU runs
     FlexAttention through torch.compile, slow but real; flash_attention_2 needs a GPU and is not tested here.)"""
-    model = build_model("D")
+    model, processor = build_model("D")
     convs = [
         Conversation(
             [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": "red and blue"}],
@@ -45,12 +45,12 @@ def test_packed_rows_under_flex_attention_give_the_unpacked_loss(build_model):
         ),
         Conversation([{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]),
     ]
-    samples = [model.processor.encode_segments(chatml_segments(c), c.images) for c in convs]
-    tpt = model.processor.tokens_per_tile
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in convs]
+    tpt = processor.tokens_per_tile
     packed_batch = collate_packed([samples], 0, tpt)
     try:
         with torch.no_grad():
-            plain = model(**model.processor.collate(samples, padding_side="right"))
+            plain = model(**processor.collate(samples, padding_side="right"))
             model.llm.set_attn_implementation("flex_attention")
             flex = model(**packed_batch)
     finally:

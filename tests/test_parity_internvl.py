@@ -24,7 +24,7 @@ def pair(backbones):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(0)
-    ours = nvlm.build(
+    ours, ours_proc = nvlm.build(
         "D",
         llm=str(backbones["qwen2"]),
         vision=str(backbones["internvl"]),
@@ -37,7 +37,7 @@ def pair(backbones):
     cfg = InternVLConfig(
         vision_config=ours.vision.model.config.to_dict(),
         text_config=ours.llm.config.to_dict(),
-        image_token_id=ours.processor.pad_id,
+        image_token_id=ours_proc.pad_id,
         downsample_ratio=0.5,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -79,7 +79,7 @@ def test_keymap_covers_both_state_dicts(pair, tmp_path):
 @pytest.mark.parametrize("size", [(150, 100), (56, 56)])
 def test_identical_logits(pair, size):
     ours, hf = pair
-    batch = ours.processor(chat_prompt("What is in the image?", 1), [picture(*size)])
+    batch = ours_proc(chat_prompt("What is in the image?", 1), [picture(*size)])
     with torch.no_grad():
         a = ours(**batch).logits
         b = hf(
@@ -92,8 +92,8 @@ def test_identical_logits(pair, size):
 
 def test_identical_greedy_generation(pair):
     ours, hf = pair
-    batch = ours.processor(chat_prompt("Describe the picture.", 1), [picture(150, 100, 2)])
-    eos = ours.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    batch = ours_proc(chat_prompt("Describe the picture.", 1), [picture(150, 100, 2)])
+    eos = ours_proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     mine = torch.stack(list(generate_ids(ours, batch, 12, eos_token_ids=[eos])), 1)
     with torch.no_grad():
         theirs = hf.generate(
@@ -104,7 +104,7 @@ def test_identical_greedy_generation(pair):
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=eos,
-            suppress_tokens=[ours.processor.pad_id],
+            suppress_tokens=[ours_proc.pad_id],
         )
     theirs = theirs[:, batch["input_ids"].shape[1] :]
     assert mine.shape[1] >= 2 and torch.equal(mine, theirs)

@@ -53,17 +53,18 @@ def _check(p: dict, real) -> None:
 def test_counts_equal_real_model(backbones, arch, llm, vision, stage):
     unfreeze = arch == "H" and stage == "sft"  # the demo's setting, once
     cfg = _run(stage, unfreeze, arch=arch, llm=str(backbones[llm]), vision=str(backbones[vision]), overrides=dict(TINY))
-    real = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), config=dict(TINY))
+    real, real_proc = nvlm.build(arch, llm=str(backbones[llm]), vision=str(backbones[vision]), config=dict(TINY))
     apply_stage(real, stage, unfreeze_vision=unfreeze)
     p = plan(cfg, world_size=2)
     _check(p, real)
     backbone_vocab = json.loads((backbones[llm] / "config.json").read_text())["vocab_size"]
-    assert p["shapes"]["vocab"] == len(real.tokenizer) > backbone_vocab  # NVLM's tokens resized the embeddings
+    assert p["shapes"]["vocab"] == len(real_proc.tokenizer) > backbone_vocab  # NVLM's tokens resized the embeddings
 
 
 def test_counts_from_init_from_checkpoint(build_model, tmp_path):
-    real = build_model("X", **{"tags__mode": "special", "xattn__every": 2})
+    real, real_proc = build_model("X", **{"tags__mode": "special", "xattn__every": 2})
     real.save_pretrained(str(tmp_path / "ckpt"))
+    real_proc.save_pretrained(str(tmp_path / "ckpt"))
     apply_stage(real, "sft")
     _check(plan(_run("sft", init_from=str(tmp_path / "ckpt")), world_size=3), real)
 

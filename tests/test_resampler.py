@@ -22,26 +22,26 @@ from nvlm.training.stages import apply_stage, components
 ON = {"config": {"resampler.latents": 3, "resampler.layers": 2, "resampler.heads": 2}}
 
 
-def _batch(model):
-    return model.processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
+def _batch(processor):
+    return processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])
 
 
 def test_shapes_per_tile(build_model):
-    model = build_model("D", **ON)
+    model, processor = build_model("D", **ON)
     assert model.vision.tokens_per_tile == 4 and model.tokens_per_tile == 3  # tiny InternViT: 4 tokens → 3 latents
     tiles = torch.randn(5, 3, model.vision.tile_size, model.vision.tile_size)
     out = model.encode_tiles(tiles)
     assert out.shape == (5, 3, model.dims.hidden_size)
-    assert model.processor.tokens_per_tile == 3
-    batch = _batch(model)
+    assert processor.tokens_per_tile == 3
+    batch = _batch(processor)
     n_tiles = batch["pixel_values"].shape[0]
-    assert int((batch["input_ids"] == model.processor.pad_id).sum()) == n_tiles * 3  # the image-pad slots
+    assert int((batch["input_ids"] == processor.pad_id).sum()) == n_tiles * 3  # the image-pad slots
 
 
 @pytest.mark.parametrize("arch", ["X", "H"])
 def test_xattn_memory_holds_latents(build_model, arch):
-    model = build_model(arch, **ON)
-    batch = _batch(model)
+    model, processor = build_model(arch, **ON)
+    batch = _batch(processor)
     tiles = batch["pixel_values"].shape[0]
     decoded = 0 if batch.get("decoder_tiles") is None else batch["decoder_tiles"].numel()
     tags = 0 if batch.get("memory_tag_ids") is None else batch["memory_tag_ids"].numel()
@@ -52,26 +52,26 @@ def test_xattn_memory_holds_latents(build_model, arch):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_latents_zero_is_todays_model(build_model, arch):
-    plain = build_model(arch)
-    off = build_model(arch, config={"resampler.latents": 0})
+    plain, plain_proc = build_model(arch)
+    off, off_proc = build_model(arch, config={"resampler.latents": 0})
     assert off.resampler is None and "resampler" not in components(off)
     assert not any(k.startswith("resampler.") for k in off.state_dict())
     assert off.tokens_per_tile == off.vision.tokens_per_tile
     set_gates(plain, 0.5)
     set_gates(off, 0.5)
     with torch.no_grad():
-        assert torch.equal(plain(**_batch(plain)).logits, off(**_batch(off)).logits)
-        tiles = _batch(plain)["pixel_values"]
+        assert torch.equal(plain(**_batch(plain_proc)).logits, off(**_batch(off_proc)).logits)
+        tiles = _batch(plain_proc)["pixel_values"]
         assert torch.equal(off.encode_tiles(tiles), off.projector(off.vision(tiles)))  # no resampler on the path
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_resampler_changes_the_image_tokens(build_model, arch):
-    on = build_model(arch, **ON)
+    on, on_proc = build_model(arch, **ON)
     set_gates(on, 0.5)
     with torch.no_grad():
-        logits = on(**_batch(on)).logits
-        text_only = on(**on.processor(chat_prompt("Hi", 0), [])).logits
+        logits = on(**_batch(on_proc)).logits
+        text_only = on(**on_proc(chat_prompt("Hi", 0), [])).logits
     assert torch.isfinite(logits).all()
     # the text-only row (left-padded in the batch) is the text-only model's: images never leak across samples
     assert torch.allclose(logits[1, -text_only.shape[1] :], text_only[0], atol=1e-5)
@@ -79,9 +79,9 @@ def test_resampler_changes_the_image_tokens(build_model, arch):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_cached_generation_equals_uncached(build_model, arch):
-    model = build_model(arch, **ON)
+    model, processor = build_model(arch, **ON)
     set_gates(model, 0.5)
-    batch = _batch(model)
+    batch = _batch(processor)
     cached = torch.stack(list(generate_ids(model, batch, 10, use_cache=True)), dim=1)
     uncached = torch.stack(list(generate_ids(model, batch, 10, use_cache=False)), dim=1)
     assert torch.equal(cached, uncached)
@@ -89,29 +89,30 @@ def test_cached_generation_equals_uncached(build_model, arch):
 
 @pytest.mark.parametrize("arch", ["D", "X"])
 def test_save_load_identical_logits(build_model, tmp_path, arch):
-    model = build_model(arch, **ON)
+    model, processor = build_model(arch, **ON)
     set_gates(model, 0.3)
     with torch.no_grad():
         for p in model.resampler.parameters():
             p.add_(0.01)  # trained (non-initial) weights are what gets saved
-        before = model(**_batch(model)).logits
+        before = model(**_batch(processor)).logits
     model.save_pretrained(tmp_path / "ckpt")
-    loaded = nvlm.from_pretrained(tmp_path / "ckpt").eval()
+    processor.save_pretrained(tmp_path / "ckpt")
+    loaded, loaded_proc = nvlm.load(tmp_path / "ckpt")
     assert loaded.config.resampler.latents == 3 and loaded.tokens_per_tile == 3
     with torch.no_grad():
-        assert torch.equal(loaded(**_batch(loaded)).logits, before)
+        assert torch.equal(loaded(**_batch(loaded_proc)).logits, before)
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_trains_like_the_projector(build_model, arch, stage):
-    model = build_model(arch, **ON)
+    model, processor = build_model(arch, **ON)
     set_gates(model, 0.5)  # X/H gates start closed (tanh 0), which would cut the image path's gradient
     apply_stage(model, stage)
     assert all(p.requires_grad for p in model.resampler.parameters())
     if stage == "sft":
         return
-    batch = model.processor(chat_prompt("Describe.", 1) + "a red box", [picture(150, 100)], padding_side="right")
+    batch = processor(chat_prompt("Describe.", 1) + "a red box", [picture(150, 100)], padding_side="right")
     logits = model(**batch).logits
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch["input_ids"][0, 1:])
     loss.backward()
@@ -128,7 +129,7 @@ def test_plan_counts_the_resampler(backbones):
         data=DataSpec(max_seq_len=64),
         train=TrainConfig(stage="pretrain", micro_batch_size=2),
     )
-    real = nvlm.build("X", **paths, config=dict(over))
+    real, real_proc = nvlm.build("X", **paths, config=dict(over))
     apply_stage(real, "pretrain")
     p = plan(cfg, world_size=2)
     n = sum(x.numel() for x in real.resampler.parameters())

@@ -23,7 +23,7 @@ from nvlm.serve.media import MediaPolicy
 
 @pytest.fixture(scope="module")
 def server(build_model):
-    model = build_model("H")
+    model, processor = build_model("H")
     policy = MediaPolicy(max_bytes=200_000, max_pixels=2_000_000, max_images=2, allowed_domains=("127.0.0.1",))
     with served(model, policy, max_body_bytes=1_000_000) as (url, engine):
         yield url, engine
@@ -157,7 +157,7 @@ def test_bad_images_over_http(server):
 
 
 def test_dead_or_wedged_engine_is_reported_and_refused(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     with served(model, stall_s=1.0) as (url, engine):
         _good(url)
         real = model.forward

@@ -20,11 +20,11 @@ from nvlm.data.chat import render_chat
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_openai_client_plain_stream_and_images(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     imgs = [picture(150, 100), picture(60, 140, 1)]
     with served(model) as (url, engine):
         want_one = model.generate(
-            render_chat([{"role": "user", "content": "<image>\nWhat is this?"}]), imgs[:1], max_new_tokens=8
+            processor, render_chat([{"role": "user", "content": "<image>\nWhat is this?"}]), imgs[:1], max_new_tokens=8
         )
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         r = client.chat.completions.create(
@@ -51,7 +51,7 @@ def test_openai_client_plain_stream_and_images(build_model, arch):
                 {"role": "user", "content": "More?"},
             ]
         )
-        want = model.generate(prompt, imgs, max_new_tokens=10)
+        want = model.generate(processor, prompt, imgs, max_new_tokens=10)
         plain = client.chat.completions.create(model="nvlm", messages=messages, max_completion_tokens=10, temperature=0)
         stream = client.chat.completions.create(
             model="nvlm",
@@ -70,7 +70,7 @@ def test_openai_client_plain_stream_and_images(build_model, arch):
 
 
 def test_raw_sse_frames_done_and_image_info(build_model):
-    model = build_model("H")
+    model, processor = build_model("H")
     with served(model) as (url, _):
         body = {
             "messages": user("Describe.", data_url(picture(1000, 500))),
@@ -85,12 +85,12 @@ def test_raw_sse_frames_done_and_image_info(build_model):
         first = json.loads(frames[0][6:])
         info = first["nvlm"]["images"][0]
         assert info["grid"] == [2, 1] and info["num_tiles"] == 3 and info["thumbnail"] is True
-        per_tile = model.processor.tokens_per_tile
+        per_tile = processor.tokens_per_tile
         assert info["tokens"] == {"decoder": per_tile, "xattn": 2 * per_tile}  # H: thumbnail in the decoder
 
 
 def test_n_seed_health_metrics_and_api_key(build_model, tmp_path):
-    model = build_model("D")
+    model, processor = build_model("D")
     with served(model, api_key="s3cret") as (url, _):
         assert httpx.get(url + "/health").status_code == 200  # open for probes
         bad = httpx.post(

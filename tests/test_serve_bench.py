@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 
+from conftest import save_pair
+
 from nvlm.cli import main
 
 
 def test_bench_serve_reports_levels_and_baseline(build_model, tmp_path, capsys):
-    build_model("X").save_pretrained(str(tmp_path / "m"))
+    save_pair(build_model("X"), str(tmp_path / "m"))
     code = main(
         [
             "bench",

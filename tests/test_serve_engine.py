@@ -46,10 +46,10 @@ PROMPTS = [
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_engine_equals_generate_with_staggered_arrivals(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     set_gates(model, 0.5)  # the blocks really change the output
     budgets = [14, 9, 12, 6, 10]
-    want = [model.generate(p, im, max_new_tokens=n) for (p, im), n in zip(PROMPTS, budgets)]
+    want = [model.generate(processor, p, im, max_new_tokens=n) for (p, im), n in zip(PROMPTS, budgets)]
     sizes = _record_batch_sizes(model)
     engine = Engine(model, max_batch=3, max_queue=8).start()
     try:
@@ -75,13 +75,13 @@ def test_engine_equals_generate_with_staggered_arrivals(build_model, arch):
 
 
 def test_engine_seeded_sampling_and_stop_strings_match_generate(build_model):
-    model = build_model("H")
+    model, processor = build_model("H")
     set_gates(model, 0.5)
     p, im = PROMPTS[0]
-    want = model.generate(p, im, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=7)
-    ref = model.generate(p, im, max_new_tokens=12)
+    want = model.generate(processor, p, im, max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9, seed=7)
+    ref = model.generate(processor, p, im, max_new_tokens=12)
     stop = ref[3:5]  # a stop string that greedy decoding reaches
-    want_stop = model.generate(p, im, max_new_tokens=12, stop=[stop])
+    want_stop = model.generate(processor, p, im, max_new_tokens=12, stop=[stop])
     engine = Engine(model).start()
     try:
         a = engine.submit(p, im, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7))
@@ -95,7 +95,7 @@ def test_engine_seeded_sampling_and_stop_strings_match_generate(build_model):
 
 
 def test_cancel_frees_the_slot_within_one_step(build_model):
-    model = build_model("X")
+    model, processor = build_model("X")
     engine = Engine(model, max_batch=1, max_queue=1).start()
     try:
         long = engine.submit(*PROMPTS[0], SamplingParams(max_tokens=400))
@@ -115,14 +115,14 @@ def test_cancel_frees_the_slot_within_one_step(build_model):
 
 
 def test_bad_request_raises_and_engine_keeps_serving(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     engine = Engine(model).start()
     try:
         with pytest.raises(ValueError, match="placeholder"):
             engine.submit(chat_prompt("x", 1), [])  # one <image>, no image
         with pytest.raises(ValueError, match="context"):
             engine.submit(chat_prompt("x", 0), [], SamplingParams(max_tokens=10**6))
-        assert engine.generate(*PROMPTS[1], max_tokens=4) == model.generate(*PROMPTS[1], max_new_tokens=4)
+        assert engine.generate(*PROMPTS[1], max_tokens=4) == model.generate(processor, *PROMPTS[1], max_new_tokens=4)
     finally:
         engine.close()
     assert not engine.healthy

@@ -30,11 +30,11 @@ def test_chatml_round_trip():
 
 
 def test_server_model_answers_equal_generate(build_model):
-    model = build_model("X")
+    model, processor = build_model("X")
     prompts = [chat_prompt("What is this?", 1), chat_prompt("Say hi.", 0), "Plain text prompt:"]
     images = [[picture(150, 100)], [], []]
     with served(model) as (url, _):  # (this sets the x-attn gates open, so the image matters)
-        want = [model.generate(p, im, max_new_tokens=6) for p, im in zip(prompts, images)]
+        want = [model.generate(processor, p, im, max_new_tokens=6) for p, im in zip(prompts, images)]
         remote = ServerModel(url + "/v1", concurrency=3)
         assert remote.model == "nvlm" and "server:" in repr(remote)
         got = remote.generate(prompts, images, max_new_tokens=6)
@@ -62,7 +62,7 @@ def test_eval_run_cli_scores_a_served_model(build_model, tmp_path):
                 )
                 + "\n"
             )
-    model = build_model("D")
+    model, processor = build_model("D")
     with served(model) as (url, _):
         code = main(
             [
@@ -83,7 +83,7 @@ def test_eval_run_cli_scores_a_served_model(build_model, tmp_path):
         assert code == 0
         assert main(["eval", "run", "--task", "demo", "--data", str(tmp_path / "color.jsonl")]) == 2  # no model
     predictions = [json.loads(x) for x in open(tmp_path / "evals" / "demo" / "predictions.jsonl")]
-    want = [model.generate(chat_prompt("What color?", 1), [tmp_path / "a.png"], max_new_tokens=4)] * 2
+    want = [model.generate(processor, chat_prompt("What color?", 1), [tmp_path / "a.png"], max_new_tokens=4)] * 2
     assert [p["prediction"] for p in predictions] == want
     summary = json.loads(open(tmp_path / "evals" / "demo" / "summary.json").read())
     assert summary["n"] == 2 and "server:" in json.dumps(

@@ -27,7 +27,7 @@ def _rss_mb() -> float:
 
 
 def test_ramp_to_twice_the_limit_gives_only_200_and_fast_503(build_model):
-    model = build_model("X")
+    model, processor = build_model("X")
     real = model.forward
     model.forward = lambda *a, **k: time.sleep(0.05) or real(*a, **k)  # steps slow enough that a burst queues
     with served(model, max_batch=2, max_queue=2) as (url, engine):
@@ -64,7 +64,7 @@ def test_ramp_to_twice_the_limit_gives_only_200_and_fast_503(build_model):
 
 
 def test_disconnect_mid_stream_cancels_within_a_step(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     with served(model) as (url, engine):
         body = {"messages": user("Tell a long story."), "max_tokens": 2000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -83,7 +83,7 @@ def test_disconnect_mid_stream_cancels_within_a_step(build_model):
 
 
 def test_slow_clients_idle_connections_and_oversized_headers(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     with served(model, timeout_keep_alive=1) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
@@ -112,8 +112,9 @@ def test_slow_clients_idle_connections_and_oversized_headers(build_model):
 
 
 def test_sigterm_drains_the_in_flight_stream_then_exits_0(build_model, tmp_path):
-    model = build_model("D")
+    model, processor = build_model("D")
     model.save_pretrained(str(tmp_path / "m"))
+    processor.save_pretrained(str(tmp_path / "m"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -46,7 +46,7 @@ def _browser():
 
 
 def test_web_chat_streams_an_answer_and_shows_the_tile_grid(build_model, tmp_path):
-    model = build_model("H")
+    model, processor = build_model("H")
     image_path = tmp_path / "chart.png"
     picture(1000, 500, seed=4).save(image_path)
     with served(model) as (url, _):
@@ -76,7 +76,7 @@ def test_web_chat_streams_an_answer_and_shows_the_tile_grid(build_model, tmp_pat
     prompt = render_chat([{"role": "user", "content": "<image>\nWhat is in this chart?"}])
     from nvlm.vision.image_io import load_image
 
-    assert answer == model.generate(prompt, [load_image(str(image_path))], max_new_tokens=12)
+    assert answer == model.generate(processor, prompt, [load_image(str(image_path))], max_new_tokens=12)
     assert "1000×500 → grid 2×1, 3 tiles incl. thumbnail" in tiles and "NVLM-H" in tiles
     assert cells == ["tile 1", "tile 2"]
     assert "12 completion tokens" in status

@@ -107,7 +107,7 @@ def model_cfg(backbones, arch: str, **model) -> dict:
 
 
 def one_process(cfg: dict) -> dict[str, torch.Tensor]:
-    model = build_model(RunConfig.from_dict(cfg))
+    model, processor = build_model(RunConfig.from_dict(cfg))
     out = dict(model.state_dict())
     out.update({"buffer:" + n: b for n, b in model.named_buffers()})
     return out

@@ -20,7 +20,7 @@ def _snapshot(module):
 def _train_steps(model, steps=3):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    batch = model.processor(chat_prompt("Describe.", 1) + "a red box", [picture(150, 100)], padding_side="right")
+    batch = processor(chat_prompt("Describe.", 1) + "a red box", [picture(150, 100)], padding_side="right")
     model.train()
     for _ in range(steps):
         logits = model(**batch).logits
@@ -32,7 +32,7 @@ def _train_steps(model, steps=3):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_stage1_leaves_llm_and_vision_bit_identical(build_model, arch):
-    model = build_model(arch)
+    model, processor = build_model(arch)
     apply_stage(model, "pretrain")
     llm, vision = _snapshot(model.llm), _snapshot(model.vision)
     proj, xattn = _snapshot(model.projector), _snapshot(model.xattn)
@@ -47,7 +47,7 @@ def test_stage1_leaves_llm_and_vision_bit_identical(build_model, arch):
 
 
 def test_stage2_trains_llm_and_table(build_model):
-    model = build_model("H")
+    model, processor = build_model("H")
     apply_stage(model, "sft")
     llm = _snapshot(model.llm)
     _train_steps(model, 1)

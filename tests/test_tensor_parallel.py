@@ -58,7 +58,7 @@ def one_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
         for block in trainer.model.xattn:
             block.gate_attn.fill_(0.5)
             block.gate_ffn.fill_(0.5)
-    proc = trainer.model.processor
+    proc = trainer.processor
     enc = proc.encode_segments([("<image>\nWhat color? ", False), ("red", True)], [picture(150, 100)])
     trainer.train_step([proc.collate([enc], padding_side="right")])
     grads = {}
@@ -172,8 +172,8 @@ def test_tp2_equals_one_process(runs, backbones, dataset, tmp_path, arch):
     two = runs / f"tp-{arch}"
     l1, l2 = losses(tmp_path / "run"), losses(two)
     loss_diff = max(abs(a - b) for a, b in zip(l1, l2))
-    s1 = nvlm.from_pretrained(tmp_path / "run" / "final").state_dict()
-    s2 = nvlm.from_pretrained(two / "final").state_dict()
+    s1, s1_proc = nvlm.load(tmp_path / "run" / "final").state_dict()
+    s2, s2_proc = nvlm.load(two / "final").state_dict()
     assert s1.keys() == s2.keys()
     weight_diff, worst = max((float((s1[k] - s2[k]).abs().max()), k) for k in s1)
     print(
@@ -201,7 +201,7 @@ def test_layout_fills_the_world_and_names_the_fix():
 
 
 def test_tp_must_split_the_heads(build_model):
-    model = build_model("X")  # tiny Qwen2: 4 query heads, 2 K/V heads; x-attn blocks the same
+    model, processor = build_model("X")  # tiny Qwen2: 4 query heads, 2 K/V heads; x-attn blocks the same
     check_heads(model, 2)
     with pytest.raises(
         ConfigError, match=r"train.tp=4 does not divide .*num_key_value_heads.*use train.tp in \[1, 2\]"
@@ -212,7 +212,7 @@ def test_tp_must_split_the_heads(build_model):
 def test_tp_plan_names_exist_in_every_layer_and_block(build_model):
     """The plan's submodule names (transformers' base_model_tp_plan naming) resolve in D, X and H models."""
     for arch in ("D", "X", "H"):
-        model = build_model(arch)
+        model, processor = build_model(arch)
         plans = tp_plans(model)
         assert len(plans) == model.llm.config.num_hidden_layers + len(model.xattn)
         for _, module, plan in plans:

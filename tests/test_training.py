@@ -178,7 +178,7 @@ def test_stage1_checkpoint_hands_over_to_stage2(backbones, dataset, tmp_path):
     t2 = Trainer(cfg2, tmp_path / "s2", log=quiet)
     import nvlm
 
-    stage1 = nvlm.from_pretrained(r1.final_dir)
+    stage1, stage1_proc = nvlm.load(r1.final_dir)
     for name, p in stage1.state_dict().items():
         assert torch.equal(p, t2.model.state_dict()[name]), name
     assert any(p.requires_grad for p in t2.model.llm.parameters())

@@ -25,9 +25,9 @@ from nvlm.training.stages import apply_stage
 ASSET = Path(__file__).parent / "assets" / "nvlm-x-before-wrapping"
 
 
-def _batch(model):
+def _batch(processor):
     """Two samples with an image each and a trained answer (right padded, as in training)."""
-    proc = model.processor
+    proc = processor
     samples = [
         proc.encode_segments(
             [("<image>\nWhat color is it?", False), (" red and blue", True)], [picture(150, 100, seed=1)]
@@ -46,11 +46,11 @@ def _grads(model, batch) -> dict[str, torch.Tensor | None]:
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_activation_checkpointing_gives_the_plain_gradients(build_model, arch):
-    model = build_model(arch, xattn__every=2)
+    model, processor = build_model(arch, xattn__every=2)
     set_gates(model, 0.7)  # open gates: the blocks take part in every gradient
     apply_stage(model, "sft")
     model.train()
-    batch = _batch(model)
+    batch = _batch(processor)
     plain = _grads(model, batch)
     activation_checkpointing(model)
     recomputed = _grads(model, batch)
@@ -64,14 +64,14 @@ def test_activation_checkpointing_gives_the_plain_gradients(build_model, arch):
 
 
 def test_checkpointing_recomputes_each_block_with_its_layer(build_model):
-    model = build_model("X", xattn__every=2)
+    model, processor = build_model("X", xattn__every=2)
     set_gates(model, 0.7)
     apply_stage(model, "pretrain")
     model.train()
     calls = []
     for i, block in enumerate(model.xattn):
         block.register_forward_hook(lambda *_, i=i: calls.append(i))  # counting only
-    batch = _batch(model)
+    batch = _batch(processor)
     _grads(model, batch)
     assert sorted(calls) == [0, 1]  # once per block without checkpointing
     calls.clear()
@@ -86,7 +86,7 @@ def test_checkpointing_recomputes_each_block_with_its_layer(build_model):
 
 
 def test_blocks_are_explicit_layers_not_hooks(build_model):
-    model = build_model("H", xattn__every=2)
+    model, processor = build_model("H", xattn__every=2)
     layers = decoder_layers(model.llm)
     wrapped = [i for i, layer in enumerate(layers) if isinstance(layer, CrossAttentionDecoderLayer)]
     assert wrapped == model.xattn_layers == [0, 2]
@@ -98,17 +98,18 @@ def test_blocks_are_explicit_layers_not_hooks(build_model):
 
 
 def test_backbone_keeps_its_parameter_names_on_disk(build_model, tmp_path):
-    model = build_model("X", xattn__every=2)
+    model, processor = build_model("X", xattn__every=2)
     set_gates(model, 0.4)
     model.save_pretrained(tmp_path / "x")
+    processor.save_pretrained(tmp_path / "x")
     with safe_open(str(tmp_path / "x" / "llm" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert "model.layers.0.mlp.up_proj.weight" in names and not any(".layer." in n for n in names)
     assert sorted(load_file(str(tmp_path / "x" / "model.safetensors"))) == sorted(
         k for k in model.state_dict() if k.startswith(("projector.", "xattn."))
     )
-    again = nvlm.from_pretrained(tmp_path / "x").eval()
-    batch = model.processor("<image>\nWhat?", [picture(120, 60)])
+    again, again_proc = nvlm.load(tmp_path / "x")
+    batch = processor("<image>\nWhat?", [picture(120, 60)])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
 
@@ -116,9 +117,9 @@ def test_backbone_keeps_its_parameter_names_on_disk(build_model, tmp_path):
 def test_a_checkpoint_saved_before_the_change_loads_with_the_same_logits():
     from PIL import Image
 
-    model = nvlm.from_pretrained(ASSET).eval()
+    model, processor = nvlm.load(ASSET)
     assert model.xattn[0].gate_attn.item() == 0.5  # the saved blocks, not fresh ones
-    batch = model.processor("<image>\nWhat color?", [Image.new("RGB", (112, 56), (200, 30, 40))])
+    batch = processor("<image>\nWhat color?", [Image.new("RGB", (112, 56), (200, 30, 40))])
     with torch.no_grad():
         logits = model(**batch).logits
     torch.testing.assert_close(
@@ -129,10 +130,10 @@ def test_a_checkpoint_saved_before_the_change_loads_with_the_same_logits():
 def test_a_block_cut_off_the_graph_is_an_error_not_zero_gradients(build_model, monkeypatch):
     from nvlm.training.trainer import fill_unused_grads
 
-    model = build_model("X", xattn__every=2)
+    model, processor = build_model("X", xattn__every=2)
     apply_stage(model, "sft")
     model.train()
-    batch = _batch(model)
+    batch = _batch(processor)
     # a wiring bug: the layers stop calling their blocks although the batch has an image memory
     monkeypatch.setattr(
         CrossAttentionDecoderLayer, "_block_then_layer", lambda self, h, *a, xattn=None, **k: self.layer(h, *a, **k)

@@ -39,6 +39,7 @@ class Pair:
     memory_tokens: tuple[int, int]  # image tokens each model's cross-attention memory holds per sample
     decoder_tokens: tuple[int, int]  # tokens in each model's decoder sequence per sample
     max_abs_logit_diff: float | None  # D: ours vs InternVL on the same batch (None: different architectures)
+    processor: Any = None  # ours's
 
 
 def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
@@ -54,7 +55,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     llm = tf.Qwen2Config(**{"vocab_size": len(tok), **shape.llm})
-    ours = nvlm.build(
+    ours, processor = nvlm.build(
         arch,
         llm=llm,
         vision=vision_config("internvl", **shape.vision),
@@ -68,13 +69,13 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
     )
     apply_stage(ours, "sft")  # LLM, projector (and x-attn) trained; vision frozen; the reference alike below
     image = synthetic_image(shape.tiles, ours.vision.tile_size, seed)
-    batch, tokens = make_batch(ours, shape, image)
+    batch, tokens = make_batch(processor, shape, image)
     if arch == "D":
         hf = _internvl(ours)
         hf_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
         with torch.no_grad():
             diff = (ours(**batch).logits - hf(**hf_batch).logits).abs().max().item()
-        pair = Pair(arch, "InternVL", ours, hf, (batch, hf_batch), (0, 0), (tokens.decoder,) * 2, diff)
+        pair = Pair(arch, "InternVL", ours, hf, (batch, hf_batch), (0, 0), (tokens.decoder,) * 2, diff, processor)
     else:
         hf = mllama = _mllama(ours, shape)
         hf_batch = mllama_inputs(hf, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
@@ -83,7 +84,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
         vit = mllama.config.vision_config
         per_tile = (vit.image_size // vit.patch_size) ** 2 + 1  # patches + a class token per tile
         memory = (tokens.memory, n_tiles * per_tile)
-        pair = Pair(arch, "Mllama", ours, hf, (batch, hf_batch), memory, (tokens.decoder,) * 2, None)
+        pair = Pair(arch, "Mllama", ours, hf, (batch, hf_batch), memory, (tokens.decoder,) * 2, None, processor)
     pair.train[1]["use_cache"] = False  # as training scripts set it: no KV cache filled in a training forward
     hf.train()
     hf.requires_grad_(True)
@@ -95,8 +96,8 @@ def generate_inputs(pair: Pair, batch_size: int, seed: int = 0) -> tuple[dict[st
     """(ours, hf) inputs of `batch_size` copies of one image question, left-padded, without labels."""
     ours = pair.ours
     image = synthetic_image(ours.config.tiling.max_tiles, ours.vision.tile_size, seed)
-    enc = ours.processor.encode_segments([(chat_prompt("What is in the image?"), False)], [image])
-    batch = ours.processor.collate([enc] * batch_size, padding_side="left")
+    enc = pair.processor.encode_segments([(chat_prompt("What is in the image?"), False)], [image])
+    batch = pair.processor.collate([enc] * batch_size, padding_side="left")
     if pair.arch == "D":
         return batch, {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     return batch, mllama_inputs(pair.hf, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
@@ -142,7 +143,7 @@ def _internvl(ours: Any) -> nn.Module:
     cfg = InternVLConfig(
         vision_config=ours.vision.model.config.to_dict(),
         text_config=ours.llm.config.to_dict(),
-        image_token_id=ours.processor.pad_id,
+        image_token_id=ours.config.image_token_id,
         downsample_ratio=0.5,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -196,5 +197,5 @@ def _mllama(ours: Any, shape: Shape) -> Any:
         bos_token_id=0,
         eos_token_id=0,
     )
-    cfg = tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=ours.processor.pad_id)
+    cfg = tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=ours.config.image_token_id)
     return tf.MllamaForConditionalGeneration(cfg)

@@ -24,7 +24,7 @@ from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.optim import make_optimizer
 
 
-def long_tailed_samples(model: Any, n: int, max_len: int, seed: int = 0) -> list[Any]:
+def long_tailed_samples(processor: Any, n: int, max_len: int, seed: int = 0) -> list[Any]:
     """`n` encoded conversations, lengths ~ lognormal(mean log 96 tokens, sigma 0.8) clipped to [32, max_len]."""
     from nvlm.data.chat import chat_prompt
 
@@ -37,14 +37,14 @@ def long_tailed_samples(model: Any, n: int, max_len: int, seed: int = 0) -> list
             (chat_prompt(" yes" * (words // 2), 0), False),
             (" no" * (words - words // 2) + "<|im_end|>\n", True),
         ]
-        enc = model.processor.encode_segments(segments, [])
+        enc = processor.encode_segments(segments, [])
         samples.append(enc)
     return [s for s in samples if len(s.input_ids) <= max_len]
 
 
-def _step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+def _step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], packed: bool = False) -> None:
     opt.zero_grad(set_to_none=True)
-    out = model(**batch, return_logits=False)
+    out = model(**batch, return_logits=False, packed=packed)
     (out.loss_sum / max(out.num_tokens, 1)).backward()
     opt.step()
 
@@ -52,22 +52,22 @@ def _step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any]) -> None
 def bench_packing(shape: Shape, samples: int, max_len: int, seed: int = 0) -> dict[str, Any]:
     from nvlm.bench.train import build_models
 
-    model = build_models(["D"], shape, "sft", seed)["D"]
+    models, processors = build_models(["D"], shape, "sft", seed)
+    model, proc = models["D"], processors["D"]
     use_packed_attention(model.llm)  # as the trainer does on CPU: packed rows attend per sample; padded: SDPA
-    encoded = long_tailed_samples(model, samples, max_len, seed)
-    proc = model.processor
+    encoded = long_tailed_samples(proc, samples, max_len, seed)
     padded = proc.collate(encoded, padding_side="right")
     rows = pack_greedy([len(s.input_ids) for s in encoded], max_len)
     packed = collate_packed(
         [[encoded[i] for i in r] for r in rows], proc.tokenizer.pad_token_id or 0, proc.tokens_per_tile
     )
     with torch.no_grad():
-        a, b = model(**padded, return_logits=False), model(**packed, return_logits=False)
+        a, b = model(**padded, return_logits=False), model(**packed, return_logits=False, packed=True)
     rel_diff = abs(float(a.loss) - float(b.loss)) / abs(float(a.loss))
     opt = make_optimizer(model, 1e-5, 0.0, (0.9, 0.95))
     real = sum(len(s.input_ids) for s in encoded)
     race = _interleaved(  # "ours" = packed, "theirs" = padded
-        partial(_step, model, opt, packed), partial(_step, model, opt, padded), shape.steps, shape.warmup
+        partial(_step, model, opt, packed, True), partial(_step, model, opt, padded), shape.steps, shape.warmup
     )
     return {
         "samples": len(encoded),

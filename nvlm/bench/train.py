@@ -111,31 +111,30 @@ def synthetic_image(tiles: int, tile_size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0, meta: bool = False) -> dict[str, Any]:
-    """NVLM-`arch` for each arch from the same configs and seed; fails unless their LLM and vision weights
-    are equal. `meta`: shapes only, no weights (the processor and FLOP counts still work)."""
+def build_models(
+    archs: list[str], shape: Shape, stage: str, seed: int = 0, meta: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """NVLM-`arch` for each arch from the same configs and seed, and each one's processor; fails unless their
+    LLM and vision weights are equal. `meta`: shapes only, no weights (the processor and FLOP counts still
+    work)."""
     import transformers as tf
 
-    import nvlm
+    from nvlm.loading import fill_whole, new_model
     from nvlm.tiny import tiny_tokenizer
     from nvlm.training.stages import apply_stage
     from nvlm.vision.encoder import vision_config
 
-    models = {}
+    models, processors = {}, {}
     for arch in archs:
-        torch.manual_seed(seed)  # backbones are created first in nvlm.build, so they come out identical
-        tok = tiny_tokenizer()  # one per model: nvlm.build adds its tokens to the tokenizer it is given
+        torch.manual_seed(seed)  # backbones are drawn first, so they come out identical
+        tok = tiny_tokenizer()  # one per model: NVLM's tokens are added to the tokenizer it is given
         llm = tf.Qwen2Config(**{"vocab_size": len(tok), **shape.llm})
+        over = {"tiling.max_tiles": shape.tiles, "xattn.every": shape.xattn_every, "tags.mode": shape.tag_mode}
         with torch.device("meta") if meta else nullcontext():
-            model = nvlm.build(
-                arch,
-                llm=llm,
-                vision=vision_config("internvl", **shape.vision),
-                tokenizer=tok,
-                config={"tiling.max_tiles": shape.tiles, "xattn.every": shape.xattn_every, "tags.mode": shape.tag_mode},
-            )
+            built = new_model(arch, llm, vision_config("internvl", **shape.vision), tok, over)
+        model = built.model if meta else fill_whole(built)
         apply_stage(model, stage)
-        models[arch] = model.train()
+        models[arch], processors[arch] = model.train(), built.processor
     first = models[archs[0]]
 
     def backbone(model: Any, part: str) -> dict[str, torch.Tensor]:  # X/H wrap some LLM layers: compare saved names
@@ -146,20 +145,20 @@ def build_models(archs: list[str], shape: Shape, stage: str, seed: int = 0, meta
             ref, mine = backbone(first, part), backbone(model, part)
             if ref.keys() != mine.keys() or any(not torch.equal(ref[k], mine[k]) for k in ref):
                 raise RuntimeError(f"NVLM-{arch}'s {part} weights differ from NVLM-{archs[0]}'s")
-    return models
+    return models, processors
 
 
-def make_batch(model: Any, shape: Shape, image: Image.Image) -> tuple[dict[str, Any], SampleTokens]:
+def make_batch(processor: Any, shape: Shape, image: Image.Image) -> tuple[dict[str, Any], SampleTokens]:
     """B copies of one SFT sample (user turn: image + question; labelled answer) and its token counts."""
     from nvlm.data.chat import chat_prompt
 
     half = shape.text_tokens // 2
     answer = " no" * (shape.text_tokens - half) + "<|im_end|>\n"
     segments = [(chat_prompt(" yes" * half), False), (answer, True)]
-    enc = model.processor.encode_segments(segments, [image])
+    enc = processor.encode_segments(segments, [image])
     if enc.pixel_values.shape[0] != shape.tiles + (shape.tiles > 1):
         raise ValueError(f"the image tiled to {enc.pixel_values.shape[0]} tiles, not {shape.tiles}+1")
-    batch = model.processor.collate([enc] * shape.batch_size, padding_side="right")
+    batch = processor.collate([enc] * shape.batch_size, padding_side="right")
     return batch, SampleTokens(len(enc.input_ids), enc.memory_len, enc.pixel_values.shape[0])
 
 
@@ -206,11 +205,11 @@ def run(
     dev = torch.device(device)
     park = dev.type == "cuda" if park is None else park
     load = os.getloadavg()[0]  # other jobs on the CPU before we start (render warns when they crowd it)
-    models = build_models(archs, shape, stage, seed, meta=dry_run)
+    models, processors = build_models(archs, shape, stage, seed, meta=dry_run)
     image = synthetic_image(shape.tiles, next(iter(models.values())).vision.tile_size, seed)
     batches, tokens, flops = {}, {}, {}
     for arch, model in models.items():
-        batch, tokens[arch] = make_batch(model, shape, image)
+        batch, tokens[arch] = make_batch(processors[arch], shape, image)
         flops[arch] = train_flops(model, tokens[arch], stage)
         batches[arch] = batch if dry_run else _to(batch, dev)
     times: dict[str, list[float]] = {a: [] for a in archs}

@@ -119,7 +119,7 @@ def bench_generate(
         pair = build_pair(arch, shape, seed)
         pair.ours.eval()
         pair.hf.eval()
-        pad = pair.ours.processor.pad_id
+        pad = pair.ours.config.image_token_id
         for b in batch_sizes:
             ours_in, hf_in = generate_inputs(pair, b, seed)
             prompt = ours_in["input_ids"].shape[1]

@@ -12,15 +12,20 @@ only their tile; other tokens see every image whose ``</Image>`` is at or before
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nvlm.config import NVLMConfig
 from nvlm.data.layout import image_block
+from nvlm.data.tags import all_tags
+from nvlm.vision.encoder import default_mean_std, tile_geometry
 from nvlm.vision.image_io import load_image
 from nvlm.vision.tiling import TilePlan, plan_tiles, tile_image, tiles_to_tensor
 
@@ -113,31 +118,86 @@ def memory_tensors(recipes: list[list[tuple[str, Any]]], tokens_per_tile: int, n
     return {"memory_index": index, "memory_tag_ids": torch.tensor(tag_ids, dtype=torch.long)}
 
 
-class Processor:
-    """Tokenizer + tiling for one NVLM config; `encode` one sample, `collate` a batch."""
+def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
+    """Register `tokens` as single special tokens (those not already in the vocabulary); returns how many."""
+    new = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if not new:
+        return 0
+    return tokenizer.add_tokens(new, special_tokens=True)
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        config: NVLMConfig,
-        tile_size: int,
-        tokens_per_tile: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-    ) -> None:
+
+def add_nvlm_tokens(tokenizer: Any, config: NVLMConfig) -> None:
+    """Give `tokenizer` NVLM's tokens (those it lacks): the image-pad token is always one token; in special-token
+    mode so are the tags and image markers. A new model's embeddings then grow to ``len(tokenizer)``."""
+    tags = config.tags
+    tokens = [tags.image_pad]
+    if tags.mode == "special":
+        size, _ = tile_geometry(config.vision.hf_config, config.vision.downsample)
+        tokens += [tags.image_start, tags.image_end]
+        tokens += all_tags(tags.style, tags.thumbnail_tag, size, config.tiling.min_tiles, config.tiling.max_tiles)
+    add_special_tokens(tokenizer, tokens)
+
+
+class Processor:
+    """Tokenizer + tiling for one NVLM config; `encode` one sample, `collate` a batch.
+
+    It lives beside the model, not inside it (``nvlm.load`` returns both): the data pipeline, the server and the
+    evaluation encode with it without a model in reach, and it is saved with the model's checkpoint
+    (the tokenizer files and ``preprocessor_config.json``)."""
+
+    def __init__(self, tokenizer: Any, config: NVLMConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.tile_size = tile_size
-        self.tokens_per_tile = tokens_per_tile
-        self.mean, self.std = mean, std
+        v = config.vision
+        self.tile_size, tokens = tile_geometry(v.hf_config, v.downsample)
+        self.tokens_per_tile = config.resampler.latents or tokens  # feature tokens per tile, as the model makes
+        mean, std = default_mean_std(v.type)
+        self.mean, self.std = tuple(v.image_mean or mean), tuple(v.image_std or std)
         self.pad_id = tokenizer.convert_tokens_to_ids(config.tags.image_pad)
         if self.pad_id is None or self.pad_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {config.tags.image_pad!r} token; build the model with nvlm.build")
+        if config.image_token_id is not None and config.image_token_id != self.pad_id:
+            raise ValueError(
+                f"the tokenizer's {config.tags.image_pad!r} is token {self.pad_id} but the model's config says "
+                f"{config.image_token_id}: this tokenizer is not the model's (load both with nvlm.load)"
+            )
         self._cache: dict[str, list[int]] = {}
         # Prompt text is rendered ChatML, so the template's own <|im_start|>/<|im_end|> are allowed here; inside
         # message content they are refused earlier, by the renderers (nvlm.data.chat, nvlm.data.formats).
         template = {IM_START, IM_END}
         self.reserved = reserved_pattern(s for s in reserved_strings(tokenizer, config) if s not in template)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: NVLMConfig | None = None) -> Processor:
+        """The processor saved in an nvlm checkpoint folder: its tokenizer and its config.json (or `config`)."""
+        from transformers import AutoTokenizer
+
+        root = Path(path)
+        if not (root / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"{root}: no tokenizer there (tokenizer_config.json); save the processor beside the model: "
+                "processor.save_pretrained(path)"
+            )
+        config = config or NVLMConfig.load(root / "config.json")
+        return cls(AutoTokenizer.from_pretrained(root, trust_remote_code=False), config)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The tokenizer (with NVLM's tokens) and ``preprocessor_config.json`` (tile size, tiling limits and
+        normalisation, for other tools; config.json rules)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out)
+        tiling = self.config.tiling
+        pre = {
+            "tile_size": self.tile_size,
+            "tokens_per_tile": self.tokens_per_tile,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "min_tiles": tiling.min_tiles,
+            "max_tiles": tiling.max_tiles,
+            "use_thumbnail": tiling.use_thumbnail,
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
     def check_text(self, text: str, what: str = "prompt text") -> str:
         """`text` unchanged, or ControlTokenError if it holds a special token, image marker or tile tag (for a

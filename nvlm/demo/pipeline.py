@@ -89,11 +89,13 @@ def stage_config(
     return RunConfig(model=model, data=DataSpec(sources=sources, max_seq_len=160, pack=False), train=train)
 
 
-def evaluate(model: Any, data_dir: Path, tasks: tuple[str, ...], batch_size: int = 50) -> dict[str, Any]:
-    """Greedy answers to every held-out item of `tasks` (vision tasks or "add") → accuracy per task."""
+def evaluate(loaded: Any, data_dir: Path, tasks: tuple[str, ...], batch_size: int = 50) -> dict[str, Any]:
+    """Greedy answers of (model, processor) to every held-out item of `tasks` (vision tasks or "add") →
+    accuracy per task."""
     from nvlm.data.chat import render_chat
     from nvlm.data.formats import read_records
 
+    model, processor = loaded
     model.eval()
     results = {}
     for task in tasks:
@@ -102,7 +104,7 @@ def evaluate(model: Any, data_dir: Path, tasks: tuple[str, ...], batch_size: int
         for i in range(0, len(convs), batch_size):
             chunk = convs[i : i + batch_size]
             prompts = [render_chat(c.messages[:-1]) for c in chunk]
-            answers = model.generate(prompts, [c.images for c in chunk], max_new_tokens=4)
+            answers = model.generate(processor, prompts, [c.images for c in chunk], max_new_tokens=4)
             correct += sum(synthetic.score(task, a, c.messages[-1]["content"]) for a, c in zip(answers, chunk))
         chance = synthetic.TEXT_TASKS[task].chance if task == "add" else synthetic.TASKS[task].chance
         results[task] = {"accuracy": correct / len(convs), "chance": chance, "n": len(convs)}
@@ -117,13 +119,13 @@ def run_arch(arch: str, root: Path, budget: Budget, seed: int, log=print) -> dic
     runs = root / f"nvlm-{arch.lower()}"
     r1 = Trainer(stage_config(arch, "pretrain", root, budget, seed=seed), runs / "stage1", log=log).run()
     # the stage-1 model alone (LLM still frozen): does the alignment reach the frozen LLM? (paper §4.5, issue 12)
-    stage1 = evaluate(nvlm.from_pretrained(r1.final_dir), root / "data", VISION_TASKS)
+    stage1 = evaluate(nvlm.load(r1.final_dir), root / "data", VISION_TASKS)
     r2 = Trainer(
         stage_config(arch, "sft", root, budget, init_from=str(r1.final_dir), seed=seed), runs / "stage2", log=log
     ).run()
-    model = nvlm.from_pretrained(r2.final_dir)
-    tasks = evaluate(model, root / "data", VISION_TASKS)
-    text = evaluate(model, root / "data", ("add",))["add"]
+    final = nvlm.load(r2.final_dir)
+    tasks = evaluate(final, root / "data", VISION_TASKS)
+    text = evaluate(final, root / "data", ("add",))["add"]
     curves = {f"stage {s}": [r["loss"] for r in read_metrics(runs / f"stage{s}" / "metrics.jsonl")] for s in (1, 2)}
     plot_curves(curves, runs / "loss.png", f"NVLM-{arch} demo: training loss")
     return {
@@ -190,10 +192,10 @@ def run_demo(
         results.update({k: runs[0][k] for k in ("arch", "tasks", "tasks_stage1", "text")})
     (root / "results.json").write_text(json.dumps(results, indent=2))
     log(render_table(results))
-    final = nvlm.from_pretrained(runs[-1]["checkpoint"])
+    final, processor = nvlm.load(runs[-1]["checkpoint"])
     ex = synthetic.fresh_question(seed + 12345)
     ex.image.save(root / "fresh.png")
-    answer = final.chat(ex.question, image=ex.image, max_new_tokens=4)
+    answer = final.chat(processor, ex.question, image=ex.image, max_new_tokens=4)
     log(
         f"\nfresh image {root / 'fresh.png'} ({ex.task}): {ex.question!r} → model says {answer!r} "
         f"(truth {ex.answer!r})\nchat with it: nvlm chat --model {runs[-1]['checkpoint']} --image "

@@ -229,8 +229,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     }
 
 
-def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.dtype | None = None) -> None:
-    """Write the (possibly sharded) model as an ordinary ``nvlm.from_pretrained`` folder from process 0.
+def export_pretrained(
+    model: nn.Module, processor: Any, path: Path, world: World, dtype: torch.dtype | None = None
+) -> None:
+    """Write the (possibly sharded) model and its processor as an ordinary ``nvlm.load`` folder from process 0.
 
     Weights are gathered one tensor at a time onto process 0's CPU (cast to `dtype` if given, e.g. bf16 after
     a bf16 run: the fp32 optimizer copy stays in the DCP checkpoints), so its host memory holds the model
@@ -250,6 +252,7 @@ def export_pretrained(model: nn.Module, path: Path, world: World, dtype: torch.d
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, tmp, state_dict=full)
+        processor.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     barrier(world)

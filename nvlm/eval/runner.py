@@ -57,8 +57,9 @@ def run_benchmark(
     dtype: str = "auto",
     restart: bool = False,
 ) -> dict:
-    """Answer ``task`` from ``data`` with ``model`` (an NVLM model, or a checkpoint folder loaded only if there
-    is something to generate), append to ``out/task/predictions.jsonl``, score, write ``summary.json``.
+    """Answer ``task`` from ``data`` with ``model`` (a checkpoint folder loaded only if there is something to
+    generate, an NVLM model with its processor as a pair or ``LocalModel``, or a server client), append to
+    ``out/task/predictions.jsonl``, score, write ``summary.json``.
 
     Returns the scorer's result (``score``, ``n``, ``items``, breakdowns) plus ``predictions``, ``summary``
     (paths), ``generated`` and ``reused`` (item counts). Raises DataError (bad ``data``), RunError (bad
@@ -67,6 +68,8 @@ def run_benchmark(
     """
     if task not in PROMPTS:
         raise RunError(f"unknown task {task!r}; choose from {', '.join(PROMPTS)}")
+    if isinstance(model, tuple):
+        model = LocalModel(*model)
     check_mode(mode)
     for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -118,8 +121,19 @@ def score_predictions(task: str, records: list[dict], mode: str = "official", wh
         raise RunError(f"{where}: {at}{exc.message}") from None
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
-    """``nvlm.from_pretrained`` on ``device`` (auto: CUDA when present) in ``dtype`` (auto: bf16 on CUDA)."""
+class LocalModel:
+    """An NVLM model with its processor, asked the way the runner asks a server client: ``generate(prompts,
+    images, max_new_tokens=, stop=)``; it also gives next-token logits (``letter_logprobs``)."""
+
+    def __init__(self, model: Any, processor: Any, name_or_path: str | None = None) -> None:
+        self.model, self.processor, self.name_or_path = model, processor, name_or_path
+
+    def generate(self, prompts: list[str], images: list[list[Any]], **kwargs: Any) -> Any:
+        return self.model.generate(self.processor, prompts, images, **kwargs)
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> LocalModel:
+    """``nvlm.load`` on ``device`` (auto: CUDA when present) in ``dtype`` (auto: bf16 on CUDA)."""
     import torch
 
     import nvlm
@@ -130,10 +144,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> A
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     try:
-        model = nvlm.from_pretrained(path, dtype=getattr(torch, dtype), device=device)
+        model, processor = nvlm.load(path, dtype=getattr(torch, dtype), device=device)
     except (FileNotFoundError, ConfigError, OSError, ValueError) as exc:
         raise RunError(f"{path}: cannot load the model ({exc})") from None
-    return model.eval()
+    return LocalModel(model.eval(), processor, str(Path(path).resolve()))
 
 
 def _prediction(rec: dict) -> dict:
@@ -154,10 +168,8 @@ def _generate(
 ) -> None:
     from tqdm import tqdm
 
-    if hasattr(model, "eval"):
-        model.eval()
     spec = PROMPTS[task]
-    use_logprobs = task == "mmlu" and gives_logits(model)
+    use_logprobs = task == "mmlu" and isinstance(model, LocalModel)
     with (
         open(path, "a", encoding="utf-8") as f,
         tqdm(total=total, initial=total - len(pending), desc=task, unit="item", disable=not progress) as bar,
@@ -209,16 +221,7 @@ def _images(item: Item) -> list[Any]:
     return out
 
 
-def gives_logits(model: Any) -> bool:
-    """Whether ``model(**model.processor(texts, images))`` gives next-token logits (NVLM models do)."""
-    return (
-        callable(model)
-        and getattr(model, "processor", None) is not None
-        and getattr(model, "tokenizer", None) is not None
-    )
-
-
-def letter_logprobs(model: Any, prompts: list[str], letters: list[str]) -> list[dict[str, float]]:
+def letter_logprobs(local: LocalModel, prompts: list[str], letters: list[str]) -> list[dict[str, float]]:
     """Per prompt ``{letter: log P(" " + letter | prompt)}`` for its letters (e.g. ``"ABCD"``).
 
     When every ``" X"`` is one token, one forward pass over the prompts reads them all (as the official
@@ -226,7 +229,7 @@ def letter_logprobs(model: Any, prompts: list[str], letters: list[str]) -> list[
     tokens' log-probs)."""
     import torch
 
-    tok = model.tokenizer
+    model, tok = local.model, local.processor.tokenizer
     pairs = []  # (prompt index, letter, continuation token ids)
     for i, (prompt, choices) in enumerate(zip(prompts, letters, strict=True)):
         base = len(tok(prompt)["input_ids"])
@@ -237,7 +240,7 @@ def letter_logprobs(model: Any, prompts: list[str], letters: list[str]) -> list[
     single = all(len(cont) == 1 for _, _, cont in pairs)
     texts = prompts if single else [prompts[i] + " " + letter for i, letter, _ in pairs]
     keep = 1 if single else max(len(cont) for _, _, cont in pairs) + 1
-    batch = model.processor(texts, [[] for _ in texts], padding_side="left")
+    batch = local.processor(texts, [[] for _ in texts], padding_side="left")
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep)
     logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # [rows, keep, vocab]

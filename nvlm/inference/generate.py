@@ -74,7 +74,7 @@ def _decode(
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, t = ids.shape
     eos = torch.tensor(eos_token_ids or [], dtype=torch.long, device=device)  # there once, not copied per step
-    pad_id = model.processor.pad_id
+    pad_id = model.config.image_token_id  # never sampled: the image-pad token has no features to stand for
     # room for the prompt and every new token, written in place (no torch.cat of the whole cache per step)
     cache = preallocated_cache(model.llm.config, t + max_new_tokens) if use_cache else None
     out = model(**batch, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
@@ -135,6 +135,7 @@ def _stop_ids(tokenizer: Any) -> list[int]:
 
 def generate(
     model: Any,
+    processor: Any,
     prompts: str | list[str],
     images: list | None = None,
     *,
@@ -147,15 +148,16 @@ def generate(
     seed: int | None = None,
     stream: bool = False,
 ) -> Any:
-    """Complete prompt string(s) with ``<image>`` placeholders. Returns str (one prompt), list[str], or with
-    ``stream=True`` (one prompt) an iterator of text pieces."""
+    """Complete prompt string(s) with ``<image>`` placeholders, encoded by `processor` (``nvlm.load`` returns it
+    beside the model). Returns str (one prompt), list[str], or with ``stream=True`` (one prompt) an iterator of
+    text pieces."""
     single = isinstance(prompts, str)
     if stream and not single:
         raise ValueError("stream=True takes one prompt")
     texts = [prompts] if single else list(prompts)
     image_lists = [images or []] if single else (images or [[] for _ in texts])
-    batch = model.processor(texts, image_lists, padding_side="left")
-    stop_ids = _stop_ids(model.tokenizer)
+    batch = processor(texts, image_lists, padding_side="left")
+    stop_ids = _stop_ids(processor.tokenizer)
     steps = generate_ids(
         model,
         batch,
@@ -167,7 +169,7 @@ def generate(
         use_cache=use_cache,
         seed=seed,
     )
-    decoder = _Detok(model.tokenizer, len(texts), stop or [], stop_ids)
+    decoder = _Detok(processor.tokenizer, len(texts), stop or [], stop_ids)
     if stream:
         return decoder.stream(steps)
     decoder.run(steps)
@@ -228,8 +230,15 @@ class _Detok:
 
 
 def chat(
-    model: Any, question: str, image: Any = None, images: list | None = None, system: str | None = None, **kwargs: Any
+    model: Any,
+    processor: Any,
+    question: str,
+    image: Any = None,
+    images: list | None = None,
+    system: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Ask one question about zero or more images; returns the answer (or a stream with ``stream=True``)."""
     pics = list(images or []) + ([image] if image is not None else [])
-    return generate(model, chat_prompt(question, len(pics), system, model.config.template), pics, **kwargs)
+    prompt = chat_prompt(question, len(pics), system, model.config.template)
+    return generate(model, processor, prompt, pics, **kwargs)

@@ -176,20 +176,9 @@ def to_ours(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
 
 def _check_names(cfg: NVLMConfig, names: set[str], src: Path) -> None:
     """The converted names must be exactly NVLM-D's (transformers would quietly initialise missing ones)."""
-    import torch
+    from nvlm.models.build import meta_model
 
-    from nvlm.models.llm import load_llm
-    from nvlm.models.nvlm import NVLM
-    from nvlm.vision.encoder import vision_model_from_config
-
-    with torch.device("meta"):
-        model = NVLM(
-            cfg,
-            load_llm(dict(cfg.llm.hf_config)),
-            vision_model_from_config("internvl", cfg.vision.hf_config),
-            tokenizer=None,
-        )
-    want = set(model.state_dict())
+    want = set(meta_model(cfg).state_dict())
     if names != want:
         raise ValueError(f"{src}: weights missing {sorted(want - names)[:5]}, unexpected {sorted(names - want)[:5]}")
 

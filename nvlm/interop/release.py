@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -115,32 +115,34 @@ def load_config(path: str | os.PathLike) -> NVLMConfig:
     return nvlm_config_from_release(read_json(root / "config.json"), read_json(root / "preprocessor_config.json"))
 
 
-def load_release(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-) -> Any:
-    """NVLM-D from a release folder: built on the meta device, then filled tensor by tensor, each tensor read
-    from its shard straight to `device` in `dtype` (no full copy on the host first).
-
-    Dtypes follow ``nvlm.from_pretrained`` on our format: with `dtype` None the backbones keep the stored dtype
-    and the projector is fp32; with a dtype, everything is cast to it."""
+def release_processor(path: str | os.PathLike) -> Any:
+    """The processor of a release folder: its tokenizer, and our config read from its config files."""
     from transformers import AutoTokenizer, PretrainedConfig
 
-    from nvlm.models.llm import load_llm
-    from nvlm.models.nvlm import NVLM
-    from nvlm.vision.encoder import vision_model_from_config
+    from nvlm.data.processor import Processor
 
     root = Path(path)
     cfg = load_config(root)
     # a neutral config: AutoTokenizer would otherwise parse config.json (NVLM_D, unknown to transformers) and warn;
     # the tokenizer class comes from tokenizer_config.json (Qwen2Tokenizer in the release)
     tokenizer = AutoTokenizer.from_pretrained(root, config=PretrainedConfig(), trust_remote_code=False)
-    with torch.device("meta"):
-        model = NVLM(
-            cfg,
-            load_llm(dict(cfg.llm.hf_config)),
-            vision_model_from_config("internvl", cfg.vision.hf_config),
-            tokenizer,
-        )
+    cfg.image_token_id = int(cast(int, tokenizer.convert_tokens_to_ids(cfg.tags.image_pad)))
+    return Processor(tokenizer, cfg)
+
+
+def load_release(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> Any:
+    """NVLM-D and its processor from a release folder: built on the meta device, then filled tensor by tensor,
+    each tensor read from its shard straight to `device` in `dtype` (no full copy on the host first).
+
+    Dtypes follow ``nvlm.from_pretrained`` on our format: with `dtype` None the backbones keep the stored dtype
+    and the projector is fp32; with a dtype, everything is cast to it."""
+    from nvlm.models.build import meta_model
+
+    root = Path(path)
+    processor = release_processor(root)
+    model = meta_model(processor.config)  # every tensor is in the release's shards, the projector's too
     vit = model.vision.model.config
     heads, head_dim = vit.num_attention_heads, vit.hidden_size // vit.num_attention_heads
     params = dict(model.named_parameters())
@@ -174,7 +176,7 @@ def load_release(
         model.llm.tie_weights()
     if dtype is not None:
         model.to(dtype)
-    return model
+    return model.eval(), processor
 
 
 def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:

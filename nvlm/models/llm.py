@@ -54,17 +54,24 @@ def dims_of(config: Any) -> LLMDims:
 
 def load_llm(source: str | os.PathLike | Any, dtype: torch.dtype | None = None) -> CausalLM:
     """A causal LM from a local HF folder, or a randomly initialised one from a config object or dict."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isdir(source):
             raise FileNotFoundError(f"LLM {source}: not a folder; give a local Hugging Face model folder")
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     if isinstance(source, dict):
-        cfg = dict(source)
-        source = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        source = llm_config(source)
     model = AutoModelForCausalLM.from_config(source, trust_remote_code=False)
     return model.to(dtype) if dtype is not None else model
+
+
+def llm_config(hf_config: dict[str, Any]) -> Any:
+    """The LLM's HF config object from its dict (``model_type`` picks the class)."""
+    from transformers import AutoConfig
+
+    cfg = dict(hf_config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def load_llm_config(path: str | os.PathLike) -> Any:
@@ -90,23 +97,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def add_special_tokens(tokenizer: Any, tokens: list[str]) -> int:
-    """Register `tokens` as single special tokens (those not already in the vocabulary); returns how many."""
-    new = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-    if not new:
-        return 0
-    return tokenizer.add_tokens(new, special_tokens=True)
-
-
-def resize_embeddings(llm: CausalLM, vocab_size: int) -> int | None:
+def resize_embeddings(llm: CausalLM, vocab_size: int, seed: int | None = None) -> int | None:
     """Grow the input (and an untied output) embedding to `vocab_size` rows (NVLM's added tokens). Their new
     rows are drawn by ``new_embedding_rows`` from a seed taken off the global random stream, the rest of that
     stream untouched, so a sharded build can draw the same rows without the full matrices. Returns the seed
-    (None when nothing grew)."""
+    (None when nothing grew). `seed`: the rows of an earlier draw (the same model read another way)."""
     old = llm.get_input_embeddings().weight.shape[0]
     if old >= vocab_size:
         return None
-    seed = int(torch.randint(2**62, (), device="cpu").item())  # also inside a meta-device build
+    if seed is None:
+        seed = int(torch.randint(2**62, (), device="cpu").item())  # also inside a meta-device build
     stream = torch.get_rng_state()
     llm.resize_token_embeddings(vocab_size, mean_resizing=False)
     torch.set_rng_state(stream)  # transformers draws the whole matrix; only the new rows matter (below)

@@ -31,6 +31,7 @@ from nvlm.config import ConfigError
 from nvlm.data.tags import all_tags
 from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
+from nvlm.vision.encoder import tile_geometry
 
 ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}  # component → folder in a checkpoint
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base model's names
@@ -61,26 +62,28 @@ def target_names(layer: nn.Module, targets: str) -> list[str]:
     return sorted(chosen)
 
 
-def tag_token_ids(model: Any) -> list[int]:
+def tag_token_ids(tokenizer: Any, config: Any) -> list[int]:
     """Ids of the tokens special-token tag mode added (image start/end markers, tile tags); [] in text mode.
-    A weight-less build without a tokenizer (dry runs) gets as many placeholder ids, for counting."""
-    c = model.config
-    if c.tags.mode != "special":
+    Without a tokenizer (a weight-less dry run) as many placeholder ids, for counting."""
+    t = config.tags
+    if t.mode != "special":
         return []
-    tags = all_tags(c.tags.style, c.tags.thumbnail_tag, model.vision.tile_size, c.tiling.min_tiles, c.tiling.max_tiles)
-    tokens = [c.tags.image_start, c.tags.image_end, *tags]
-    if model.tokenizer is None:
+    size, _ = tile_geometry(config.vision.hf_config, config.vision.downsample)
+    tags = all_tags(t.style, t.thumbnail_tag, size, config.tiling.min_tiles, config.tiling.max_tiles)
+    tokens = [t.image_start, t.image_end, *tags]
+    if tokenizer is None:
         return list(range(len(tokens)))
-    return sorted(set(model.tokenizer.convert_tokens_to_ids(tokens)))
+    return sorted(set(tokenizer.convert_tokens_to_ids(tokens)))
 
 
-def peft_config(spec: Any, model: Any, component: str = "llm") -> LoraConfig:
-    """PEFT's LoraConfig for `spec` (``train.lora``) on the LLM or the vision tower."""
+def peft_config(spec: Any, model: Any, component: str = "llm", tokenizer: Any = None) -> LoraConfig:
+    """PEFT's LoraConfig for `spec` (``train.lora``) on the LLM or the vision tower; `tokenizer`: the
+    processor's, whose tag tokens' embedding rows train (``tag_token_ids``)."""
     if component == "llm":
         layer = decoder_layers(model.llm)[0]
         layer = getattr(layer, "layer", layer)  # a CrossAttentionDecoderLayer: the HF layer inside
         embed = next(n for n, m in model.llm.named_modules() if m is model.llm.get_input_embeddings())
-        tags = tag_token_ids(model)
+        tags = tag_token_ids(tokenizer, model.config)
         tokens = {embed.rsplit(".", 1)[-1]: tags} if tags else None
         targets = target_names(layer, spec.targets)
     else:  # the vision tower: every linear layer inside its encoder layers (not a pooling head)
@@ -105,13 +108,14 @@ def _target(model: Any, component: str) -> nn.Module:
     return model.llm if component == "llm" else _vision(model)
 
 
-def apply_lora(model: Any, spec: Any) -> None:
+def apply_lora(model: Any, spec: Any, tokenizer: Any = None) -> None:
     """Inject `spec`'s adapters into `model` (in place; the LLM, and the vision tower with ``spec.vision``).
-    Which parameters then train is decided by ``nvlm.training.stages.apply_stage``."""
+    `tokenizer`: the processor's (see ``peft_config``). Which parameters then train is decided by
+    ``nvlm.training.stages.apply_stage``."""
     if has_adapters(model):
         raise UserError("the model already holds LoRA adapters (an adapter checkpoint): `nvlm merge` it first")
     for component in ("llm", "vision") if spec.vision else ("llm",):
-        config = peft_config(spec, model, component)
+        config = peft_config(spec, model, component, tokenizer)
         inject_adapter_in_model(config, _target(model, component))  # also sets its .peft_config {"default": …}
 
 

@@ -9,7 +9,9 @@ tiles (with their tags' text embeddings) in the memory. X and H put a gated cros
 down to it as the ``xattn`` argument of the LLM's forward. The backbone's own modules, masks, RoPE and KV cache
 stay those of the Hugging Face model.
 
-The model knows nothing of data loading, distribution or logging.
+The model knows nothing of data loading, distribution or logging, and holds no tokenizer: its inputs come from
+the processor that ``nvlm.load`` (or ``nvlm.build``) returns beside it (``nvlm.data.processor``); the one token
+id it must know, the image-pad token's, is in its config.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nvlm.config import NVLMConfig
-from nvlm.data.processor import Processor
 from nvlm.models.llm import CausalLM, LLMDims, decode_step, decoder_layers, dims_of, layerwise_decode_ok
-from nvlm.models.packed_attention import ATTENTION, packed_kwargs
+from nvlm.models.packed_attention import packed_kwargs
 from nvlm.models.saving import save_pretrained
 from nvlm.models.xattn import (
     CrossAttentionDecoderLayer,
@@ -34,7 +35,7 @@ from nvlm.models.xattn import (
     schedule,
     xattn_mask,
 )
-from nvlm.vision.encoder import VisionEncoder, VisionTower, default_mean_std
+from nvlm.vision.encoder import VisionEncoder, VisionTower
 from nvlm.vision.projector import build_projector
 from nvlm.vision.resampler import PerceiverResampler
 
@@ -46,6 +47,9 @@ class Output:
     xattn_state: XAttnState | None = None
     loss_sum: torch.Tensor | None = None  # with labels: summed token cross-entropy …
     num_tokens: int = 0  # … over this many labelled tokens
+    # features of given tiles that neither the decoder nor the memory used (a sharded run's stand-in tile, see
+    # ``nvlm.training.trainer.touch_every_module``): the trainer adds them times zero to the loss
+    unused_features: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -89,7 +93,7 @@ def _head_ce(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torc
 class NVLM(nn.Module):
     """NVLM-D / NVLM-X / NVLM-H over a Hugging Face causal LLM and vision tower. Build with ``nvlm.build``."""
 
-    def __init__(self, config: NVLMConfig, llm: CausalLM, vision_model: VisionTower, tokenizer: Any) -> None:
+    def __init__(self, config: NVLMConfig, llm: CausalLM, vision_model: VisionTower) -> None:
         super().__init__()
         self.config = config
         self.llm = llm
@@ -113,20 +117,6 @@ class NVLM(nn.Module):
             layers = decoder_layers(llm)
             for block_idx, layer_idx in enumerate(self.xattn_layers):
                 layers[layer_idx] = CrossAttentionDecoderLayer(layers[layer_idx], blocks[block_idx], block_idx)
-        self.tokenizer = tokenizer
-        mean, std = default_mean_std(config.vision.type)
-        self.processor = (
-            None
-            if tokenizer is None
-            else Processor(  # None: a weight-less (meta) build
-                tokenizer,
-                config,
-                self.vision.tile_size,
-                self.tokens_per_tile,
-                config.vision.image_mean or mean,
-                config.vision.image_std or std,
-            )
-        )
         self.gate_off = False  # text-only use: skip every cross-attention block
         self.loss_chunk_tokens = 4096  # labelled tokens per LM-head + cross-entropy chunk (labelled_loss)
         # decoding steps through the LLM's layers one after the other (``nvlm.models.llm.decode_step``) where
@@ -154,11 +144,10 @@ class NVLM(nn.Module):
         decoder_tiles: torch.Tensor | None = None,
         memory_index: torch.Tensor | None = None,
         memory_tag_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, XAttnState | None]:
+    ) -> tuple[torch.Tensor, XAttnState | None, torch.Tensor | None]:
         """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
-        of `memory_tag_ids`. Tiles given but used by neither (a sharded run's stand-in tile, see
-        ``nvlm.training.trainer.touch_every_module``) still join the graph, times zero."""
+        of `memory_tag_ids`. Third: the features of tiles given but used by neither (else None)."""
         self._check_image_pads(input_ids, decoder_tiles)
         input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
@@ -171,38 +160,43 @@ class NVLM(nn.Module):
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
         embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
         feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
-        assert self.processor is not None  # checked by _check_image_pads
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
         if decoder_tiles is not None and n_dec:
             if feats is None:
                 raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
-            is_pad = input_ids == self.processor.pad_id
+            is_pad = input_ids == self._image_token_id()
             dec = feats[decoder_tiles.to(feats.device)].reshape(-1, embeds.shape[-1])  # [n·256, d]
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         if memory_index is None or not has_memory:
-            if feats is not None and not n_dec:  # tiles nothing uses: zero effect, but backward reaches the
-                embeds = embeds + 0 * feats.sum().to(embeds.dtype)  # vision tower and projector on every process
-            return embeds, None
+            return embeds, None, feats if not n_dec else None
         d = embeds.shape[-1]
         tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
         source = torch.cat([tiles.to(embeds.dtype), table[b * t :]])  # [N·256 + tags, d]
         index = memory_index.to(self.device)  # [B, M], -1 = padding
         memory = source[index.clamp(min=0)] * (index >= 0)[..., None].to(embeds.dtype)  # [B, M, d], padding zero
-        return embeds, XAttnState(memory=memory, memory_len=(index >= 0).sum(-1))
+        return embeds, XAttnState(memory=memory, memory_len=(index >= 0).sum(-1)), None
+
+    def _image_token_id(self) -> int:
+        token_id = self.config.image_token_id
+        if token_id is None:
+            raise RuntimeError(
+                "this NVLM's config has no image_token_id (a weight-less build from architecture dicts): it cannot "
+                "run; load it with nvlm.load or build it with nvlm.build"
+            )
+        return token_id
 
     def _check_image_pads(self, input_ids: torch.Tensor, decoder_tiles: torch.Tensor | None) -> None:
         """Refuse a batch whose image-pad tokens do not match its decoder tiles' feature tokens.
 
         Counting tokens on an accelerator stalls it until the count reaches the host, so the count is taken
-        where it is free: on host ids (every batch from ``model.processor`` and the collate functions, which
+        where it is free: on host ids (every batch from the processor and the collate functions, which
         ``forward`` receives before moving them), and once per image batch otherwise. Decoding steps on an
         accelerator (ids already there, no tiles) skip it: generation never samples the image-pad token."""
-        if self.processor is None:
-            raise RuntimeError("this NVLM was built without a tokenizer (a weight-less meta build): it cannot run")
+        pad_id = self._image_token_id()
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
         if input_ids.device.type != "cpu" and n_dec == 0:
             return
-        is_pad = input_ids == self.processor.pad_id
+        is_pad = input_ids == pad_id
         n_pad = int(is_pad.sum())
         if n_pad != n_dec * self.tokens_per_tile:
             per_sample = is_pad.sum(-1).tolist()
@@ -210,7 +204,7 @@ class NVLM(nn.Module):
                 f"image placeholders and image features disagree: {n_pad} "
                 f"{self.config.tags.image_pad!r} tokens in the batch (per sample {per_sample}) but {n_dec} decoder "
                 f"tile(s) × {self.tokens_per_tile} = {n_dec * self.tokens_per_tile} feature tokens; "
-                "build inputs with model.processor so each <image> expands to its tiles"
+                "build inputs with the model's processor (nvlm.load returns it) so each <image> expands to its tiles"
             )
 
     # ---- the forward pass --------------------------------------------------------------------------------
@@ -232,17 +226,20 @@ class NVLM(nn.Module):
         logits_to_keep: int = 0,
         labels: Any = None,
         return_logits: bool = True,
+        packed: bool = False,
     ) -> Output:
-        """Logits for a batch from ``model.processor`` (prefill), or for new tokens given a cache (decode).
+        """Logits for a batch from the processor (prefill), or for new tokens given a cache (decode).
 
         While decoding, pass the previous `past_key_values` and `xattn_state`; new tokens come after every
         image, so they see the whole memory of their sample unless `xattn_lo`/`xattn_hi` say otherwise.
         With `labels` and ``return_logits=False`` (training), the LM head runs only at labelled positions and
         ``Output.logits`` is None: the loss and its gradients are those of the full logits, without computing or
         holding logits for image tokens, tags and prompts (``labelled_loss``).
+        With ``packed=True`` the rows are packed samples (no `attention_mask`; `position_ids` restart at each
+        sample) and the LLM runs with ``nvlm.models.packed_attention``: attention per sample, boundaries read once.
         """
         # embed checks the image pads on the ids as given (host ids: no synchronisation), then moves them
-        embeds, state = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids)
+        embeds, state, unused = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids)
         input_ids = input_ids.to(self.device)
         state = state or xattn_state
         if attention_mask is not None:
@@ -261,12 +258,9 @@ class NVLM(nn.Module):
                 allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
             xattn = XAttnInputs(state, allowed, row)
         extra: dict[str, Any] = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its layers
-        if (
-            attention_mask is None
-            and position_ids is not None
-            and past_key_values is None
-            and self.llm.config._attn_implementation == ATTENTION
-        ):  # packed rows: attention per sample (nvlm.models.packed_attention), boundaries read once
+        if packed:  # packed rows: attention per sample (nvlm.models.packed_attention), boundaries read once
+            if attention_mask is not None or position_ids is None or past_key_values is not None:
+                raise ValueError("packed=True takes position_ids that restart per sample, no attention_mask, no cache")
             extra.update(packed_kwargs(position_ids))
             # the masks the layers get, given ready-made: None, so transformers does not build the dense
             # [rows, 1, T, T] block-diagonal mask that the per-sample attention would ignore
@@ -277,7 +271,7 @@ class NVLM(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
             ).last_hidden_state
             labelled, count = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
-            return Output(None, None, state, labelled, count)
+            return Output(None, None, state, labelled, count, unused)
         if use_cache and labels is None and self._decoding_layerwise(past_key_values):
             if position_ids is None:  # no padding: the new tokens follow the cached ones
                 past = past_key_values.get_seq_length()
@@ -286,7 +280,7 @@ class NVLM(nn.Module):
                 self.llm, embeds, attention_mask, position_ids, past_key_values, logits_to_keep, **extra
             )
             if logits is not None:
-                return Output(logits, past_key_values, state)
+                return Output(logits, past_key_values, state, unused_features=unused)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -300,7 +294,7 @@ class NVLM(nn.Module):
         n = 0
         if labels is not None:
             loss_sum, n = self.loss(out.logits, labels)
-        return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n)
+        return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n, unused)
 
     def _decoding_layerwise(self, cache: Any) -> bool:
         """A decoding step (a cache that already holds tokens) of an LLM that ``decode_step`` covers."""
@@ -333,15 +327,17 @@ class NVLM(nn.Module):
         return loss, count
 
     # ---- convenience ---------------------------------------------------------------------------------
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, processor: Any, *args: Any, **kwargs: Any) -> Any:
+        """``nvlm.inference.generate.generate(model, processor, …)``."""
         from nvlm.inference.generate import generate
 
-        return generate(self, *args, **kwargs)
+        return generate(self, processor, *args, **kwargs)
 
-    def chat(self, question: str, image: Any = None, images: list | None = None, **kwargs: Any) -> Any:
+    def chat(self, processor: Any, question: str, image: Any = None, images: list | None = None, **kwargs: Any) -> Any:
+        """``nvlm.inference.generate.chat(model, processor, …)``: one question about images."""
         from nvlm.inference.generate import chat
 
-        return chat(self, question, image=image, images=images, **kwargs)
+        return chat(self, processor, question, image=image, images=images, **kwargs)
 
     def save_pretrained(self, path: str) -> None:
         save_pretrained(self, path)

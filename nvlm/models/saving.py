@@ -1,10 +1,10 @@
-"""Writing an NVLM model in nvlm's format (read back by ``nvlm.models.pretrained.from_pretrained``):
+"""Writing an NVLM model in nvlm's format (read back by ``nvlm.load``), with its processor's files beside it:
 
     out/
       config.json              NVLMConfig (architecture, tiling, tags, projector, x-attn; backbone configs)
       model.safetensors        NVLM's own modules: projector.*, resampler.* (if any), xattn.* (x-attn blocks)
-      preprocessor_config.json tile size, tiling limits, normalisation (for other tools; config.json rules)
-      tokenizer.json, …        the tokenizer, with NVLM's tokens added
+      preprocessor_config.json tile size, tiling limits, normalisation (``processor.save_pretrained``)
+      tokenizer.json, …        the processor's tokenizer, with NVLM's tokens added (the same)
       llm/                     the backbone LLM as an ordinary Hugging Face checkpoint (its own parameter names)
       vision/                  the vision encoder as an ordinary Hugging Face checkpoint
       llm_adapter/             only for a LoRA model: its adapters in PEFT's format (``nvlm.models.lora``); llm/
@@ -44,7 +44,6 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
     state = backbone_names(model, state)
     own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(OWN_PREFIXES)}
     save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
-    model.tokenizer.save_pretrained(out)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -53,17 +52,6 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
         weights = part(prefix)
         module.save_pretrained(out / folder, state_dict=weights)
         stamp_dtype(out / folder / "config.json", weights)
-    p = model.processor
-    pre = {
-        "tile_size": p.tile_size,
-        "tokens_per_tile": p.tokens_per_tile,
-        "image_mean": list(p.mean),
-        "image_std": list(p.std),
-        "min_tiles": model.config.tiling.min_tiles,
-        "max_tiles": model.config.tiling.max_tiles,
-        "use_thumbnail": model.config.tiling.use_thumbnail,
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
 
 def backbone_names(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

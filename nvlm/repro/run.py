@@ -132,11 +132,13 @@ def _key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def eval_tasks(model: Any, data: Path, names: tuple[str, ...], batch_size: int = 50) -> dict[str, Any]:
-    """Greedy answers on every held-out item → exact-match and per-character accuracy per task."""
+def eval_tasks(loaded: Any, data: Path, names: tuple[str, ...], batch_size: int = 50) -> dict[str, Any]:
+    """Greedy answers of (model, processor) on every held-out item → exact-match and per-character accuracy per
+    task."""
     from nvlm.data.chat import render_chat
     from nvlm.data.formats import read_records
 
+    model, processor = loaded
     model.eval()
     out = {}
     for name in names:
@@ -146,7 +148,7 @@ def eval_tasks(model: Any, data: Path, names: tuple[str, ...], batch_size: int =
             chunk = convs[i : i + batch_size]
             prompts = [render_chat(c.messages[:-1]) for c in chunk]
             images = [c.images for c in chunk]
-            answers = model.generate(prompts, images, max_new_tokens=rtasks.TASKS[name].max_new_tokens)
+            answers = model.generate(processor, prompts, images, max_new_tokens=rtasks.TASKS[name].max_new_tokens)
             for a, c in zip(answers, chunk):
                 truth, pred = rtasks.normalise(c.messages[-1]["content"]), rtasks.normalise(a)
                 exact += pred == truth
@@ -175,9 +177,9 @@ def run_arm(
     r1 = Trainer(c1, s1, log=log, progress=False).run()
     c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(r1.final_dir)))
     r2 = Trainer(c2, out / "stage2", log=log, progress=False).run()
-    model = nvlm.from_pretrained(r2.final_dir)
-    per_task = eval_tasks(model, root / "data", claim.tasks)
-    text = evaluate(model, root / "data", ("add",))["add"]["accuracy"]
+    loaded = nvlm.load(r2.final_dir)
+    per_task = eval_tasks(loaded, root / "data", claim.tasks)
+    text = evaluate(loaded, root / "data", ("add",))["add"]["accuracy"]
     curves = {"stage 1": [r["loss"] for r in read_metrics(s1 / "metrics.jsonl")]}
     curves["stage 2"] = [r["loss"] for r in read_metrics(out / "stage2" / "metrics.jsonl")]
     tail = curves["stage 2"][-max(1, len(curves["stage 2"]) // 10) :]

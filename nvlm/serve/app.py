@@ -97,7 +97,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app. The engine is started here if it is not yet, and drained at shutdown."""
     gate = gate or MediaGate()
-    forbidden = forbidden_pattern(engine.model)
+    forbidden = forbidden_pattern(engine.processor)
     created = int(time.time())
 
     @asynccontextmanager

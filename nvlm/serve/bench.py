@@ -152,8 +152,9 @@ def summarize(recs: list[dict], duration: float, concurrency: int, cut_off: int 
     return out
 
 
-def baseline(model: Any, prompts: list[tuple[str, list[Any]]], max_tokens: int, timeout: float) -> dict:
-    """The same prompts one at a time through ``model.generate`` (greedy), cut off after `timeout` s.
+def baseline(loaded: Any, prompts: list[tuple[str, list[Any]]], max_tokens: int, timeout: float) -> dict:
+    """The same prompts one at a time through ``model.generate`` (greedy), cut off after `timeout` s;
+    `loaded`: (model, processor).
 
     It runs on a fresh thread, as the engine's worker does: on a loaded CPU, torch's intra-op thread pool
     behaves very differently on the main thread (we saw 550 vs 19 ms per request for the demo model), and
@@ -161,19 +162,20 @@ def baseline(model: Any, prompts: list[tuple[str, list[Any]]], max_tokens: int, 
     import threading
 
     out: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: out.update(_baseline(model, prompts, max_tokens, timeout)))
+    worker = threading.Thread(target=lambda: out.update(_baseline(loaded, prompts, max_tokens, timeout)))
     worker.start()
     worker.join()
     return out
 
 
-def _baseline(model: Any, prompts: list[tuple[str, list[Any]]], max_tokens: int, timeout: float) -> dict:
+def _baseline(loaded: Any, prompts: list[tuple[str, list[Any]]], max_tokens: int, timeout: float) -> dict:
     from nvlm.data.chat import chat_prompt
 
+    model, processor = loaded
     t0, n, tokens = time.perf_counter(), 0, 0
     for question, images in prompts:
-        text = model.generate(chat_prompt(question, len(images)), images, max_new_tokens=max_tokens)
-        tokens += len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = model.generate(processor, chat_prompt(question, len(images)), images, max_new_tokens=max_tokens)
+        tokens += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         n += 1
         if time.perf_counter() - t0 > timeout:
             break
@@ -295,7 +297,8 @@ def run_bench_serve(args: Any) -> int:
         from nvlm.serve.engine import Engine
         from nvlm.serve.server import BackgroundServer
 
-        engine = Engine(model, max_batch=max(levels), max_queue=max(levels))
+        assert model is not None  # without --url, --model is required (checked above)
+        engine = Engine(model[0], model[1], max_batch=max(levels), max_queue=max(levels))
         with BackgroundServer(create_app(engine, model_name="nvlm")) as url:
             asyncio.run(run_level(url, bodies[:2], 2, args.timeout, None))  # warm-up
             for c in levels:

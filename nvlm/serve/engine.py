@@ -1,6 +1,6 @@
 """The serving engine: continuous batching for NVLM-D, -X and -H, usable without HTTP.
 
-    engine = Engine(model, max_batch=16, max_queue=64).start()
+    engine = Engine(model, processor, max_batch=16, max_queue=64).start()
     req = engine.submit(chat_prompt("What is this?", 1), [image], SamplingParams(max_tokens=64))
     text = req.result()            # or: for event in req: print(event.text, end="")
 
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nvlm.data.processor import Processor
 from nvlm.inference.generate import _Detok, _stop_ids, sample_next
 from nvlm.serve.batch import RunningBatch
 from nvlm.serve.metrics import EngineMetrics
@@ -39,6 +40,7 @@ class Engine:
     def __init__(
         self,
         model: Any,
+        processor: Processor,
         max_batch: int = 16,
         max_queue: int = 64,
         max_prefill_tokens: int = 16384,
@@ -47,11 +49,11 @@ class Engine:
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
-        self.model, self.processor = model, model.processor
+        self.model, self.processor = model, processor
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.max_len = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 30)
         self.stall_s = stall_s
-        self.stop_ids = _stop_ids(model.tokenizer)
+        self.stop_ids = _stop_ids(processor.tokenizer)
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._tok_lock = threading.Lock()  # one user of the tokenizer at a time (submit threads, the worker)
@@ -104,7 +106,7 @@ class Engine:
                 f"prompt ({len(encoded.input_ids)} tokens incl. images) + max_tokens "
                 f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_len}"
             )
-        req = Request(encoded, params, _Detok(self.model.tokenizer, 1, list(params.stop), self.stop_ids), on_event)
+        req = Request(encoded, params, _Detok(self.processor.tokenizer, 1, list(params.stop), self.stop_ids), on_event)
         with self._cond:
             free = max(
                 self.max_batch - len(self._running) - self._admitted, 0

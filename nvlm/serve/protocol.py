@@ -98,9 +98,9 @@ class ChatRequest(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-def forbidden_pattern(model: Any) -> re.Pattern:
+def forbidden_pattern(processor: Any) -> re.Pattern:
     """Strings user text may not contain: the placeholder, tags and markers, every added/special token."""
-    tok, tags = model.tokenizer, model.config.tags
+    tok, tags = processor.tokenizer, processor.config.tags
     words = {IMAGE_PLACEHOLDER, tags.image_pad, tags.image_start, tags.image_end, tags.thumbnail_tag}
     words |= {t for t in getattr(tok, "all_special_tokens", []) if t}
     words |= {t for t in tok.get_added_vocab() if t}

@@ -56,16 +56,16 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return nvlm.from_pretrained(path, dtype=getattr(torch, dtype), device=device).eval()
+    return nvlm.load(path, dtype=getattr(torch, dtype), device=device)
 
 
-def build_app(model: Any, args: argparse.Namespace, api_key: str | None = None) -> Any:
+def build_app(model: Any, processor: Any, args: argparse.Namespace, api_key: str | None = None) -> Any:
     from nvlm.serve.app import create_app
     from nvlm.serve.engine import Engine
     from nvlm.serve.media import MediaGate, MediaPolicy
 
     engine = Engine(
-        model, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens
+        model, processor, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens
     )
     policy = MediaPolicy(
         allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),
@@ -116,11 +116,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model = load_model(args.model, args.device, args.dtype)
+        model, processor = load_model(args.model, args.device, args.dtype)
     except (OSError, ValueError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
-    app = build_app(model, args, api_key)
+    app = build_app(model, processor, args, api_key)
     limit = 2 * (args.max_batch + args.max_queue) + 32
     log.info("serving %s on http://%s:%d (web chat at /)", args.model, args.host, args.port)
     import signal

@@ -1,5 +1,12 @@
-"""Building the model a training run trains: from backbone folders or configs, from a stage-1 checkpoint
-(paper §4.5: stage 2 starts from stage 1's model), on the meta device, and sharded over processes."""
+"""The model a training run trains, built the one way (``nvlm.models.build``) and prepared the one way.
+
+``run_model`` gives the run's skeleton and processor: from backbone folders or configs, or from a stage-1
+checkpoint (paper §4.5: stage 2 starts from stage 1's model). ``prepare`` then applies, in this order, what the
+run asks: the stage (what trains), activation checkpointing, and either tensor parallelism + compile + FSDP over
+the run's processes, or fp32 master weights + compile on one. One process fills the skeleton whole before
+``prepare``; a sharded run prepares the skeleton on the meta device, then every process reads only its own block
+of every weight (``nvlm.models.fill``): no process holds the full model, nothing is broadcast.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +15,23 @@ from pathlib import Path
 
 import torch
 
-import nvlm
-from nvlm.distributed.parallel import World, parallelize
+from nvlm.data.processor import Processor
+from nvlm.distributed.parallel import World, cast_for_training, compile_blocks, parallelize
+from nvlm.loading import Unfilled, fill_whole, load, new_model, saved_model
+from nvlm.models import fill
 from nvlm.models.llm import decoder_layers
 from nvlm.models.lora import ADAPTERS, apply_lora
+from nvlm.models.nvlm import NVLM
 from nvlm.models.xattn import CrossAttentionDecoderLayer
-from nvlm.training.config import ConfigError, RunConfig
+from nvlm.training.config import ConfigError, RunConfig, TrainConfig
 from nvlm.training.stages import apply_stage
 from nvlm.vision.encoder import vision_config
 
 
-def build_model(cfg: RunConfig, meta: bool = False) -> nvlm.NVLM:
-    """The run's model; `meta=True`: the same modules on the meta device, no weight read (for sharding).
-    With ``train.lora`` its PEFT adapters are injected here, right after the build, so that the random
-    adapter weights are drawn at the same point of the seeded stream on 1 process as on process 0 of N."""
-    model = _build(cfg, meta)
-    if cfg.train.lora.enabled:
-        apply_lora(model, cfg.train.lora)
-    return model
-
-
-def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
+def run_model(cfg: RunConfig) -> Unfilled:
+    """The run's skeleton, its processor and where its weights are: from the backbones, or from
+    ``model.init_from``. Seeded by ``train.seed``, so every process and every restart draws the same own modules
+    and random backbones."""
     spec = cfg.model
     if spec.init_from and any((Path(spec.init_from) / d / "adapter_config.json").is_file() for d in ADAPTERS.values()):
         # checked on every process before any build, so a sharded run fails everywhere instead of hanging
@@ -36,54 +39,69 @@ def _build(cfg: RunConfig, meta: bool) -> nvlm.NVLM:
             f"model.init_from={spec.init_from} holds LoRA adapters; fold them in first: "
             f"nvlm merge {spec.init_from} MERGED, then model.init_from=MERGED"
         )
-    torch.manual_seed(cfg.train.seed)  # random-init backbones are then the same on every (re)start
+    torch.manual_seed(cfg.train.seed)
     if spec.init_from:
-        from nvlm.models.pretrained import meta_from_pretrained
-
-        return meta_from_pretrained(spec.init_from) if meta else nvlm.from_pretrained(spec.init_from)
-    llm, vision = spec.llm, spec.vision
+        return saved_model(spec.init_from)
+    vision = spec.vision
     if isinstance(vision, dict):  # {"type": ..., **hf config}: a random vision tower
         vision = dict(vision)
         vision = vision_config(vision.pop("type"), **vision)
-    tokenizer = spec.tokenizer or (llm if isinstance(llm, (str, os.PathLike)) else None)
-    overrides = dict(spec.overrides)
-    if not meta:
-        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
-    from nvlm.models.llm import load_llm_config
-    from nvlm.vision.encoder import load_vision_config
-
-    if isinstance(llm, (str, os.PathLike)):
-        llm = load_llm_config(llm)
-    if isinstance(vision, (str, os.PathLike)):
-        vision = load_vision_config(vision)
-    with torch.device("meta"):
-        return nvlm.build(spec.arch, llm=llm, vision=vision, tokenizer=tokenizer, config=overrides)
+    tokenizer = spec.tokenizer or (spec.llm if isinstance(spec.llm, (str, os.PathLike)) else None)
+    return new_model(spec.arch, spec.llm, vision, tokenizer, dict(spec.overrides))
 
 
-def build_sharded(cfg: RunConfig, world: World) -> nvlm.NVLM:
-    """Every process builds the model on the meta device, shards it, and reads its own block of every weight
-    from the backbones' safetensors (``nvlm.distributed.sharded_load``): no process holds the full model,
-    nothing is broadcast. Models that module does not handle (an LLM from a config, LoRA, the released NVLM-D
-    layout) are loaded by process 0 alone and broadcast, tensor by tensor."""
-    from nvlm.distributed import sharded_load
+def build_model(cfg: RunConfig) -> tuple[NVLM, Processor]:
+    """The run's model on one process, filled, with its processor. With ``train.lora`` its PEFT adapters are
+    injected right after the weights, so their random weights are drawn at the same point of the seeded stream
+    on 1 process as on N."""
+    built = run_model(cfg)
+    if built.folders:
+        model = fill_whole(built, cfg.model.llm)
+    else:  # a released NVLM-D folder: renamed as it is read
+        model = load(str(cfg.model.init_from))[0]
+    if cfg.train.lora.enabled:
+        apply_lora(model, cfg.train.lora, built.processor.tokenizer)
+    return model, built.processor
 
-    t = cfg.train
-    plan = sharded_load.plan(cfg)
-    real = build_model(cfg) if world.main and plan is None else None
-    model = build_model(cfg, meta=True)
+
+def build_sharded(cfg: RunConfig, world: World) -> tuple[NVLM, Processor]:
+    """The run's model prepared over `world` (``prepare``), every process filling its own blocks. What the
+    files cannot give block by block (LoRA adapters, a released NVLM-D folder) is built whole on process 0 and
+    broadcast, tensor by tensor."""
+    built = run_model(cfg)
+    model, plan = built.model, None if cfg.train.lora.enabled else built.plan()
+    real = None
+    if plan is None:
+        real = build_model(cfg)[0] if world.main else None
+        if cfg.train.lora.enabled:  # the same adapters on the skeleton, whose weights the broadcast then sets
+            apply_lora(model, cfg.train.lora, built.processor.tokenizer)
+    prepare(model, cfg.train, world)
+    model.to_empty(device=world.device)
+    if plan is not None:
+        fill.load(model, plan)
+    else:
+        _broadcast_from_main(model, real)
+    return model, built.processor
+
+
+def prepare(model: NVLM, t: TrainConfig, world: World) -> NVLM:
+    """What the run's settings do to a built model, in the one order every path takes: the stage (what trains),
+    activation checkpointing, then over several processes tensor parallelism, compile and FSDP
+    (``nvlm.distributed.parallel.parallelize``), or on one process fp32 master weights for what trains (as a
+    sharded run keeps) and compile. `model` is filled (one process) or a skeleton still to fill (sharded)."""
     apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
     if t.activation_checkpointing:
         activation_checkpointing(model)
-    parallelize(model, mesh=world.mesh, mixed_precision=t.bf16 and world.device.type == "cuda", compile=t.compile)
-    model.to_empty(device=world.device)
-    if plan is not None:
-        sharded_load.load(model, plan)
-    else:
-        _broadcast_from_main(model, real)
+    if world.distributed:
+        mixed = t.bf16 and world.device.type == "cuda"
+        return parallelize(model, mesh=world.mesh, mixed_precision=mixed, compile=t.compile)
+    cast_for_training(model)
+    if t.compile:
+        compile_blocks(model)
     return model
 
 
-def _broadcast_from_main(model: nvlm.NVLM, real: nvlm.NVLM | None) -> None:
+def _broadcast_from_main(model: NVLM, real: NVLM | None) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -96,7 +114,7 @@ def _broadcast_from_main(model: nvlm.NVLM, real: nvlm.NVLM | None) -> None:
         dist.broadcast(buf, src=0)
 
 
-def activation_checkpointing(model: nvlm.NVLM) -> None:
+def activation_checkpointing(model: NVLM) -> None:
     """Recompute each decoder layer in backward instead of keeping its activations. A layer with a gated
     cross-attention block is recomputed together with its block (``CrossAttentionDecoderLayer``); the others
     use transformers' own per-layer checkpointing."""

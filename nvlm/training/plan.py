@@ -51,7 +51,7 @@ from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
 from nvlm.models.lora import apply_lora, is_adapter_param
 from nvlm.training.config import RunConfig
-from nvlm.training.stages import apply_stage, components
+from nvlm.training.stages import components
 from nvlm.vision.projector import MLPProjector
 
 if TYPE_CHECKING:
@@ -63,35 +63,45 @@ BF16, FP32 = 2, 4
 
 # ---- the model, weight-free ------------------------------------------------------------------------------
 def meta_model(cfg: RunConfig) -> NVLM:
-    """The run's NVLM model on the meta device, with the config's stage applied (``requires_grad`` set):
-    what the trainer builds when the backbone folders (or ``init_from``) exist, else from the recipe's
-    architecture dicts (paper recipes: NVLM's tokens fit in the LLM's padded vocabulary)."""
+    """The run's NVLM model, weight-free, prepared as one process of the run would (``prepare``: the stage
+    applied, ``requires_grad`` set): the skeleton the trainer builds when the backbone folders (or ``init_from``)
+    exist, else one from the recipe's architecture dicts (paper recipes: NVLM's tokens fit in the LLM's padded
+    vocabulary)."""
     import dataclasses
 
-    from nvlm.models.pretrained import build_meta
-    from nvlm.training.build import build_model
+    import torch
+
+    from nvlm.distributed.parallel import World
+    from nvlm.models.build import meta_model as meta
+    from nvlm.models.build import new_config
+    from nvlm.models.llm import llm_config
+    from nvlm.training.build import prepare, run_model
+    from nvlm.vision.encoder import vision_config
 
     spec, t = cfg.model, cfg.train
     local = all(isinstance(x, (str, os.PathLike)) and os.path.isdir(x) for x in (spec.llm, spec.vision))
     started = bool(spec.init_from and os.path.isfile(os.path.join(spec.init_from, "config.json")))
     llm = spec.llm_config or (spec.llm if isinstance(spec.llm, dict) else None)
     vision = spec.vision_config or (spec.vision if isinstance(spec.vision, dict) else None)
+    tokenizer = None
     if started or local:
         # an init_from not written yet (stage 2 planned before stage 1 ran) starts from the backbones
         model_spec = spec if started else dataclasses.replace(spec, init_from=None)
-        model = build_model(dataclasses.replace(cfg, model=model_spec), meta=True)
+        built = run_model(dataclasses.replace(cfg, model=model_spec))
+        model, tokenizer = built.model, built.processor.tokenizer
     elif llm is not None and vision is not None:
-        model = build_meta(spec.arch, dict(llm), dict(vision), dict(spec.overrides))
-        if t.lora.enabled:  # build_model above injects the adapters itself
-            apply_lora(model, t.lora)
+        v = dict(vision)
+        kind = v.pop("type")
+        model = meta(new_config(spec.arch, llm_config(dict(llm)), kind, vision_config(kind, **v), dict(spec.overrides)))
     else:
         missing = "model.llm" if llm is None else "model.vision"
         raise FileNotFoundError(
             f"{missing}={getattr(spec, missing.split('.')[1])!r} is not a local folder and the "
             f"run gives no {missing}_config (nor an existing model.init_from) to plan from"
         )
-    apply_stage(model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-    return model
+    if t.lora.enabled:
+        apply_lora(model, t.lora, tokenizer)
+    return prepare(model, dataclasses.replace(t, compile=False), World(device=torch.device("cpu")))
 
 
 # ---- parameters and FSDP units ---------------------------------------------------------------------------

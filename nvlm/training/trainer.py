@@ -39,8 +39,6 @@ from nvlm.distributed.dcp import (
 from nvlm.distributed.parallel import (
     World,
     all_reduce,
-    cast_for_training,
-    compile_blocks,
     grad_norm,
     reshard,
     start_steps,
@@ -48,12 +46,12 @@ from nvlm.distributed.parallel import (
 )
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.models.packed_attention import use_packed_attention
-from nvlm.training.build import activation_checkpointing, build_model, build_sharded
+from nvlm.training.build import build_model, build_sharded, prepare
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.training.resume_check import check_resume, fingerprint
-from nvlm.training.stages import apply_stage, components, trainable_table
+from nvlm.training.stages import components, trainable_table
 
 
 class NonFiniteLoss(RuntimeError):
@@ -105,7 +103,8 @@ def touch_every_module(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any
     on the result: under FSDP every process must call the same modules in the same order (weights are gathered
     collectively; a process that skipped the vision tower while another ran it would wait forever).
 
-    A batch without images gets one blank tile, which the model encodes and adds times zero; for X/H a batch
+    A batch without images gets one blank tile, which the model encodes and returns unused (``unused_features``)
+    and ``train_step`` adds times zero to the loss, so backward reaches the tower too; for X/H a batch
     without an image memory gets a one-token memory (the first tile's first token) that no row may see
     (its ranges stay empty), so every block runs and leaves every row unchanged."""
     out = dict(batch)
@@ -115,6 +114,14 @@ def touch_every_module(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any
     if model.xattn and out["memory_index"].numel() == 0:
         out["memory_index"] = torch.zeros(out["input_ids"].shape[0], 1, dtype=torch.long)
     return out
+
+
+def with_unused(loss: torch.Tensor, out: Any) -> torch.Tensor:
+    """`loss` plus the features of tiles nothing used (``touch_every_module``'s stand-in tile) times zero: the
+    same value, and backward reaches the vision tower and projector on every process."""
+    if out.unused_features is None:
+        return loss
+    return loss + 0 * out.unused_features.sum().to(loss.dtype)
 
 
 class PeerFailed(RuntimeError):
@@ -136,7 +143,6 @@ class Trainer:
         self,
         cfg: RunConfig,
         out: str | Path,
-        model: nvlm.NVLM | None = None,
         log=print,
         world: World | None = None,
         progress: bool = True,
@@ -158,23 +164,17 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         self.device = self.world.device
         if self.world.distributed:
-            if model is not None:
-                raise ValueError("a sharded run builds its own model on every process: pass no model= under torchrun")
-            self.model = build_sharded(cfg, self.world)
+            self.model, self.processor = build_sharded(cfg, self.world)  # prepared as it is filled
             if not self.world.main or self.world.tp > 1:  # distinct streams per data-parallel rank (dropout)
                 torch.manual_seed(t.seed + self.world.dp_rank)  # the same within a TP group
         else:
-            self.model = model if model is not None else build_model(cfg)
-            self.model.to(self.device)
-            apply_stage(self.model, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-            cast_for_training(self.model)  # fp32 master weights for what trains, as a sharded run keeps
-            if t.activation_checkpointing:
-                activation_checkpointing(self.model)
-            if t.compile:  # a sharded run compiles inside build_sharded, before fully_shard
-                compile_blocks(self.model)
+            self.model, self.processor = build_model(cfg)
+            prepare(self.model.to(self.device), t, self.world)
+        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask
+        self.packed_attention = self.packing and t.attn == "sdpa" and self.device.type == "cpu"
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             self.model.llm.set_attn_implementation(t.attn)
-        elif self.packing and self.device.type == "cpu":  # SDPA per packed sample, not over the dense mask
+        elif self.packed_attention:
             use_packed_attention(self.model.llm)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
         if self.world.size > 1:
@@ -185,7 +185,7 @@ class Trainer:
             )
         self.stream = SampleStream(
             load_blend(cfg),
-            self.model.processor,
+            self.processor,
             cfg.data.max_seq_len,
             cfg.data.system,
             cfg.data.max_bad_in_row,
@@ -219,7 +219,7 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------------
     def batches(self, samples: list) -> list[dict[str, Any]]:
-        t, proc = self.cfg.train, self.model.processor
+        t, proc = self.cfg.train, self.processor
         micro = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
         if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
@@ -250,9 +250,10 @@ class Trainer:
             self.mixed += int(w.main and anyone > 0 and anyone < w.dp_size)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                 b = touch_every_module(b, self.model) if touch else b
-                out = self.model(**b, return_logits=False)  # the loss, no full logits
+                packed = self.packed_attention and b.get("attention_mask") is None
+                out = self.model(**b, return_logits=False, packed=packed)  # the loss, no full logits
             # × data-parallel ranks: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
-            loss = out.loss_sum * w.dp_size / max(tokens, 1)
+            loss = with_unused(out.loss_sum * w.dp_size / max(tokens, 1), out)
             if loss.requires_grad:
                 loss.backward()
             elif w.distributed:  # stage 1, text-only everywhere: nothing trainable on its path, no backward
@@ -432,7 +433,7 @@ class Trainer:
             final = self.out / "final"
             # a bf16 sharded run exports bf16 weights (its fp32 master copy lives on in the DCP checkpoints)
             bf16 = self.world.distributed and t.bf16 and self.device.type == "cuda"
-            export_pretrained(self.model, final, self.world, torch.bfloat16 if bf16 else None)
+            export_pretrained(self.model, self.processor, final, self.world, torch.bfloat16 if bf16 else None)
             if isinstance(self.metrics, MetricsWriter):  # process 0
                 rows = read_metrics(self.metrics.path)
                 plot_curves({f"stage {t.stage}": [r["loss"] for r in rows]}, self.out / "loss.png")

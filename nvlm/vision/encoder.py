@@ -1,17 +1,14 @@
 """The vision encoder (paper §4.1): a Hugging Face vision tower, layer selection, CLS removal, pixel shuffle.
 
-The model reaches transformers' vision towers through this file (``nvlm.interop`` reads original InternViT and
-release folders into the same ``InternVLVisionModel``). Supported towers: InternViT (transformers'
-``InternVLVisionModel``, what NVLM uses), ``SiglipVisionModel`` and ``CLIPVisionModel``. A tile goes in as
-[3, S, S] and comes out as (S/patch · downsample)² tokens of width C/downsample² (256 × 4C for 448 px, 14 px
+The model reaches transformers' vision towers through this file (``nvlm.loading`` reads folders, original
+InternViT and release folders included, into the same ``InternVLVisionModel``). Supported towers: InternViT
+(transformers' ``InternVLVisionModel``, what NVLM uses), ``SiglipVisionModel`` and ``CLIPVisionModel``. A tile
+goes in as [3, S, S] and comes out as (S/patch · downsample)² tokens of width C/downsample² (256 × 4C for 448 px, 14 px
 patches, downsample 0.5).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
@@ -54,6 +51,15 @@ def _classes(kind: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:
     }[kind]
 
 
+def tile_geometry(hf_config: dict[str, Any], downsample: float) -> tuple[int, int]:
+    """(tile size in px, feature tokens per tile) of a vision tower's HF config: (S/patch · downsample)² tokens."""
+    size, patch = hf_config["image_size"], hf_config["patch_size"]
+    size = int(size if isinstance(size, int) else size[0])
+    patch = int(patch if isinstance(patch, int) else patch[0])
+    scale = int(round(1 / downsample))
+    return size, (size // patch // scale) ** 2
+
+
 def default_mean_std(kind: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return _MEAN_STD[kind]
 
@@ -73,62 +79,7 @@ def vision_model_from_config(kind: str, hf_config: dict[str, Any]) -> PreTrained
     return model_cls(config_cls(**cfg))
 
 
-def load_vision_model(source: str | os.PathLike | Any) -> tuple[VisionTower, VisionKind]:
-    """Load a vision tower from a local HF folder or build one from a config object; returns (model, kind).
-
-    A folder may hold a vision-only model (InternVLVisionModel / SiglipVisionModel / CLIPVisionModel), a full
-    SigLIP / CLIP / InternVL-hf model, from which the vision tower is taken, or an original InternViT
-    (``nvlm.interop.internvit``: standalone, or an InternVL chat / NVLM-D model's vision_model, dummy heads
-    sliced out). Remote code is never run.
-    """
-    if not isinstance(source, (str, os.PathLike)):  # a PretrainedConfig object: tiny / random models
-        kind = _kind_of(source.model_type, str(source))
-        return vision_model_from_config(kind, source.to_dict()), kind
-    path = Path(source)
-    cfg = _config_json(path)
-    if _original_internvit(cfg):  # OpenGVLab's remote-code layout: renamed and sliced, its code never run
-        from nvlm.interop.internvit import load_original
-
-        return load_original(path, cfg), "internvl"
-    kind = _kind_of(cfg.get("model_type", ""), str(path))
-    config_cls, model_cls = _classes(kind)
-    if cfg.get("model_type") == "internvl":  # full InternVL-hf checkpoint: take the vision tower's weights
-        model = vision_model_from_config(kind, cfg["vision_config"])
-        _load_prefixed(model, path, ("model.vision_tower.", "vision_tower."))
-        return model, kind
-    return model_cls.from_pretrained(path, trust_remote_code=False), kind
-
-
-def load_vision_config(path: str | os.PathLike) -> Any:
-    """The vision tower's config object from a local HF folder, reading no weights (for meta-device builds)."""
-    cfg = _config_json(Path(path))
-    if _original_internvit(cfg):
-        from nvlm.interop.internvit import original_vision_config, vit_config_from_original
-
-        return _classes("internvl")[0](**vit_config_from_original(original_vision_config(cfg)))
-    if cfg.get("model_type") == "internvl":
-        cfg = cfg["vision_config"]
-    elif cfg.get("model_type") in ("siglip", "clip"):  # a full two-tower model: its vision half
-        cfg = {"model_type": f"{cfg['model_type']}_vision_model", **cfg.get("vision_config", {})}
-    kind = _kind_of(cfg.get("model_type", ""), str(path))
-    return _classes(kind)[0](**{k: v for k, v in cfg.items() if k != "model_type"})
-
-
-def _config_json(path: Path) -> dict[str, Any]:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"vision encoder {path}: no config.json; give a local Hugging Face model folder")
-    return json.loads(cfg_file.read_text())
-
-
-def _original_internvit(cfg: dict[str, Any]) -> bool:
-    """An original InternViT folder (intern_vit_6b) or a remote-code InternVL chat / NVLM-D model."""
-    from nvlm.interop.internvit import is_original
-
-    return is_original(cfg)
-
-
-def _kind_of(model_type: str, where: str) -> VisionKind:
+def kind_of(model_type: str, where: str) -> VisionKind:
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"vision encoder {where}: model_type {model_type!r} is not supported; use a transformers "
@@ -136,22 +87,6 @@ def _kind_of(model_type: str, where: str) -> VisionKind:
             "folder's vision_model), SigLIP or CLIP model"
         )
     return _MODEL_TYPES[model_type]
-
-
-def _load_prefixed(model: nn.Module, path: Path, prefixes: tuple[str, ...]) -> None:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        for key, value in load_file(file).items():
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    state[key[len(prefix) :]] = value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(
-            f"vision encoder {path}: weights missing for {missing[:5]} (and {max(0, len(missing) - 5)} more)"
-        )
 
 
 class VisionEncoder(nn.Module):
@@ -164,14 +99,12 @@ class VisionEncoder(nn.Module):
         self.select_layer = select_layer
         self.downsample = downsample
         cfg = model.config
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        self.tile_size, self.tokens_per_tile = tile_geometry(cfg.to_dict(), downsample)
         patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-        self.tile_size: int = int(size)
-        self.grid: int = int(size) // int(patch)
+        self.grid: int = self.tile_size // int(patch)  # patches per side
         self.has_cls = kind in ("internvl", "clip")  # SigLIP has no class token
         self.hidden_size: int = cfg.hidden_size
         scale = int(round(1 / downsample))
-        self.tokens_per_tile: int = (self.grid // scale) ** 2
         self.out_dim: int = self.hidden_size * scale * scale
 
     @property

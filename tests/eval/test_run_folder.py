@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_pair
 
 from nvlm.cli import main
 from nvlm.eval.scorers import score_items
@@ -18,7 +19,7 @@ from . import layout_vision as L
 @pytest.fixture(scope="module")
 def ckpt(build_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("run_folder") / "ckpt"
-    build_model("D").save_pretrained(str(path))
+    save_pair(build_model("D"), str(path))
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_pair
 from PIL import Image
 
 import nvlm
@@ -57,7 +58,7 @@ def lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def ckpt(build_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("runner") / "ckpt"
-    build_model("D").save_pretrained(str(path))
+    save_pair(build_model("D"), str(path))
     return path
 
 
@@ -199,7 +200,7 @@ def test_mmlu_letters_by_log_probability(ckpt, tmp_path, calls):
     again = score_items("mmlu", records)
     assert summary["score"] == pytest.approx(again["score"]) and summary["scored_by_logprobs"] == 3
     # the stored log-probabilities are those of " B" etc. after the official prompt, one sequence at a time
-    model = nvlm.from_pretrained(ckpt).eval()
+    model, processor = nvlm.load(ckpt)
     dev = [(f"What is {i}+1?", [str(i), str(i + 1), str(i + 2), str(i + 3)], "B") for i in range(5)]
     prompt = mmlu_prompt("abstract_algebra", dev, "Which is even?", ["2", "3", "5", "7"])
     assert prompt.startswith("The following are multiple choice questions (with answers) about  abstract algebra.")
@@ -208,7 +209,7 @@ def test_mmlu_letters_by_log_probability(ckpt, tmp_path, calls):
 
 
 def _continuation_logprob(model, prompt: str, letter: str) -> float:
-    tok = model.tokenizer
+    tok = processor.tokenizer
     cont = tok(prompt + " " + letter)["input_ids"][len(tok(prompt)["input_ids"]) :]
     ids = torch.tensor([tok(prompt + " " + letter)["input_ids"]])
     with torch.no_grad():
@@ -218,9 +219,9 @@ def _continuation_logprob(model, prompt: str, letter: str) -> float:
 
 
 def test_letter_logprobs_one_token_and_continuation_paths_agree(build_model):
-    model = build_model("D")
+    model, processor = build_model("D")
     prompts = ["Question one?\nA. x\nB. y\nAnswer:", "Another, longer question here?\nA. p\nB. q\nAnswer:"]
-    tok = model.tokenizer
+    tok = processor.tokenizer
     assert len(tok(" A", add_special_tokens=False)["input_ids"]) == 1  # one forward pass over the prompts
     assert len(tok(" B", add_special_tokens=False)["input_ids"]) == 2  # scored as a continuation
     fast = letter_logprobs(model, prompts, ["A", "A"])

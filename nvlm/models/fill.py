@@ -1,26 +1,17 @@
-"""Sharded start-up (issue 17): every process reads only its own rows of the backbones' safetensors.
+"""Filling a skeleton (``nvlm.models.build``) with its weights, straight from safetensors files.
 
-A sharded run builds its model on the meta device and shards it (FSDP2, possibly tensor parallel too); each
-parameter is then a DTensor whose placements say which block of the full tensor this process holds. This module
-fills those blocks straight from the files (``safe_open`` memory-maps them; ``get_slice`` reads only the block),
-so no process ever holds the full model and nothing is broadcast.
-
-What is not in any file is drawn the way the one-process build draws it (``nvlm.models.pretrained.compose``):
-every process builds a *skeleton* of the run's model with the same seed: the backbones' parameters on the meta
-device (their buffers, e.g. RoPE's ``inv_freq``, real), NVLM's own modules (projector, x-attn blocks) and a
-random vision tower real, and the seed of the added embedding rows (``nvlm.models.llm.new_embedding_rows``).
-These parts are small next to the LLM; each process copies its block of them.
-
-Handled: backbone folders (LLM: any Hugging Face safetensors folder; vision: a vision-only or InternVL-hf
-folder, or a config dict) and ``model.init_from`` nvlm checkpoints (``nvlm.models.saving`` layout). Anything
-else (an LLM from a config, LoRA, the released NVLM-D layout, an original InternViT folder) returns no plan and
-the caller falls back to loading on process 0 and broadcasting.
+A skeleton's backbone parameters are on the meta device; ``plan`` says where each comes from (a tensor key in a
+Hugging Face folder, or, for its real parts, the skeleton's own tensor) and ``load`` fills the model after
+``to_empty``. One process reads every tensor whole. In a sharded run each parameter is a DTensor whose placements
+say which block of the full tensor this process holds, and ``load`` reads only that block (``safe_open``
+memory-maps the file; ``get_slice`` reads the block), so no process ever holds the full model and nothing is
+broadcast. The added embedding rows are drawn from the skeleton's seed (``nvlm.models.llm.new_embedding_rows``),
+block by block, so every process gets the rows one process would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +65,12 @@ def tensor_index(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, whole."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key)
+
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -84,65 +81,13 @@ def _header(path: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
 
 
 Folders = dict[str, tuple[Path, tuple[str, ...]]]
+"""{model name prefix: (safetensors folder, key prefixes to try in its files)}: where a skeleton's meta weights are."""
 
 
-def skeleton(cfg: Any) -> tuple[Any, Folders, int | None] | None:
-    """The run's model with meta backbones (see the module doc), the folders its meta weights come from
-    ({name prefix: (folder, key prefixes to try)}), and the added embedding rows' seed; None if not handled."""
-    from accelerate import init_empty_weights  # type: ignore[import-untyped]
-
-    from nvlm.config import NVLMConfig
-    from nvlm.models.llm import load_llm, load_llm_config, load_tokenizer
-    from nvlm.models.nvlm import NVLM
-    from nvlm.models.pretrained import compose
-    from nvlm.vision.encoder import _config_json, _original_internvit, load_vision_model, vision_config
-
-    spec = cfg.model
-    if cfg.train.lora.enabled:
-        return None
-    torch.manual_seed(cfg.train.seed)  # as nvlm.training.build._build: the same stream, the same draws
-    if spec.init_from:
-        root = Path(spec.init_from)
-        if not (root / "llm").is_dir() or not (root / "vision").is_dir():
-            return None  # e.g. the released NVLM-D layout: renamed on load
-        ncfg = NVLMConfig.load(root / "config.json")
-        with init_empty_weights(include_buffers=False):
-            llm = load_llm(dict(ncfg.llm.hf_config))
-            vision, _ = load_vision_model(vision_config(ncfg.vision.type, **ncfg.vision.hf_config))
-            model = NVLM(ncfg, llm, vision, load_tokenizer(root))
-        model.llm.tie_weights()  # re-registering meta parameters unties them; the real load ties them
-        saved: Folders = {"llm.": (root / "llm", ("",)), "vision.model.": (root / "vision", ("",)), "": (root, ("",))}
-        return model, saved, None
-    if not isinstance(spec.llm, (str, os.PathLike)):
-        return None
-    llm_dir = Path(spec.llm)
-    with init_empty_weights(include_buffers=False):
-        llm = load_llm(load_llm_config(llm_dir))
-    folders: Folders = {"llm.": (llm_dir, ("",))}
-    if isinstance(spec.vision, dict):  # a random vision tower: drawn here, as the one-process build does
-        conf = dict(spec.vision)
-        vision, kind = load_vision_model(vision_config(conf.pop("type"), **conf))
-    else:
-        vision_dir = Path(spec.vision)
-        if _original_internvit(_config_json(vision_dir)):
-            return None  # renamed and sliced on load (nvlm.interop.internvit)
-        from nvlm.vision.encoder import load_vision_config
-
-        with init_empty_weights(include_buffers=False):
-            vision, kind = load_vision_model(load_vision_config(vision_dir))
-        folders["vision.model."] = (vision_dir, ("", "model.vision_tower.", "vision_tower."))
-    tokenizer = load_tokenizer(spec.tokenizer or llm_dir)
-    model, seed = compose(spec.arch, llm, vision, kind, tokenizer, dict(spec.overrides))
-    model.llm.tie_weights()  # re-registering meta parameters unties them; the real load ties them
-    return model, folders, seed
-
-
-def plan(cfg: Any) -> Plan | None:
-    """Every process computes the same plan (from the same files and seed); None: not handled here."""
-    built = skeleton(cfg)
-    if built is None:
-        return None
-    model, folders, seed = built
+def plan(model: Any, folders: Folders, seed: int | None) -> Plan | None:
+    """Where each parameter and buffer of `model` (a skeleton, ``nvlm.models.build``) comes from: its real
+    tensors from themselves, its meta ones from `folders` (added embedding rows drawn from `seed`). Every process
+    computes the same plan from the same files and seed; None: some weight is in none of the folders."""
     std = getattr(model.llm.config.get_text_config(), "initializer_range", 0.02)
     by_id = {id(p): n for n, p in model.named_parameters()}
     grown = {by_id[id(w)]: which for which, w in enumerate(embedding_weights(model.llm))}
