@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nvlm.models.saving import backbone_names
+from nvlm.models.names import backbone_names
 from nvlm.training.flops import SampleTokens, device_peak_flops, train_flops
 
 ARCHS = ("D", "X", "H")
