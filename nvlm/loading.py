@@ -23,14 +23,13 @@ from nvlm.config import NVLMConfig
 from nvlm.data.processor import Processor, add_nvlm_tokens
 from nvlm.errors import UserError
 from nvlm.interop.internvit import is_original, load_original, original_vision_config, vit_config_from_original
+from nvlm.interop.keymap import INTERNVL_HF_VISION_PREFIXES
 from nvlm.models import fill
 from nvlm.models.build import meta_model, new_config, saved_dtype, skeleton
 from nvlm.models.llm import llm_config, load_llm, load_llm_config, load_tokenizer, resize_embeddings
 from nvlm.models.lora import ADAPTERS, load_adapters, merge_adapters
 from nvlm.models.nvlm import NVLM
 from nvlm.vision.encoder import VisionKind, VisionTower, kind_of, vision_config, vision_model_from_config
-
-INTERNVL_HF_VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")  # a full InternVL-hf model's tower
 
 
 @dataclass

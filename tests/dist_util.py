@@ -1,18 +1,24 @@
 """Spawning N gloo worker processes for the scale-out tests (test_distributed, test_tensor_parallel,
 test_sharded_load): a free local port, CPU unless there is one GPU per process, and a deadline that turns a hang
-into a failed test instead of a blocked suite."""
+into a failed test instead of a blocked suite. Also what the training workers share: joining the process group's
+environment, a SIGTERM after a given step, and reading back each process's result and a run's losses."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from nvlm.training.metrics import read_metrics
 
 
 @contextlib.contextmanager
@@ -48,3 +54,40 @@ def spawn(worker: Callable, jobs: list[dict], world_size: int, timeout_s: float)
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{world_size}-process jobs did not finish within {timeout_s} s (a hang)")
+
+
+# ---- the worker side ---------------------------------------------------------------------------------------
+def worker_env(rank: int, world_size: int, port: int) -> None:
+    """Set torchrun's variables, which ``init_world`` reads, in a spawned worker; one thread: they share cores."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+
+
+def quiet(*args: Any, **kwargs: Any) -> None:
+    """A trainer's log that prints nothing."""
+
+
+def stop_after(trainer: Any, at: int) -> None:
+    """Make `trainer` stop as on a SIGTERM seen during step `at` - 1 (it finishes that step, saves and exits)."""
+    original = trainer.train_step
+
+    def stop(batches: Any) -> Any:
+        out = original(batches)
+        if trainer.step == at - 1:
+            trainer._stop = True
+        return out
+
+    trainer.train_step = stop
+
+
+# ---- the test side -----------------------------------------------------------------------------------------
+def result(out: Path, rank: int = 0) -> dict:
+    """What process `rank` wrote for the job whose output is `out`."""
+    return json.loads(Path(f"{out}.rank{rank}.json").read_text())
+
+
+def losses(out: Path) -> list[float]:
+    """The logged loss of every step of the run in folder `out`."""
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]

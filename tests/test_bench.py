@@ -14,8 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from nvlm.bench.cli import add_bench_subcommands
-from nvlm.bench.flops import train_flops
 from nvlm.bench.train import Shape, build_models, make_batch, synthetic_image
+from nvlm.training.flops import train_flops
 
 # A smaller cousin of the cpu preset: 16 tokens per 112 px tile, 6+1 tiles, x-attn before every 2nd layer.
 TINY = Shape(

@@ -19,10 +19,10 @@ import dist_util
 import pytest
 import torch
 from conftest import picture, write_color_dataset
+from dist_util import losses, quiet, result, stop_after
 
 from nvlm.distributed.dcp import complete_checkpoints
 from nvlm.training.config import RunConfig
-from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import Trainer, build_model
 
 TIMEOUT_S = 240
@@ -56,16 +56,9 @@ def cfg_dict(backbones, dataset, arch="D", stage="sft", steps=5, broken=False, *
     }
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 # ---- the worker side ---------------------------------------------------------------------------------------
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
+    dist_util.worker_env(rank, world_size, port)
     from nvlm.distributed.parallel import barrier, init_world, shutdown
 
     world = init_world(timeout_s=120)
@@ -82,16 +75,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
                 trainer = Trainer(cfg, job["out"], log=quiet, world=world)
                 result["optimizer_params"] = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
                 result["trainable_params"] = sum(1 for p in trainer.model.parameters() if p.requires_grad)
-                if job.get("stop_at") is not None and rank == world_size - 1:
-                    original = trainer.train_step  # SIGTERM seen by the last process only
-
-                    def stop(batches, trainer=trainer, original=original, at=job["stop_at"]):
-                        out = original(batches)
-                        if trainer.step == at - 1:
-                            trainer._stop = True
-                        return out
-
-                    trainer.train_step = stop
+                if job.get("stop_at") is not None and rank == world_size - 1:  # SIGTERM seen by the last process only
+                    stop_after(trainer, job["stop_at"])
                 if job["kind"] == "grads":  # one step's full gradients, gathered from the shards
                     proc = trainer.processor
                     enc = proc.encode_segments(
@@ -132,14 +117,6 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
     dist_util.spawn(_worker, jobs, world_size, TIMEOUT_S)
-
-
-def result(out, rank=0) -> dict:
-    return json.loads(open(f"{out}.rank{rank}.json").read())
-
-
-def losses(out) -> list[float]:
-    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 
 
 def close(a: list[float], b: list[float], rel: float = 1e-5) -> bool:

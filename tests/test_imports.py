@@ -2,7 +2,8 @@
 
 Every ``import`` of an ``nvlm`` module counts, at any level (a function-level import is still a dependency).
 No module may reach itself again through its imports; ``nvlm.distributed`` never imports ``nvlm.training``;
-the model never imports data loading, training, distribution, evaluation or serving; and only the command-line
+``nvlm.training`` never imports ``nvlm.bench`` (the benchmarks build on training, not the other way); the model
+never imports data loading, training, distribution, evaluation or serving; and only the command-line
 entry points import the demo (it registers its own recipes and scorer).
 """
 
@@ -101,6 +102,7 @@ def test_a_cycle_would_be_found():
     ("layer", "forbidden"),
     [
         ("nvlm.distributed", ("nvlm.training", "nvlm.eval", "nvlm.serve", "nvlm.demo")),
+        ("nvlm.training", ("nvlm.bench",)),
         (
             "nvlm.models",
             (

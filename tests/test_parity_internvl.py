@@ -1,4 +1,4 @@
-"""NVLM-D without tile tags is transformers' InternVL: at equal weights (moved through nvlm.interop.keymap)
+"""NVLM-D without tile tags is transformers' InternVL: at equal weights (``nvlm.interop.internvl.to_hf_internvl``)
 NVLM-D (tags.style="none") and ``InternVLForConditionalGeneration`` give identical logits and greedy answers.
 
 The two differ only where InternVL's projector has linear biases and a hidden width equal to the LLM's (NVLM-D:
@@ -16,13 +16,12 @@ from conftest import picture
 import nvlm
 from nvlm.data.chat import chat_prompt
 from nvlm.inference.generate import generate_ids
+from nvlm.interop.internvl import to_hf_internvl
 from nvlm.interop.keymap import hf_internvl_to_ours, ours_to_hf_internvl
 
 
 @pytest.fixture(scope="module")
 def pair(backbones):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
     torch.manual_seed(0)
     ours, ours_proc = nvlm.build(
         "D",
@@ -34,31 +33,12 @@ def pair(backbones):
     with torch.no_grad():  # a trained-looking projector (LayerNorm not at its 1/0 init)
         for p in ours.projector.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p is ours.projector.layer_norm.weight else 0))
-    cfg = InternVLConfig(
-        vision_config=ours.vision.model.config.to_dict(),
-        text_config=ours.llm.config.to_dict(),
-        image_token_id=ours_proc.pad_id,
-        downsample_ratio=0.5,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,  # InternVLConfig ties by default; the tiny Qwen2 (as the release's) does not
-    )
-    hf = InternVLForConditionalGeneration(cfg).eval()
-    state = {ours_to_hf_internvl(k): v for k, v in ours.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and sorted(missing) == [
-        "model.multi_modal_projector.linear_1.bias",
-        "model.multi_modal_projector.linear_2.bias",
-    ]
-    with torch.no_grad():
-        hf.model.multi_modal_projector.linear_1.bias.zero_()
-        hf.model.multi_modal_projector.linear_2.bias.zero_()
-    return ours, hf
+    hf = to_hf_internvl(ours, ours.config.image_token_id).eval()  # raises unless only its projector biases are left
+    return ours, hf, ours_proc
 
 
 def test_keymap_covers_both_state_dicts(pair, tmp_path):
-    ours, hf = pair
+    ours, hf, ours_proc = pair
     names = set(ours.state_dict())
     assert {ours_to_hf_internvl(k) for k in names} | {
         "model.multi_modal_projector.linear_1.bias",
@@ -78,7 +58,7 @@ def test_keymap_covers_both_state_dicts(pair, tmp_path):
 
 @pytest.mark.parametrize("size", [(150, 100), (56, 56)])
 def test_identical_logits(pair, size):
-    ours, hf = pair
+    ours, hf, ours_proc = pair
     batch = ours_proc(chat_prompt("What is in the image?", 1), [picture(*size)])
     with torch.no_grad():
         a = ours(**batch).logits
@@ -91,7 +71,7 @@ def test_identical_logits(pair, size):
 
 
 def test_identical_greedy_generation(pair):
-    ours, hf = pair
+    ours, hf, ours_proc = pair
     batch = ours_proc(chat_prompt("Describe the picture.", 1), [picture(150, 100, 2)])
     eos = ours_proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     mine = torch.stack(list(generate_ids(ours, batch, 12, eos_token_ids=[eos])), 1)

@@ -17,11 +17,11 @@ import dist_util
 import pytest
 import torch
 from conftest import picture, write_color_dataset
+from dist_util import losses, quiet, result, stop_after
 
 from nvlm.config import ConfigError
 from nvlm.distributed.tensor_parallel import check_heads, layout, tp_plans
 from nvlm.training.config import RunConfig
-from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import Trainer
 
 TIMEOUT_S = 420
@@ -47,10 +47,6 @@ def cfg_dict(backbones, dataset, arch: str, **train) -> dict:
     }
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 def one_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The full gradients of one fixed image micro-batch (gathered from TP and FSDP shards), with the x-attn gates
     opened so that every block weight (the per-head q/k norms too) gets a gradient."""
@@ -71,10 +67,7 @@ def one_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 # ---- the worker side ---------------------------------------------------------------------------------------
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
+    dist_util.worker_env(rank, world_size, port)
     from nvlm.distributed.parallel import init_world, shutdown
 
     world = init_world(timeout_s=120)
@@ -92,15 +85,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
                         save_file({n: g.contiguous() for n, g in grads.items()}, f"{job['out']}.grads.safetensors")
                 else:
                     if job.get("stop_at") is not None:  # a SIGTERM seen after step stop_at - 1
-                        original = trainer.train_step
-
-                        def stop(batches, trainer=trainer, original=original, at=job["stop_at"]):
-                            out = original(batches)
-                            if trainer.step == at - 1:
-                                trainer._stop = True
-                            return out
-
-                        trainer.train_step = stop  # type: ignore[method-assign]
+                        stop_after(trainer, job["stop_at"])
                     r = trainer.run()
                     result.update(steps=r.steps, counts=r.counts)
             except Exception as e:  # noqa: BLE001 - reported to the test process
@@ -116,14 +101,6 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
 
 def spawn(jobs: list[dict], world_size: int = 2) -> None:
     dist_util.spawn(_worker, jobs, world_size, TIMEOUT_S)
-
-
-def result(out, rank=0) -> dict:
-    return json.loads(open(f"{out}.rank{rank}.json").read())
-
-
-def losses(out) -> list[float]:
-    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The trainer's MFU in metrics.jsonl (issue 17, item 6): model FLOPs from the batches' shapes
-(``nvlm.bench.flops.batch_flops``) / step time / the device's bf16 peak. CPU has no peak in the table, so a
+(``nvlm.training.flops.batch_flops``) / step time / the device's bf16 peak. CPU has no peak in the table, so a
 CPU run logs no MFU; with a stated peak it does, and the figure is FLOPs / (time × peak).
 
 python -m pytest tests/test_trainer_mfu.py -q
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_color_dataset
 
-from nvlm.bench.flops import batch_flops
 from nvlm.training.config import RunConfig
+from nvlm.training.flops import batch_flops
 from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import Trainer
 

@@ -2,7 +2,7 @@
 they live here, in the benchmark, never in the model library).
 
 * NVLM-D against ``InternVLForConditionalGeneration``: the same architecture once the projector's hidden width is
-  the LLM's (InternVL's) and its biases are zero, so every weight is copied (``nvlm.interop.keymap``) and both
+  the LLM's (InternVL's) and its biases are zero, so every weight is copied (``nvlm.interop.internvl``) and both
   get the same token ids, pixels and labels; the logits are checked equal before anything is timed.
 * NVLM-X against ``MllamaForConditionalGeneration``: both put image tokens in a cross-attention memory read by
   gated blocks (attention + FFN) among the LLM layers. Built from the same widths, depths and heads: Mllama's
@@ -46,6 +46,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
     import transformers as tf
 
     import nvlm
+    from nvlm.interop.internvl import to_hf_internvl
     from nvlm.tiny import tiny_tokenizer
     from nvlm.training.stages import apply_stage
     from nvlm.vision.encoder import vision_config
@@ -71,7 +72,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
     image = synthetic_image(shape.tiles, ours.vision.tile_size, seed)
     batch, tokens = make_batch(processor, shape, image)
     if arch == "D":
-        hf = _internvl(ours)
+        hf = to_hf_internvl(ours, ours.config.image_token_id)
         hf_batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
         with torch.no_grad():
             diff = (ours(**batch).logits - hf(**hf_batch).logits).abs().max().item()
@@ -132,33 +133,6 @@ def reference_compile_targets(hf: nn.Module) -> list[nn.Module]:
 def _vision_of(hf: nn.Module) -> nn.Module:
     model: Any = hf.model
     return model.vision_tower if hasattr(model, "vision_tower") else model.vision_model
-
-
-def _internvl(ours: Any) -> nn.Module:
-    """InternVL with every weight of our NVLM-D (its extra projector biases zero)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    from nvlm.interop.keymap import ours_to_hf_internvl
-
-    cfg = InternVLConfig(
-        vision_config=ours.vision.model.config.to_dict(),
-        text_config=ours.llm.config.to_dict(),
-        image_token_id=ours.config.image_token_id,
-        downsample_ratio=0.5,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=ours.llm.config.tie_word_embeddings,
-    )
-    hf = InternVLForConditionalGeneration(cfg)
-    state = {ours_to_hf_internvl(k): v for k, v in ours.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith(("linear_1.bias", "linear_2.bias")) for k in missing):
-        raise RuntimeError(f"InternVL weights do not line up: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        hf.model.multi_modal_projector.linear_1.bias.zero_()
-        hf.model.multi_modal_projector.linear_2.bias.zero_()
-    return hf
 
 
 def _mllama(ours: Any, shape: Shape) -> Any:

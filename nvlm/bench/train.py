@@ -7,7 +7,7 @@ cross-attention memory (§4.3–4.4). Here the three models are built from the s
 same seed (identical LLM and vision weights, checked), fed the same image (same tiles) and the same text, and
 a full training step (forward, backward, AdamW) of each is timed in one process: warm-up steps, then
 interleaved repetitions D, X, H, D, X, H, … and medians, so machine noise hits all three alike (on a shared
-CPU only same-run, interleaved ratios mean anything: performance.md §4). FLOPs: ``nvlm.bench.flops``.
+CPU only same-run, interleaved ratios mean anything: performance.md §4). FLOPs: ``nvlm.training.flops``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nvlm.bench.flops import SampleTokens, device_peak_flops, train_flops
-from nvlm.models.saving import backbone_names
+from nvlm.models.names import backbone_names
+from nvlm.training.flops import SampleTokens, device_peak_flops, train_flops
 
 ARCHS = ("D", "X", "H")
 PAPER_SAMPLES_PER_S = {"D": 28.8, "X": 50.6, "H": 36.2}  # Table 3: NVLM-34B on 128 H100

@@ -19,7 +19,6 @@ CAPTION_PROMPTS = (
     "Summarize the visual content of the image.",
 )
 VQA_SHORT = "Answer the question using a single word or phrase."
-SFT_SYSTEM = "Follow the user's instruction and answer questions."
 
 Box = tuple[float, float, float, float]
 

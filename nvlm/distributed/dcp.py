@@ -61,22 +61,6 @@ def _gather(obj: Any, world: World) -> list[Any]:
     return out
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    world: World,
-    rank_state: dict[str, Any],
-    run_config: dict[str, Any],
-    keep_last: int = 2,
-) -> Path:
-    """Save step `step` now (every process calls this); `rank_state` is this process's data position."""
-    return CheckpointWriter(world, asynchronous=False).save(
-        root, step, model, optimizer, rank_state, run_config, keep_last
-    )
-
-
 class CheckpointWriter:
     """Writes a run's checkpoints; every process holds one. `asynchronous`: the weights and AdamW state are
     copied to host memory and written by a background thread (``dcp.async_save``, coordinating over a gloo

@@ -4,7 +4,8 @@
     nvlm.interop.convert.convert(src, dst, to="ours")            # → our format (streamed); to="release": back
     nvlm.build("D", llm=..., vision="/weights/InternViT-300M-448px-V2_5")   # an original InternViT folder
 
-keymap.py   every weight-name map (ours ↔ release, ours ↔ InternVLForConditionalGeneration, InternViT names)
+keymap.py   the weight-name maps (ours ↔ release, ours ↔ InternVLForConditionalGeneration, InternViT names)
+internvl.py our NVLM-D as transformers' InternVLForConditionalGeneration (parity test, ``nvlm bench --vs hf``)
 internvit.py original InternViT configs, dummy heads, original folders as a vision tower
 release.py  the release's config.json mapped to ours; loading the release folder directly
 convert.py  `nvlm convert`: release ↔ ours, tensor by tensor

@@ -1,7 +1,8 @@
-"""Every weight-name map between our format and the layouts we read and write, as explicit tables.
+"""The weight-name maps between our format and the other layouts we read and write, as explicit tables.
 
 Names on our side are *flat names*: the names our on-disk format uses once its three parts are put
-together, which are also ``NVLM.state_dict()`` names for NVLM-D:
+together, which are also ``NVLM.state_dict()`` names for NVLM-D (NVLM-X/H's in-memory names differ only
+inside the LLM layers an x-attn block wraps; ``nvlm.models.names`` maps those to the flat names):
 
     projector.*              model.safetensors          (LayerNorm → Linear → GELU → Linear, paper §4.5)
     llm.<HF LLM keys>        the llm/ folder            (llm.model.layers.0.self_attn.q_proj.weight, llm.lm_head.weight)
@@ -23,6 +24,10 @@ InternViT's fused ``attn.qkv`` is one tensor on the original side and three (``q
 ``v_proj``) on ours: the maps below say which slice (``part``) a name is, and ``kind`` names the tensor
 transform ``nvlm.interop.internvit`` applies (dummy heads sliced out or zero-padded). No map here touches
 a tensor.
+
+Two renames live in ``nvlm.models``, which never imports this package: the x-attn wrapper's ``layer.``
+(``nvlm.models.names``) and PEFT's adapter names (``nvlm.models.lora``). The InternVL prefixes below are
+used by ``nvlm.interop.internvl`` (our NVLM-D as ``InternVLForConditionalGeneration``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ HF_INTERNVL_FILE_PREFIXES: tuple[tuple[str, str], ...] = (  # what its save_pret
     ("projector.", "multi_modal_projector."),
     ("llm.model.", "language_model.model."),
     ("llm.lm_head.", "language_model.lm_head."),
+)
+# where an InternVL checkpoint keeps its vision tower: in memory, then on disk ("model.vision_tower.", "vision_tower.")
+INTERNVL_HF_VISION_PREFIXES: tuple[str, ...] = tuple(
+    theirs for ours, theirs in (*HF_INTERNVL_PREFIXES, *HF_INTERNVL_FILE_PREFIXES) if ours == "vision.model."
 )
 
 # ---- InternViT: transformers' InternVLVisionModel names ↔ the original remote-code names -----------------------

@@ -37,7 +37,6 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 
 
@@ -175,8 +174,3 @@ def write_sharded(
         total = sum(t.nbytes for group in groups for t in group)
         (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return [folder / name for name in names]
-
-
-def copy_of(ref: TensorRef) -> OutTensor:
-    """An output that is `ref`'s tensor unchanged (under the same name; rename the result as needed)."""
-    return OutTensor(ref.name, ref.dtype, ref.shape, ref.read)

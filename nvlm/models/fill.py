@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nvlm.models.llm import embedding_weights, new_embedding_rows
-from nvlm.models.saving import backbone_names
+from nvlm.models.names import backbone_names
 
 # wrappers that torch inserts into parameter names (activation checkpointing, compile, FSDP1)
 _WRAPPERS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")

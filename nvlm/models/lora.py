@@ -31,6 +31,7 @@ from nvlm.config import ConfigError
 from nvlm.data.tags import all_tags
 from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
+from nvlm.models.names import backbone_names
 from nvlm.vision.encoder import tile_geometry
 
 ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}  # component → folder in a checkpoint
@@ -119,23 +120,6 @@ def apply_lora(model: Any, spec: Any, tokenizer: Any = None) -> None:
         inject_adapter_in_model(config, _target(model, component))  # also sets its .peft_config {"default": …}
 
 
-def _wrapped_renames(model: Any) -> dict[str, str]:
-    """{"model.layers.3.layer.": "model.layers.3."} for the LLM layers an x-attn block wraps (NVLM-X/H)."""
-    if not model.xattn_layers:
-        return {}
-    layers = decoder_layers(model.llm)
-    prefix = next(name for name, m in model.llm.named_modules() if m is layers)
-    return {f"{prefix}.{i}.layer.": f"{prefix}.{i}." for i in model.xattn_layers}
-
-
-def _rename(state: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        old = next((o for o in renames if k.startswith(o)), None)
-        out[k if old is None else renames[old] + k[len(old) :]] = v
-    return out
-
-
 def base_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base weights of a state dict with adapters, under the names the model had before injection (the
     adapters themselves are saved apart, by ``save_adapters``)."""
@@ -160,7 +144,7 @@ def save_adapters(model: Any, out: Path, state: dict[str, torch.Tensor]) -> None
         # to the plain HF LLM's only afterwards
         adapter = get_peft_model_state_dict(module, state_dict=mine, adapter_name="default")
         if component == "llm":
-            adapter = _rename(adapter, _wrapped_renames(model))
+            adapter = backbone_names(model, adapter, root=module)
         (out / folder).mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(out / folder))
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.items()}
@@ -180,7 +164,7 @@ def load_adapters(model: Any, root: Path) -> None:
         inject_adapter_in_model(config, module)
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
         if component == "llm":
-            state = _rename(state, {new: old for old, new in _wrapped_renames(model).items()})
+            state = backbone_names(model, state, root=module, reverse=True)
         result: Any = set_peft_model_state_dict(module, state, adapter_name="default")  # (missing, unexpected)
         if result.unexpected_keys:
             raise UserError(f"{path}: adapter keys that match no layer, e.g. {result.unexpected_keys[:3]}")

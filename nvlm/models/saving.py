@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nvlm.models.llm import config_dict, decoder_layers
+from nvlm.models.llm import config_dict
 from nvlm.models.lora import base_names, has_adapters, save_adapters
+from nvlm.models.names import backbone_names
 
 OWN_PREFIXES = ("projector.", "resampler.", "xattn.")  # NVLM's own modules, in model.safetensors
 
@@ -41,7 +42,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
     if has_adapters(model):  # PEFT-format adapters aside; the backbones get their base weights, plain names
         save_adapters(model, out, state)
         state = base_names(state)
-    state = backbone_names(model, state)
+    state = backbone_names(model, state)  # X/H: the x-attn-wrapped LLM layers under the backbone's own names
     own = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(OWN_PREFIXES)}
     save_file(own, str(out / "model.safetensors"), metadata={"format": "pt", "nvlm_arch": model.config.arch})
 
@@ -52,22 +53,6 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
         weights = part(prefix)
         module.save_pretrained(out / folder, state_dict=weights)
         stamp_dtype(out / folder / "config.json", weights)
-
-
-def backbone_names(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` under the names our format saves: NVLM-X/H hold each scheduled LLM layer inside a
-    ``CrossAttentionDecoderLayer`` (``llm.model.layers.3.layer.mlp.…``); on disk the backbone keeps its own names
-    (``llm.model.layers.3.mlp.…``), so ``llm/`` is an ordinary Hugging Face checkpoint, as before X/H wrapped it."""
-    if not model.xattn_layers:
-        return state
-    layers = decoder_layers(model.llm)
-    prefix = next(name for name, m in model.named_modules() if m is layers)  # e.g. "llm.model.layers"
-    renames = {f"{prefix}.{i}.layer.": f"{prefix}.{i}." for i in model.xattn_layers}
-    out = {}
-    for k, v in state.items():
-        old = next((o for o in renames if k.startswith(o)), None)
-        out[k if old is None else renames[old] + k[len(old) :]] = v
-    return out
 
 
 def stamp_dtype(config_json: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,7 @@ for world size W = tp × dp_shard: tensor parallelism of degree tp inside a node
 plans with sequence-parallel norms), FSDP2 over dp_shard across the tp groups, gradient accumulation of
 global batch / (micro-batch × dp_shard) micro-batches.
 
-Compute. Model FLOPs per sample are ``nvlm.bench.flops.train_flops`` (matmuls, 2 per multiply-add; the
+Compute. Model FLOPs per sample are ``nvlm.training.flops.train_flops`` (matmuls, 2 per multiply-add; the
 paper's 6·N / 4·N / 2·N). Hardware FLOPs add, with activation checkpointing, one more forward of the decoder
 layers and x-attn blocks (recomputed in backward). The LLM's and x-attn blocks' FLOPs split evenly over the
 tp ranks; the frozen vision tower and the projector run whole on every tp rank (replicated, not split).
@@ -49,11 +49,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nvlm.bench.flops import SampleTokens, attention_flops, linear_numel, train_flops
 from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 from nvlm.models.xattn import GatedCrossAttentionBlock
 from nvlm.training.config import RunConfig
+from nvlm.training.flops import SampleTokens, attention_flops, linear_numel, train_flops
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
-COMPONENTS = ("vision", "projector", "resampler", "xattn", "llm")
 
 
 def components(model: NVLM) -> dict[str, nn.Module]:

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 import nvlm
-from nvlm.bench.flops import batch_flops, device_peak_flops
 from nvlm.data.blend import Blend, SampleStream, Source
 from nvlm.data.formats import read_records
 from nvlm.data.packing import collate_packed, pack_greedy, should_pack
@@ -48,6 +47,7 @@ from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import build_model, build_sharded, prepare
 from nvlm.training.config import RunConfig
+from nvlm.training.flops import batch_flops, device_peak_flops
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.training.resume_check import check_resume, fingerprint

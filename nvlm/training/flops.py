@@ -1,19 +1,18 @@
-"""Analytic training FLOPs per sample of NVLM-D / -X / -H (paper Table 3, §4.3–4.4), for MFU and for the
-FLOP-predicted X/D and H/D speed ratios. Conventions: /work/shared/research/performance.md §3.1–3.2.
+"""Analytic training FLOPs per sample of NVLM-D / -X / -H (paper Table 3, §4.3–4.4), for the trainer's MFU,
+the planner's step-time model and the FLOP-predicted X/D and H/D speed ratios of ``nvlm bench``.
 
 - Matmul FLOPs only, 2 per multiply-add. The input-embedding gather is left out, the LM head is counted.
 - A Linear with N weights applied to T tokens costs 2·N·T forward, + 2·N·T for its weight gradient when it
-  trains, + 2·N·T for its input gradient when something upstream trains. That is §3.1's 6·N (trained),
-  4·N (frozen but on the gradient path: the LLM during pre-training) and 2·N (frozen before every
-  trainable part: the vision tower). It also gives 4·N for a trained Linear whose input needs no gradient,
-  where §3.2's closed form writes 6·N: NVLM-X's one-Linear projector right behind the frozen ViT. That
-  refinement is what autograd runs, and the only departure from §3.2. (D/H's projector starts with a
-  trainable LayerNorm and each x-attn block with a trainable RMSNorm, so their first Linear does need its
-  input gradient: 6·N there.)
+  trains, + 2·N·T for its input gradient when something upstream trains. That gives the usual 6·N per token
+  for a trained Linear, 4·N for a frozen one on the gradient path (the LLM during pre-training) and 2·N for a
+  frozen one before every trainable part (the vision tower). It also gives 4·N for a trained Linear whose
+  input needs no gradient, where the common closed form writes 6·N: NVLM-X's one-Linear projector right
+  behind the frozen ViT. That is what autograd runs. (D/H's projector starts with a trainable LayerNorm and
+  each x-attn block with a trainable RMSNorm, so their first Linear does need its input gradient: 6·N there.)
 - Attention scores and values: 4·T_q·T_k·d_attn forward, 3× that with backward; not halved for causal masks
   and without flash-attention recompute (torchtitan's convention), i.e. 12·L·d·T² for a trained decoder.
-- Cross-attention (§3.2's F_X): q/o projections and the FFN act on the T_dec text tokens, k/v projections on
-  the M memory tokens, attention is 4·d·T_dec·M forward.
+- Cross-attention (§4.3's gated x-attn layers): q/o projections and the FFN act on the T_dec text tokens,
+  k/v projections on the M memory tokens, attention is 4·d·T_dec·M forward.
 
 Sizes are read off the built model's parameter shapes (every nn.Linear, the patch Conv2d), so any Hugging
 Face backbone works; attention widths and depths come from the model's dims and configs. A pooling head that
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
-# dense bf16 FLOP/s per SXM GPU (performance.md §1; NVIDIA's data sheets: A100 312 T, H100/H200 989 T)
+# dense bf16 FLOP/s per SXM GPU (NVIDIA's data sheets: A100 312 T, H100/H200 989 T)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -148,7 +147,7 @@ def train_flops(
 def xattn_flops(
     block: GatedCrossAttentionBlock, t_q: int, t_kv: int, trains: bool, grad_in: bool, memory_grad: bool
 ) -> int:
-    """One gated cross-attention block (§3.2's F_X): k/v projections over the memory, the rest over text."""
+    """One gated cross-attention block: k/v projections over the memory, the rest over text."""
     kv = block.k_proj.weight.numel() + block.v_proj.weight.numel()
     q = block.q_proj.weight.numel()
     rest = linear_numel(block) - kv - q  # o_proj and the FFN: their inputs depend on trained q/k/v
