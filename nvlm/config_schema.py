@@ -210,16 +210,9 @@ def parse_item(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: the value is not valid YAML; quote strings, e.g. {key}='...'") from None
 
 
-def _set(cls: type | None, node: dict[str, Any], prefix: str, parts: list[str], value: Any, dotted: str) -> None:
-    """Set the key path `parts` below `node`, a dict holding dataclass `cls` (None: a free-form mapping)."""
+def _set(cls: type, node: dict[str, Any], prefix: str, parts: list[str], value: Any, dotted: str) -> None:
+    """Set the key path `parts` below `node`, the dict of a dataclass `cls`; ConfigError for a key it lacks."""
     part, rest = parts[0], parts[1:]
-    if cls is None:
-        if not rest:
-            node[part] = value
-            return
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        return _set(None, node[part], f"{prefix}{part}.", rest, value, dotted)
     names = [f.name for f in dataclasses.fields(cast(Any, cls))]
     if part not in names:
         close = difflib.get_close_matches(part, names, n=1)
@@ -231,10 +224,12 @@ def _set(cls: type | None, node: dict[str, Any], prefix: str, parts: list[str], 
     elif _is_dataclass(hint) and isinstance(value, Mapping):  # a section given as a mapping: key by key
         for sub, v in value.items():
             _set(hint, node[part], f"{prefix}{part}.", str(sub).split("."), v, f"{dotted}.{sub}")
-    elif rest and _free(hint):
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        _set(None, node[part], f"{prefix}{part}.", rest, value, dotted)
+    elif rest and _free(hint):  # any keys inside, mappings made on the way
+        for key in [part, *rest[:-1]]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[rest[-1]] = value
     elif rest:
         raise ConfigError(f"unknown config key {dotted!r}: {prefix}{part} is {_describe(hint)}, with no keys inside")
     else:
