@@ -23,7 +23,7 @@ def tiny_recipe(arch: str, demo_dir: str = "runs/demo"):
 
 
 for _arch in "DXH":
-    register(f"tiny-{_arch.lower()}", functools.partial(tiny_recipe, _arch))
+    register(f"tiny-{_arch.lower()}", functools.partial(tiny_recipe, _arch), setup="run `nvlm demo` first (it writes runs/demo)")
 
 
 def _score_demo(records: list[dict], mode: str) -> dict:
