@@ -2,8 +2,8 @@
 
 ``nvlm.cli.main`` runs every sub-command and asks ``is_user_error`` about what it raises: a user error is printed
 as one line (``one_line``) and the exit status is 2. Anything else is a bug and keeps its traceback;
-``nvlm --debug`` shows the traceback of user errors too. Before a command runs, ``check_input_files`` refuses device files and
-FIFOs given as inputs (``/dev/zero`` would be read forever; a FIFO blocks).
+``nvlm --debug`` shows the traceback of user errors too. Before a command runs, ``check_input_files`` refuses
+device files and FIFOs given as inputs (``/dev/zero`` would be read forever; a FIFO blocks).
 """
 
 from __future__ import annotations
