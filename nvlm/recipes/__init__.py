@@ -226,7 +226,7 @@ def check_folders(cfg: RunConfig, source: str) -> None:
     dict in their place builds random weights and needs none)."""
     spec = cfg.model
     if spec.init_from:
-        folders = {"model.init_from": spec.init_from}
+        folders: dict[str, Any] = {"model.init_from": spec.init_from}
     else:
         folders = {"model.llm": spec.llm, "model.vision": spec.vision, "model.tokenizer": spec.tokenizer}
     for key, path in folders.items():
