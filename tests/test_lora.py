@@ -1,4 +1,4 @@
-"""LoRA fine-tuning through PEFT (issue 13): what trains, the PEFT-format adapter, merge, resume, dry-run counts.
+"""LoRA fine-tuning through PEFT: what trains, the PEFT-format adapter, merge, resume, dry-run counts.
 
 python -m pytest tests/test_lora.py -q
 """
@@ -59,11 +59,11 @@ def test_only_adapters_projector_xattn_and_tag_rows_train(trained):
     delta = [n for n in trainable if "trainable_tokens_delta" in n]
     assert len(delta) == 1 and not any(n.startswith("vision.") for n in trainable)
     rows = model.llm.get_input_embeddings().token_adapter.token_indices["default"]
-    tags = processor.tokenizer.convert_tokens_to_ids(["<tile_1>", "<tile_global_thumbnail>", "<Image>"])
+    tags = t.processor.tokenizer.convert_tokens_to_ids(["<tile_1>", "<tile_global_thumbnail>", "<Image>"])
     assert set(tags) <= set(rows) and len(rows) < 20  # the tag rows, nothing else of the table
 
 
-def _logits(model, seed=0):
+def _logits(model, processor, seed=0):
     batch = processor(["<image>\nWhat color is it?"], [[_picture()]])
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -85,8 +85,8 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     assert (final / "llm_adapter" / "adapter_config.json").is_file()
     assert (final / "llm_adapter" / "adapter_model.safetensors").is_file()
     loaded, loaded_proc = nvlm.load(final)  # adapters applied at load time
-    ref = _logits(t.model)
-    assert torch.allclose(_logits(loaded), ref, atol=1e-6)
+    ref = _logits(t.model, t.processor)
+    assert torch.allclose(_logits(loaded, loaded_proc), ref, atol=1e-6)
     # PEFT opens our adapter on the plain HF LLM (x-attn wrappers' names mapped back) and agrees with ours
     ids = loaded_proc.tokenizer(["the sky is <tile_1> blue"], return_tensors="pt")["input_ids"]
     peft_llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final / "llm"), final / "llm_adapter")
@@ -103,7 +103,7 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     assert main(["chat", "--model", str(final), "--max-new-tokens", "2", "Hi"]) == 0
     from nvlm.serve.engine import Engine, SamplingParams  # what nvlm serve runs over the same from_pretrained
 
-    engine = Engine(loaded).start()
+    engine = Engine(loaded, loaded_proc).start()
     try:
         loaded.gate_off = False
         want = loaded.generate(loaded_proc, "<image>\nWhat color?", [_picture()], max_new_tokens=4)
@@ -116,7 +116,7 @@ def test_adapter_checkpoint_loads_merges_and_opens_in_peft(trained, tmp_path):
     assert not (tmp_path / "merged" / "llm_adapter").exists()
     merged, merged_proc = nvlm.load(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
-    assert torch.allclose(_logits(merged), ref, atol=1e-5)
+    assert torch.allclose(_logits(merged, merged_proc), ref, atol=1e-5)
 
 
 def test_lora_config_errors():
@@ -210,7 +210,9 @@ def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_mo
     from nvlm.training.stages import apply_stage
 
     model, processor = build_model("D")
-    apply_lora(model, LoraSpec(r=2, alpha=4.0, targets="q_proj,mlp", dora=True, rslora=True, vision=True))
+    apply_lora(
+        model, LoraSpec(r=2, alpha=4.0, targets="q_proj,mlp", dora=True, rslora=True, vision=True), processor.tokenizer
+    )
     apply_stage(model, "sft")
     trains = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("vision.") and ".lora_A." in n for n in trains)
@@ -223,9 +225,9 @@ def test_vision_tower_adapters_with_dora_and_rslora_save_load_and_merge(build_mo
     model.save_pretrained(str(tmp_path / "ckpt"))
     processor.save_pretrained(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "vision_adapter" / "adapter_config.json").is_file()
-    ref = _logits(model)
-    assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "ckpt")), ref, atol=1e-6)
+    ref = _logits(model, processor)
+    assert torch.allclose(_logits(*nvlm.load(tmp_path / "ckpt")), ref, atol=1e-6)
     from nvlm.loading import merge_checkpoint
 
     merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
-    assert torch.allclose(_logits(nvlm.from_pretrained(tmp_path / "merged")), ref, atol=1e-5)
+    assert torch.allclose(_logits(*nvlm.load(tmp_path / "merged")), ref, atol=1e-5)

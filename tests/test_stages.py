@@ -1,4 +1,4 @@
-"""Freezing per stage (SPEC §3): stage 1 leaves LLM and vision bit-identical after optimizer steps.
+"""Freezing per stage (paper §4.5): stage 1 leaves LLM and vision bit-identical after optimizer steps.
 
 python -m pytest tests/test_stages.py -q
 """
@@ -17,7 +17,7 @@ def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _train_steps(model, steps=3):
+def _train_steps(model, processor, steps=3):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     batch = processor(chat_prompt("Describe.", 1) + "a red box", [picture(150, 100)], padding_side="right")
@@ -36,7 +36,7 @@ def test_stage1_leaves_llm_and_vision_bit_identical(build_model, arch):
     apply_stage(model, "pretrain")
     llm, vision = _snapshot(model.llm), _snapshot(model.vision)
     proj, xattn = _snapshot(model.projector), _snapshot(model.xattn)
-    _train_steps(model)
+    _train_steps(model, processor)
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in llm.items())
     assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in vision.items())
     # what stage 1 trains did change (X's projector only once the zero-initialised gates have opened)
@@ -50,7 +50,7 @@ def test_stage2_trains_llm_and_table(build_model):
     model, processor = build_model("H")
     apply_stage(model, "sft")
     llm = _snapshot(model.llm)
-    _train_steps(model, 1)
+    _train_steps(model, processor, 1)
     assert any(not torch.equal(v, model.llm.state_dict()[k]) for k, v in llm.items())
     table = trainable_table(model)
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}

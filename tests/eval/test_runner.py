@@ -18,7 +18,7 @@ from PIL import Image
 import nvlm
 from nvlm.cli import main
 from nvlm.eval.benchmarks import PROMPTS, DataError, EncodedImage, read_benchmark
-from nvlm.eval.runner import letter_logprobs, render, run_benchmark
+from nvlm.eval.runner import LocalModel, letter_logprobs, render, run_benchmark
 from nvlm.eval.scorers import score_items
 from nvlm.eval.scorers.mmlu import mmlu_prompt
 from nvlm.models.nvlm import NVLM
@@ -205,10 +205,12 @@ def test_mmlu_letters_by_log_probability(ckpt, tmp_path, calls):
     prompt = mmlu_prompt("abstract_algebra", dev, "Which is even?", ["2", "3", "5", "7"])
     assert prompt.startswith("The following are multiple choice questions (with answers) about  abstract algebra.")
     for letter in "AB":
-        assert records[1]["logprobs"][letter] == pytest.approx(_continuation_logprob(model, prompt, letter), abs=1e-3)
+        assert records[1]["logprobs"][letter] == pytest.approx(
+            _continuation_logprob(model, processor, prompt, letter), abs=1e-3
+        )
 
 
-def _continuation_logprob(model, prompt: str, letter: str) -> float:
+def _continuation_logprob(model, processor, prompt: str, letter: str) -> float:
     tok = processor.tokenizer
     cont = tok(prompt + " " + letter)["input_ids"][len(tok(prompt)["input_ids"]) :]
     ids = torch.tensor([tok(prompt + " " + letter)["input_ids"]])
@@ -224,12 +226,13 @@ def test_letter_logprobs_one_token_and_continuation_paths_agree(build_model):
     tok = processor.tokenizer
     assert len(tok(" A", add_special_tokens=False)["input_ids"]) == 1  # one forward pass over the prompts
     assert len(tok(" B", add_special_tokens=False)["input_ids"]) == 2  # scored as a continuation
-    fast = letter_logprobs(model, prompts, ["A", "A"])
-    slow = letter_logprobs(model, prompts, ["AB", "AB"])
+    local = LocalModel(model, processor)
+    fast = letter_logprobs(local, prompts, ["A", "A"])
+    slow = letter_logprobs(local, prompts, ["AB", "AB"])
     for i, prompt in enumerate(prompts):
-        assert fast[i]["A"] == pytest.approx(_continuation_logprob(model, prompt, "A"), abs=1e-4)
+        assert fast[i]["A"] == pytest.approx(_continuation_logprob(model, processor, prompt, "A"), abs=1e-4)
         assert slow[i]["A"] == pytest.approx(fast[i]["A"], abs=1e-4)
-        assert slow[i]["B"] == pytest.approx(_continuation_logprob(model, prompt, "B"), abs=1e-4)
+        assert slow[i]["B"] == pytest.approx(_continuation_logprob(model, processor, prompt, "B"), abs=1e-4)
 
 
 def test_demo_end_to_end(ckpt, tmp_path, calls):
