@@ -10,7 +10,8 @@ import torch
 from conftest import picture
 
 from nvlm.data.chat import chat_prompt
-from nvlm.vision.encoder import VisionEncoder, load_vision_model
+from nvlm.loading import load_vision_model
+from nvlm.vision.encoder import VisionEncoder
 
 
 @pytest.mark.parametrize("kind", ["internvl", "siglip", "clip"])

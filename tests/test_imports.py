@@ -3,8 +3,9 @@
 Every ``import`` of an ``nvlm`` module counts, at any level (a function-level import is still a dependency).
 No module may reach itself again through its imports; ``nvlm.distributed`` never imports ``nvlm.training``;
 ``nvlm.training`` never imports ``nvlm.bench`` (the benchmarks build on training, not the other way); the model
-never imports data loading, training, distribution, evaluation or serving; and only the command-line
-entry points import the demo (it registers its own recipes and scorer).
+and the vision encoder never import data loading, the processor, training, distribution, evaluation, serving, the
+formats of other checkpoints (``nvlm.interop``) or the loaders that tell them apart (``nvlm.loading``, above
+them all); and only the command-line entry points import the demo (it registers its own recipes and scorer).
 """
 
 from __future__ import annotations
@@ -114,9 +115,25 @@ def test_a_cycle_would_be_found():
                 "nvlm.data.blend",
                 "nvlm.data.formats",
                 "nvlm.data.prefetch",
+                "nvlm.data.processor",
+                "nvlm.interop",
+                "nvlm.loading",
             ),
         ),
-        ("nvlm.vision", ("nvlm.models", "nvlm.training", "nvlm.distributed", "nvlm.eval", "nvlm.demo")),
+        (
+            "nvlm.vision",
+            (
+                "nvlm.models",
+                "nvlm.data",
+                "nvlm.training",
+                "nvlm.distributed",
+                "nvlm.eval",
+                "nvlm.demo",
+                "nvlm.interop",
+                "nvlm.loading",
+            ),
+        ),
+        ("nvlm.interop", ("nvlm.loading", "nvlm.training", "nvlm.serve", "nvlm.eval", "nvlm.demo")),
     ],
 )
 def test_layers_import_one_way(layer, forbidden):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import nvlm
 from nvlm.interop import keymap
 from nvlm.interop.replica import internvit_replica
-from nvlm.vision.encoder import load_vision_config, load_vision_model
+from nvlm.loading import load_vision_config, load_vision_model
 
 KINDS = {"6b": {}, "300m": dict(norm_type="layer_norm", qkv_bias=True, qk_norm=False)}
 
@@ -90,7 +90,7 @@ def test_original_internvit_folder_equals_hand_mapped_transformers_model(tmp_pat
             _by_hand(folder)(pixel_values=pixels).last_hidden_state,
         )
     assert not (folder / "REMOTE_CODE_RAN").exists()
-    meta_cfg = load_vision_config(folder)  # meta-device builds (dry runs) read the config only
+    _, meta_cfg = load_vision_config(folder)  # meta-device builds (dry runs) read the config only
     assert meta_cfg.to_dict() == ours.config.to_dict()
 
 
