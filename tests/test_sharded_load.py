@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dist_util
 import torch
+from conftest import save_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_distributed import tied_bf16_llm
@@ -68,8 +69,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     torch.set_num_threads(1)
     import transformers
 
-    from nvlm.distributed import sharded_load
     from nvlm.distributed.parallel import init_world, shutdown
+    from nvlm.models import fill
     from nvlm.training.build import build_sharded
 
     def no_full_read(*args, **kwargs):
@@ -80,8 +81,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     try:
         for job in jobs:
             counts: dict[str, int] = {}
-            sharded_load.safe_open = lambda path, *a, counts=counts, **k: CountingOpen(counts, path, *a, **k)
-            model = build_sharded(RunConfig.from_dict(job["cfg"]), world)
+            fill.safe_open = lambda path, *a, counts=counts, **k: CountingOpen(counts, path, *a, **k)
+            model, _ = build_sharded(RunConfig.from_dict(job["cfg"]), world)
             full = {}
             for name, t in [*model.state_dict().items(), *(("buffer:" + n, b) for n, b in model.named_buffers())]:
                 gather = getattr(t, "full_tensor", None)
@@ -107,7 +108,17 @@ def model_cfg(backbones, arch: str, **model) -> dict:
 
 
 def one_process(cfg: dict) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    from nvlm.models.names import backbone_names
+
     model, processor = build_model(RunConfig.from_dict(cfg))
+    llm = cfg["model"]["llm"]
+    if not cfg["model"].get("init_from"):  # the LLM's own rows as transformers itself reads the folder
+        theirs = AutoModelForCausalLM.from_pretrained(llm).state_dict()
+        ours = {k.removeprefix("llm."): v for k, v in backbone_names(model, model.state_dict()).items()}
+        for key, value in theirs.items():
+            assert torch.equal(ours[key][: value.shape[0]], value), key
     out = dict(model.state_dict())
     out.update({"buffer:" + n: b for n, b in model.named_buffers()})
     return out
@@ -117,9 +128,7 @@ def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
     from nvlm.tiny import tiny_vision_config
 
     ckpt = tmp_path / "stage1"
-    build_model(RunConfig.from_dict(model_cfg(backbones, "X", overrides={"tags.mode": "special"}))).save_pretrained(
-        str(ckpt)
-    )
+    save_pair(build_model(RunConfig.from_dict(model_cfg(backbones, "X", overrides={"tags.mode": "special"}))), ckpt)
     random_vision = {"type": "siglip", **tiny_vision_config("siglip").to_dict()}
     random_vision.pop("model_type", None)
     cases = {
