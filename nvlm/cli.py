@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from nvlm.errors import UserError
+from nvlm.vision.tiling import MAX_TILES_LIMIT  # torch-free: `nvlm --help` stays fast
 
 USER_ERROR = 2
 
@@ -74,9 +75,6 @@ def _size(text: str) -> tuple[int, int]:
 
 def _one_per_tag(text: str) -> int:
     return 1 if text else 0
-
-
-MAX_TILES_LIMIT = 40  # nvlm.vision.tiling.MAX_TILES_LIMIT (not imported here: `nvlm --help` stays fast)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

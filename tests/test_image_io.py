@@ -359,7 +359,7 @@ def test_ceilings_sized_for_the_model_and_devices_refused(tmp_path: Path):
     took minutes); a device or FIFO is refused before it is opened (it would never end, or block forever)."""
     import os
 
-    from nvlm.config import ConfigError, TilingConfig
+    from nvlm.config import ConfigError, NVLMConfig, TilingConfig
     from nvlm.vision.tiling import MAX_TILES_LIMIT, check_tile_counts, plan_tiles
 
     assert 8000 * 8000 > DEFAULT_MAX_PIXELS >= 6000 * 4000  # a 24-MP photo still loads
@@ -369,8 +369,8 @@ def test_ceilings_sized_for_the_model_and_devices_refused(tmp_path: Path):
     with pytest.raises(ValueError, match=f"max_tiles must be at most {MAX_TILES_LIMIT}"):
         plan_tiles(1000, 1000, 448, 1, 20000)
     assert check_tile_counts(1, MAX_TILES_LIMIT) == (1, MAX_TILES_LIMIT)
-    with pytest.raises(ConfigError, match="max_tiles must be at most 40"):
-        TilingConfig(max_tiles=41).validate()
+    with pytest.raises(ConfigError, match=f"max_tiles must be between 1 and {MAX_TILES_LIMIT}"):
+        NVLMConfig(tiling=TilingConfig(max_tiles=MAX_TILES_LIMIT + 1)).validate()
     with pytest.raises(ImageLoadError, match="not a regular file"):
         load_image("/dev/zero")
     fifo = tmp_path / "pipe.png"

@@ -65,9 +65,9 @@ XATTN_BLOCK_PLAN = {
 
 def layout(world_size: int, tp: int, dp_shard: int) -> tuple[int, int]:
     """(tp, dp_shard) for `world_size` processes from ``train.tp`` and ``train.dp_shard`` (-1: world / tp);
-    ConfigError naming the fix when they do not multiply to the world size."""
-    if tp < 1 or (dp_shard < 1 and dp_shard != -1):
-        raise ConfigError(f"train.tp must be >= 1 and train.dp_shard >= 1 or -1, got {tp}, {dp_shard}")
+    ConfigError naming the fix when they do not multiply to the world size. Their bounds are the run config's
+    (``TrainConfig``), checked when it is read."""
+    assert tp >= 1 and (dp_shard >= 1 or dp_shard == -1), f"unchecked layout tp={tp} dp_shard={dp_shard}"
     if world_size % tp:
         raise ConfigError(
             f"train.tp={tp} does not divide the {world_size} processes: use a tp that divides {world_size} "

@@ -1,28 +1,29 @@
 """A training run's configuration: which model, which data, which stage and hyper-parameters.
 
 Named recipes (``nvlm.recipes``) return a `RunConfig`; a YAML/JSON file gives the same tree; ``key=value``
-overrides set dotted fields (``train.max_steps=20``). Unknown keys are errors. The resolved config is saved
-as ``run_config.json`` in the run folder and beside every checkpoint.
+overrides set dotted fields (``train.max_steps=20``). Unknown keys are errors; each field's bounds sit beside
+it and ``nvlm.config_schema.check`` judges them all. The resolved config is saved as ``run_config.json`` in the
+run folder and beside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nvlm.config import ConfigError, from_dict
+from nvlm.config import ARCHS
+from nvlm.config_schema import ConfigError as ConfigError
+from nvlm.config_schema import bounded, check, from_dict, with_overrides
 
 
 @dataclass(kw_only=True)
 class ModelSpec:
-    arch: str = "D"
+    arch: str = bounded("D", one_of=ARCHS)
     llm: Any = None
     """A local HF folder, or an HF config dict with `model_type` (built with random weights: tiny runs, dry runs)."""
     vision: Any = None
@@ -42,7 +43,7 @@ class ModelSpec:
 @dataclass(kw_only=True)
 class SourceSpec:
     path: str
-    weight: float = 1.0
+    weight: float = bounded(1.0, ge=0)
     name: str | None = None
     image_root: str | None = None
 
@@ -51,29 +52,31 @@ class SourceSpec:
 class DataSpec:
     sources: list[dict[str, Any]] = field(default_factory=list)
     """[{"path": "train.jsonl", "weight": 1.0, "name": ..., "image_root": ...}, …] (LLaVA or OpenAI records)."""
-    max_seq_len: int = 4096
+    max_seq_len: int = bounded(4096, ge=1)
     system: str | None = None
     """System message added to samples that have none (the paper's SFT uses one)."""
     pack: bool | None = None
     """Pack several samples per row up to max_seq_len (no attention across them). None (default): pack in SFT
     when a micro-batch holds more than one sample (padding to the longest wastes 2.6-2.8x in real tokens/s on
     long-tailed lengths, performance measurements of issue 15); one sample per micro-batch has no padding."""
-    max_bad_in_row: int = 100
-    max_bad_fraction: float = 0.1
-    prefetch: int = 1
+    max_bad_in_row: int = bounded(100, ge=0)
+    max_bad_fraction: float = bounded(0.1, ge=0, le=1)
+    prefetch: int = bounded(1, ge=0)
     """Steps of batches read ahead in a background thread while the current one computes (0: read in step)."""
-    workers: int = 0
+    workers: int = bounded(0, ge=0, le=256)
     """Processes that decode, tile and tokenize samples (``nvlm.data.workers``); 0: the prefetch thread does it.
     The samples, their order and the saved data position are the same either way."""
-    read_timeout_s: float = 120.0
+    read_timeout_s: float = bounded(120.0, gt=0)
     """Seconds one sample may take to read and encode before it counts as bad (a FIFO or a hung network mount
     among the images must not wedge the run; needs prefetch >= 1, where reads run in the background)."""
 
     def source_specs(self) -> list[SourceSpec]:
-        return [from_dict(SourceSpec, s, f"data.sources[{i}].") for i, s in enumerate(self.sources)]
-
-
-ATTN_KERNELS = ("sdpa", "flash_attention_2", "flex_attention")
+        """The sources as checked `SourceSpec`s (the config keeps them as plain mappings)."""
+        specs = []
+        for i, source in enumerate(self.sources):
+            where = f"data.sources[{i}]."
+            specs.append(check(from_dict(SourceSpec, source, where), where))
+        return specs
 
 
 @dataclass(kw_only=True)
@@ -81,11 +84,11 @@ class LoraSpec:
     """LoRA (Hu et al., 2021) through Hugging Face PEFT: low-rank adapters on the LLM's linear layers instead of
     training it in full (stage 2 only). r=0: off."""
 
-    r: int = 0
+    r: int = bounded(0, ge=0, le=4096)
     """Adapter rank (PEFT ``LoraConfig.r``); 0 trains the LLM in full, as the paper does."""
-    alpha: float = 16.0
+    alpha: float = bounded(16.0, ge=0)
     """PEFT ``lora_alpha``: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, le=0.99)
     """PEFT ``lora_dropout`` on the adapter's input."""
     targets: str = "attn,mlp"
     """Comma-separated: ``attn`` and/or ``mlp`` (the decoder layers' linear layers under those names), or the
@@ -104,33 +107,33 @@ class LoraSpec:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    stage: str = "sft"
+    stage: str = bounded("sft", one_of=("pretrain", "sft"))
     """"pretrain" (stage 1: alignment modules only) or "sft" (stage 2: + LLM)."""
-    max_steps: int = 100
-    global_batch_size: int = 8
+    max_steps: int = bounded(100, ge=1)
+    global_batch_size: int = bounded(8, ge=1)
     """Samples per optimizer step over all processes: each of N processes reads global_batch_size / N of them,
     so 1 or N processes take the same steps over the same samples."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = bounded(8, ge=1)
     """Samples per forward/backward on one process; global_batch_size / (N · micro_batch_size) = gradient
     accumulation steps."""
-    lr: float = 1e-5
-    min_lr: float = 1e-7
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
+    lr: float = bounded(1e-5, gt=0)
+    min_lr: float = bounded(1e-7, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
+    weight_decay: float = bounded(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, ge=0)
     seed: int = 0
     freeze_llm: bool = False
     unfreeze_vision: bool = False
-    save_every: int = 0
+    save_every: int = bounded(0, ge=0)
     """Checkpoint every N steps (0: only at the end and on SIGTERM)."""
-    keep_last: int = 2
+    keep_last: int = bounded(2, ge=1)
     async_checkpoint: bool = True
     """Write periodic checkpoints in the background (``dcp.async_save``) while training goes on; the last and
     the SIGTERM save are always waited for. Costs one host-memory copy of the trainable weights and AdamW state
     per process while a write is pending."""
-    log_every: int = 1
-    max_nonfinite_in_row: int = 5
+    log_every: int = bounded(1, ge=1)
+    max_nonfinite_in_row: int = bounded(5, ge=1)
     """Non-finite losses in a row before the run stops (exit code 3)."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
@@ -140,18 +143,18 @@ class TrainConfig:
     (``nvlm.distributed.parallel.compile_targets``). The first step, and the first new sequence lengths and
     tile counts until dynamo treats them as dynamic, pay for compilation (seconds to minutes); then the fused
     element-wise work saves time (``nvlm bench train --vs hf --compile``)."""
-    attn: str = "sdpa"
+    attn: str = bounded("sdpa", one_of=("sdpa", "flash_attention_2", "flex_attention"))
     """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
     (``nvlm.models.packed_attention``), on GPU SDPA over a dense block-diagonal causal mask (O(T²) memory).
     "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention": transformers' variable-length
     paths, which read the sample boundaries from the restarting position ids."""
-    tp: int = 1
+    tp: int = bounded(1, ge=1)
     """Tensor-parallel degree within a node (1 = off). Processes = tp × dp_shard (``nvlm.distributed``)."""
-    dp_shard: int = -1
+    dp_shard: int = bounded(-1, ge=1, also=(-1,), note="-1: world size / tp")
     """FSDP2 sharding degree across the tp groups; -1 = world size / tp."""
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: float = bounded(1800.0, gt=0)
     """How long a process waits in a collective for the others before the run fails instead of hanging."""
-    num_threads: int = 0
+    num_threads: int = bounded(0, ge=0)
     """torch CPU threads (0: leave torch's default)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """``train.lora.r=16``: LoRA on the LLM (PEFT); projector and x-attn blocks still train in full."""
@@ -171,21 +174,14 @@ class TrainConfig:
         return self.global_batch_size // per
 
     def validate(self) -> None:
-        if self.stage not in ("pretrain", "sft"):
-            raise ConfigError(f"train.stage must be 'pretrain' or 'sft', got {self.stage!r}")
-        check_fields(self, "train.")
-        check_fields(self.lora, "train.lora.")
+        """ConfigError unless the fields agree with each other (`check` has judged each one on its own)."""
         if self.lora.enabled and (self.stage != "sft" or self.freeze_llm):
             raise ConfigError("train.lora applies to the LLM, which trains only in stage 2: use train.stage=sft")
         if self.lora.enabled and not [t for t in self.lora.targets.split(",") if t.strip()]:
             raise ConfigError("train.lora.targets must name layers, e.g. train.lora.targets=attn,mlp")
-        if self.attn not in ATTN_KERNELS:
-            raise ConfigError(f"train.attn must be one of {', '.join(ATTN_KERNELS)}, got {self.attn!r}")
-        if self.tp < 1 or (self.dp_shard < 1 and self.dp_shard != -1):
-            raise ConfigError(f"train.tp must be >= 1 and train.dp_shard >= 1 or -1, got {self.tp}, {self.dp_shard}")
         self.accumulation(1)
-        if self.max_steps < 1 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError("train.max_steps must be >= 1 and 0 <= train.min_lr <= train.lr")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
 
 
 @dataclass(kw_only=True)
@@ -195,10 +191,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> RunConfig:
+        """This config, when every field (each data source's too) has its type and bounds and they agree."""
+        check(self)
+        self.data.source_specs()
         self.train.validate()
-        check_fields(self.data, "data.")
-        for i, spec in enumerate(self.data.source_specs()):
-            check_fields(spec, f"data.sources[{i}].")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,73 +222,6 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 
 def override(cfg: RunConfig, items: list[str]) -> RunConfig:
-    """Apply ``key=value`` strings (values parsed as YAML: numbers, bools, lists) to a run config.
-
-    Keys must exist, except inside free-form mappings (``model.overrides.*``, HF config dicts).
-    """
-    data = cfg.to_dict()
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.max_steps=20")
-        parts = key.split(".")
-        free = parts[:2] in (["model", "overrides"], ["model", "llm"], ["model", "vision"])
-        node = data
-        for k, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                if not (free and k >= 2):
-                    raise ConfigError(f"unknown config key {key!r}")
-                node[part] = {}
-            node = node[part]
-        if parts[-1] not in node and not (free and len(parts) > 2):
-            raise ConfigError(f"unknown config key {key!r}")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML; quote strings, e.g. {key}='...'"
-            ) from None
-    return RunConfig.from_dict(data)
-
-
-# Inclusive ranges of the numeric run-config keys: (low, high), None for unbounded; lr and timeouts are > 0.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "train.max_steps": (1, None), "train.global_batch_size": (1, None), "train.micro_batch_size": (1, None),
-    "train.warmup_steps": (0, None), "train.weight_decay": (0, None), "train.grad_clip": (0, None),
-    "train.save_every": (0, None), "train.keep_last": (1, None), "train.log_every": (1, None),
-    "train.max_nonfinite_in_row": (1, None), "train.num_threads": (0, None), "train.min_lr": (0, None),
-    "data.max_seq_len": (1, None), "data.max_bad_in_row": (0, None), "data.max_bad_fraction": (0, 1),
-    "data.prefetch": (0, None), "data.workers": (0, 256), "data.sources[].weight": (0, None),
-    "train.lora.r": (0, 4096), "train.lora.alpha": (0, None), "train.lora.dropout": (0, 0.99),
-}  # fmt: skip
-POSITIVE = ("train.lr", "train.collective_timeout_s", "data.read_timeout_s")
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True  # free-form (Any, dicts, unions): checked where used
-
-
-def check_fields(obj: Any, prefix: str) -> None:
-    """ConfigError naming the dotted key unless every typed field of dataclass `obj` has its type and range."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint, key = getattr(obj, f.name), hints[f.name], prefix + f.name
-        if not _type_ok(value, hint):
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-            example = f"; e.g. {key}={f.default!r}" if f.default is not dataclasses.MISSING else ""
-            raise ConfigError(f"{key} must be {kind}, got {value!r}{example}")
-        rule = re.sub(r"\[\d+\]", "[]", key)
-        low, high = RANGES.get(rule, (None, None))
-        if (low is not None and value < low) or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise ConfigError(f"{key} must be {bound}, got {value!r}")
-        if rule in POSITIVE and not value > 0:
-            raise ConfigError(f"{key} must be > 0, got {value!r}")
+    """`cfg` with ``key=value`` strings applied (values read as YAML: numbers, booleans, lists), validated. Keys
+    must exist, except inside free-form mappings (``model.overrides.*``, ``model.llm.*``, HF config dicts)."""
+    return RunConfig.from_dict(with_overrides(cfg, items))

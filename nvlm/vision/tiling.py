@@ -15,10 +15,11 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image
+if TYPE_CHECKING:  # imported where used: the grid arithmetic and MAX_TILES_LIMIT (which the configs and the
+    import torch  # CLI's argument parser read) load without torch, numpy or Pillow
+    from PIL import Image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -38,7 +39,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Ceiling on max_tiles, sized for the model: 40 tiles is InternVL-1.5's largest test-time setting (up to 4K
 # images); at 256 tokens a tile that is 10,240 tokens for one image, a third of Qwen2's 32K context. Beyond it
-# the sequence does not fit and the grid search (quadratic in max_tiles) only burns time.
+# the sequence does not fit and the grid search (quadratic in max_tiles) only burns time. TilingConfig and
+# ``nvlm inspect --max-tiles`` take their ceiling from here.
 MAX_TILES_LIMIT = 40
 
 
@@ -169,6 +171,8 @@ def plan_tiles(
 
 def tile_image(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
     """Cut ``image`` per ``plan``: regular tiles row-major, then the thumbnail (if any) last."""
+    from PIL import Image
+
     if image.size != (plan.width, plan.height):
         raise ValueError(f"image size {image.size} does not match the plan's ({plan.width}, {plan.height})")
     if image.mode != "RGB":
@@ -189,6 +193,9 @@ def tiles_to_tensor(
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
     """[N, 3, S, S] float32: ToTensor (uint8 / 255) then Normalize ((x - mean) / std), per channel."""
+    import numpy as np
+    import torch
+
     if len(tiles) == 0:
         raise ValueError("tiles must not be empty")
     if len(mean) != 3 or len(std) != 3 or any(v == 0 for v in std):
