@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 15 in one go, so a lent GPU's minutes are not spent typing (item 5).
+# The training-speed figures on a GPU in one go, so a GPU's minutes are not spent typing.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      # default ./gpu_check_out; ~8 min on one H100/H200
 #
@@ -11,7 +11,7 @@
 #      flash_attention_2 over packed rows does not exist yet);
 #   4. the dry-run memory plan against a measured peak (benchmarks/plan_vs_measured.py).
 # `nvlm bench … --vs hf` runs the CPU preset only so far; its GPU comparison is not part of this script.
-# Not run in issue 15's session: that session had no GPU.
+# Not run on a GPU yet.
 set -u
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"

@@ -1,4 +1,4 @@
-"""The Python parts of benchmarks/gpu_smoke.sh (issue 17, item 5): each subcommand prints one JSON line.
+"""The Python parts of benchmarks/gpu_smoke.sh: each subcommand prints one JSON line.
 
     python benchmarks/gpu_smoke.py prepare OUT [--hidden 1024 --layers 8]   backbones, data, run config
     torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py memory OUT --ac --compile --steps 6
@@ -7,7 +7,7 @@
     python benchmarks/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
 
 The runs use random backbones written to OUT (nothing is downloaded); `--hidden/--layers` size the LLM so that
-activation memory, not weights, dominates. The figures are the device's: run it where a GPU is lent.
+activation memory, not weights, dominates. The figures are the device's: run it on the GPU to be measured.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU smoke test in one command (~8 min on one H100/H200): does the scale-out path work on a device?
+# The GPU smoke test in one command (~8 min on one H100/H200): does the scale-out path work on a device?
 #
 #   bash benchmarks/gpu_smoke.sh [OUT_DIR]      # default ./gpu_smoke_out
 #
@@ -9,12 +9,12 @@
 #   2. sigterm:   the same run in a new folder, SIGTERM after ~8 logged steps: it must save and exit 0; then
 #                 resumed to the end (check-run: steps 1..30 logged once each, a complete checkpoint)
 #   3. memory:    peak reserved/allocated memory with compile on and activation checkpointing on vs off
-#                 (AC on must be lower: compile must not switch checkpointing off, issue 17 item 1)
+#                 (AC on must be lower: compile must not switch checkpointing off)
 #   4. save:      checkpoint size, synchronous write GB/s, how long an async save blocks training
 #   5. syncs:     host-device synchronisations per step found by torch.cuda.set_sync_debug_mode("warn")
 #   6. mfu:       `nvlm bench train` gpu-1b preset (D, X, H): samples/s, MFU, peak memory
-# Written in issue 17's session without a GPU: checked with `bash -n` and the Python parts' CPU test
-# (tests/test_gpu_smoke_cli.py) only; it has not run on a device yet.
+# Written without a GPU: checked with `bash -n` and the Python parts' CPU test (tests/test_gpu_smoke_cli.py)
+# only; it has not run on a device yet.
 set -u
 OUT=${1:-gpu_smoke_out}
 cd "$(dirname "$0")/.."

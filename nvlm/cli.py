@@ -166,12 +166,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nvlm.data.blend import TooManyBadSamples
-    from nvlm.recipes import RECIPES, get_recipe
+    from nvlm.recipes import RECIPES, check_folders, get_recipe
     from nvlm.training.config import load_run_config, override
-    from nvlm.training.trainer import NonFiniteLoss, Trainer
 
-    # a ConfigError (bad key, value, YAML) goes to main's one error path: one line, exit 2
+    # a ConfigError (bad key, value, YAML) goes to main's one error path: one line, exit 2; the input is checked
+    # before the trainer (and torch) is imported, so a mistake is reported at once
     if args.recipe in RECIPES:
         cfg = get_recipe(args.recipe)
     elif Path(args.recipe).is_file():
@@ -201,8 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out is None:
         print("error: nvlm train needs --out DIR (the run folder; re-running with it resumes)", file=sys.stderr)
         return 2
+    check_folders(cfg, args.recipe)
+    from nvlm.data.blend import TooManyBadSamples
     from nvlm.distributed.parallel import init_world, shutdown
-    from nvlm.training.trainer import PeerFailed
+    from nvlm.training.trainer import NonFiniteLoss, PeerFailed, Trainer
 
     # NCCL's flight recorder dumps there when a collective times out (see nvlm.distributed.parallel)
     world = init_world(cfg.train.collective_timeout_s, dump_dir=Path(args.out) / "flight_recorder")
@@ -222,6 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.src):  # said before torch loads
+        raise UserError(f"{args.src}: no such folder; give a LoRA run's checkpoint (its final/ folder)")
     from nvlm.models.pretrained import merge_checkpoint
 
     merge_checkpoint(args.src, args.dst)
@@ -360,17 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "command", None) == "train" and all("=" in e for e in extra):
-        args.overrides += extra  # key=value overrides may also come after --out
+    if extra and getattr(args, "command", None) == "train" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides may also come after --out (one without "=" is refused there)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from nvlm.cli_errors import USER_ERRORS, check_input_files, one_line
+    from nvlm.cli_errors import check_input_files, is_user_error, one_line
 
     try:
         check_input_files(args)
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not is_user_error(e):
             raise
         print(f"error: {one_line(e, args)}", file=sys.stderr)
         return USER_ERROR

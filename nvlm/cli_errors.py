@@ -1,9 +1,9 @@
 """The CLI's one error path: which exceptions are the user's mistake, and how each becomes one line.
 
-``nvlm.cli.main`` runs every sub-command inside ``except USER_ERRORS``: the message is printed as one line
-(``one_line``) and the exit status is 2. Anything else is a bug and keeps its traceback; ``nvlm --debug``
-shows the traceback of user errors too. Before a command runs, ``check_input_files`` refuses device files and
-FIFOs given as inputs (``/dev/zero`` would be read forever; a FIFO blocks).
+``nvlm.cli.main`` runs every sub-command and asks ``is_user_error`` about what it raises: a user error is printed
+as one line (``one_line``) and the exit status is 2. Anything else is a bug and keeps its traceback;
+``nvlm --debug`` shows the traceback of user errors too. Before a command runs, ``check_input_files`` refuses
+device files and FIFOs given as inputs (``/dev/zero`` would be read forever; a FIFO blocks).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+import sys
 
 import yaml
 
 from nvlm.config import ConfigError
-from nvlm.data.formats import DataFormatError
-from nvlm.data.processor import ControlTokenError
 from nvlm.errors import UserError
 from nvlm.vision.image_io import ImageLoadError
 
@@ -24,9 +23,12 @@ from nvlm.vision.image_io import ImageLoadError
 # with control tokens, paths that do not exist or cannot be read, YAML/JSON that does not parse or nests
 # too deeply. (A ValueError in general is not here: it may be a bug.)
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataFormatError, ImageLoadError, ControlTokenError, FileNotFoundError, IsADirectoryError,
-    NotADirectoryError, PermissionError, UnicodeDecodeError, RecursionError, yaml.YAMLError, UserError,
+    ConfigError, ImageLoadError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+    UnicodeDecodeError, RecursionError, yaml.YAMLError, UserError,
 )  # fmt: skip
+# The same, from modules that import torch: looked up only once their module is loaded (an exception of a
+# class cannot exist before its module does), so a mistake found early is reported without loading torch.
+LATE_USER_ERRORS = (("nvlm.data.formats", "DataFormatError"), ("nvlm.data.processor", "ControlTokenError"))
 
 FILE_ARGS = ("file", "images", "image", "recipe", "model", "tokenizer", "folder")
 
@@ -39,6 +41,12 @@ def _inputs(args: argparse.Namespace) -> list[str]:
             if isinstance(v, str):
                 out.append(v)
     return out
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` describes the user's input (one line, exit 2) rather than a bug (a traceback)."""
+    late = tuple(getattr(sys.modules[m], name) for m, name in LATE_USER_ERRORS if m in sys.modules)
+    return isinstance(error, USER_ERRORS + late)
 
 
 def check_input_files(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """Tiny backbones built from config objects, saved to disk in Hugging Face format.
 
-Nothing can be downloaded here, so tests and the demo make their own small LLM, vision encoder and tokenizer,
+The tests and the demo build everything locally: they make their own small LLM, vision encoder and tokenizer,
 save them as ordinary HF folders, and load them through the same code path a user's real checkpoint takes.
 """
 

@@ -1,4 +1,4 @@
-"""Background checkpoints (issue 17, ``train.async_checkpoint``): a save returns while its write goes on; the
+"""Background checkpoints (``train.async_checkpoint``): a save returns while its write goes on; the
 next save waits for it; ``COMPLETE`` and the deletion of old checkpoints come only after the write finished;
 what was saved in the background resumes exactly.
 

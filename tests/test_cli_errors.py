@@ -1,9 +1,17 @@
-"""One error path in the CLI: every bad input of issue 14 exits 2 with one line ``error: ...`` naming the input,
-and no traceback; ``--debug`` brings the traceback back."""
+"""One error path in the CLI: a bad input exits 2 with one line ``error: ...`` naming the input and the fix, and
+no traceback; ``--debug`` brings the traceback back.
+
+The first table runs ``main`` in this process on inputs that get as far as data and models; the walk at the end
+runs ``python -m nvlm`` as a user would, in an empty folder, on the mistakes a newcomer makes first (each is
+caught before any model loads, so the walk is cheap)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,3 +104,50 @@ def test_debug_shows_the_traceback(setup, capsys):
     root, config = setup
     with pytest.raises(Exception, match="train.micro_batch_size must be >= 1"):
         main(["--debug", "train", config("a.yaml"), "--out", f"{root}/o", "train.micro_batch_size=0"])
+
+
+# ---- the walk: `python -m nvlm ...` in an empty folder (plus model/config.json, a stand-in model folder) --------
+WALK = {
+    "unknown recipe": (["train", "no-such-recipe", "--out", "o"], "'no-such-recipe' is neither a recipe"),
+    "missing config file": (["train", "run.yaml", "--out", "o"], "'run.yaml' is neither a recipe"),
+    "train without --out": (["train", "d-72b-pretrain"], "needs --out DIR"),
+    "tiny recipe before nvlm demo": (["train", "tiny-d", "--out", "o"], "run `nvlm demo` first"),
+    "paper recipe without weights": (["train", "d-72b-pretrain", "--out", "o"], "weights/Qwen2-72B-Instruct is not"),
+    "stage 2 before stage 1": (["train", "d-34b-sft", "--out", "o"], "train stage 1 first"),
+    "backbone override to nowhere": (["train", "h-34b-pretrain", "--out", "o", "model.llm=nowhere"],
+                                     "model.llm folder nowhere is not there"),
+    "unknown override key": (["train", "d-72b-pretrain", "--out", "o", "train.nope=1"], "unknown config key"),
+    "bad override value": (["train", "d-72b-pretrain", "--out", "o", "train.max_steps=abc"],
+                           "train.max_steps must be an integer"),
+    "override without a value": (["train", "d-72b-pretrain", "--out", "o", "train.max_steps"], "key=value"),
+    "serve: missing model": (["serve", "nowhere"], "nowhere: no saved nvlm model there"),
+    "serve: port out of range": (["serve", "model", "--port", "99999"], "--port: must be between 1 and 65535"),
+    "serve: port not a number": (["serve", "model", "--port", "http"], "--port: expected an integer"),
+    "chat: missing model": (["chat", "hi", "--model", "nowhere"], "--model nowhere: no saved nvlm model"),
+    "chat: missing image": (["chat", "hi", "--model", "model", "--image", "no.png"], "--image no.png: no such file"),
+    "eval run: missing model": (["eval", "run", "--model", "nowhere", "--task", "gsm8k", "--data", "gsm8k.jsonl"],
+                                "nowhere"),
+    "eval score: missing predictions": (["eval", "score", "vqav2", "no.jsonl"], "no.jsonl: cannot read"),
+    "inspect: missing image": (["inspect", "no.png"], "no.png: file not found"),
+    "convert: missing source": (["convert", "nowhere", "out"], "nowhere: no config.json"),
+    "merge: missing source": (["merge", "nowhere", "out"], "nowhere: no such folder"),
+    "unknown command": (["bogus"], "invalid choice: 'bogus'"),
+    "unknown flag": (["chat", "hi", "--model", "model", "--nope"], "unrecognized arguments: --nope"),
+}  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("case", list(WALK))
+def test_walk_user_mistakes(tmp_path, case):
+    argv, expected = WALK[case]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvlm", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in lines[0], lines[0]

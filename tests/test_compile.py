@@ -1,4 +1,4 @@
-"""train.compile in a one-process run, and compiled packed rows (issue 15).
+"""train.compile in a one-process run, and compiled packed rows.
 
 python -m pytest tests/test_compile.py -q
 

@@ -1,4 +1,4 @@
-"""train.compile with activation checkpointing: checkpoint wrapper, then compile, then fully_shard (issue 17).
+"""train.compile with activation checkpointing: checkpoint wrapper, then compile, then fully_shard.
 
 python -m pytest tests/test_compile_checkpoint.py -q
 

@@ -1,5 +1,5 @@
 """A console a person can read: the CLI prints our own output, not third-party deprecation warnings or the
-"Loading weights" bars transformers draws on every load (issue 11, item 7)."""
+"Loading weights" bars transformers draws on every load."""
 
 from __future__ import annotations
 

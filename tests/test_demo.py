@@ -27,7 +27,7 @@ def test_demo_quick_learns_every_task(tmp_path, capsys):
     assert sum(v >= 1.5 - 1e-9 for v in ratios.values()) >= 2, ratios  # 0.3 / 0.2 is 1.4999999999999998
     assert min(ratios.values()) >= 0.75, ratios
     assert 0.0 <= results["text"]["backbone"] <= 1.0 and 0.0 <= results["text"]["final"] <= 1.0
-    # stage 1 aligns (issue 12): with the frozen LLM able to write captions its loss falls; measured on a loaded
+    # stage 1 aligns: with the frozen LLM able to write captions its loss falls; measured on a loaded
     # machine, first three logged losses 2.00, 2.07, 1.49 → last three 1.17, 0.90, 0.87 (ratio 0.53); before the
     # fix it rose, 3.99, 2.61, 3.31 → 2.42, 4.58, 6.11 (ratio 1.32)
     stage1 = [

@@ -47,7 +47,7 @@ def test_models_over_other_encoders(build_model, vision):
 
 
 def test_unsupported_encoder(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "dinov2"}')  # intern_vit_6b is read since issue 10
+    (tmp_path / "config.json").write_text('{"model_type": "dinov2"}')  # a model type no loader reads
     with pytest.raises(ValueError, match="not supported"):
         load_vision_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -1,4 +1,4 @@
-"""The exported backbones' config.json names the dtype their weights were written in (issue 17): a bf16 export
+"""The exported backbones' config.json names the dtype their weights were written in: a bf16 export
 of an fp32 master copy must not say float32, or ``dtype="auto"`` loads it at twice the size.
 
 python -m pytest tests/test_export_dtype.py -q

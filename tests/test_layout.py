@@ -1,4 +1,4 @@
-"""Prompt layouts for D, X, H (SPEC §3), tile tag styles (paper Table 1) and `nvlm inspect`.
+"""Prompt layouts for D, X, H (paper §4.2–4.4), tile tag styles (paper Table 1) and `nvlm inspect`.
 
 python -m pytest tests/test_layout.py -q
 """

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning through PEFT (issue 13): what trains, the PEFT-format adapter, merge, resume, dry-run counts.
+"""LoRA fine-tuning through PEFT: what trains, the PEFT-format adapter, merge, resume, dry-run counts.
 
 python -m pytest tests/test_lora.py -q
 """

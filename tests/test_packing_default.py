@@ -1,4 +1,4 @@
-"""Packing is on by default for SFT micro-batches of several samples (issue 15); an explicit data.pack wins."""
+"""Packing is on by default for SFT micro-batches of several samples; an explicit data.pack wins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input and abuse over HTTP (ecosystem-reliability.md §3a 2–4, 8–10, §3b 12–15): each gets its 4xx fast,
+"""Bad input and abuse over HTTP: each gets its 4xx fast,
 OpenAI's error body, and the server still serves the next good request; a wedged or dead engine makes /health
 non-200 and new requests 503.
 

@@ -1,4 +1,4 @@
-"""Load (ecosystem-reliability.md §3d 24–26, 28): a concurrency ramp to 2× the server's limit gives only 200s
+"""Load: a concurrency ramp to 2× the server's limit gives only 200s
 and fast 503s and memory back near baseline; a client that disconnects mid-stream stops its generation within
 a step; idle keep-alive connections are closed and oversized headers refused while normal requests go on;
 SIGTERM drains an in-flight stream, then the process exits 0.

@@ -1,4 +1,4 @@
-"""Sharded start-up on CPU (issue 17): 2 gloo processes each read their own rows of the backbones' safetensors,
+"""Sharded start-up on CPU: 2 gloo processes each read their own rows of the backbones' safetensors,
 and the sharded model equals the one-process build exactly.
 
 python -m pytest tests/test_sharded_load.py -q

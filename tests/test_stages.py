@@ -1,4 +1,4 @@
-"""Freezing per stage (SPEC §3): stage 1 leaves LLM and vision bit-identical after optimizer steps.
+"""Freezing per stage (paper §4.5): stage 1 leaves LLM and vision bit-identical after optimizer steps.
 
 python -m pytest tests/test_stages.py -q
 """

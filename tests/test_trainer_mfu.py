@@ -1,4 +1,4 @@
-"""The trainer's MFU in metrics.jsonl (issue 17, item 6): model FLOPs from the batches' shapes
+"""The trainer's MFU in metrics.jsonl: model FLOPs from the batches' shapes
 (``nvlm.training.flops.batch_flops``) / step time / the device's bf16 peak. CPU has no peak in the table, so a
 CPU run logs no MFU; with a stated peak it does, and the figure is FLOPs / (time × peak).
 

@@ -1,4 +1,4 @@
-"""How NVLM-X/H wire their gated cross-attention blocks into the LLM (paper §4.3, SPEC §3): explicitly, as
+"""How NVLM-X/H wire their gated cross-attention blocks into the LLM (paper §4.3): explicitly, as
 ``CrossAttentionDecoderLayer``s that run block → layer, with the image memory passed as an argument.
 
 Specified here: activation checkpointing gives the gradients of the plain step for every trainable tensor

@@ -7,7 +7,7 @@ cross-attention memory (§4.3–4.4). Here the three models are built from the s
 same seed (identical LLM and vision weights, checked), fed the same image (same tiles) and the same text, and
 a full training step (forward, backward, AdamW) of each is timed in one process: warm-up steps, then
 interleaved repetitions D, X, H, D, X, H, … and medians, so machine noise hits all three alike (on a shared
-CPU only same-run, interleaved ratios mean anything: performance.md §4). FLOPs: ``nvlm.training.flops``.
+CPU only same-run, interleaved ratios mean anything). FLOPs: ``nvlm.training.flops``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Shape:
     text_tokens: int = 64  # filler text per sample: half question, half labelled answer
     batch_size: int = 2
     # one x-attn block per 4 LLM layers: the repo default (~10 blocks) would put one before *every* layer of a
-    # tiny LLM; the 34B of Table 3 has 60 layers and (unpublished) 8–15 blocks (performance.md §3.3)
+    # tiny LLM; the paper's 34B has 60 layers and 10 blocks (Tables 10–11), one per 6 layers
     xattn_every: int = 4
     # one token per tile tag, small next to a tile as Megatron's ~5 tag tokens are next to 256 (text-mode
     # BPE tags would be several tokens each, a large share of a tiny 16-token tile)

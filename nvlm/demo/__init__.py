@@ -22,8 +22,9 @@ def tiny_recipe(arch: str, demo_dir: str = "runs/demo"):
     return stage_config(arch, "sft", Path(demo_dir), BUDGETS["default"])
 
 
+DEMO_FIRST = "run `nvlm demo` first (it writes runs/demo)"
 for _arch in "DXH":
-    register(f"tiny-{_arch.lower()}", functools.partial(tiny_recipe, _arch))
+    register(f"tiny-{_arch.lower()}", functools.partial(tiny_recipe, _arch), setup=DEMO_FIRST)
 
 
 def _score_demo(records: list[dict], mode: str) -> dict:

@@ -1,7 +1,7 @@
 """The demo's backbone stand-ins: a tiny tokenizer, a tiny text LLM trained first, and a tiny vision tower.
 
-NVLM starts from an instruct LLM and a pretrained InternViT. Nothing can be downloaded here, so the demo
-trains its own tokenizer (byte-level BPE, digits split) and a 2-layer Qwen2 on the text-only data (the
+NVLM starts from an instruct LLM and a pretrained InternViT. The demo builds everything locally (no downloads):
+it trains its own tokenizer (byte-level BPE, digits split) and a 2-layer Qwen2 on the text-only data (the
 stand-in "instruct backbone"), and builds a 2-layer InternViT with random weights. Both are saved as
 ordinary Hugging Face folders and then loaded by ``nvlm.build`` exactly like a user's checkpoints.
 """

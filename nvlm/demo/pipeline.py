@@ -42,8 +42,8 @@ class Budget:
 
 BUDGETS = {"quick": Budget(1500, 100, 250, 80, 480), "default": Budget(6000, 200, 300, 400, 2400)}
 VISION_TASKS = tuple(synthetic.TASKS)
-# Text LLM pretraining: shares of addition, scene-description Q&A and caption-writing batches. Without the captions
-# (issue 12), stage 1 asked the frozen LLM for sentences it had never been trained to produce: caption loss stayed
+# Text LLM pretraining: shares of addition, scene-description Q&A and caption-writing batches. Without the captions,
+# stage 1 asked the frozen LLM for sentences it had never been trained to produce: caption loss stayed
 # ~7 nats/token, above a uniform guess (ln 384 ≈ 5.95); the stage-1 loss did not fall (measured over 80 steps).
 TEXT_MIX = (0.1, 0.7, 0.2)
 TASK_MIX = {t: 1 / len(VISION_TASKS) for t in VISION_TASKS}  # stage-2 blend weights of the vision tasks
@@ -116,7 +116,7 @@ def run_arch(arch: str, root: Path, budget: Budget, seed: int, log=print) -> dic
     t0 = time.perf_counter()
     runs = root / f"nvlm-{arch.lower()}"
     r1 = Trainer(stage_config(arch, "pretrain", root, budget, seed=seed), runs / "stage1", log=log).run()
-    # the stage-1 model alone (LLM still frozen): does the alignment reach the frozen LLM? (paper §4.5, issue 12)
+    # the stage-1 model alone (LLM still frozen): does the alignment reach the frozen LLM? (paper §4.5)
     stage1 = evaluate(nvlm.from_pretrained(r1.final_dir), root / "data", VISION_TASKS)
     r2 = Trainer(
         stage_config(arch, "sft", root, budget, init_from=str(r1.final_dir), seed=seed), runs / "stage2", log=log

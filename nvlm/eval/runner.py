@@ -120,6 +120,8 @@ def score_predictions(task: str, records: list[dict], mode: str = "official", wh
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
     """``nvlm.from_pretrained`` on ``device`` (auto: CUDA when present) in ``dtype`` (auto: bf16 on CUDA)."""
+    if not (Path(path) / "config.json").is_file():  # said before torch, transformers and peft are imported
+        raise RunError(f"{path}: no saved nvlm model there (no config.json); give a folder written by save_pretrained")
     import torch
 
     import nvlm

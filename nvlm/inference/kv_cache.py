@@ -1,4 +1,4 @@
-"""A KV cache whose keys and values are written into buffers made once per generation (issue 15).
+"""A KV cache whose keys and values are written into buffers made once per generation (``nvlm.inference.generate``).
 
 transformers' ``DynamicLayer`` grows each layer's keys and values with ``torch.cat`` at every decoding step, so
 step n copies all n cached positions again: O(n²) bytes moved over a generation, 33–52 µs a layer per step for
@@ -7,9 +7,10 @@ allocates room for the prompt and every new token at the first write (doubling i
 writes each step's keys and values in place and hands the attention a view of the filled prefix: the same
 values, so the same logits, bitwise.
 
-Anything that replaces a layer's ``keys``/``values`` itself (``crop``, ``batch_select_indices``, offloading, the
-serving engine's row joins) leaves a tensor that is no longer a prefix of the buffer; the next write notices
-and copies it into a fresh buffer, so every cache operation of transformers keeps working.
+Its one user is ``nvlm.inference.generate`` (``model.generate`` and ``model.chat``); the serving engine keeps
+transformers' own cache. Anything that replaces a layer's ``keys``/``values`` itself (``crop``,
+``batch_select_indices``, offloading) leaves a tensor that is no longer a prefix of the buffer; the next write
+notices and copies it into a fresh buffer, so every cache operation of transformers keeps working.
 """
 
 from __future__ import annotations

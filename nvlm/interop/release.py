@@ -2,7 +2,7 @@
 
 The folder, as downloaded from the hub, holds remote code (``auto_map`` → configuration_nvlm_d.py,
 modeling_nvlm_d.py); none of it is imported or run here: its config.json is read as JSON and its weights as
-safetensors. Facts we rely on (research note ``interop-nvlm-d-72b.md``):
+safetensors. Facts we rely on (read from the released folder's config.json, weight index and modeling code):
 
 * ``llm_config`` says ``model_type: "llama"`` but ``architectures: ["Qwen2ForCausalLM"]``, and the
   release's own code picks the class from ``architectures[0]``: so do we.

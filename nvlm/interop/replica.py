@@ -1,13 +1,13 @@
 """Tiny replicas of the released NVLM-D-72B folder, for tests: random weights in the release's exact layout.
 
-Written from the release's facts directly (literal key names and shapes, research note ``interop-nvlm-d-72b.md``),
-*not* through ``nvlm.interop.keymap``: a replica made by our own exporter could not catch a mistake the importer
-shares with it. What is copied from the release: config.json's structure and quirks (``llm_config.model_type
-"llama"`` for a Qwen2 LLM, the 4.39-era generation keys, legacy rope names, ``auto_map``), InternViT's original
-names with 7 zero dummy heads (qkv rows [q | k | v] each ``(heads + 7) · head_dim``, q/k norms and the output
-projection's input padded too), ``mlp1.{0,1,3}`` without linear biases, ``language_model.*``, several shards
-with an index, a CLIP-style preprocessor_config.json, and remote-code files that must never run (importing them
-raises and leaves a marker file).
+Written from the release's facts directly (literal key names and shapes, as read from the released folder's
+config.json, weight index and modeling code), *not* through ``nvlm.interop.keymap``: a replica made by our own
+exporter could not catch a mistake the importer shares with it. What is copied from the release: config.json's
+structure and quirks (``llm_config.model_type "llama"`` for a Qwen2 LLM, the 4.39-era generation keys, legacy rope
+names, ``auto_map``), InternViT's original names with 7 zero dummy heads (qkv rows [q | k | v] each
+``(heads + 7) · head_dim``, q/k norms and the output projection's input padded too), ``mlp1.{0,1,3}`` without
+linear biases, ``language_model.*``, several shards with an index, a CLIP-style preprocessor_config.json, and
+remote-code files that must never run (importing them raises and leaves a marker file).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def load_llm_config(path: str | os.PathLike) -> Any:
 
 
 def decoder_layers(llm: CausalLM) -> nn.ModuleList:
-    """The LLM's decoder blocks, in order (where gated cross-attention blocks are hooked in)."""
+    """The LLM's decoder layers, in order (NVLM-X/H replace each scheduled one with a ``CrossAttentionDecoderLayer``
+    wrapping it, which gets the image memory as its ``xattn`` argument)."""
     return llm.get_decoder().layers
 
 

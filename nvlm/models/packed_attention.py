@@ -1,4 +1,4 @@
-"""Attention within each packed sample, without the block-diagonal mask (paper §5's packed SFT; issue 15).
+"""Attention within each packed sample, without the block-diagonal mask (paper §5's packed SFT).
 
 A packed row holds several samples; each token may attend only to earlier tokens of its own sample. Under
 SDPA transformers builds that as a dense ``[rows, 1, T, T]`` mask, and the CPU kernel then computes every

@@ -1,4 +1,4 @@
-"""Gated cross-attention (paper §4.3–4.4, SPEC §3): the block NVLM-X and NVLM-H insert among LLM layers.
+"""Gated cross-attention (paper §4.3–4.4): the block NVLM-X and NVLM-H insert among LLM layers.
 
     h   = x + tanh(g_attn) · row_mask · XAttn(RMSNorm(x), memory)
     out = h + tanh(g_ffn)  · row_mask · FFN(RMSNorm(h))

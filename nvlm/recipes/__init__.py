@@ -6,15 +6,18 @@ expected in (override ``model.llm=…``, ``model.vision=…``, ``data.sources=�
 by ``nvlm.demo``, train on the data and backbone stand-ins that ``nvlm demo`` writes (``runs/demo``).
 
 Recipes are Python functions returning a `RunConfig`: a variant copies its base and changes a few fields.
+``check_folders`` says, before anything loads, which of a run's model folders is not there and what makes it.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
+from nvlm.errors import UserError
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig
 
 QWEN2_72B = dict(
@@ -198,11 +201,43 @@ RECIPES: dict[str, Callable[[], RunConfig]] = {
     for size in ("72b", "34b")
     for stage in ("pretrain", "sft")
 }
+# What puts a recipe's model folders in place: said when one is missing.
+SETUP: dict[str, str] = {
+    name: "put the backbones' weights there"
+    if name.endswith("pretrain")
+    else f"train stage 1 first (nvlm train {name[:-3]}pretrain --out runs/{name[:-3]}pretrain)"
+    for name in RECIPES
+}
 
 
-def register(name: str, recipe: Callable[[], RunConfig]) -> None:
-    """Add a named recipe (the demo registers its ``tiny-{d,x,h}`` this way: the library never imports it)."""
+def register(name: str, recipe: Callable[[], RunConfig], setup: str | None = None) -> None:
+    """Add a named recipe (the demo registers its ``tiny-{d,x,h}`` this way: the library never imports it);
+    `setup` says what writes its model folders (e.g. "run `nvlm demo` first")."""
     RECIPES[name] = recipe
+    if setup:
+        SETUP[name] = setup
+
+
+def check_folders(cfg: RunConfig, source: str) -> None:
+    """UserError naming the first model folder `cfg` loads that is not there, and what would put it there.
+
+    `source` is the recipe name or config file the run came from. A stage-2 run starting from
+    ``model.init_from`` needs that folder only; otherwise the LLM, vision and tokenizer folders (an HF config
+    dict in their place builds random weights and needs none)."""
+    spec = cfg.model
+    if spec.init_from:
+        folders: dict[str, Any] = {"model.init_from": spec.init_from}
+    else:
+        folders = {"model.llm": spec.llm, "model.vision": spec.vision, "model.tokenizer": spec.tokenizer}
+    for key, path in folders.items():
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        config = key != "model.tokenizer"  # a model folder is known by its config.json
+        if os.path.isfile(os.path.join(path, "config.json")) if config else os.path.isdir(path):
+            continue
+        what = "is not there" if not os.path.exists(path) else "has no config.json"
+        fix = f"{SETUP[source]}, or" if source in SETUP else "check the path, or"
+        raise UserError(f"{source}: {key} folder {path} {what}; {fix} point the run elsewhere with {key}=DIR")
 
 
 def get_recipe(name: str) -> RunConfig:

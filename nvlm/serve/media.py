@@ -1,4 +1,4 @@
-"""The media gate: the one place an image URL from a request becomes pixels (ecosystem-reliability.md B12/B13).
+"""The media gate: the one place an image URL from a request becomes pixels (the server's guard against SSRF).
 
 Every ingress path (the HTTP server, the web chat, the eval client) calls ``MediaGate.load_all``. Policy:
 

@@ -28,7 +28,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="a folder written by save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1..65535 (default 8000)")
     p.add_argument("--served-model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
@@ -45,6 +45,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds SIGTERM waits for open requests")
     p.set_defaults(func=cmd_serve)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port; a bad one is a one-line usage error, not uvicorn's OverflowError at bind."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {port}")
+    return port
 
 
 def load_model(path: str, device: str = "auto", dtype: str = "auto") -> Any:
@@ -95,6 +106,13 @@ def uvicorn_config(app: Any, host: str, port: int, limit: int, graceful: int = 3
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from nvlm.errors import UserError
+
+    if not (Path(args.model) / "config.json").is_file():  # said before torch and the model load
+        raise UserError(
+            f"{args.model}: no saved nvlm model there (no config.json); give a folder written by save_pretrained, "
+            "e.g. a run's final/ folder (nvlm demo writes runs/demo/nvlm-d/stage2/final)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = None
     if args.api_key_file:

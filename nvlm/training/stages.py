@@ -1,4 +1,4 @@
-"""What trains in which stage (paper §4.5, Tables 10–11, SPEC §3): the one place that decides freezing.
+"""What trains in which stage (paper §4.5, Tables 10–11): the one place that decides freezing.
 
     stage        D                   X                                   H
     pretrain     projector           projector + x-attn                  projector + x-attn

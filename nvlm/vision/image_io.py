@@ -1,6 +1,6 @@
 """Safe image loading: file path, bytes or PIL image in, an RGB uint8 PIL image out.
 
-Untrusted images are the front door of a VLM server, so this loader (see ecosystem-reliability.md §2a):
+Untrusted images are the front door of a VLM server, so this loader:
 decodes only an allowlist of formats (Pillow's per-format parsers are a recurring CVE source); refuses
 images over a pixel cap from the header alone, before any pixel decode, and turns Pillow's own
 decompression-bomb warning into an error without touching global Pillow state; never accepts truncated

@@ -1,4 +1,4 @@
-"""Pixel shuffle "v2" (paper §4.1, SPEC §2): 2×2 neighbouring patch tokens → one token of 4× width.
+"""Pixel shuffle "v2" (paper §4.1): 2×2 neighbouring patch tokens → one token of 4× width.
 
 InternViT-6B turns a 448² tile into 32×32 = 1024 patch tokens; NVLM merges each 2×2 block into one token,
 giving 16×16 = 256 tokens of width 4·C. Token (i, j) sits at index ``16·i + j`` (row-major) and holds the

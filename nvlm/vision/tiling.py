@@ -5,7 +5,7 @@ the image's aspect ratio, with 1 to 6 tiles by default; a downscaled thumbnail o
 appended last when there is more than one tile. The grid choice reproduces InternVL's
 ``dynamic_preprocess`` / ``find_closest_aspect_ratio`` bit for bit (used unchanged by NVLM-D, Megatron-LM
 and vLLM), including its tie-breaking and the CPython set iteration order of the candidate grids, because
-the released checkpoints were trained on exactly those layouts. See SPEC.md §2.
+the released checkpoints were trained on exactly those layouts.
 """
 
 from __future__ import annotations

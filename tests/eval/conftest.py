@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference vectors (transcribed from research/eval-metrics.md into vectors.json)."""
+"""Shared fixtures: the reference vectors (vectors.json: inputs and the scores the official scorers and NVIDIA's
+Megatron scripts give them, from running those scripts or derived by hand)."""
 
 from __future__ import annotations
 
