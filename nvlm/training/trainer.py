@@ -197,7 +197,7 @@ class Trainer:
         )
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        # MFU per logged step: model FLOPs (nvlm.bench.flops, from the batches' shapes) / step time / this bf16
+        # MFU per logged step: model FLOPs (nvlm.training.flops, from the batches' shapes) / step time / this bf16
         # peak, looked up by GPU name; None (CPU, unknown GPUs): no MFU logged
         self.peak_flops = device_peak_flops(self.device)
         self.mfu: float | None = None  # the last logged step's, for the progress line
