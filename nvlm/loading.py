@@ -28,6 +28,7 @@ from nvlm.models import fill
 from nvlm.models.build import meta_model, new_config, saved_dtype, skeleton
 from nvlm.models.llm import llm_config, load_llm, load_llm_config, load_tokenizer, resize_embeddings
 from nvlm.models.lora import ADAPTERS, load_adapters, merge_adapters
+from nvlm.models.names import backbone_names
 from nvlm.models.nvlm import NVLM
 from nvlm.vision.encoder import VisionKind, VisionTower, kind_of, vision_config, vision_model_from_config
 
@@ -172,6 +173,7 @@ def fill_whole(unfilled: Unfilled, llm_source: Any = None, device: torch.device 
         where = ", ".join(sorted(str(folder) for folder, _ in unfilled.folders.values()))
         raise ValueError(f"weights of the model are missing in {where} (or have other shapes)")
     model.to_empty(device=device)
+    model.llm.tie_weights()  # to_empty gives tied weights storage of their own: tie them again before filling
     fill.load(model, plan)
     return model
 
@@ -181,7 +183,8 @@ def _llm_through_transformers(unfilled: Unfilled, llm_source: Any) -> Unfilled:
     model = unfilled.model
     real = load_llm(llm_source, next(model.llm.parameters()).dtype)
     resize_embeddings(real, model.llm.get_input_embeddings().weight.shape[0], seed=unfilled.seed)
-    model.llm.load_state_dict(real.state_dict(), assign=True)
+    state = backbone_names(model, real.state_dict(), root=model.llm, reverse=True)  # x-attn wrappers' names
+    model.llm.load_state_dict(state, assign=True)
     model.llm.tie_weights()
     folders = {k: v for k, v in unfilled.folders.items() if k != "llm."}
     return Unfilled(model, unfilled.processor, folders, unfilled.seed)

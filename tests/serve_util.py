@@ -26,13 +26,15 @@ def raw_data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 @contextmanager
-def served(model, policy: MediaPolicy | None = None, gates: float | None = 0.5, **kw):
-    """(url, engine) of `model` behind the HTTP API on 127.0.0.1; engine options and app options in `kw`."""
+def served(built, policy: MediaPolicy | None = None, gates: float | None = 0.5, **kw):
+    """(url, engine) of `built` (model, processor) behind the HTTP API on 127.0.0.1; engine options and app
+    options in `kw`."""
+    model, processor = built
     if gates is not None and model.xattn:
         set_gates(model, gates)
     eng_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue", "stall_s") if k in kw}
     keep_alive = kw.pop("timeout_keep_alive", 5)
-    engine = Engine(model, **eng_kw)
+    engine = Engine(model, processor, **eng_kw)
     app = create_app(engine, MediaGate(policy or MediaPolicy()), **kw)
     with BackgroundServer(app, timeout_keep_alive=keep_alive) as url:
         yield url, engine

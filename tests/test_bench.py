@@ -63,8 +63,9 @@ def _bench(*argv: str) -> int:
 
 @pytest.mark.parametrize("arch,stage", [("D", "sft"), ("X", "sft"), ("H", "sft"), ("X", "pretrain")])
 def test_analytic_flops_match_flop_counter(arch, stage):
-    model = build_models([arch], TINY, stage)[arch]
-    batch, tokens = make_batch(model, TINY, synthetic_image(TINY.tiles, model.vision.tile_size))
+    models, processors = build_models([arch], TINY, stage)
+    model = models[arch]
+    batch, tokens = make_batch(processors[arch], TINY, synthetic_image(TINY.tiles, model.vision.tile_size))
     counter = FlopCounterMode(display=False)
     # FlopCounterMode has no formula for CPU's fused attention kernel
     # (aten::_scaled_dot_product_flash_attention_for_cpu) and would count it as 0 FLOPs; the math backend runs

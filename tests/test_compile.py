@@ -89,7 +89,8 @@ def test_one_process_run_compiles_whole_layers_with_the_eager_gradients(backbone
 
 
 def test_checkpointed_layers_compile_attention_and_mlp_only(build_model):
-    model, processor = build_model("H", config={"xattn.every": 2}).train()  # blocks before layers 0 and 2 of 4
+    model, processor = build_model("H", config={"xattn.every": 2})  # blocks before layers 0 and 2 of 4
+    model.train()
     activation_checkpointing(model)
     wrapped = [m for m in decoder_layers(model.llm) if isinstance(m, CrossAttentionDecoderLayer)]
     plain = [m for m in decoder_layers(model.llm) if not isinstance(m, CrossAttentionDecoderLayer)]
@@ -109,8 +110,10 @@ def conversation(words: int) -> Conversation:
 
 
 def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_model):
-    model, processor = build_model("D").train()
-    eager, eager_proc = build_model("D").train()
+    model, processor = build_model("D")
+    model.train()
+    eager, eager_proc = build_model("D")
+    eager.train()
     for m in (model, eager):
         use_packed_attention(m.llm)  # per-sample SDPA over packed rows (the CPU default for packing)
     compile_blocks(model)
@@ -119,20 +122,22 @@ def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_mode
     for i in range(6):  # 2 … 7 packed samples over two rows, longer each time
         samples = [proc.encode_segments(chatml_segments(conversation(i + j)), []) for j in range(2 + i)]
         batch = collate_packed([samples[: 1 + i // 2], samples[1 + i // 2 :]], 0, proc.tokens_per_tile)
-        out = model(**batch, return_logits=False)
+        out = model(**batch, return_logits=False, packed=True)
         (out.loss_sum / out.num_tokens).backward()
         graphs.append(counters["stats"]["unique_graphs"])
     # the first three batches settle the dynamic shapes; after that a new number of samples (traced, the
     # per-sample loop would be unrolled per count) and a new length compile nothing more
     assert graphs[2] > 0 and graphs[-1] == graphs[2], graphs
     with torch.no_grad():
-        loss, loss_eager = (m(**batch, return_logits=False).loss_sum for m in (model, eager))
+        loss, loss_eager = (m(**batch, return_logits=False, packed=True).loss_sum for m in (model, eager))
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=0)
 
 
 def test_images_with_new_tile_counts_reuse_the_compiled_vision_layers(build_model):
-    model, processor = build_model("D").train()
-    eager, eager_proc = build_model("D").train()
+    model, processor = build_model("D")
+    model.train()
+    eager, eager_proc = build_model("D")
+    eager.train()
     compile_blocks(model)
     assert all(is_compiled(m) for m in [*model.vision.layers, model.projector])
     proc, size = processor, model.vision.tile_size

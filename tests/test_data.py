@@ -201,8 +201,7 @@ def test_packing_equals_unpacked_loss(build_model, arch):
 
 
 def test_every_recipe_builds_on_meta_with_the_papers_modules():
-    from nvlm.models.pretrained import build_meta
-
+    from nvlm.models.build import meta_from_dicts
     from nvlm.recipes import RECIPES, get_recipe
 
     def count(m):
@@ -215,7 +214,9 @@ def test_every_recipe_builds_on_meta_with_the_papers_modules():
         cfg = get_recipe(name)
         key = (cfg.model.arch, cfg.model.llm_config["hidden_size"])
         if key not in seen:  # stage 1 and 2 share the model: build each shape once (meta device, no memory)
-            seen[key] = build_meta(cfg.model.arch, cfg.model.llm_config, cfg.model.vision_config, cfg.model.overrides)
+            seen[key] = meta_from_dicts(
+                cfg.model.arch, cfg.model.llm_config, cfg.model.vision_config, cfg.model.overrides
+            )
         m = seen[key]
         assert next(m.parameters()).device.type == "meta"
         if cfg.model.arch == "X":

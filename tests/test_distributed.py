@@ -255,7 +255,7 @@ def test_tied_embeddings_from_a_bf16_checkpoint_train_sharded(runs):
 
     out = runs / "two-tied-bf16"
     assert result(out)["steps"] == 2 and all(torch.isfinite(torch.tensor(losses(out))))
-    model, processor = nvlm.load(out / "final")
+    model = nvlm.from_pretrained(out / "final")
     assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
 
 
@@ -265,10 +265,8 @@ def test_stage1_frozen_weights_unchanged_under_fsdp(runs, backbones, dataset):
     out = runs / "two-H-pretrain"
     r = result(out)
     assert r["steps"] == 3 and r["optimizer_params"] == r["trainable_params"]
-    fresh, fresh_proc = build_model(
-        RunConfig.from_dict(cfg_dict(backbones, dataset, "H", stage="pretrain"))
-    ).state_dict()
-    trained, trained_proc = nvlm.load(out / "final").state_dict()
+    fresh = build_model(RunConfig.from_dict(cfg_dict(backbones, dataset, "H", stage="pretrain")))[0].state_dict()
+    trained = nvlm.from_pretrained(out / "final").state_dict()
     for k, v in fresh.items():
         if k.startswith(("llm.", "vision.")):
             assert torch.equal(trained[k], v), k

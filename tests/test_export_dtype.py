@@ -20,7 +20,7 @@ from nvlm.distributed.parallel import World
 def test_bf16_export_says_bf16_and_loads_as_bf16(build_model, tmp_path):
     model, processor = build_model("X")  # fp32, as the trainer's master copy
     assert model.llm.dtype == torch.float32
-    export_pretrained(model, tmp_path / "final", World(), torch.bfloat16)
+    export_pretrained(model, processor, tmp_path / "final", World(), torch.bfloat16)
     for folder in ("llm", "vision"):
         cfg = json.loads((tmp_path / "final" / folder / "config.json").read_text())
         assert cfg["dtype"] == "bfloat16", (folder, cfg.get("dtype"))

@@ -34,7 +34,8 @@ def test_cuda_cached_equals_uncached_and_batch_equals_single(build_model, arch):
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
 def test_bf16_forward_and_generation(build_model, arch):
-    model, processor = build_model(arch).to("cuda", torch.bfloat16)
+    model, processor = build_model(arch)
+    model.to("cuda", torch.bfloat16)
     set_gates(model, 0.5)
     out = model(**processor("<image>\nWhat?", [picture(150, 100)]))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()

@@ -64,14 +64,14 @@ def test_release_to_ours_to_release_is_bit_exact(tmp_path, dtype):
 
 def test_converted_model_answers_as_the_release_folder(replica, tmp_path):
     main(["convert", str(replica), str(tmp_path / "ours")])
-    direct, converted = nvlm.from_pretrained(replica).eval(), nvlm.from_pretrained(tmp_path / "ours").eval()
+    (direct, direct_proc), (converted, converted_proc) = nvlm.load(replica), nvlm.load(tmp_path / "ours")
     assert converted.config.to_dict() == direct.config.to_dict()
-    batch = direct.processor(chat_prompt("What is it?", 1, template="release"), [picture(150, 100)])
+    batch = direct_proc(chat_prompt("What is it?", 1, template="release"), [picture(150, 100)])
     with torch.no_grad():
         assert torch.equal(direct(**batch).logits, converted(**batch).logits)
     kw = dict(image=picture(120, 80, 3), max_new_tokens=12)
-    answer = direct.chat("Describe the picture.", **kw)
-    assert answer and answer == converted.chat("Describe the picture.", **kw)
+    answer = direct.chat(direct_proc, "Describe the picture.", **kw)
+    assert answer and answer == converted.chat(converted_proc, "Describe the picture.", **kw)
     assert not (replica / "REMOTE_CODE_RAN").exists()
 
 
@@ -100,7 +100,7 @@ def test_our_nvlm_d_exports_to_the_release_layout_and_back_bit_exact(build_model
     assert w["mlp1.1.weight"].shape[0] == cfg["llm_config"]["intermediate_size"]
     tok = json.loads((out / "tokenizer_config.json").read_text())
     assert "chat_template" in tok or (out / "chat_template.jinja").is_file()
-    back, back_proc = nvlm.load(out).eval()  # the release layout read back: same tensors
+    back = nvlm.from_pretrained(out).eval()  # the release layout read back: same tensors
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     batch = processor(chat_prompt("What?", 1), [picture(150, 100)])

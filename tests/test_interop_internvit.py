@@ -139,6 +139,7 @@ def test_build_with_an_original_internvit_folder_and_reload(backbones, tmp_path,
     model, processor = nvlm.build(arch, llm=str(backbones["qwen2"]), vision=str(folder))
     assert model.config.vision.type == "internvl" and model.config.vision.hf_config["norm_type"] == "layer_norm"
     model.save_pretrained(tmp_path / "ckpt")  # our format stores transformers' names in vision/
+    processor.save_pretrained(tmp_path / "ckpt")
     loaded, loaded_proc = nvlm.load(tmp_path / "ckpt")
     batch = processor("<image>\nWhat?", [picture(150, 100)])
     with torch.no_grad():

@@ -232,8 +232,9 @@ def test_chat_uses_the_model_template(replica, monkeypatch):
     import nvlm.inference.generate as gen
 
     seen = []
-    monkeypatch.setattr(gen, "generate", lambda model, prompt, images, **kw: seen.append(prompt) or "")
-    nvlm.load(replica)[0].chat(nvlm.load(replica)[1], "Q?", image=picture(56, 56))
+    monkeypatch.setattr(gen, "generate", lambda model, processor, prompt, images, **kw: seen.append(prompt) or "")
+    model, processor = nvlm.load(replica)
+    model.chat(processor, "Q?", image=picture(56, 56))
     assert seen == [
         "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ?<|im_end|>"
         "<|im_start|>assistant\n"

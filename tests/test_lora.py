@@ -186,7 +186,7 @@ def test_stage1_hands_over_to_lora_stage2_and_an_adapter_checkpoint_is_refused(b
     cfg = lora_cfg(backbones, dataset, "H", steps=1)
     cfg.model.init_from = str(r1.final_dir)
     t2 = Trainer(cfg, tmp_path / "s2", log=quiet)
-    stage1, stage1_proc = nvlm.load(r1.final_dir).state_dict()
+    stage1 = nvlm.from_pretrained(r1.final_dir).state_dict()
     mine = t2.model.state_dict()
     for k, v in stage1.items():  # stage 1's weights, under the base-layer names LoRA gives them
         key = (

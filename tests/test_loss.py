@@ -27,7 +27,7 @@ def test_labelled_loss_equals_the_full_logits_loss(build_model, arch, chunk):
     apply_stage(model, "sft")
     model.train()
     model.loss_chunk_tokens = chunk
-    batch = _batch(model)
+    batch = _batch(processor)
     full, full_grads = _loss_and_grads(model, batch)
     fast, fast_grads = _loss_and_grads(model, batch, return_logits=False)
     assert fast.logits is None and full.logits is not None

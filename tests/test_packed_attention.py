@@ -36,9 +36,9 @@ def conversations() -> list[Conversation]:
     ]
 
 
-def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(model, batch, packed=False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    out = model(**batch, return_logits=False)
+    out = model(**batch, return_logits=False, packed=packed)
     (out.loss_sum / out.num_tokens).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.loss_sum.detach() / out.num_tokens, grads
@@ -63,7 +63,7 @@ def test_per_sample_attention_equals_the_dense_mask(build_model, arch, monkeypat
         return one_sample(*args)
 
     monkeypatch.setattr(packed_attention, "causal_sdpa", counted)
-    loss, grads = loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch, packed=True)
     monkeypatch.undo()
     segments = len(segment_lengths(batch["position_ids"])) - 1
     assert segments >= 4 and len(calls) == segments * len(model.llm.get_decoder().layers)
@@ -110,7 +110,7 @@ def test_packed_rows_build_no_dense_mask(build_model):
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, counting)
     try:
         with torch.no_grad():
-            model(**packed, return_logits=False)
+            model(**packed, return_logits=False, packed=True)
             assert built == []
             model(**padded, return_logits=False)
             assert built == [1]

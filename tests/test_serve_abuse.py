@@ -25,7 +25,7 @@ from nvlm.serve.media import MediaPolicy
 def server(build_model):
     model, processor = build_model("H")
     policy = MediaPolicy(max_bytes=200_000, max_pixels=2_000_000, max_images=2, allowed_domains=("127.0.0.1",))
-    with served(model, policy, max_body_bytes=1_000_000) as (url, engine):
+    with served((model, processor), policy, max_body_bytes=1_000_000) as (url, engine):
         yield url, engine
 
 
@@ -158,7 +158,7 @@ def test_bad_images_over_http(server):
 
 def test_dead_or_wedged_engine_is_reported_and_refused(build_model):
     model, processor = build_model("D")
-    with served(model, stall_s=1.0) as (url, engine):
+    with served((model, processor), stall_s=1.0) as (url, engine):
         _good(url)
         real = model.forward
         model.forward = lambda *a, **k: time.sleep(3) or real(*a, **k)  # wedge the worker for 3 s

@@ -22,7 +22,7 @@ from nvlm.data.chat import render_chat
 def test_openai_client_plain_stream_and_images(build_model, arch):
     model, processor = build_model(arch)
     imgs = [picture(150, 100), picture(60, 140, 1)]
-    with served(model) as (url, engine):
+    with served((model, processor)) as (url, engine):
         want_one = model.generate(
             processor, render_chat([{"role": "user", "content": "<image>\nWhat is this?"}]), imgs[:1], max_new_tokens=8
         )
@@ -71,7 +71,7 @@ def test_openai_client_plain_stream_and_images(build_model, arch):
 
 def test_raw_sse_frames_done_and_image_info(build_model):
     model, processor = build_model("H")
-    with served(model) as (url, _):
+    with served((model, processor)) as (url, _):
         body = {
             "messages": user("Describe.", data_url(picture(1000, 500))),
             "max_tokens": 5,
@@ -91,7 +91,7 @@ def test_raw_sse_frames_done_and_image_info(build_model):
 
 def test_n_seed_health_metrics_and_api_key(build_model, tmp_path):
     model, processor = build_model("D")
-    with served(model, api_key="s3cret") as (url, _):
+    with served((model, processor), api_key="s3cret") as (url, _):
         assert httpx.get(url + "/health").status_code == 200  # open for probes
         bad = httpx.post(
             url + "/v1/chat/completions",

@@ -51,7 +51,7 @@ def test_engine_equals_generate_with_staggered_arrivals(build_model, arch):
     budgets = [14, 9, 12, 6, 10]
     want = [model.generate(processor, p, im, max_new_tokens=n) for (p, im), n in zip(PROMPTS, budgets)]
     sizes = _record_batch_sizes(model)
-    engine = Engine(model, max_batch=3, max_queue=8).start()
+    engine = Engine(model, processor, max_batch=3, max_queue=8).start()
     try:
 
         def submit(i):
@@ -82,7 +82,7 @@ def test_engine_seeded_sampling_and_stop_strings_match_generate(build_model):
     ref = model.generate(processor, p, im, max_new_tokens=12)
     stop = ref[3:5]  # a stop string that greedy decoding reaches
     want_stop = model.generate(processor, p, im, max_new_tokens=12, stop=[stop])
-    engine = Engine(model).start()
+    engine = Engine(model, processor).start()
     try:
         a = engine.submit(p, im, SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7))
         b = engine.submit(*PROMPTS[3], SamplingParams(max_tokens=12, temperature=1.0))  # unseeded neighbour
@@ -96,7 +96,7 @@ def test_engine_seeded_sampling_and_stop_strings_match_generate(build_model):
 
 def test_cancel_frees_the_slot_within_one_step(build_model):
     model, processor = build_model("X")
-    engine = Engine(model, max_batch=1, max_queue=1).start()
+    engine = Engine(model, processor, max_batch=1, max_queue=1).start()
     try:
         long = engine.submit(*PROMPTS[0], SamplingParams(max_tokens=400))
         waiting = engine.submit(*PROMPTS[1], SamplingParams(max_tokens=5))
@@ -116,7 +116,7 @@ def test_cancel_frees_the_slot_within_one_step(build_model):
 
 def test_bad_request_raises_and_engine_keeps_serving(build_model):
     model, processor = build_model("D")
-    engine = Engine(model).start()
+    engine = Engine(model, processor).start()
     try:
         with pytest.raises(ValueError, match="placeholder"):
             engine.submit(chat_prompt("x", 1), [])  # one <image>, no image

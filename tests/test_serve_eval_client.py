@@ -33,7 +33,7 @@ def test_server_model_answers_equal_generate(build_model):
     model, processor = build_model("X")
     prompts = [chat_prompt("What is this?", 1), chat_prompt("Say hi.", 0), "Plain text prompt:"]
     images = [[picture(150, 100)], [], []]
-    with served(model) as (url, _):  # (this sets the x-attn gates open, so the image matters)
+    with served((model, processor)) as (url, _):  # (this sets the x-attn gates open, so the image matters)
         want = [model.generate(processor, p, im, max_new_tokens=6) for p, im in zip(prompts, images)]
         remote = ServerModel(url + "/v1", concurrency=3)
         assert remote.model == "nvlm" and "server:" in repr(remote)
@@ -63,7 +63,7 @@ def test_eval_run_cli_scores_a_served_model(build_model, tmp_path):
                 + "\n"
             )
     model, processor = build_model("D")
-    with served(model) as (url, _):
+    with served((model, processor)) as (url, _):
         code = main(
             [
                 "eval",

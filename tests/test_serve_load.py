@@ -30,7 +30,7 @@ def test_ramp_to_twice_the_limit_gives_only_200_and_fast_503(build_model):
     model, processor = build_model("X")
     real = model.forward
     model.forward = lambda *a, **k: time.sleep(0.05) or real(*a, **k)  # steps slow enough that a burst queues
-    with served(model, max_batch=2, max_queue=2) as (url, engine):
+    with served((model, processor), max_batch=2, max_queue=2) as (url, engine):
         limit = 4  # 2 running + 2 queued
 
         async def one(client, i):
@@ -65,7 +65,7 @@ def test_ramp_to_twice_the_limit_gives_only_200_and_fast_503(build_model):
 
 def test_disconnect_mid_stream_cancels_within_a_step(build_model):
     model, processor = build_model("D")
-    with served(model) as (url, engine):
+    with served((model, processor)) as (url, engine):
         body = {"messages": user("Tell a long story."), "max_tokens": 2000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -84,7 +84,7 @@ def test_disconnect_mid_stream_cancels_within_a_step(build_model):
 
 def test_slow_clients_idle_connections_and_oversized_headers(build_model):
     model, processor = build_model("D")
-    with served(model, timeout_keep_alive=1) as (url, _):
+    with served((model, processor), timeout_keep_alive=1) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(100)]
         t0 = time.perf_counter()

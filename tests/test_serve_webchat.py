@@ -49,7 +49,7 @@ def test_web_chat_streams_an_answer_and_shows_the_tile_grid(build_model, tmp_pat
     model, processor = build_model("H")
     image_path = tmp_path / "chart.png"
     picture(1000, 500, seed=4).save(image_path)
-    with served(model) as (url, _):
+    with served((model, processor)) as (url, _):
         driver = _browser()
         try:
             driver.set_page_load_timeout(30)

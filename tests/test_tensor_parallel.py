@@ -149,8 +149,8 @@ def test_tp2_equals_one_process(runs, backbones, dataset, tmp_path, arch):
     two = runs / f"tp-{arch}"
     l1, l2 = losses(tmp_path / "run"), losses(two)
     loss_diff = max(abs(a - b) for a, b in zip(l1, l2))
-    s1, s1_proc = nvlm.load(tmp_path / "run" / "final").state_dict()
-    s2, s2_proc = nvlm.load(two / "final").state_dict()
+    s1 = nvlm.from_pretrained(tmp_path / "run" / "final").state_dict()
+    s2 = nvlm.from_pretrained(two / "final").state_dict()
     assert s1.keys() == s2.keys()
     weight_diff, worst = max((float((s1[k] - s2[k]).abs().max()), k) for k in s1)
     print(

@@ -21,8 +21,10 @@ block); ``parallelize`` then splits projections over the TP mesh, compiles each 
 eager and recomputes the compiled forwards in backward: ``compile_targets``), and last applies ``fully_shard``
 over the dp mesh.
 
-The model never imports ``torch.distributed``; this file and ``nvlm.distributed.dcp`` are the only
-places that shard or communicate.
+The model never imports ``nvlm.distributed``. What shards or communicates lives in this package: this file
+(process groups, FSDP2, the trainer's all-reduces), ``tensor_parallel`` (DTensor plans) and ``dcp``
+(checkpoints); outside it, ``nvlm.training.build`` broadcasts from process 0 the models the files cannot give
+block by block, and ``nvlm.models.fill`` reads each process's block of a DTensor it is handed.
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ from typing import Any, cast
 import torch
 
 from nvlm.config import LLMConfig, NVLMConfig, VisionConfig, apply_overrides, clean_hf_config
+from nvlm.models.llm import llm_config as llm_hf_config
 from nvlm.models.llm import load_llm, resize_embeddings
 from nvlm.models.nvlm import NVLM
 from nvlm.vision.encoder import VisionKind, VisionTower, vision_model_from_config
+from nvlm.vision.encoder import vision_config as make_vision_config
 
 
 def new_config(
@@ -75,6 +77,17 @@ def skeleton(
     with backbone(own_weights):
         model = NVLM(config.validate(), llm, vision)
     return model.eval(), seed
+
+
+def meta_from_dicts(
+    arch: str, llm_config: dict[str, Any], vision_config: dict[str, Any], overrides: dict[str, Any]
+) -> NVLM:
+    """NVLM-`arch` on the meta device from architecture dicts (the vision one with its ``type``), as the paper's
+    recipes give them: no files, no tokenizer (NVLM's tokens fit in the LLM's padded vocabulary)."""
+    vision = dict(vision_config)
+    kind = vision.pop("type")
+    config = new_config(arch, llm_hf_config(dict(llm_config)), kind, make_vision_config(kind, **vision), overrides)
+    return meta_model(config)
 
 
 def meta_model(config: NVLMConfig) -> NVLM:

@@ -72,11 +72,8 @@ def meta_model(cfg: RunConfig) -> NVLM:
     import torch
 
     from nvlm.distributed.parallel import World
-    from nvlm.models.build import meta_model as meta
-    from nvlm.models.build import new_config
-    from nvlm.models.llm import llm_config
+    from nvlm.models.build import meta_from_dicts
     from nvlm.training.build import prepare, run_model
-    from nvlm.vision.encoder import vision_config
 
     spec, t = cfg.model, cfg.train
     local = all(isinstance(x, (str, os.PathLike)) and os.path.isdir(x) for x in (spec.llm, spec.vision))
@@ -90,9 +87,7 @@ def meta_model(cfg: RunConfig) -> NVLM:
         built = run_model(dataclasses.replace(cfg, model=model_spec))
         model, tokenizer = built.model, built.processor.tokenizer
     elif llm is not None and vision is not None:
-        v = dict(vision)
-        kind = v.pop("type")
-        model = meta(new_config(spec.arch, llm_config(dict(llm)), kind, vision_config(kind, **v), dict(spec.overrides)))
+        model = meta_from_dicts(spec.arch, dict(llm), dict(vision), dict(spec.overrides))
     else:
         missing = "model.llm" if llm is None else "model.vision"
         raise FileNotFoundError(

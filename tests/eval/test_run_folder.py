@@ -28,9 +28,9 @@ def generated(monkeypatch):
     """How many items reached NVLM.generate (which still runs)."""
     count, real = [0], NVLM.generate
 
-    def spy(self, prompts, *args, **kwargs):
+    def spy(self, processor, prompts, *args, **kwargs):
         count[0] += len(prompts)
-        return real(self, prompts, *args, **kwargs)
+        return real(self, processor, prompts, *args, **kwargs)
 
     monkeypatch.setattr(NVLM, "generate", spy)
     return count

@@ -68,9 +68,9 @@ def calls(monkeypatch):
     seen: list[tuple[list[str], list[list]]] = []
     real = NVLM.generate
 
-    def spy(self, prompts, images=None, **kwargs):
+    def spy(self, processor, prompts, images=None, **kwargs):
         seen.append((list(prompts), [list(i) for i in images]))
-        return real(self, prompts, images, **kwargs)
+        return real(self, processor, prompts, images, **kwargs)
 
     monkeypatch.setattr(NVLM, "generate", spy)
     return seen
