@@ -16,28 +16,34 @@ from nvlm.serve.request import TokenLogprob
 MAX_LOGPROBS = 20  # alternatives per position a request may ask for
 
 
-def pick(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """One position: `logprobs` [vocab] (already log-softmaxed), the chosen `token`, its `k` best alternatives."""
-    top = logprobs.topk(k) if k else None
-    alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-    return TokenLogprob(token, float(logprobs[token]), alts)
+def pick(logprobs: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Rows of `logprobs` [N, vocab] (already log-softmaxed): row i's chosen `tokens[i]`, its log-probability
+    and its `k` best alternatives, read in one gather and one top-k for all rows."""
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [TokenLogprob(t, v, []) for t, v in zip(tokens, chosen, strict=True)]
+    top = logprobs.topk(k, dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return [
+        TokenLogprob(t, v, list(zip(i, x, strict=True))) for t, v, i, x in zip(tokens, chosen, ids, values, strict=True)
+    ]
 
 
 def step_logprobs(logits: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
     """A step's rows: `logits` [B, vocab] raw, row i's new token and how many alternatives (None: not asked)."""
-    rows = [i for i, k in enumerate(ks) if k is not None]
     out: list[TokenLogprob | None] = [None] * len(ks)
-    if rows:
+    for k in {k for k in ks if k is not None}:  # rows asking the same number of alternatives together
+        rows = [i for i, ki in enumerate(ks) if ki == k]
         lp = logits[rows].float().log_softmax(-1)  # [rows, vocab]
-        for j, i in enumerate(rows):
-            out[i] = pick(lp[j], tokens[i], ks[i] or 0)
+        for i, entry in zip(rows, pick(lp, [tokens[i] for i in rows], k), strict=True):
+            out[i] = entry
     return out
 
 
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
     """A prompt's: `logits` [T, vocab] at its T real positions; the first token has none (nothing before it)."""
     lp = logits[:-1].float().log_softmax(-1)  # [T-1, vocab]: position t predicts token t+1
-    return [None] + [pick(lp[t], ids[t + 1], k) for t in range(len(ids) - 1)]
+    return [None, *pick(lp, ids[1:], k)]
 
 
 class Pieces:
