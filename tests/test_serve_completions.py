@@ -214,5 +214,8 @@ def test_bad_completions_get_400_and_the_server_keeps_serving(server):
     pad = engine.processor.pad_id
     r = httpx.post(url + "/v1/completions", json={"prompt": [1, pad]}, timeout=30)
     assert r.status_code == 400 and "image-pad" in r.json()["error"]["message"]
-    ok = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True}, timeout=30)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "repetition_penalty": 1.3}, timeout=30)
+    assert r.status_code == 400 and "penalties" in r.json()["error"]["message"]
+    body = {"prompt": "x", "max_tokens": 2, "ignore_eos": True, "repetition_penalty": 1.0}  # neutral: accepted
+    ok = httpx.post(url + "/v1/completions", json=body, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2

@@ -42,6 +42,7 @@ REFUSED = {
     "best_of": "best_of is not supported",
     "suffix": "suffix is not supported",
 }
+NEUTRAL = {"repetition_penalty": 1}  # values of refused fields that change nothing, so they are accepted
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -102,7 +103,7 @@ class Sampling(BaseModel):
     @model_validator(mode="after")
     def _refuse(self) -> Sampling:
         for key, value in (self.model_extra or {}).items():
-            if key in REFUSED and value not in (None, False, 0, 0.0, [], {}):
+            if key in REFUSED and value not in (None, False, 0, 0.0, [], {}, NEUTRAL.get(key)):
                 raise ValueError(f"{key}: {REFUSED[key]}")
         if self.min_tokens > self.budget:
             raise ValueError(f"min_tokens ({self.min_tokens}) is over max_tokens ({self.budget})")
