@@ -58,7 +58,10 @@ BAD_PARAMS = {
     "stop list": {"stop": ["a"] * 9},
     "chat_template": {"chat_template": "{% for i in range(10**9) %}x{% endfor %}"},
     "chat_template_kwargs": {"chat_template_kwargs": {"tokenize": True}},
-    "tiles per image": {"mm_processor_kwargs": {"max_dynamic_patch": 64}},
+    "tiles per image": {"mm_processor_kwargs": {"max_dynamic_patch": 0}},
+    "other preprocessing": {"mm_processor_kwargs": {"do_resize": False}},
+    "top_logprobs without logprobs": {"top_logprobs": 2},
+    "top_logprobs": {"logprobs": True, "top_logprobs": 21},
     "tools": {"tools": [{"type": "x"}]},
 }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from nvlm.data.layout import image_block
 from nvlm.data.tags import all_tags
 from nvlm.vision.encoder import default_mean_std, tile_geometry
 from nvlm.vision.image_io import load_image
-from nvlm.vision.tiling import TilePlan, plan_tiles, tile_image, tiles_to_tensor
+from nvlm.vision.tiling import TilePlan, check_tile_counts, plan_tiles, tile_image, tiles_to_tensor
 
 IMAGE_PLACEHOLDER = "<image>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -217,14 +217,23 @@ class Processor:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def encode(self, text: str, images: list[Any] | None = None) -> Encoded:
-        """`text` with one ``<image>`` per image (paths, bytes or PIL images) → an `Encoded` sample."""
-        return self.encode_segments([(text, False)], images)
+    def encode(
+        self, text: str, images: list[Any] | None = None, max_tiles: int | Sequence[int] | None = None
+    ) -> Encoded:
+        """`text` with one ``<image>`` per image (paths, bytes or PIL images) → an `Encoded` sample.
+        `max_tiles` overrides ``tiling.max_tiles`` for this call: one number for every image, or one per image."""
+        return self.encode_segments([(text, False)], images, max_tiles)
 
-    def encode_segments(self, segments: list[tuple[str, bool]], images: list[Any] | None = None) -> Encoded:
+    def encode_segments(
+        self,
+        segments: list[tuple[str, bool]],
+        images: list[Any] | None = None,
+        max_tiles: int | Sequence[int] | None = None,
+    ) -> Encoded:
         """Like `encode` for text given as (piece, trainable) segments; `labels` copy the ids of trainable
         pieces and are -100 elsewhere (image tokens and tags are never trainable)."""
         images = list(images or [])
+        budgets = self.tile_budgets(max_tiles, len(images))
         n_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t, _ in segments)
         if n_placeholders != len(images):
             text = "".join(t for t, _ in segments)
@@ -232,7 +241,7 @@ class Processor:
                 f"prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
                 f"{len(images)} image(s) were given: {text[:200]!r}"
             )
-        sample = _SampleBuilder(self)
+        sample = _SampleBuilder(self, budgets)
         bos = self.tokenizer.bos_token_id if getattr(self.tokenizer, "add_bos_token", False) else None
         if bos is not None:
             sample.emit([bos], 0, 0)
@@ -242,6 +251,23 @@ class Processor:
                     sample.image(images[len(sample.plans)])
                 sample.text(self.check_text(part), train, cache=False)  # free text: not cached, a run sees millions
         return sample.result()
+
+    def tile_budgets(self, max_tiles: int | Sequence[int] | None, n: int) -> list[int]:
+        """Each image's most regular tiles: the config's, or this call's (one for all, or one per image)."""
+        tiling, tags = self.config.tiling, self.config.tags
+        if max_tiles is None:
+            return [tiling.max_tiles] * n
+        budgets = [max_tiles] * n if isinstance(max_tiles, int) else list(max_tiles)
+        if len(budgets) != n:
+            raise ValueError(f"max_tiles has {len(budgets)} entries for {n} image(s); give one per image")
+        for b in budgets:
+            check_tile_counts(1, b)
+            if tags.mode == "special" and tags.style != "none" and b > tiling.max_tiles:
+                raise ValueError(
+                    f"max_tiles {b} is over this model's tiling.max_tiles ({tiling.max_tiles}): its tile tags are "
+                    "added tokens that exist only up to that count"
+                )
+        return budgets
 
     def collate(self, samples: list[Encoded], padding_side: str = "left") -> dict[str, Any]:
         """Pad to a batch. Left padding for generation, right for training; padding sees no memory."""
@@ -291,8 +317,8 @@ class _SampleBuilder:
     """One sample under construction: token ids and labels, each token's x-attn range [lo, hi), the tiles, which
     tiles fill the decoder's pad runs, and the x-attn memory recipe, appended image block by image block."""
 
-    def __init__(self, proc: Processor) -> None:
-        self.proc, self.cfg = proc, proc.config
+    def __init__(self, proc: Processor, budgets: list[int]) -> None:
+        self.proc, self.cfg, self.budgets = proc, proc.config, budgets
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.lo: list[int] = []
@@ -345,12 +371,13 @@ class _SampleBuilder:
         """Tile an image and append its block (paper §4.2–4.4): memory pieces, then the decoder pieces."""
         cfg, proc, tpt = self.cfg, self.proc, self.proc.tokens_per_tile
         image = load_image(source, max_pixels=cfg.tiling.max_pixels)
+        top = self.budgets[len(self.plans)]
         plan = plan_tiles(
             image.width,
             image.height,
             proc.tile_size,
-            cfg.tiling.min_tiles,
-            cfg.tiling.max_tiles,
+            min(cfg.tiling.min_tiles, top),
+            top,
             cfg.tiling.use_thumbnail,
         )
         base = sum(p.num_tiles for p in self.plans)  # this image's first tile in the sample

@@ -26,8 +26,17 @@ import torch
 from nvlm.data.processor import Processor
 from nvlm.inference.generate import _Detok, _stop_ids, sample_next
 from nvlm.serve.batch import RunningBatch
+from nvlm.serve.logprobs import prompt_logprobs, step_logprobs
 from nvlm.serve.metrics import EngineMetrics
-from nvlm.serve.request import EngineError, EngineUnavailable, Event, QueueFull, Request, SamplingParams
+from nvlm.serve.request import (
+    EngineError,
+    EngineUnavailable,
+    Event,
+    QueueFull,
+    Request,
+    SamplingParams,
+    encode_ids,
+)
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "Event", "QueueFull", "Request", "SamplingParams"]
 
@@ -86,27 +95,40 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._waiting) + self._admitted + len(self._running)
 
+    @property
+    def tokenizer_lock(self) -> threading.Lock:
+        """Held by whoever uses the tokenizer (fast tokenizers refuse concurrent use)."""
+        return self._tok_lock
+
     def submit(
         self,
-        prompt: str,
+        prompt: str | list[int],
         images: list[Any] | None = None,
         params: SamplingParams | None = None,
         on_event: Any = None,
+        max_tiles: int | list[int] | None = None,
     ) -> Request:
-        """Encode (tiles, tokens) here on the caller's thread, then queue. Raises ValueError for a bad
-        request (the server's 400), QueueFull / EngineUnavailable (503)."""
+        """Encode (tiles, tokens) here on the caller's thread, then queue. `prompt` is text with ``<image>``
+        placeholders, or token ids (no images); `max_tiles` overrides the tiles per image (one, or one per
+        image). Raises ValueError for a bad request (the server's 400), QueueFull / EngineUnavailable (503)."""
         params = params or SamplingParams()
         if not self.healthy:
             raise EngineUnavailable("the engine is not serving (shutting down, stopped or wedged)")
         with self._tok_lock:
-            encoded = self.processor.encode(prompt, images)
+            if isinstance(prompt, str):
+                encoded = self.processor.encode(prompt, images, max_tiles)
+            elif images:
+                raise ValueError("a token-id prompt takes no images")
+            else:
+                encoded = encode_ids(self.processor, prompt)
         total = len(encoded.input_ids) + params.max_tokens
         if total > self.max_len:
             raise ValueError(
                 f"prompt ({len(encoded.input_ids)} tokens incl. images) + max_tokens "
                 f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_len}"
             )
-        req = Request(encoded, params, _Detok(self.processor.tokenizer, 1, list(params.stop), self.stop_ids), on_event)
+        stop_ids = [] if params.ignore_eos else self.stop_ids  # eos is then decoded (as nothing) and generation goes on
+        req = Request(encoded, params, _Detok(self.processor.tokenizer, 1, list(params.stop), stop_ids), on_event)
         with self._cond:
             free = max(
                 self.max_batch - len(self._running) - self._admitted, 0
@@ -196,7 +218,14 @@ class Engine:
         t0 = time.perf_counter()
         batch = self.processor.collate([r.encoded for r in reqs], padding_side="left")
         batch.pop("labels", None)
-        out = self.model(**batch, use_cache=True, logits_to_keep=1)
+        scored = [r.params.prompt_logprobs is not None for r in reqs]
+        # every position's logits only when a row scores its prompt ([B, T, vocab]; else [B, 1, vocab])
+        out = self.model(**batch, use_cache=True, logits_to_keep=0 if any(scored) else 1)
+        width = batch["input_ids"].shape[1]
+        for i, r in enumerate(reqs):
+            if scored[i]:  # left padded: row i's prompt is its last prompt_tokens positions
+                rows = out.logits[i, width - r.prompt_tokens :]
+                r.prompt_logprobs = prompt_logprobs(rows, r.encoded.input_ids, r.params.prompt_logprobs or 0)
         nxt = self._sample(out.logits[:, -1], reqs)
         self._batch.join(out.past_key_values, batch["attention_mask"].to(self.model.device), out.xattn_state)
         self._running += reqs
@@ -214,10 +243,14 @@ class Engine:
         self.metrics.observe_step("decode", time.perf_counter() - t0, len(self._running))
         self._advance(nxt, decode=True)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """Row i's next token from rows' own settings; rows without a seed share the global RNG."""
-        logits = logits.float().clone()
+    def _sample(self, raw: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """Row i's next token from rows' own settings; rows without a seed share the global RNG. Rows that ask
+        for logprobs get them from the `raw` logits (the model's own distribution)."""
+        logits = raw.float().clone()
         logits[:, self.processor.pad_id] = float("-inf")  # as in generate: the image-pad token has no features
+        for i, r in enumerate(reqs):
+            if len(r.output_ids) < r.params.min_tokens:  # no end-of-sequence token yet
+                logits[i, self.stop_ids] = float("-inf")
         greedy = logits.argmax(-1).tolist()
         out = []
         for i, r in enumerate(reqs):
@@ -226,6 +259,10 @@ class Engine:
                 out.append(greedy[i])
             else:
                 out.append(int(sample_next(logits[i : i + 1], True, p.temperature, p.top_p, r.generator)[0]))
+        wanted = [r.params.logprobs if r.params.max_tokens else None for r in reqs]
+        for r, entry in zip(reqs, step_logprobs(raw, out, wanted), strict=True):
+            if entry is not None:
+                r.logprobs.append(entry)
         return out
 
     def _advance(self, nxt: list[int], decode: bool = False) -> None:
@@ -233,6 +270,9 @@ class Engine:
         rows = self._running[-len(nxt) :] if not decode else self._running
         now = time.perf_counter()
         for r, tok in zip(rows, nxt, strict=True):
+            if r.params.max_tokens == 0:  # nothing to generate (a prompt scored, or an empty completion)
+                self._finish(r, "length")
+                continue
             r.output_ids.append(tok)
             if r.t_first is None:
                 r.t_first = now

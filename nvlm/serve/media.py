@@ -13,6 +13,8 @@ Every ingress path (the HTTP server, the web chat, the eval client) calls ``Medi
 * Byte size is capped while reading, the pixel count is read from the header before decoding, and decoding is
   ``nvlm.vision.image_io.load_image`` (format allowlist JPEG/PNG/WebP/GIF/BMP, bomb checks, frame 0).
 * At most ``max_images`` per request, counted before any fetch or decode.
+* At most ``max_tiles`` regular tiles per image, whatever a request asks for (``None``: the model's own
+  ``tiling.max_tiles``); the tiler's own ceiling (40) holds beyond it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class MediaPolicy:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_images: int = 8
+    max_tiles: int | None = None
     max_redirects: int = 3
     timeout_s: float = 10.0
     allow_private_addresses: bool = False  # tests only: lets a loopback server stand in for a remote host

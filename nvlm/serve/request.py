@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nvlm.data.processor import Encoded
 from nvlm.inference.generate import _Detok
 
 
@@ -31,11 +32,24 @@ class EngineUnavailable(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int = 64  # 0: no new token (with prompt_logprobs: score the prompt only)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # each new token's log-probability and this many top alternatives; None: off
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: off
+    min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many new tokens
+    ignore_eos: bool = False  # end-of-sequence tokens do not end the request (stop strings and max_tokens do)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's token, its log-probability under the model, and the `top` most likely (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -55,6 +69,8 @@ class Request:
     detok: _Detok
     on_event: Any = None  # callable(Event), called on the engine thread; default: an internal queue
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt id (None for the first)
     finish_reason: str | None = None
     cancelled: bool = False
     sent: int = 0
@@ -99,3 +115,20 @@ class Request:
             if event.error:
                 raise EngineError(event.error)
         return self.text
+
+
+def encode_ids(processor: Any, ids: list[int]) -> Any:
+    """A prompt given as token ids (no images) → an ``Encoded`` sample; ValueError for an id out of the
+    tokenizer's range or the image-pad id, which only an image's tiles may fill."""
+    vocab = len(processor.tokenizer)
+    if not ids:
+        raise ValueError("prompt: token-id prompt is empty")
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            raise ValueError(f"prompt: token id {t} at position {i} is outside the tokenizer's range [0, {vocab})")
+        if t == processor.pad_id:
+            raise ValueError(
+                f"prompt: token id {t} at position {i} is the image-pad token; send images through the chat route"
+            )
+    n = len(ids)
+    return Encoded(list(ids), None, [], [], 0, [0] * n, [0] * n)

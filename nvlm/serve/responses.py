@@ -1,9 +1,9 @@
 """Response bodies of ``/v1/chat/completions``: usage, the per-image tiling facts, and the SSE stream.
 
 The stream is OpenAI's: one role chunk per choice (the first also carries ``nvlm.images``, the tile grids the
-web chat draws), content deltas, a finish chunk per choice, an optional usage chunk with empty ``choices``,
-then ``data: [DONE]``. Leaving the generator for any reason (the client hung up included) cancels the
-requests, so the engine frees their slots at its next step.
+web chat draws), content deltas (with their tokens' ``logprobs`` when asked), a finish chunk per choice, an
+optional usage chunk with empty ``choices``, then ``data: [DONE]``. Leaving the generator for any reason (the
+client hung up included) cancels the requests, so the engine frees their slots at its next step.
 """
 
 from __future__ import annotations
@@ -14,18 +14,23 @@ import time
 from typing import Any
 
 from nvlm.data.layout import describe
+from nvlm.serve.logprobs import Pieces, chat_logprobs
 
 
-def usage(handles: list[Any]) -> dict:
-    prompt, completion = handles[0].prompt_tokens, sum(len(h.output_ids) for h in handles)
+def usage(handles: list[Any], n: int = 1) -> dict:
+    """Token counts; the prompt of every `n` choices is counted once."""
+    prompt = sum(h.prompt_tokens for h in handles[::n])
+    completion = sum(len(h.output_ids) for h in handles)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def image_info(engine: Any, plans: list[Any]) -> list[dict]:
-    """Per image what the model saw (the ``nvlm inspect`` facts): grid, tiles, thumbnail, token counts."""
-    cfg, arch, per_tile = engine.model.config, engine.model.config.arch, engine.processor.tokens_per_tile
+def image_info(engine: Any, plans: list[Any], budgets: list[int]) -> list[dict]:
+    """Per image what the model saw (the ``nvlm inspect`` facts): grid, tiles, thumbnail, token counts, and
+    ``max_tiles``, the most regular tiles it was allowed (the request's budget, clamped to the server's)."""
+    cfg, per_tile = engine.processor.config, engine.processor.tokens_per_tile
+    arch = cfg.arch
     out = []
-    for plan in plans:
+    for plan, budget in zip(plans, budgets, strict=True):
         d = describe(plan, per_tile, cfg.tags.style, cfg.tags.thumbnail_tag)
         out.append(
             {
@@ -34,6 +39,7 @@ def image_info(engine: Any, plans: list[Any]) -> list[dict]:
                 "tile_size": d["tile_size"],
                 "grid": d["grid"],
                 "num_tiles": d["num_tiles"],
+                "max_tiles": budget,
                 "thumbnail": d["thumbnail"],
                 "tiles": d["tiles"],
                 "arch": arch,
@@ -45,10 +51,24 @@ def image_info(engine: Any, plans: list[Any]) -> list[dict]:
 
 
 async def stream_chunks(
-    handles: list[Any], events: asyncio.Queue, rid: str, name: str, info: list[dict], include_usage: bool
+    handles: list[Any],
+    events: asyncio.Queue,
+    rid: str,
+    name: str,
+    info: list[dict],
+    include_usage: bool,
+    pieces: Pieces | None = None,
 ) -> Any:
-    """SSE chunks: a role chunk per choice, content deltas, a finish chunk, optional usage, then [DONE]."""
+    """SSE chunks: a role chunk per choice, content deltas, a finish chunk, optional usage, then [DONE].
+    With `pieces` (logprobs asked) each delta carries the logprobs of the tokens it came from."""
     created = int(time.time())
+    sent = [0] * len(handles)  # tokens whose logprobs went out, per choice
+
+    def logprobs(i: int, count: int) -> dict | None:
+        if pieces is None:
+            return None
+        entries, sent[i] = handles[i].logprobs[sent[i] : sent[i] + count], sent[i] + count
+        return chat_logprobs(entries, pieces)
 
     def chunk(choices: list[dict], **extra: Any) -> str:
         body = {
@@ -71,8 +91,9 @@ async def stream_chunks(
             if ev.error:
                 yield f"data: {json.dumps({'error': {'message': ev.error, 'type': 'server_error'}})}\n\n"
                 break
-            if ev.text:
-                yield chunk([{"index": i, "delta": {"content": ev.text}, "finish_reason": None}])
+            if ev.text or (pieces is not None and ev.token_ids):
+                lp = logprobs(i, len(ev.token_ids))
+                yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
             if ev.finish_reason is not None:
                 left -= 1
                 yield chunk([{"index": i, "delta": {}, "finish_reason": ev.finish_reason}])

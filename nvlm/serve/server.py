@@ -23,8 +23,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible server with continuous batching and a web chat",
-        description="Serve a saved model at /v1/chat/completions (OpenAI schema, SSE streaming), "
-        "/v1/models, /health, /metrics, and a web chat at /.",
+        description="Serve a saved model at /v1/chat/completions and /v1/completions (OpenAI schema, SSE "
+        "streaming, logprobs), /tokenize, /detokenize, /tokenizer_info, /v1/models, /health, /metrics, and a web "
+        "chat at /.",
     )
     p.add_argument("model", help="a folder written by save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -34,6 +35,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled per step")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        help="most regular tiles per image a request may ask for (image_url.max_dynamic_patch or "
+        "mm_processor_kwargs.max_dynamic_patch; default and ceiling: the model's tiling.max_tiles)",
+    )
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
@@ -84,6 +92,7 @@ def build_app(model: Any, processor: Any, args: argparse.Namespace, api_key: str
         max_bytes=args.max_image_bytes,
         max_pixels=args.max_image_pixels,
         max_images=args.max_images,
+        max_tiles=getattr(args, "max_tiles", None),
     )
     name = args.served_model_name or Path(args.model).name
     return create_app(engine, MediaGate(policy), model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes)
@@ -138,7 +147,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
-    app = build_app(model, processor, args, api_key)
+    try:
+        app = build_app(model, processor, args, api_key)
+    except ValueError as e:  # a setting the model cannot take (--max-tiles)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     limit = 2 * (args.max_batch + args.max_queue) + 32
     log.info("serving %s on http://%s:%d (web chat at /)", args.model, args.host, args.port)
     import signal

@@ -1,0 +1,119 @@
+"""What every route of the HTTP API shares: OpenAI's error body, the serving context (engine, media gate, names,
+tile budget), submitting a request's choices to the engine and waiting for them.
+
+Errors always carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from nvlm.serve.engine import Engine, EngineError, Event, SamplingParams
+from nvlm.serve.media import MediaGate
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable_error",
+}
+
+
+def error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class Serving:
+    """What the routes serve: the engine, the media gate, the served model's name and the text it refuses."""
+
+    engine: Engine
+    gate: MediaGate
+    model_name: str
+    forbidden: re.Pattern
+
+    def __post_init__(self) -> None:
+        ceiling = self.gate.policy.max_tiles
+        if ceiling is not None:  # the processor's check: the tiler's ceiling, and tile tags that exist as tokens
+            try:
+                self.engine.processor.tile_budgets(ceiling, 1)
+            except ValueError as e:
+                raise ValueError(f"--max-tiles {ceiling}: {e}") from None
+
+    @property
+    def max_tiles(self) -> int:
+        """The most regular tiles per image a request may ask for: the gate's ceiling, else the model's own."""
+        return self.gate.policy.max_tiles or self.engine.processor.config.tiling.max_tiles
+
+    def tile_budget(self, requested: int | None) -> int:
+        """Tiles for one image: what the request asked (clamped to the ceiling), else the model's setting."""
+        own = self.engine.processor.config.tiling.max_tiles
+        return min(requested or own, self.max_tiles)
+
+
+def sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> Any:
+    """An engine callback that hands (choice index, event) to the event loop's queue."""
+
+    def put(ev: Event) -> None:  # runs on the engine thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    return put
+
+
+async def submit_all(
+    engine: Engine, jobs: list[tuple[Any, list, SamplingParams, Any]]
+) -> tuple[list[Any], asyncio.Queue] | Response:
+    """Queue each (prompt, images, params, max_tiles) as one choice; all of them, or none and an error (400/503)."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue[Any]()
+    handles: list[Any] = []
+    try:
+        for i, (prompt, images, params, tiles) in enumerate(jobs):
+            handles.append(await run_in_threadpool(engine.submit, prompt, images, params, sink(loop, events, i), tiles))
+    except (ValueError, EngineError) as e:
+        for h in handles:
+            h.cancel()
+        return error(503 if isinstance(e, EngineError) else 400, str(e))
+    return handles, events
+
+
+async def collect(request: Request, handles: list[Any], events: asyncio.Queue) -> dict[int, Event] | Response:
+    """Each choice's final event; 499 if the client hangs up first (its rows are freed), 500 if one failed."""
+    done: dict[int, Event] = {}
+    try:
+        while len(done) < len(handles):
+            try:
+                i, ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if ev.finish_reason is not None:
+                done[i] = ev
+    finally:
+        for h in handles:
+            h.cancel()  # no-op for finished ones; frees the slots of a disconnected client
+    failed = [ev.error for ev in done.values() if ev.error]
+    if failed:
+        return error(500, f"generation failed: {failed[0]}")
+    return done
