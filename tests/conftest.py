@@ -29,7 +29,7 @@ def backbones(tmp_path_factory):
     """{(llm_kind | vision_kind): path} of tiny HF checkpoints written to disk."""
     from transformers.utils import logging
 
-    from nvlm.tiny import save_tiny_backbones
+    from nvlm.testing.tiny import save_tiny_backbones
 
     logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("backbones")

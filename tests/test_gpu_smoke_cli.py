@@ -1,4 +1,4 @@
-"""benchmarks/gpu_smoke.sh cannot run without a GPU; on CPU: the script parses (bash -n), its Python helper's
+"""scripts/gpu_smoke.sh cannot run without a GPU; on CPU: the script parses (bash -n), its Python helper's
 arguments parse, `prepare` writes a run config the trainer accepts, and `check-run` reads a real run.
 
 python -m pytest tests/test_gpu_smoke_cli.py -q
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "scripts" / "gpu_smoke.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -26,11 +26,11 @@ def smoke():
 
 
 def test_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_smoke.sh")], check=True)
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_smoke.sh")], check=True)
 
 
 def test_every_subcommand_the_script_calls_parses(smoke):
-    script = (ROOT / "benchmarks" / "gpu_smoke.sh").read_text()
+    script = (ROOT / "scripts" / "gpu_smoke.sh").read_text()
     calls = [line.split("$PY", 1)[1].split() for line in script.splitlines() if "$PY " in line and "=" not in line]
     assert {c[0] for c in calls} == set(smoke.COMMANDS), calls
     for call in calls:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 import nvlm
 from nvlm.cli import main
 from nvlm.data.chat import chat_prompt
-from nvlm.interop.replica import release_replica
+from nvlm.testing.replica import release_replica
 
 
 def _tensors(folder):
@@ -141,7 +141,7 @@ def test_cli_user_errors_are_one_line_exit_2(replica, tmp_path, capsys):
 _MEASURE = """
 import json, sys
 from nvlm.interop.convert import convert
-from nvlm.interop.replica import release_replica
+from nvlm.testing.replica import release_replica
 
 def rss(field):  # kB → bytes
     return int(dict(line.split(":", 1) for line in open("/proc/self/status"))[field].split()[0]) * 1024

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import nvlm
 from nvlm.interop import keymap
-from nvlm.interop.replica import internvit_replica
 from nvlm.loading import load_vision_config, load_vision_model
+from nvlm.testing.replica import internvit_replica
 
 KINDS = {"6b": {}, "300m": dict(norm_type="layer_norm", qkv_bias=True, qk_norm=False)}
 

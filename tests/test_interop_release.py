@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import nvlm
 from nvlm.data.chat import chat_prompt
-from nvlm.interop.replica import release_replica
+from nvlm.testing.replica import release_replica
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_a_model_saved_without_its_processor_is_a_clear_error(build_model, tmp_p
 def test_tied_embeddings_stay_tied_through_the_fill(backbones, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nvlm.tiny import tiny_llm_config
+    from nvlm.testing.tiny import tiny_llm_config
 
     cfg = tiny_llm_config()
     cfg.tie_word_embeddings = True

@@ -28,8 +28,9 @@ def pair(backbones):
         llm=str(backbones["qwen2"]),
         vision=str(backbones["internvl"]),
         tags__style="none",
-        projector__hidden_size=64,
-    ).eval()  # 64 = the tiny LLM's width, as InternVL's projector
+        projector__hidden_size=64,  # the tiny LLM's width, as InternVL's projector
+    )
+    ours.eval()
     with torch.no_grad():  # a trained-looking projector (LayerNorm not at its 1/0 init)
         for p in ours.projector.parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p is ours.projector.layer_norm.weight else 0))

@@ -125,7 +125,7 @@ def one_process(cfg: dict) -> dict[str, torch.Tensor]:
 
 
 def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
-    from nvlm.tiny import tiny_vision_config
+    from nvlm.testing.tiny import tiny_vision_config
 
     ckpt = tmp_path / "stage1"
     save_pair(build_model(RunConfig.from_dict(model_cfg(backbones, "X", overrides={"tags.mode": "special"}))), ckpt)

@@ -1,5 +1,5 @@
 """``nvlm bench`` sub-commands: ``train`` (the paper's Table 3 — D/X/H training throughput at equal shapes) and
-``serve`` (a load generator for an OpenAI-compatible server, ``nvlm.serve.bench``).
+``serve`` (a load generator for an OpenAI-compatible server, ``nvlm.bench.serve``).
 
 The main CLI creates the ``bench`` parser and calls ``add_bench_subcommands(bench_parser)``; every sub-command
 sets ``func(args) -> int`` (the exit status; 2 = bad arguments, with a message naming the flag).
@@ -111,7 +111,7 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--json", action="store_true", help="print the results as one JSON object")
     k.set_defaults(func=run_packing)
 
-    from nvlm.serve.bench import add_bench_serve_parser
+    from nvlm.bench.serve import add_bench_serve_parser
 
     add_bench_serve_parser(sub)
 

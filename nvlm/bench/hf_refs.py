@@ -47,7 +47,7 @@ def build_pair(arch: str, shape: Shape, seed: int = 0) -> Pair:
 
     import nvlm
     from nvlm.interop.internvl import to_hf_internvl
-    from nvlm.tiny import tiny_tokenizer
+    from nvlm.testing.tiny import tiny_tokenizer
     from nvlm.training.stages import apply_stage
     from nvlm.vision.encoder import vision_config
 

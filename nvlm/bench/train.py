@@ -120,7 +120,7 @@ def build_models(
     import transformers as tf
 
     from nvlm.loading import fill_whole, new_model
-    from nvlm.tiny import tiny_tokenizer
+    from nvlm.testing.tiny import tiny_tokenizer
     from nvlm.training.stages import apply_stage
     from nvlm.vision.encoder import vision_config
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nvlm.data.formats import chatml_segments, read_records
-from nvlm.tiny import tiny_tokenizer
+from nvlm.testing.tiny import tiny_tokenizer
 from nvlm.training.optim import lr_at, make_optimizer
 from nvlm.vision.encoder import vision_config, vision_model_from_config
 

@@ -16,14 +16,11 @@ so ``PeftModel.from_pretrained(llm, "ckpt/llm_adapter")`` loads it) and, with ``
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
-from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +30,9 @@ from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 from nvlm.models.names import backbone_names
 from nvlm.vision.encoder import tile_geometry
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTERS = {"llm": "llm_adapter", "vision": "vision_adapter"}  # component → folder in a checkpoint
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the base model's names
@@ -45,6 +45,10 @@ def is_adapter_param(name: str) -> bool:
 
 
 def has_adapters(module: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # never imported: no module can be one of its layers (peft loads in seconds)
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
@@ -80,6 +84,8 @@ def tag_token_ids(tokenizer: Any, config: Any) -> list[int]:
 def peft_config(spec: Any, model: Any, component: str = "llm", tokenizer: Any = None) -> LoraConfig:
     """PEFT's LoraConfig for `spec` (``train.lora``) on the LLM or the vision tower; `tokenizer`: the
     processor's, whose tag tokens' embedding rows train (``tag_token_ids``)."""
+    from peft import LoraConfig
+
     if component == "llm":
         layer = decoder_layers(model.llm)[0]
         layer = getattr(layer, "layer", layer)  # a CrossAttentionDecoderLayer: the HF layer inside
@@ -115,6 +121,8 @@ def apply_lora(model: Any, spec: Any, tokenizer: Any = None) -> None:
     ``nvlm.training.stages.apply_stage``."""
     if has_adapters(model):
         raise UserError("the model already holds LoRA adapters (an adapter checkpoint): `nvlm merge` it first")
+    from peft import inject_adapter_in_model
+
     for component in ("llm", "vision") if spec.vision else ("llm",):
         config = peft_config(spec, model, component, tokenizer)
         inject_adapter_in_model(config, _target(model, component))  # also sets its .peft_config {"default": …}
@@ -133,6 +141,8 @@ def base_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_adapters(model: Any, out: Path, state: dict[str, torch.Tensor]) -> None:
     """Write each component's adapters in PEFT's format from `state` (the full model's state dict, under
     NVLM's names), keyed as ``PeftModel.save_pretrained`` keys them on the plain HF backbone."""
+    from peft.utils import get_peft_model_state_dict
+
     for component, folder in ADAPTERS.items():
         module = _target(model, component)
         config = getattr(module, "peft_config", {}).get("default")  # set by inject_adapter_in_model
@@ -157,6 +167,8 @@ def load_adapters(model: Any, root: Path) -> None:
         path = root / folder
         if not (path / "adapter_config.json").is_file():
             continue
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
         config = LoraConfig.from_pretrained(str(path))
         if json.loads((path / "adapter_config.json").read_text()).get("peft_type") != "LORA":
             raise UserError(f"{path}: not a LoRA adapter (peft_type must be LORA)")
@@ -175,6 +187,9 @@ def merge_adapters(model: Any) -> None:
     tokens' rows into the embedding table): the model is then an ordinary NVLM model."""
     for component in ADAPTERS:
         module = _target(model, component)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
         tops: list[str] = []
         for name, m in module.named_modules():
             if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not any(

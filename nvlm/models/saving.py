@@ -51,7 +51,9 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
 
     for folder, module, prefix in (("llm", model.llm, "llm."), ("vision", model.vision.model, "vision.model.")):
         weights = part(prefix)
-        module.save_pretrained(out / folder, state_dict=weights)
+        # a copy: transformers may empty the dict it is given as it writes (it did for a model not made by its
+        # own from_pretrained), and the weights' dtype is read from it afterwards
+        module.save_pretrained(out / folder, state_dict=dict(weights))
         stamp_dtype(out / folder / "config.json", weights)
 
 

@@ -34,7 +34,7 @@ An estimate, not a measurement. Not counted: the CUDA context and kernels (~0.5â
 allocator fragmentation and caching (``max_memory_reserved`` exceeds ``max_memory_allocated``), AdamW's
 foreach temporaries during ``step``, the RoPE tables and tiny buffers, more than one image per sample.
 Grads are summed with the activation peak, which is exact under gradient accumulation and an upper bound
-(by up to `grads`) without it. ``benchmarks/plan_vs_measured.py`` compares this with a measured peak.
+(by up to `grads`) without it. ``scripts/plan_vs_measured.py`` compares this with a measured peak.
 
 The time per step, the MFU and the recommended layout: ``nvlm.training.plan_time``.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU smoke test in one command (~8 min on one H100/H200): does the scale-out path work on a device?
 #
-#   bash benchmarks/gpu_smoke.sh [OUT_DIR]      # default ./gpu_smoke_out
+#   bash scripts/gpu_smoke.sh [OUT_DIR]      # default ./gpu_smoke_out
 #
 # Each step's JSON line and log land under OUT_DIR; a failing step is logged and the next one runs; the summary
 # at the end prints every JSON line. Steps (all bf16, FSDP2 through torchrun with one process):
@@ -20,7 +20,7 @@ OUT=${1:-gpu_smoke_out}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=benchmarks/gpu_smoke.py
+PY=scripts/gpu_smoke.py
 TR=(torchrun --standalone --nproc_per_node=1)
 
 step() {  # step NAME TIMEOUT_S COMMAND...: run with a time limit, keep stdout and stderr, never stop the script

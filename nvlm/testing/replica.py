@@ -46,7 +46,7 @@ def release_replica(
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from nvlm.tiny import tiny_tokenizer
+    from nvlm.testing.tiny import tiny_tokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

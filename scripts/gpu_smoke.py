@@ -1,10 +1,10 @@
-"""The Python parts of benchmarks/gpu_smoke.sh: each subcommand prints one JSON line.
+"""The Python parts of scripts/gpu_smoke.sh: each subcommand prints one JSON line.
 
-    python benchmarks/gpu_smoke.py prepare OUT [--hidden 1024 --layers 8]   backbones, data, run config
-    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py memory OUT --ac --compile --steps 6
-    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py save-speed OUT
-    torchrun --nproc_per_node=1 benchmarks/gpu_smoke.py sync-points OUT --steps 3
-    python benchmarks/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
+    python scripts/gpu_smoke.py prepare OUT [--hidden 1024 --layers 8]   backbones, data, run config
+    torchrun --nproc_per_node=1 scripts/gpu_smoke.py memory OUT --ac --compile --steps 6
+    torchrun --nproc_per_node=1 scripts/gpu_smoke.py save-speed OUT
+    torchrun --nproc_per_node=1 scripts/gpu_smoke.py sync-points OUT --steps 3
+    python scripts/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
 
 The runs use random backbones written to OUT (nothing is downloaded); `--hidden/--layers` size the LLM so that
 activation memory, not weights, dominates. The figures are the device's: run it on the GPU to be measured.
@@ -54,7 +54,7 @@ def run_config(out: Path, **train: Any) -> dict[str, Any]:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
-    from nvlm.tiny import save_tiny_backbones
+    from nvlm.testing.tiny import save_tiny_backbones
 
     out: Path = args.out
     llm, vision = save_tiny_backbones(out / "backbones", "qwen2", "internvl", hidden=args.hidden, layers=args.layers)

@@ -1,9 +1,9 @@
 """Check the dry-run memory estimate (``nvlm.training.plan``) against a measured peak on one GPU.
 
-    python benchmarks/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
-    python benchmarks/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
-    python benchmarks/plan_vs_measured.py --device cpu    # small shapes; peak from the profiler's memory timeline
-    python benchmarks/plan_vs_measured.py --time          # step time: plan_time's estimate vs gloo/CPU, 1 and 2 procs
+    python scripts/plan_vs_measured.py                 # CUDA: ~250 M Qwen2-like LLM + small InternViT
+    python scripts/plan_vs_measured.py --fsdp          # the same through parallelize() in a 1-process group
+    python scripts/plan_vs_measured.py --device cpu    # small shapes; peak from the profiler's memory timeline
+    python scripts/plan_vs_measured.py --time          # step time: plan_time's estimate vs gloo/CPU, 1 and 2 procs
 
 ``--time`` checks the time model (``nvlm.training.plan_time``) rather than memory: for 1 and 2 processes
 (FSDP2 over gloo, one thread each, the plan's bf16 mixed precision) it measures the median step of the CPU
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 
 import nvlm  # noqa: E402
 from nvlm.models.llm import decoder_layers  # noqa: E402
-from nvlm.tiny import tiny_tokenizer  # noqa: E402
+from nvlm.testing.tiny import tiny_tokenizer  # noqa: E402
 from nvlm.training.build import activation_checkpointing  # noqa: E402
 from nvlm.training.config import DataSpec, ModelSpec, RunConfig, TrainConfig  # noqa: E402
 from nvlm.training.plan import BF16, GIB, meta_model, plan  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training-speed figures on a GPU in one go, so a GPU's minutes are not spent typing.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      # default ./gpu_check_out; ~8 min on one H100/H200
+#   bash scripts/gpu_check.sh [OUT_DIR]      # default ./gpu_check_out; ~8 min on one H100/H200
 #
 # What it writes (each step's JSON and log under OUT_DIR; a step that fails is logged and the next runs):
 #   1. nvlm bench train, gpu-1b preset, bf16, D/X/H, SFT: samples/s, MFU against the device's bf16 peak,
@@ -9,7 +9,7 @@
 #   2. the same in the pretrain stage (LLM frozen);
 #   3. the packing tests (packed loss under flex_attention = unpacked; these build on the CPU: a GPU test of
 #      flash_attention_2 over packed rows does not exist yet);
-#   4. the dry-run memory plan against a measured peak (benchmarks/plan_vs_measured.py).
+#   4. the dry-run memory plan against a measured peak (scripts/plan_vs_measured.py).
 # `nvlm bench … --vs hf` runs the CPU preset only so far; its GPU comparison is not part of this script.
 # Not run on a GPU yet.
 set -u
@@ -34,7 +34,7 @@ step train_sft 200 python -m nvlm bench train --device cuda --preset gpu-1b --ar
 step train_pretrain 150 python -m nvlm bench train --device cuda --preset gpu-1b --arch D,X,H --stage pretrain \
   --steps 3 --warmup 1 --json
 step varlen_tests 120 python -m pytest tests/test_packing_default.py -q -x
-step plan_vs_measured 120 python benchmarks/plan_vs_measured.py
+step plan_vs_measured 120 python scripts/plan_vs_measured.py
 
 python - "$OUT" <<'PY'
 import json, sys
