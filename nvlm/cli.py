@@ -259,6 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Long on purpose: one flat table of the `nvlm` command's subcommands and flags, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nvlm", description="NVLM 1.0 (D, X, H) in PyTorch")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")

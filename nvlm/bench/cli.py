@@ -17,6 +17,7 @@ ARCHS = ("D", "X", "H")
 PRESETS = ("cpu", "gpu-1b")
 
 
+# Long on purpose: one flat table of `nvlm bench`'s subcommands and flags, read top to bottom.
 def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add ``train`` under `parser` (the ``bench`` parser)."""
     sub = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)

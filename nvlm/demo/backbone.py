@@ -66,6 +66,20 @@ def save_vision(out: Path, seed: int) -> Path:
     return out
 
 
+def _answer_labelled(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Every conversation of a JSONL file as (ids, labels), labels only on the answers (-100 elsewhere)."""
+    rows = []
+    for conv in read_records(path):
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, train in chatml_segments(conv):
+            t = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            labels += t if train else [-100] * len(t)
+        rows.append((ids, labels))
+    return rows
+
+
 def pretrain_llm(
     out: Path,
     tokenizer,
@@ -92,18 +106,7 @@ def pretrain_llm(
         pad_token_id=tokenizer.pad_token_id,
     )
     model = AutoModelForCausalLM.from_config(config)
-    per_source: list[list[tuple[list[int], list[int]]]] = []
-    for path, _ in sources:
-        rows = []
-        for conv in read_records(path):
-            ids: list[int] = []
-            labels: list[int] = []
-            for text, train in chatml_segments(conv):
-                t = tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids += t
-                labels += t if train else [-100] * len(t)
-            rows.append((ids, labels))
-        per_source.append(rows)
+    per_source = [_answer_labelled(path, tokenizer) for path, _ in sources]
     rng = random.Random(seed)
     opt = make_optimizer(model, lr, 0.01, (0.9, 0.95))
     model.train()

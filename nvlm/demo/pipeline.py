@@ -192,16 +192,23 @@ def run_demo(
         results.update({k: runs[0][k] for k in ("arch", "tasks", "tasks_stage1", "text")})
     (root / "results.json").write_text(json.dumps(results, indent=2))
     log(render_table(results))
-    final, processor = nvlm.load(runs[-1]["checkpoint"])
+    ask_about_a_fresh_image(runs[-1]["checkpoint"], root, seed, log)
+    return results
+
+
+def ask_about_a_fresh_image(checkpoint: str, root: Path, seed: int, log=print) -> None:
+    """The final model answers about an image drawn after training, saved as fresh.png; how to chat with it."""
+    import nvlm
+
+    final, processor = nvlm.load(checkpoint)
     ex = synthetic.fresh_question(seed + 12345)
     ex.image.save(root / "fresh.png")
     answer = final.chat(processor, ex.question, image=ex.image, max_new_tokens=4)
     log(
         f"\nfresh image {root / 'fresh.png'} ({ex.task}): {ex.question!r} → model says {answer!r} "
-        f"(truth {ex.answer!r})\nchat with it: nvlm chat --model {runs[-1]['checkpoint']} --image "
+        f"(truth {ex.answer!r})\nchat with it: nvlm chat --model {checkpoint} --image "
         f"{root / 'fresh.png'} {json.dumps(ex.question)}"
     )
-    return results
 
 
 def render_table(results: dict[str, Any]) -> str:

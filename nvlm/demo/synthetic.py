@@ -214,6 +214,7 @@ def _write_jsonl(path: Path, records: list[dict], hashes: dict[str, str], out: P
     hashes[path.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
 
 
+# Long on purpose: the data set's recipe in the order it is written (tasks, splits, text-only sets, manifest).
 def generate(
     out_dir: str | Path,
     n_train_per_task: int,

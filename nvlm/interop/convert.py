@@ -107,6 +107,7 @@ def convert(
 
 
 # ---- release → ours ----------------------------------------------------------------------------------------------
+# Long on purpose: the conversion's steps in order (config, tensors one at a time, tokenizer, checks).
 def to_ours(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     from transformers import AutoConfig, InternVLVisionConfig
 

@@ -208,6 +208,8 @@ class NVLM(nn.Module):
             )
 
     # ---- the forward pass --------------------------------------------------------------------------------
+    # Long on purpose: the three routes (labelled loss, layerwise decoding, the LLM's own forward) side by side,
+    # after the inputs they share, so a reader sees which one runs when.
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -248,15 +250,7 @@ class NVLM(nn.Module):
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         # With position_ids that restart and no attention_mask (a packed row), the LLM attends within each
         # packed sample only (transformers derives the block-diagonal causal mask from the restarts).
-        xattn = None  # what the CrossAttentionDecoderLayers read; None skips every block
-        if state is not None and not self.gate_off:
-            if xattn_lo is None:  # decode step: see the sample's whole memory (the same mask every step)
-                allowed, row = state.step_mask(*input_ids.shape)
-            elif xattn_hi is None:
-                raise ValueError("xattn_lo was given without xattn_hi")
-            else:  # one mask for all blocks of this forward
-                allowed, row = xattn_mask(xattn_lo.to(self.device), xattn_hi.to(self.device), state.memory.shape[1])
-            xattn = XAttnInputs(state, allowed, row)
+        xattn = self._xattn_inputs(state, input_ids.shape, xattn_lo, xattn_hi)
         extra: dict[str, Any] = {"xattn": xattn} if self.xattn else {}  # the LLM passes it down to its layers
         if packed:  # packed rows: attention per sample (nvlm.models.packed_attention), boundaries read once
             if attention_mask is not None or position_ids is None or past_key_values is not None:
@@ -295,6 +289,22 @@ class NVLM(nn.Module):
         if labels is not None:
             loss_sum, n = self.loss(out.logits, labels)
         return Output(out.logits, out.cache if use_cache else None, state, loss_sum, n, unused)
+
+    def _xattn_inputs(
+        self, state: XAttnState | None, shape: torch.Size, lo: torch.Tensor | None, hi: torch.Tensor | None
+    ) -> XAttnInputs | None:
+        """What the CrossAttentionDecoderLayers read: the memory and, per token, which of it it sees; None (no
+        memory, or ``gate_off``) skips every block. Without `lo`/`hi` (a decoding step) each new token sees its
+        sample's whole memory."""
+        if state is None or self.gate_off:
+            return None
+        if lo is None:  # decode step: the same mask every step
+            allowed, row = state.step_mask(*shape)
+        elif hi is None:
+            raise ValueError("xattn_lo was given without xattn_hi")
+        else:  # one mask for all blocks of this forward
+            allowed, row = xattn_mask(lo.to(self.device), hi.to(self.device), state.memory.shape[1])
+        return XAttnInputs(state, allowed, row)
 
     def _decoding_layerwise(self, cache: Any) -> bool:
         """A decoding step (a cache that already holds tokens) of an LLM that ``decode_step`` covers."""

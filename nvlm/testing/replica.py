@@ -25,6 +25,7 @@ REMOTE_CODE = (
 )
 
 
+# Long on purpose: the release folder written file by file, in the release's own layout and names.
 def release_replica(
     root: str | Path,
     *,

@@ -50,11 +50,11 @@ def run_model(cfg: RunConfig) -> Unfilled:
     return new_model(spec.arch, spec.llm, vision, tokenizer, dict(spec.overrides))
 
 
-def build_model(cfg: RunConfig) -> tuple[NVLM, Processor]:
-    """The run's model on one process, filled, with its processor. With ``train.lora`` its PEFT adapters are
-    injected right after the weights, so their random weights are drawn at the same point of the seeded stream
-    on 1 process as on N."""
-    built = run_model(cfg)
+def build_model(cfg: RunConfig, built: Unfilled | None = None) -> tuple[NVLM, Processor]:
+    """The run's model on one process, filled, with its processor (`built`: ``run_model(cfg)`` made earlier).
+    With ``train.lora`` its PEFT adapters are injected right after the weights, so their random weights are drawn
+    at the same point of the seeded stream on 1 process as on N."""
+    built = built or run_model(cfg)
     if built.folders:
         model = fill_whole(built, cfg.model.llm)
     else:  # a released NVLM-D folder: renamed as it is read
@@ -64,11 +64,11 @@ def build_model(cfg: RunConfig) -> tuple[NVLM, Processor]:
     return model, built.processor
 
 
-def build_sharded(cfg: RunConfig, world: World) -> tuple[NVLM, Processor]:
-    """The run's model prepared over `world` (``prepare``), every process filling its own blocks. What the
-    files cannot give block by block (LoRA adapters, a released NVLM-D folder) is built whole on process 0 and
-    broadcast, tensor by tensor."""
-    built = run_model(cfg)
+def build_sharded(cfg: RunConfig, world: World, built: Unfilled | None = None) -> tuple[NVLM, Processor]:
+    """The run's model prepared over `world` (``prepare``), every process filling its own blocks (`built`:
+    ``run_model(cfg)`` made earlier). What the files cannot give block by block (LoRA adapters, a released
+    NVLM-D folder) is built whole on process 0 and broadcast, tensor by tensor."""
+    built = built or run_model(cfg)
     model, plan = built.model, None if cfg.train.lora.enabled else built.plan()
     real = None
     if plan is None:

@@ -80,6 +80,7 @@ def attention_flops(width: int, t_q: int, t_k: int, backward: bool) -> int:
     return 4 * width * t_q * t_k * (3 if backward else 1)
 
 
+# Long on purpose: one term per matmul of a training step, each beside its formula.
 def train_flops(
     model: NVLM, tokens: SampleTokens, stage: str = "sft", *, freeze_llm: bool = False, unfreeze_vision: bool = False
 ) -> dict[str, int]:

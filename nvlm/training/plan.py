@@ -200,6 +200,7 @@ def xattn_memory_bytes(q: int, kv: int) -> int:
     return 2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)
 
 
+# Long on purpose: one term per kept activation, each beside its formula, as the module docstring lists them.
 def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool, tp: int = 1) -> dict[str, int]:
     """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring), on
     one tp rank: tensor parallelism with sequence-parallel norms splits the LLM's, the x-attn blocks' and the
@@ -312,6 +313,7 @@ def memory(model: NVLM, cfg: RunConfig, dp: int, tp: int, micro: int, ac: bool) 
     }
 
 
+# Long on purpose: the planner's steps in order (layout, parameters, units, memory, time, recommendation).
 def plan(cfg: RunConfig, world_size: int, hardware: Any = None, recommend: bool = True) -> dict[str, Any]:
     """Parameters per component, the FSDP2 units and an estimate of GiB per GPU for `world_size` processes in
     the config's layout (train.tp × train.dp_shard); with the time per step, MFU and (`recommend`) the best

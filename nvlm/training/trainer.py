@@ -44,8 +44,9 @@ from nvlm.distributed.parallel import (
     with_layout,
 )
 from nvlm.distributed.tensor_parallel import clip_grad_norm
+from nvlm.loading import Unfilled
 from nvlm.models.packed_attention import use_packed_attention
-from nvlm.training.build import build_model, build_sharded, prepare
+from nvlm.training.build import build_model, build_sharded, prepare, run_model
 from nvlm.training.config import RunConfig
 from nvlm.training.flops import batch_flops, device_peak_flops
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
@@ -163,26 +164,8 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.device = self.world.device
-        if self.world.distributed:
-            self.model, self.processor = build_sharded(cfg, self.world)  # prepared as it is filled
-            if not self.world.main or self.world.tp > 1:  # distinct streams per data-parallel rank (dropout)
-                torch.manual_seed(t.seed + self.world.dp_rank)  # the same within a TP group
-        else:
-            self.model, self.processor = build_model(cfg)
-            prepare(self.model.to(self.device), t, self.world)
-        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask
-        self.packed_attention = self.packing and t.attn == "sdpa" and self.device.type == "cpu"
-        if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
-            self.model.llm.set_attn_implementation(t.attn)
-        elif self.packed_attention:
-            use_packed_attention(self.model.llm)
-        self.log(f"stage {t.stage}: what trains\n{trainable_table(self.model)}")
-        if self.world.size > 1:
-            self.log(
-                f"{self.world.dp_size} data-parallel ranks (each tp {self.world.tp}) × {t.micro_batch_size} samples × "
-                f"{self.accum} accumulation "
-                f"steps = global batch {t.global_batch_size}"
-            )
+        built = run_model(cfg)  # the skeleton and its processor: the data stream needs no weights
+        self.processor = built.processor
         self.stream = SampleStream(
             load_blend(cfg),
             self.processor,
@@ -195,6 +178,7 @@ class Trainer:
             read_timeout=cfg.data.read_timeout_s,
             workers=cfg.data.workers,
         )
+        self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
         # MFU per logged step: model FLOPs (nvlm.training.flops, from the batches' shapes) / step time / this bf16
@@ -211,6 +195,30 @@ class Trainer:
         self._checkpoints = CheckpointWriter(self.world, t.async_checkpoint)
         self._prefetch: Prefetcher | None = None
         self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
+
+    def _model(self, built: Unfilled) -> nvlm.NVLM:
+        """The run's model, filled and prepared (``nvlm.training.build``), its attention set for packed rows."""
+        t = self.cfg.train
+        if self.world.distributed:
+            model = build_sharded(self.cfg, self.world, built)[0]  # prepared as it is filled
+            if not self.world.main or self.world.tp > 1:  # distinct streams per data-parallel rank (dropout)
+                torch.manual_seed(t.seed + self.world.dp_rank)  # the same within a TP group
+        else:
+            model = build_model(self.cfg, built)[0]
+            prepare(model.to(self.device), t, self.world)
+        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask
+        self.packed_attention = self.packing and t.attn == "sdpa" and self.device.type == "cpu"
+        if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
+            model.llm.set_attn_implementation(t.attn)
+        elif self.packed_attention:
+            use_packed_attention(model.llm)
+        self.log(f"stage {t.stage}: what trains\n{trainable_table(model)}")
+        if self.world.size > 1:
+            self.log(
+                f"{self.world.dp_size} data-parallel ranks (each tp {self.world.tp}) × {t.micro_batch_size} samples × "
+                f"{self.accum} accumulation steps = global batch {t.global_batch_size}"
+            )
+        return model
 
     @property
     def packing(self) -> bool:

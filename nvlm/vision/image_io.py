@@ -114,6 +114,7 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     return out if out.mode == "RGB" else out.convert("RGB")
 
 
+# Long on purpose: the safety checks in the order they must run (the pixel cap before any decode).
 def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load ``source`` as an RGB uint8 image; raise ``ImageLoadError`` on anything unsafe or unreadable."""
     if not isinstance(max_pixels, int) or max_pixels < 1:
