@@ -82,6 +82,8 @@ def new_model(arch: str, llm: Any, vision: Any, tokenizer: Any, overrides: dict[
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     llm_folder = isinstance(llm, (str, os.PathLike))
+    if llm_folder and not os.path.isdir(llm):
+        raise FileNotFoundError(f"LLM {llm}: not a folder; give a local Hugging Face model folder")
     llm_cfg = load_llm_config(llm) if llm_folder else llm_config(llm) if isinstance(llm, dict) else llm
     folders: fill.Folders = {"llm.": (Path(llm), ("",))} if llm_folder else {}
     tower, kind, vision_cfg, vision_folder = _vision_source(vision)

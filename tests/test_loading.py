@@ -81,3 +81,8 @@ def test_tied_embeddings_stay_tied_through_the_fill(backbones, tmp_path):
     assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
     theirs = AutoModelForCausalLM.from_pretrained(folder).state_dict()["model.embed_tokens.weight"]
     assert torch.equal(model.llm.get_input_embeddings().weight[: theirs.shape[0]], theirs)
+
+
+def test_a_missing_llm_folder_is_named(backbones, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        nvlm.build("D", llm=str(tmp_path / "nowhere"), vision=str(backbones["internvl"]))
