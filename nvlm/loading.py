@@ -75,6 +75,8 @@ def new_model(arch: str, llm: Any, vision: Any, tokenizer: Any, overrides: dict[
     to the tokenizer, the LLM's embeddings grown to it, its own modules drawn from the global random stream."""
     if llm is None or vision is None:
         raise ValueError("nvlm.build needs llm= (a local HF model folder or config) and vision= (same)")
+    if isinstance(llm, (str, os.PathLike)) and not os.path.isdir(llm):
+        raise FileNotFoundError(f"LLM {llm}: not a folder; give a local Hugging Face model folder")
     if tokenizer is None:
         if not isinstance(llm, (str, os.PathLike)):
             raise ValueError("nvlm.build: give tokenizer= (a folder or tokenizer object) when llm is a config")
@@ -82,8 +84,6 @@ def new_model(arch: str, llm: Any, vision: Any, tokenizer: Any, overrides: dict[
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     llm_folder = isinstance(llm, (str, os.PathLike))
-    if llm_folder and not os.path.isdir(llm):
-        raise FileNotFoundError(f"LLM {llm}: not a folder; give a local Hugging Face model folder")
     llm_cfg = load_llm_config(llm) if llm_folder else llm_config(llm) if isinstance(llm, dict) else llm
     folders: fill.Folders = {"llm.": (Path(llm), ("",))} if llm_folder else {}
     tower, kind, vision_cfg, vision_folder = _vision_source(vision)
