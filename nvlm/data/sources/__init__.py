@@ -1,0 +1,116 @@
+"""Opening a ``data.sources`` entry: its kind is told from the path, its records read through an index.
+
+``open_sources(path, …)`` → blend `Source`s (one, or one per entry of an InternVL meta-JSON);
+``open_mixture(specs, seed)`` → the `Mixture` the trainer reads. Kinds (see each module):
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from nvlm.data.blend import Source
+from nvlm.data.formats import read_records
+from nvlm.data.mixture import Mixture
+from nvlm.data.sources.base import BadRecord, ListSource, RecordSource, file_signature
+from nvlm.data.sources.internvl import is_meta, read_meta
+from nvlm.data.sources.jsonl import JsonlSource
+from nvlm.data.sources.parquet import ParquetSource, parquet_files
+from nvlm.data.sources.webdataset import WebDatasetSource, shard_paths
+from nvlm.errors import UserError
+
+KINDS = (
+    "JSONL conversations (a .jsonl file; a .json list is read whole)",
+    "Parquet (a .parquet file, a folder of them or a glob: LLaVA-OneVision, The Cauldron, FineVision layouts)",
+    "WebDataset tar shards (a .tar, a folder of .tar files, or a brace pattern 'shards/{00000..00099}.tar')",
+    "an InternVL meta-JSON (a .json of {name: {root, annotation, repeat_time, ...}})",
+)
+__doc__ = (__doc__ or "") + "".join(f"\n* {k}" for k in KINDS) + "\n"
+__all__ = ["BadRecord", "KINDS", "RecordSource", "kind_of", "open_mixture", "open_sources", "source_files"]
+
+META_SNIFF_BYTES = 1 << 20  # a meta-JSON is small; a larger .json is a list of records
+
+
+def kind_of(path: str) -> str:
+    """ "jsonl" | "json" | "internvl" | "parquet" | "webdataset"; UserError listing what is read otherwise."""
+    if "{" in path or path.endswith(".tar"):
+        return "webdataset"
+    if path.endswith(".parquet") or (os.path.isdir(path) and parquet_files(path)):
+        return "parquet"
+    if os.path.isdir(path) and any(Path(path).glob("*.tar")):
+        return "webdataset"
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith(".json"):
+        return "internvl" if _looks_like_meta(path) else "json"
+    if not os.path.exists(path) and not any(c in path for c in "*?["):
+        raise UserError(f"{path}: data source not found; check data.sources[].path")
+    if os.path.isdir(path) and (Path(path) / ".nv-meta").is_dir():
+        raise UserError(
+            f"{path}: an Energon dataset (.nv-meta): nvlm does not read those yet; its .tar shards are WebDataset "
+            "shards: give the folder's shards as a brace pattern or folder without .nv-meta"
+        )
+    raise UserError(f"{path}: cannot tell what kind of data this is; nvlm reads: " + "; ".join(KINDS))
+
+
+def _looks_like_meta(path: str) -> bool:
+    try:
+        if os.path.getsize(path) > META_SNIFF_BYTES:
+            return False
+        return is_meta(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False  # read_records reports it, naming the file
+
+
+def open_sources(
+    path: str, name: str | None = None, weight: float = 1.0, image_root: str | None = None, max_tiles: int | None = None
+) -> list[Source]:
+    """The blend sources of one ``data.sources`` entry."""
+    kind = kind_of(path)
+    name = name or Path(path.split("{")[0].rstrip("/*")).stem or Path(path).stem
+    records: Any
+    if kind == "internvl":
+        caps = lambda cap: cap if max_tiles is None else min(cap or max_tiles, max_tiles)  # noqa: E731
+        return [Source(f"{name}/{e}", recs, weight * share, caps(cap)) for e, recs, share, cap in read_meta(path)]
+    if kind == "jsonl":
+        records = JsonlSource(path, image_root)
+    elif kind == "json":
+        records = ListSource(list(read_records(path, image_root)), path)
+    elif kind == "parquet":
+        files = parquet_files(path)
+        if not files:
+            raise UserError(f"{path}: no .parquet files there; check data.sources[].path")
+        records = ParquetSource(files, path)
+    else:
+        records = WebDatasetSource(path)
+    return [Source(name, records, weight, max_tiles)]
+
+
+def open_mixture(specs: list[Any], seed: int = 0) -> Mixture:
+    """A `Mixture` of ``data.sources`` entries (objects with path, weight, name, image_root[, max_tiles])."""
+    sources: list[Source] = []
+    for spec in specs:
+        sources += open_sources(spec.path, spec.name, spec.weight, spec.image_root, getattr(spec, "max_tiles", None))
+    try:
+        return Mixture(sources, seed=seed)
+    except ValueError as e:
+        raise UserError(f"data.sources: {e}") from None
+
+
+def source_files(path: str) -> list[str]:
+    """The files a source reads its records from (for fingerprints and messages; not the images they name)."""
+    kind = kind_of(path)
+    if kind == "parquet":
+        return parquet_files(path)
+    if kind == "webdataset":
+        return shard_paths(path)
+    if kind == "internvl":
+        return [path] + [str(Path(r.path)) for _, r, _, _ in read_meta(path)]
+    return [path]
+
+
+def signature(path: str) -> str:
+    """A fingerprint of a source's files (path, size, mtime): cheap at any size, unlike a content hash."""
+    return file_signature(source_files(path))
