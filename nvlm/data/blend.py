@@ -156,7 +156,7 @@ class SampleStream:
         self.recent_errors: deque[str] = deque(maxlen=5)
         self._bad_in_row = 0
         self.read_timeout = read_timeout
-        self.trace: list[tuple[str, int, int]] | None = None  # set to [] to log each read: (source, item, worker)
+        self.trace: list[tuple[int, str, int, int]] | None = None  # [] logs each read: (position, source, item, worker)
         self.reader = Reader(
             processor,
             system,
@@ -213,7 +213,9 @@ class SampleStream:
         """Load one drawn sample and keep it, or count it as bad / too long and return None."""
         self.counts["read"] += 1
         if self.trace is not None:
-            self.trace.append((self.blend.sources[drawn.task.source].name, drawn.task.item, drawn.worker))
+            self.trace.append(
+                (drawn.position, self.blend.sources[drawn.task.source].name, drawn.task.item, drawn.worker)
+            )
         try:
             got = load()
         except SampleTimeout as e:

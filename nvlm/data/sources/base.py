@@ -95,11 +95,17 @@ def cached_arrays(
     done = folder / "done.json"
     if not done.exists():
         arrays = build()
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, array in arrays.items():
-            _atomic(folder / f"{name}.npy", partial(np.save, arr=array, allow_pickle=False))
         names = {"arrays": sorted(arrays), "files": [str(p) for p in paths][:5], "count": len(paths)}
-        _atomic(done, lambda f: f.write(json.dumps(names).encode()))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, array in arrays.items():
+                _atomic(folder / f"{name}.npy", partial(np.save, arr=array, allow_pickle=False))
+            _atomic(done, lambda f: f.write(json.dumps(names).encode()))
+        except OSError as e:
+            raise UserError(
+                f"cannot save the data index of {paths[0]} in {folder} ({e.strerror or e}); set NVLM_INDEX_DIR "
+                "to a writable folder"
+            ) from None
     names = json.loads(done.read_text())["arrays"]
     return {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
 
