@@ -68,6 +68,8 @@ def open_sources(
     path: str, name: str | None = None, weight: float = 1.0, image_root: str | None = None, max_tiles: int | None = None
 ) -> list[Source]:
     """The blend sources of one ``data.sources`` entry."""
+    if max_tiles is not None and not (isinstance(max_tiles, int) and 1 <= max_tiles <= 40):
+        raise UserError(f"{path}: max_tiles must be an integer from 1 to 40, got {max_tiles!r}")
     kind = kind_of(path)
     name = name or Path(path.split("{")[0].rstrip("/*")).stem or Path(path).stem
     records: Any

@@ -20,6 +20,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -34,10 +35,17 @@ __all__ = ["BadRecord", "ListSource", "RecordSource", "cached_arrays", "file_sig
 
 
 class RecordSource:
-    """A sequence of conversations read on demand; subclasses implement ``__len__``, ``read`` and ``describe``."""
+    """A sequence of conversations read on demand; subclasses implement ``__len__``, ``read`` and ``describe``.
+
+    Attributes whose names start with ``_`` belong to one process (open files, the mapped index, caches): they
+    are not pickled, and ``_reset`` makes them anew. Reads take a lock: a read that timed out in its thread
+    (``data.read_timeout_s``) may still be running when the next one starts, and both would seek one file."""
 
     kind = "records"
     path = ""
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -48,7 +56,15 @@ class RecordSource:
     def __getitem__(self, i: int) -> Conversation:
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} of {len(self)} in {self.path}")
-        return self.read(i)
+        with self._lock:
+            return self.read(i)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def __iter__(self) -> Iterator[Conversation]:
         for i in range(len(self)):
@@ -66,6 +82,7 @@ class ListSource(RecordSource):
 
     def __init__(self, records: Sequence[Conversation], path: str = "<memory>") -> None:
         self.records, self.path = list(records), path
+        self._reset()
 
     def __len__(self) -> int:
         return len(self.records)

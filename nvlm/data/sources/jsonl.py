@@ -58,9 +58,13 @@ class JsonlSource(RecordSource):
         require_file(path)
         self.path = str(path)
         self.image_root = str(image_root) if image_root is not None else str(Path(path).parent)
+        self._reset()
+        len(self)  # build or open the index now: its errors belong to start-up
+
+    def _reset(self) -> None:
+        super()._reset()
         self._arrays: dict[str, np.ndarray] | None = None
         self._file: Any = None
-        len(self)  # build or open the index now: its errors belong to start-up
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -91,6 +95,3 @@ class JsonlSource(RecordSource):
             return parse_record(obj, self.image_root, where)
         except DataFormatError as e:
             raise BadRecord(str(e)) from None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_file": None}  # a worker maps the index and opens the file anew

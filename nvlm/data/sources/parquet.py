@@ -77,10 +77,14 @@ class ParquetSource(RecordSource):
         self.files, self.path = files, path or files[0]
         self.columns = list(pq.read_schema(files[0]).names)
         self.layout = layout_of(self.columns, files[0])
+        self._reset()
+        len(self)  # build or open the index now
+
+    def _reset(self) -> None:
+        super()._reset()
         self._arrays: dict[str, np.ndarray] | None = None
         self._cached: tuple[int, Any] | None = None  # (row group, its Arrow table)
         self._open: dict[str, Any] = {}  # path → pyarrow.parquet.ParquetFile
-        len(self)  # build or open the index now
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -134,9 +138,6 @@ class ParquetSource(RecordSource):
             "row_groups": len(self.arrays["group"]),
             "columns": self.columns,
         }
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_cached": None, "_open": {}}
 
 
 def _image(value: Any, root: Path, where: str) -> Any:

@@ -123,9 +123,13 @@ class WebDatasetSource(RecordSource):
 
     def __init__(self, spec: str) -> None:
         self.path, self.shards = spec, shard_paths(spec)
+        self._reset()
+        len(self)
+
+    def _reset(self) -> None:
+        super()._reset()
         self._arrays: dict[str, np.ndarray] | None = None
         self._open: OrderedDict[int, Any] = OrderedDict()  # a few open shard files, least recent first
-        len(self)
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -177,9 +181,6 @@ class WebDatasetSource(RecordSource):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "shards": len(self.shards)}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_open": OrderedDict()}
 
 
 def _first_key(raw: bytes) -> str | None:
