@@ -117,3 +117,16 @@ def test_missing_shards_and_unwritable_indexes_stop_before_training(tmp_path, mo
     monkeypatch.setenv("NVLM_INDEX_DIR", str(blocked))
     with pytest.raises(UserError, match="cannot save the data index.*NVLM_INDEX_DIR"):
         open_sources(str(write_jsonl(tmp_path / "j", 2)))
+
+
+def test_a_source_whose_first_records_all_fail_is_refused_at_start(tmp_path):
+    path = tmp_path / "wrong.jsonl"
+    path.write_text("".join(json.dumps({"question": "q", "answer": "a"}) + "\n" for _ in range(20)))
+    spec = SimpleNamespace(path=str(path), name="w", weight=1.0, image_root=None)
+    with pytest.raises(UserError, match=r"wrong.jsonl:1: expected a 'conversations'.*none of the first 8 records"):
+        open_mixture([spec])
+    mixed = tmp_path / "mixed.jsonl"  # a good record among the first: the run starts, the bad ones are counted
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = path.read_text().splitlines(keepends=True)
+    mixed.write_text("".join(bad[:3]) + json.dumps(good) + "\n" + "".join(bad[3:]))
+    assert len(open_mixture([SimpleNamespace(**{**vars(spec), "path": str(mixed)})]).sources[0].records) == 21

@@ -64,3 +64,24 @@ def test_unknown_and_missing_sources_are_user_errors(tmp_path):
         run("inspect", str(tmp_path / "x.csv"))
     with pytest.raises(UserError, match="shard"):
         run("bench", str(tmp_path / "s/{0..3}.tar"))
+
+
+def test_pack_writes_shards_that_read_back_as_the_same_conversations(tmp_path, capsys):
+    paths = every_kind(tmp_path, 5)
+    from nvlm.data.sources import open_sources
+    from nvlm.vision.image_io import load_image
+
+    for kind in ("jsonl", "llava", "finevision"):
+        out = tmp_path / f"packed-{kind}"
+        assert run("pack", paths[kind], str(out), "--shard-size", "3KB") == 0
+        pattern = capsys.readouterr().out.strip().split(": ")[-1]
+        (before,), (after,) = open_sources(paths[kind]), open_sources(pattern)
+        assert len(after.records.shards) > 1 and len(after.records) == len(before.records) == 5
+        for i in range(5):
+            a, b = before.records[i], after.records[i]
+            assert a.messages == b.messages
+            assert [load_image(x).tobytes() for x in a.images] == [load_image(x).tobytes() for x in b.images]
+    with pytest.raises(UserError, match="not empty"):
+        run("pack", paths["jsonl"], str(tmp_path / "packed-jsonl"))
+    with pytest.raises(UserError, match="--shard-size"):
+        run("pack", paths["jsonl"], str(tmp_path / "x"), "--shard-size", "lots")

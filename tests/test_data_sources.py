@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from data_fixtures import answer, every_kind, png, write_jsonl
+from data_fixtures import answer, every_kind, png, write_jsonl, write_shards
 
 from nvlm.data.formats import read_records
 from nvlm.data.mixture import Mixture
@@ -127,3 +127,25 @@ def test_mixture_weights_epochs_and_random_access(tmp_path):
     with pytest.raises(ValueError, match="blend changed"):
         Mixture([Src("a", 700, 3.0)], seed=5).load_state_dict(state)
     assert os.environ["NVLM_INDEX_DIR"]  # (no index touched: in-memory sources)
+
+
+def test_an_energon_dataset_folder_reads_its_train_split(tmp_path):
+    import shutil
+
+    pattern = write_shards(tmp_path, 9, shards=3, caption=True)  # caption/{00000..00002}.tar: image + .txt
+    folder = tmp_path / "energon"
+    shutil.copytree(tmp_path / "caption", folder / "parts")
+    (folder / ".nv-meta").mkdir()
+    (folder / ".nv-meta" / "split.yaml").write_text(
+        "split_parts:\n  train:\n    - parts/{00000..00001}.tar\n  val:\n    - parts/00002.tar\nexclude:\n"
+        "  - parts/00001.tar\n"
+    )
+    (src,) = open_sources(str(folder))
+    assert kind_of(str(folder)) == "energon" and src.records.shards == [str(folder / "parts" / "00000.tar")]
+    assert [src.records[i].messages[-1]["content"] for i in range(len(src.records))] == [
+        answer("caption", i) for i in range(3)
+    ]
+    assert len(open_sources(pattern)[0].records) == 9
+    (folder / ".nv-meta" / "split.yaml").write_text("split_parts:\n  val:\n    - parts/00002.tar\n")
+    with pytest.raises(UserError, match="no 'train' split part"):
+        open_sources(str(folder))

@@ -3,6 +3,7 @@
     nvlm data inspect PATH [PATH …]          kind, layout, files, records, one sample with its tiles and tokens
     nvlm data index PATH [PATH …]            build the sources' indexes now (a run then starts at once)
     nvlm data bench PATH [PATH …] --workers N   loader-only samples/s: read, decode, tile, tokenize
+    nvlm data pack SOURCE OUT [--shard-size 1GB]  a source as WebDataset shards (``nvlm.data.pack``)
 
 (``python -m nvlm.data.cli COMMAND …`` runs the same commands.)
 
@@ -50,10 +51,31 @@ def add_parser(subparsers: Any) -> None:
             p.add_argument("--samples", type=int, default=256, help="samples to time (after one warm-up batch)")
             p.add_argument("--batch", type=int, default=16, help="samples per batch() call")
         p.set_defaults(func=main)
+    p = sub.add_parser("pack", help="write a source as WebDataset tar shards (one seek a sample when training)")
+    p.add_argument("source", help="any source nvlm reads (JSONL, Parquet, shards, InternVL meta-JSON entries)")
+    p.add_argument("out", help="a new or empty folder for the shards")
+    p.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
+    p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"inspect": inspect, "index": index, "bench": bench}[args.data_command](args)
+    return {"inspect": inspect, "index": index, "bench": bench, "pack": pack}[args.data_command](args)
+
+
+def pack(args: argparse.Namespace) -> int:
+    from nvlm.data.pack import pack as write_shards
+    from nvlm.data.pack import parse_size
+
+    size = parse_size(args.shard_size)
+    for k, source in enumerate(open_sources(args.source)):
+        out = args.out if k == 0 else f"{args.out}-{source.name.replace('/', '-')}"
+        done = write_shards(source.records, out, size)
+        print(f"{source.name}: {done.samples:,} samples in {len(done.shards)} shard(s): {done.pattern}")
+        for message in done.skipped[:10]:
+            print(f"  skipped: {message}")
+        if len(done.skipped) > 10:
+            print(f"  … {len(done.skipped) - 10} more skipped")
+    return 0
 
 
 def processor(args: argparse.Namespace) -> Any:

@@ -18,7 +18,7 @@ from nvlm.data.sources.base import BadRecord, ListSource, RecordSource, file_sig
 from nvlm.data.sources.internvl import is_meta, read_meta
 from nvlm.data.sources.jsonl import JsonlSource
 from nvlm.data.sources.parquet import ParquetSource, parquet_files
-from nvlm.data.sources.webdataset import WebDatasetSource, shard_paths
+from nvlm.data.sources.webdataset import WebDatasetSource, energon_shards, shard_paths
 from nvlm.errors import UserError
 
 KINDS = (
@@ -26,6 +26,7 @@ KINDS = (
     "Parquet (a .parquet file, a folder of them or a glob: LLaVA-OneVision, The Cauldron, FineVision layouts)",
     "WebDataset tar shards (a .tar, a folder of .tar files, or a brace pattern 'shards/{00000..00099}.tar')",
     "an InternVL meta-JSON (a .json of {name: {root, annotation, repeat_time, ...}})",
+    "an Energon dataset folder (.nv-meta from `energon prepare`: its train split's shards, as WebDataset)",
 )
 __doc__ = (__doc__ or "") + "".join(f"\n* {k}" for k in KINDS) + "\n"
 __all__ = ["BadRecord", "KINDS", "RecordSource", "kind_of", "open_mixture", "open_sources", "source_files"]
@@ -34,9 +35,11 @@ META_SNIFF_BYTES = 1 << 20  # a meta-JSON is small; a larger .json is a list of 
 
 
 def kind_of(path: str) -> str:
-    """ "jsonl" | "json" | "internvl" | "parquet" | "webdataset"; UserError listing what is read otherwise."""
+    """One of "jsonl", "json", "internvl", "parquet", "webdataset", "energon"; else UserError listing them."""
     if "{" in path or path.endswith(".tar"):
         return "webdataset"
+    if os.path.isdir(path) and (Path(path) / ".nv-meta").is_dir():
+        return "energon"
     if path.endswith(".parquet") or (os.path.isdir(path) and parquet_files(path)):
         return "parquet"
     if os.path.isdir(path) and any(Path(path).glob("*.tar")):
@@ -47,11 +50,6 @@ def kind_of(path: str) -> str:
         return "internvl" if _looks_like_meta(path) else "json"
     if not os.path.exists(path) and not any(c in path for c in "*?["):
         raise UserError(f"{path}: data source not found; check data.sources[].path")
-    if os.path.isdir(path) and (Path(path) / ".nv-meta").is_dir():
-        raise UserError(
-            f"{path}: an Energon dataset (.nv-meta): nvlm does not read those yet; its .tar shards are WebDataset "
-            "shards: give the folder's shards as a brace pattern or folder without .nv-meta"
-        )
     raise UserError(f"{path}: cannot tell what kind of data this is; nvlm reads: " + "; ".join(KINDS))
 
 
@@ -85,20 +83,44 @@ def open_sources(
         if not files:
             raise UserError(f"{path}: no .parquet files there; check data.sources[].path")
         records = ParquetSource(files, path)
+    elif kind == "energon":
+        records = WebDatasetSource(path, energon_shards(path))
     else:
         records = WebDatasetSource(path)
     return [Source(name, records, weight, max_tiles)]
 
 
+PREFLIGHT = 8  # records read from each source at start: if none reads, its format is wrong
+
+
 def open_mixture(specs: list[Any], seed: int = 0) -> Mixture:
-    """A `Mixture` of ``data.sources`` entries (objects with path, weight, name, image_root[, max_tiles])."""
+    """A `Mixture` of ``data.sources`` entries (objects with path, weight, name, image_root[, max_tiles]).
+    A source whose first records all fail to read is a UserError now, not a run of bad samples later."""
     sources: list[Source] = []
     for spec in specs:
         sources += open_sources(spec.path, spec.name, spec.weight, spec.image_root, getattr(spec, "max_tiles", None))
+    for source in sources:
+        preflight(source)
     try:
         return Mixture(sources, seed=seed)
     except ValueError as e:
         raise UserError(f"data.sources: {e}") from None
+
+
+def preflight(source: Source) -> None:
+    """UserError if none of the source's first `PREFLIGHT` records reads (bad records among good ones are
+    skipped and counted by the sample stream instead)."""
+    errors = []
+    for i in range(min(PREFLIGHT, len(source.records))):
+        try:
+            source.records[i]
+            return
+        except BadRecord as e:
+            errors.append(str(e))
+    if errors:  # (an empty source is refused by the Mixture)
+        path = getattr(source.records, "path", source.name)
+        hint = f"none of the first {len(errors)} records reads: check the format with `nvlm data inspect {path}`"
+        raise UserError(f"{errors[0]} ({hint})")
 
 
 def source_files(path: str) -> list[str]:
@@ -108,6 +130,8 @@ def source_files(path: str) -> list[str]:
         return parquet_files(path)
     if kind == "webdataset":
         return shard_paths(path)
+    if kind == "energon":
+        return energon_shards(path)
     if kind == "internvl":
         return [path] + [str(Path(r.path)) for _, r, _, _ in read_meta(path)]
     return [path]

@@ -1,9 +1,11 @@
 """WebDataset tar shards: one sample = the consecutive members sharing a key (``0001.jpg``, ``0001.json``).
 
 Shards are named by a brace pattern (``shards/{00000..00099}.tar``, ``{a,b}``), a glob, a folder of ``.tar``
-files or one ``.tar``. Each shard is scanned once with the standard library's ``tarfile`` (headers only, the
-member data is skipped) for the byte range of every sample; the ranges (two uint64 a sample) are cached like
-every index, so reading sample i is one seek and one read of that range, parsed with ``tarfile`` in memory.
+files, one ``.tar``, or an Energon dataset folder (prepared by ``energon prepare``: the shards of its ``train``
+split part, from ``.nv-meta/split.yaml``; Energon's own index and sample-level excludes are not used). Each
+shard is scanned once with the standard library's ``tarfile`` (headers only, the member data is skipped) for
+the byte range of every sample; the ranges (two uint64 a sample) are cached like every index, so reading
+sample i is one seek and one read of that range, parsed with ``tarfile`` in memory.
 
 A sample maps to a conversation by its members:
 
@@ -79,6 +81,22 @@ def shard_paths(spec: str) -> list[str]:
     return shards
 
 
+def energon_shards(folder: str, split: str = "train") -> list[str]:
+    """The shards of an Energon dataset's split (``.nv-meta/split.yaml``: ``split_parts``, minus ``exclude``)."""
+    import yaml
+
+    meta = Path(folder) / ".nv-meta"
+    found = [meta / n for n in ("split.yaml", "split.json") if (meta / n).is_file()]
+    if not found:
+        raise UserError(f"{folder}: an Energon dataset without .nv-meta/split.yaml; run `energon prepare {folder}`")
+    splits = yaml.safe_load(found[0].read_text()) or {}
+    parts = (splits.get("split_parts") or {}).get(split)
+    if not parts:
+        raise UserError(f"{found[0]}: no {split!r} split part (has {sorted(splits.get('split_parts') or {})})")
+    exclude = {e for x in splits.get("exclude") or [] for e in expand_braces(x)}
+    return [str(Path(folder) / n) for part in parts for n in expand_braces(part) if n not in exclude]
+
+
 def scan_shard(path: str) -> np.ndarray:
     """[samples, 2] uint64 byte ranges (first header, end of last member's data) of one shard's samples.
     A shard that ends early keeps its whole samples; the sample cut short reaches past the end (read: bad)."""
@@ -121,8 +139,11 @@ class WebDatasetSource(RecordSource):
 
     kind = "webdataset"
 
-    def __init__(self, spec: str) -> None:
-        self.path, self.shards = spec, shard_paths(spec)
+    def __init__(self, spec: str, shards: list[str] | None = None) -> None:
+        self.path, self.shards = spec, shards or shard_paths(spec)
+        missing = [s for s in self.shards if not os.path.isfile(s)]
+        if missing:
+            raise UserError(f"{spec}: {len(missing)} shard(s) missing (e.g. {missing[:3]}); download them")
         self._reset()
         len(self)
 
