@@ -112,6 +112,9 @@ def test_missing_shards_and_unwritable_indexes_stop_before_training(tmp_path, mo
     spec = SimpleNamespace(path=pattern, name="s", weight=1.0, image_root=None)
     with pytest.raises(UserError, match=r"1 of 2 shard\(s\) missing .*00001.tar"):
         open_mixture([spec])
+    (tmp_path / "wds" / "00001.tar").write_bytes(b"<html>Not Found</html>")
+    with pytest.raises(UserError, match=r"00001.tar: not a readable tar shard"):
+        open_mixture([spec])
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the index folder should be")
     monkeypatch.setenv("NVLM_INDEX_DIR", str(blocked))

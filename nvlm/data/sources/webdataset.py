@@ -129,7 +129,12 @@ def scan_shard(path: str) -> np.ndarray:
 
 
 def _scan(shards: list[str]) -> dict[str, np.ndarray]:
-    spans = [scan_shard(s) for s in shards]
+    spans = []
+    for shard in shards:
+        try:
+            spans.append(scan_shard(shard))
+        except (tarfile.TarError, OSError) as e:  # not a tar at all (an empty or HTML "download")
+            raise UserError(f"{shard}: not a readable tar shard ({e}); re-download or remove it") from None
     counts = np.array([len(s) for s in spans], np.int64)
     return {"spans": np.concatenate(spans), "starts": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
 
