@@ -149,3 +149,30 @@ def test_an_energon_dataset_folder_reads_its_train_split(tmp_path):
     (folder / ".nv-meta" / "split.yaml").write_text("split_parts:\n  val:\n    - parts/00002.tar\n")
     with pytest.raises(UserError, match="no 'train' split part"):
         open_sources(str(folder))
+
+
+def test_tar_members_read_directly_match_tarfile_and_fall_back_to_it(tmp_path):
+    import io
+    import tarfile
+
+    from nvlm.data.formats import BadRecord
+    from nvlm.data.sources.webdataset import plain_members, tarfile_members
+
+    def tar_bytes(fmt, names):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for k, name in enumerate(names):
+                info = tarfile.TarInfo(name)
+                info.size = 700 * k + 3
+                tar.addfile(info, io.BytesIO(bytes([k]) * info.size))
+        return buf.getvalue()
+
+    plain = tar_bytes(tarfile.USTAR_FORMAT, ["a/key.png", "a/key.json", "b" * 60 + "/" + "c" * 90 + ".txt"])
+    assert plain_members(plain) == tarfile_members(plain, "x") and len(plain_members(plain)) == 3
+    long_name = tar_bytes(tarfile.PAX_FORMAT, ["k" * 120 + ".json"])  # a pax header: tarfile reads it
+    assert plain_members(long_name) is None and tarfile_members(long_name, "x")[0][0] == "k" * 120 + ".json"
+    broken = bytearray(plain)
+    broken[10] ^= 0xFF  # the name no longer matches the header's checksum
+    assert plain_members(bytes(broken)) is None
+    with pytest.raises(BadRecord, match="x: unreadable"):
+        tarfile_members(bytes(broken), "x")

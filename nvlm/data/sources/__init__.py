@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ def _looks_like_meta(path: str) -> bool:
         return False  # read_records reports it, naming the file
 
 
+def default_name(path: str) -> str:
+    """A source's name when none is given: the file's stem, or the folder before any pattern ('shards/{0..9}.tar',
+    'llava-ov/*.parquet' → 'shards', 'llava-ov')."""
+    head = re.split(r"[{*?\[]", path, maxsplit=1)[0]
+    if head != path:
+        head = head.rsplit("/", 1)[0] if not head.endswith("/") else head
+    return Path(head.rstrip("/")).stem or "source"
+
+
 def open_sources(
     path: str, name: str | None = None, weight: float = 1.0, image_root: str | None = None, max_tiles: int | None = None
 ) -> list[Source]:
@@ -69,7 +79,7 @@ def open_sources(
     if max_tiles is not None and not (isinstance(max_tiles, int) and 1 <= max_tiles <= 40):
         raise UserError(f"{path}: max_tiles must be an integer from 1 to 40, got {max_tiles!r}")
     kind = kind_of(path)
-    name = name or Path(path.split("{")[0].rstrip("/*")).stem or Path(path).stem
+    name = name or default_name(path)
     records: Any
     if kind == "internvl":
         caps = lambda cap: cap if max_tiles is None else min(cap or max_tiles, max_tiles)  # noqa: E731
