@@ -174,7 +174,8 @@ class SampleStream:
         records = self.blend.sources[s].records
         conv = records[item] if isinstance(records, list) else None
         workers = len(self.pool.workers) if self.pool is not None else 1
-        return Drawn(p, Task(s, item, f"{name}[{item}]", conv), (p // w) % workers)
+        where = conv.source if conv is not None and conv.source else f"{name}[{item}]"
+        return Drawn(p, Task(s, item, where, conv), (p // w) % workers)
 
     def _load(self, task: Task) -> Loaded:
         """Read and encode one sample here; with `read_timeout`, in a daemon thread so that a read that blocks

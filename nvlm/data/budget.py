@@ -25,6 +25,11 @@ def budgets(top: int) -> list[int]:
     return [top] + [t for t in LADDER if t < top]
 
 
+def model_max_tiles(processor: Any) -> int | None:
+    tiling = getattr(getattr(processor, "config", None), "tiling", None)
+    return getattr(tiling, "max_tiles", None)
+
+
 def at_budget(processor: Any, max_tiles: int) -> Any:
     """`processor` with ``tiling.max_tiles`` lowered to `max_tiles` (a shallow copy sharing its tokenizer)."""
     tiling = processor.config.tiling
@@ -44,7 +49,9 @@ def encode_within(
 ) -> tuple[Encoded, int]:
     """(encoded sample, tile budget used): the largest budget whose encoding fits `max_len` tokens, or the
     smallest one tried when none fits (the caller drops it). `max_tiles` caps the model's budget."""
-    top = processor.config.tiling.max_tiles
+    top = model_max_tiles(processor)
+    if top is None:  # a stand-in without a model config (tests): one encoding
+        return processor.encode_segments(segments, images), 0
     ladder = budgets(min(top, max_tiles) if max_tiles else top)
     for k, budget in enumerate(ladder):
         enc = at_budget(processor, budget).encode_segments(segments, images)

@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from nvlm.data.budget import encode_within
+from nvlm.data.budget import encode_within, model_max_tiles
 from nvlm.data.formats import BadRecord, Conversation, chatml_segments
 from nvlm.data.processor import Encoded
 from nvlm.vision.image_io import ImageLoadError
@@ -67,7 +67,7 @@ def load_sample(task: Task, reader: Reader) -> Loaded:
         )
     except (ImageLoadError, ValueError) as e:  # a broken image, a control token in the text, …
         raise BadRecord(f"{where}: {e}") from e
-    top = reader.processor.config.tiling.max_tiles
+    top = model_max_tiles(reader.processor) or tiles
     return Loaded(enc, bool(conv.images), tiles < min(top, reader.max_tiles[task.source] or top))
 
 
