@@ -1,4 +1,4 @@
-"""ChatML rendering (paper Appendix E, SPEC §4): ``<|im_start|>{role}\\n{content}<|im_end|>\\n``.
+"""ChatML rendering (paper Appendix E): ``<|im_start|>{role}\\n{content}<|im_end|>\\n``.
 
 Megatron's NVLM training format (Qwen2's template) uses this; the generation prompt is ``<|im_start|>assistant\\n``.
 Images are ``<image>`` placeholders inside a message's content; ``chat_prompt`` puts one in front of the

@@ -1,4 +1,4 @@
-"""Where each tile of an image goes for NVLM-D, NVLM-X and NVLM-H (paper §4.2–4.4, SPEC §3).
+"""Where each tile of an image goes for NVLM-D, NVLM-X and NVLM-H (paper §4.2–4.4).
 
 An image block is two lists of pieces: what enters the decoder sequence, and what enters the
 cross-attention memory. With K ≥ 2 regular tiles (T = thumbnail, {256} = a tile's feature tokens):

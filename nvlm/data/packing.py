@@ -18,7 +18,7 @@ from nvlm.data.processor import Encoded, memory_tensors
 
 def should_pack(pack: bool | None, stage: str, micro_batch_size: int) -> bool:
     """`pack` when given; by default pack SFT micro-batches of several samples: padding them to the longest
-    wasted 2.6-2.8x in real tokens/s on long-tailed lengths (issue 15's measurements), while one sample per
+    wasted 2.6-2.8x in real tokens/s on long-tailed lengths (``nvlm bench packing``), while one sample per
     micro-batch has no padding to remove. The packed row's attention is block-diagonal causal: per packed sample
     on CPU (``nvlm.models.packed_attention``), a dense mask under SDPA on GPU, variable-length under
     flash_attention_2 / flex_attention (``train.attn``)."""
