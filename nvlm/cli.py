@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nvlm.serve.server import add_serve_parser
 
     add_serve_parser(sub)
+    from nvlm.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

@@ -28,8 +28,7 @@ def setup(backbones, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "d").mkdir()
     data = write_color_dataset(root / "d", 4, 2)
-    (root / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
-                                    '"content": "a"}]}\n{not json\n')  # fmt: skip
+    (root / "bad.jsonl").write_text("{not json\n{nor this\n")  # no record reads: refused before training
     (root / "url.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": "a.png"}]},
         {"role": "assistant", "content": "a"}]}) + "\n")  # fmt: skip
@@ -63,7 +62,7 @@ CASES = {
     "image_url as a string": (lambda r, c: ["train", c("u.yaml", r / "url.jsonl"), "--out", f"{r}/o"],
                               'url.jsonl:1: message 0 has a malformed image_url part'),
     "malformed JSONL line": (lambda r, c: ["train", c("b.yaml", r / "bad.jsonl"), "--out", f"{r}/o"],
-                             "bad.jsonl:2: not valid JSON"),
+                             "bad.jsonl:1: not valid JSON"),
     "YAML python tag": (lambda r, c: ["train", str(r / "evil.yaml"), "--out", f"{r}/o"], "evil.yaml: not a valid"),
     "resume with another arch": (lambda r, c: ["train", c("x.yaml", arch="X"), "--out", f"{r}/run"],
                                  'model.arch was "D" there and is "X" now'),

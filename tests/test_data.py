@@ -149,18 +149,22 @@ def test_blend_is_weighted_deterministic_and_resumable():
         Blend([a], seed=1).load_state_dict(state)
 
 
-def test_too_long_samples_are_dropped_not_cut(build_model):
+def test_too_long_samples_get_fewer_tiles_and_are_dropped_only_when_nothing_fits(build_model):
     model, processor = build_model("D")
     short = Conversation(
         [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(56, 56)]
     )
     long = Conversation(
         [{"role": "user", "content": "<image>\nQ?"}, {"role": "assistant", "content": "A"}], [picture(150, 100)]
-    )  # 7 tiles: does not fit
-    stream = SampleStream(Blend([Source("s", [short, long])], seed=0), processor, max_seq_len=40)
-    got = [stream.next() for _ in range(4)]
-    assert all(len(e.input_ids) <= 40 and len(e.plans[0].boxes) == 1 for e in got)
-    assert stream.counts["dropped_too_long"] >= 3
+    )  # 6+1 tiles: 86 tokens; at a budget of 4, 2, 1 tiles: 68, 50, 32 tokens
+    essay = Conversation([{"role": "user", "content": "Q? " * 40}, {"role": "assistant", "content": "A"}])
+    for max_len, tiles in ((60, 3), (40, 1)):  # the ladder 6 → 4 → 2 → 1 stops at the first budget that fits
+        stream = SampleStream(Blend([Source("s", [short, long, essay])], seed=0), processor, max_len)
+        got = [stream.next() for _ in range(6)]
+        assert all(len(e.input_ids) <= max_len for e in got)
+        assert {e.plans[0].num_tiles for e in got} == {1, tiles}  # the long picture is kept, at fewer tiles
+        assert stream.counts["degraded"] >= 2 and stream.counts["dropped_too_long"] >= 2  # the essay never fits
+        assert stream.counts["used"] == 6 and stream.counts["bad_sample"] == 0
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])

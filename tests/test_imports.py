@@ -169,7 +169,7 @@ def test_only_the_command_line_imports_repro():
 def test_only_benchmarks_and_entry_points_import_the_test_kits():
     """``nvlm.testing`` (tiny backbones, release replicas) serves tests, benchmarks and the demo: no library
     path depends on it."""
-    users = ("nvlm.testing", "nvlm.bench", "nvlm.demo", "nvlm.repro", "nvlm.cli")
+    users = ("nvlm.testing", "nvlm.bench", "nvlm.demo", "nvlm.repro", "nvlm.cli", "nvlm.data.cli")
     bad = sorted(
         (m, d)
         for m, deps in import_graph().items()

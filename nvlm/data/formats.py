@@ -30,6 +30,10 @@ class DataFormatError(ValueError):
     """A record is malformed; the message names the file and line."""
 
 
+class BadRecord(DataFormatError):
+    """One record could not be read or used; the message names the file (shard) and the record (line, key, row)."""
+
+
 @dataclass
 class Conversation:
     messages: list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str with <image>}]
@@ -41,8 +45,12 @@ class Conversation:
         return bool(self.images)
 
 
-def parse_record(obj: Any, image_root: str | os.PathLike = ".", where: str = "<record>") -> Conversation:
-    """Detect the record's format and return a `Conversation`; `DataFormatError` says what is wrong."""
+def parse_record(
+    obj: Any, image_root: str | os.PathLike = ".", where: str = "<record>", images: list[Any] | None = None
+) -> Conversation:
+    """Detect the record's format and return a `Conversation`; `DataFormatError` says what is wrong.
+    `images` (e.g. the image bytes of a Parquet row or a WebDataset sample) replace the record's own image
+    references, in placeholder order; with no placeholder they go in front of the first user turn."""
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if "conversations" in obj:
@@ -54,6 +62,11 @@ def parse_record(obj: Any, image_root: str | os.PathLike = ".", where: str = "<r
             f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, got keys {sorted(obj)}"
         )
     n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in conv.messages)
+    if images is not None:
+        if images and not n:
+            place_images(conv.messages, len(images))
+            n = len(images)
+        conv.images = list(images)
     if n != len(conv.images):
         raise DataFormatError(f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(conv.images)} image(s)")
     if not any(m["role"] == "assistant" for m in conv.messages):
@@ -74,9 +87,14 @@ def _from_llava(obj: dict, root: Path, where: str) -> Conversation:
     image = obj.get("image", obj.get("images"))
     images = [] if image is None else [image] if isinstance(image, str) else list(image)
     if images and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first_user]["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + messages[first_user]["content"]
+        place_images(messages, len(images))
     return Conversation(messages, [str(root / p) for p in images])
+
+
+def place_images(messages: list[dict[str, str]], n: int) -> None:
+    """`n` placeholders in front of the first user turn (LLaVA's rule for images the text does not place)."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
+    messages[first_user]["content"] = f"{IMAGE_PLACEHOLDER}\n" * n + messages[first_user]["content"]
 
 
 def _from_openai(obj: dict, root: Path, where: str) -> Conversation:

@@ -1,11 +1,14 @@
-"""Data worker processes (``data.workers``): images decoded, tiled and tokenized in N processes, accepted in order.
+"""Reading and encoding one drawn sample, in this process or in data worker processes (``data.workers``).
 
-One prefetch thread (``nvlm.data.prefetch``) keeps up with about 10 samples/s at 6+1 tiles; a model of ≈ 2B
-parameters or less on a GPU wants more. With ``data.workers = N`` the sample stream still walks the blend
-itself (cheap: no image is read) and decides, in order, which samples are kept (bad or too long ones are
-counted and skipped as before); only the encoding of the samples it drew runs in the pool. The kept samples,
-their order, the counts and the saved data position are therefore exactly those of ``data.workers = 0``, so
-a run resumes the same with or without workers (tested).
+A task names a drawn record: (source index, record index), plus the conversation itself when its source is a
+list in memory. ``load_sample`` reads the record from its source (``nvlm.data.sources``), fits it to the
+sequence (``nvlm.data.budget``: fewer tiles before dropping) and encodes it (decode, tile, tokenize).
+
+With ``data.workers = K`` the sample stream hands its j-th sample to worker j mod K, each worker a process of
+its own: worker k of rank r reads exactly the positions that are its own (``SampleStream``), and reopens the
+sources' indexes itself (sources pickle as their paths). The stream accepts the results in draw order, so the
+kept samples, their order, the counts and the saved position are those of ``data.workers = 0``, and a run
+resumes the same with any number of workers (tested).
 
 Workers are spawned (not forked: the trainer's threads and torch's thread pools do not survive a fork), get
 the processor once, and run one torch thread each. A read that outlives ``data.read_timeout_s`` counts as a
@@ -18,37 +21,82 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
-from nvlm.data.formats import Conversation, chatml_segments
+from nvlm.data.budget import encode_within, model_max_tiles
+from nvlm.data.formats import BadRecord, Conversation, chatml_segments
+from nvlm.data.processor import Encoded
+from nvlm.vision.image_io import ImageLoadError
 
-_WORKER: dict[str, Any] = {}  # the processor and system message of this worker process (set once, at start)
+
+@dataclass
+class Task:
+    source: int
+    item: int
+    where: str  # "name[item]": names the sample in errors when its record does not
+    conv: Conversation | None = None  # in-memory sources send the record; others are read where it runs
 
 
-def _start(processor: Any, system: str | None) -> None:
+@dataclass
+class Loaded:
+    encoded: Encoded
+    has_images: bool
+    degraded: bool  # encoded at fewer tiles per image than its budget, to fit the sequence
+
+
+@dataclass
+class Reader:
+    """What reading a sample needs: the processor, the sources (None: in memory), the length and tile caps."""
+
+    processor: Any
+    system: str | None
+    sources: list[Any]
+    max_len: int
+    max_tiles: list[int | None]  # per source
+
+
+def load_sample(task: Task, reader: Reader) -> Loaded:
+    """Read, fit and encode one sample; a `BadRecord` naming the record when it cannot be used."""
+    conv = task.conv if task.conv is not None else reader.sources[task.source][task.item]
+    where = conv.source or task.where
+    try:
+        segments = chatml_segments(conv, reader.system)
+        enc, tiles = encode_within(
+            reader.processor, segments, conv.images, reader.max_len, reader.max_tiles[task.source]
+        )
+    except (ImageLoadError, ValueError) as e:  # a broken image, a control token in the text, …
+        raise BadRecord(f"{where}: {e}") from e
+    top = model_max_tiles(reader.processor) or tiles
+    return Loaded(enc, bool(conv.images), tiles < min(top, reader.max_tiles[task.source] or top))
+
+
+_WORKER: dict[str, Any] = {}  # this worker process's Reader (set once, at start)
+
+
+def _start(reader: Reader) -> None:
     import torch
 
-    torch.set_num_threads(1)  # N workers beside the trainer: one thread each, no oversubscription
-    _WORKER.update(processor=processor, system=system)
+    torch.set_num_threads(1)  # K workers beside the trainer: one thread each, no oversubscription
+    _WORKER["reader"] = reader
 
 
-def _encode(conv: Conversation) -> Any:
-    return _WORKER["processor"].encode_segments(chatml_segments(conv, _WORKER["system"]), conv.images)
+def _load(task: Task) -> Loaded:
+    return load_sample(task, _WORKER["reader"])
 
 
 class EncodePool:
-    """``submit(conv)`` → a future of the encoded sample; ``result(future, timeout)`` raises `on_timeout` on expiry."""
+    """K worker processes; ``submit(task, k)`` runs `task` in worker k; ``result(future, timeout)`` waits."""
 
-    def __init__(self, workers: int, processor: Any, system: str | None) -> None:
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start,
-            initargs=(processor, system),
-        )
+    def __init__(self, workers: int, reader: Reader) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.workers = [
+            ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start, initargs=(reader,))
+            for _ in range(workers)
+        ]
 
-    def submit(self, conv: Conversation) -> Future:
-        return self._pool.submit(_encode, conv)
+    def submit(self, task: Task, worker: int) -> Future:
+        return self.workers[worker % len(self.workers)].submit(_load, task)
 
     @staticmethod
     def result(future: Future, timeout: float | None, on_timeout: type[Exception]) -> Any:
@@ -60,5 +108,9 @@ class EncodePool:
                 "a FIFO, device or hung mount among its images?"
             ) from None
 
+    def pids(self) -> list[int]:
+        return [pid for pool in self.workers for pid in pool._processes]  # started lazily: after a submit
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self.workers:
+            pool.shutdown(wait=False, cancel_futures=True)

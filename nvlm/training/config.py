@@ -46,12 +46,15 @@ class SourceSpec:
     weight: float = bounded(1.0, ge=0)
     name: str | None = None
     image_root: str | None = None
+    max_tiles: int | None = None
+    """A lower cap on this source's tiles per image than the model's tiling.max_tiles (None: the model's)."""
 
 
 @dataclass(kw_only=True)
 class DataSpec:
     sources: list[dict[str, Any]] = field(default_factory=list)
-    """[{"path": "train.jsonl", "weight": 1.0, "name": ..., "image_root": ...}, …] (LLaVA or OpenAI records)."""
+    """[{"path": "train.jsonl", "weight": 1.0, "name": ..., "image_root": ..., "max_tiles": ...}, …]: JSONL (LLaVA
+    or OpenAI records), Parquet, WebDataset shards or an InternVL meta-JSON (``nvlm.data.sources``)."""
     max_seq_len: int = bounded(4096, ge=1)
     system: str | None = None
     """System message added to samples that have none (the paper's SFT uses one)."""

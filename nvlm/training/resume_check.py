@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nvlm.config import ConfigError
+from nvlm.data.sources import kind_of, signature
 
 MODEL_KEYS = (
     ("model", "arch"),
@@ -40,7 +41,7 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     data, weights = {}, {}
     for spec in cfg.data.source_specs():
         name = spec.name or Path(spec.path).stem
-        data[name] = file_sha256(spec.path)
+        data[name] = file_sha256(spec.path) if kind_of(spec.path) in ("jsonl", "json") else signature(spec.path)
         weights[name] = float(spec.weight)
     return {"data": data, "blend": {"weights": weights, "seed": cfg.train.seed}}
 

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 import nvlm
-from nvlm.data.blend import Blend, SampleStream, Source
-from nvlm.data.formats import read_records
+from nvlm.data.blend import SampleStream
+from nvlm.data.mixture import Mixture
 from nvlm.data.packing import collate_packed, pack_greedy, should_pack
 from nvlm.data.prefetch import Prefetcher, StopSignals
+from nvlm.data.sources import open_mixture
 from nvlm.distributed.dcp import (
     CheckpointWriter,
     complete_checkpoints,
@@ -70,12 +71,10 @@ class TrainResult:
     samples_per_s: float = 0.0
 
 
-def load_blend(cfg: RunConfig) -> Blend:
-    sources = []
-    for s in cfg.data.source_specs():
-        records = list(read_records(s.path, s.image_root))
-        sources.append(Source(s.name or Path(s.path).stem, records, s.weight))
-    return Blend(sources, seed=cfg.train.seed)
+def load_blend(cfg: RunConfig) -> Mixture:
+    """The run's sources (``nvlm.data.sources``: JSONL, Parquet, WebDataset shards, InternVL meta-JSON), read by
+    index and never held, mixed by weight in one seeded, random-access sequence."""
+    return open_mixture(cfg.data.source_specs(), seed=cfg.train.seed)
 
 
 def fill_unused_grads(model: nvlm.NVLM, used: dict[str, bool]) -> list[torch.nn.Parameter]:
