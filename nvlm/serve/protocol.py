@@ -19,6 +19,7 @@ text is refused with 400, never interpreted.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -110,8 +111,8 @@ class Sampling(BaseModel):
         return self
 
     @property
-    def budget(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def budget(self) -> int: ...
 
     @property
     def include_usage(self) -> bool:

@@ -61,7 +61,7 @@ class DataSpec:
     pack: bool | None = None
     """Pack several samples per row up to max_seq_len (no attention across them). None (default): pack in SFT
     when a micro-batch holds more than one sample (padding to the longest wastes 2.6-2.8x in real tokens/s on
-    long-tailed lengths, performance measurements of issue 15); one sample per micro-batch has no padding."""
+    long-tailed lengths, measured with ``nvlm bench packing``); one sample per micro-batch has no padding."""
     max_bad_in_row: int = bounded(100, ge=0)
     max_bad_fraction: float = bounded(0.1, ge=0, le=1)
     prefetch: int = bounded(1, ge=0)

@@ -21,6 +21,7 @@ import os
 import stat
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,7 @@ from nvlm.errors import UserError
 __all__ = ["BadRecord", "ListSource", "RecordSource", "cached_arrays", "file_signature", "require_file"]
 
 
-class RecordSource:
+class RecordSource(ABC):
     """A sequence of conversations read on demand; subclasses implement ``__len__``, ``read`` and ``describe``.
 
     Attributes whose names start with ``_`` belong to one process (open files, the mapped index, caches): they
@@ -47,11 +48,11 @@ class RecordSource:
     def _reset(self) -> None:
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def read(self, i: int) -> Conversation:
-        raise NotImplementedError
+    @abstractmethod
+    def read(self, i: int) -> Conversation: ...
 
     def __getitem__(self, i: int) -> Conversation:
         if not 0 <= i < len(self):
