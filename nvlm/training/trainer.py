@@ -177,6 +177,8 @@ class Trainer:
             read_timeout=cfg.data.read_timeout_s,
             workers=cfg.data.workers,
         )
+        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask (``_model``)
+        self.packed_attention = self.packing and cfg.train.attn == "sdpa" and self.device.type == "cpu"
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
@@ -205,8 +207,6 @@ class Trainer:
         else:
             model = build_model(self.cfg, built)[0]
             prepare(model.to(self.device), t, self.world)
-        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask
-        self.packed_attention = self.packing and t.attn == "sdpa" and self.device.type == "cpu"
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             model.llm.set_attn_implementation(t.attn)
         elif self.packed_attention:
