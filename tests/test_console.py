@@ -36,3 +36,19 @@ def test_chat_prints_the_answer_and_nothing_else():
     assert run.returncode == 0, run.stderr
     assert run.stderr == "", f"the CLI printed more than its answer:\n{run.stderr[-2000:]}"
     assert run.stdout.strip()  # the answer itself
+
+
+def test_saving_a_model_draws_no_transformers_bars(build_model, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model, _ = build_model("X")
+    hf_logging.enable_progress_bar()  # as in a user's process (the test fixtures turn the bars off)
+    try:
+        capfd.readouterr()
+        model.save_pretrained(tmp_path / "saved")
+        err = capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()  # the user's setting is left as it was
+    finally:
+        hf_logging.disable_progress_bar()
+    assert (tmp_path / "saved" / "llm" / "config.json").exists()
+    assert "Writing model shards" not in err, err[-1000:]

@@ -1,4 +1,4 @@
-"""The real lm-evaluation-harness against ``nvlm serve`` (runs where ``lm-eval[api]`` is installed, else skips):
+"""The real lm-evaluation-harness against ``nvlm serve`` (the dev extra installs ``lm-eval[api]``; skips without it):
 a local multiple-choice task through ``local-completions`` with the server's own tokenizer routes (no
 tokenizer folder), scored item by item as ``nvlm eval run`` scores MMLU (the letter's log-probability).
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,24 @@ def save_pretrained(model: Any, path: str | os.PathLike, state_dict: dict[str, t
         weights = part(prefix)
         # a copy: transformers may empty the dict it is given as it writes (it did for a model not made by its
         # own from_pretrained), and the weights' dtype is read from it afterwards
-        module.save_pretrained(out / folder, state_dict=dict(weights))
+        with no_shard_bars():
+            module.save_pretrained(out / folder, state_dict=dict(weights))
         stamp_dtype(out / folder / "config.json", weights)
+
+
+@contextmanager
+def no_shard_bars() -> Iterator[None]:
+    """transformers draws a "Writing model shards" bar per save_pretrained: a training run saves every few
+    hundred steps, and its console is ours (our progress bar, our log lines), so that bar is off while we save."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def stamp_dtype(config_json: Path, weights: dict[str, torch.Tensor]) -> None:

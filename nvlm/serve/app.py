@@ -21,12 +21,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from nvlm.serve.chat_routes import chat_router
-from nvlm.serve.common import Serving, error
+from nvlm.serve.common import Serving, documented, error
 from nvlm.serve.completions import completions_router
 from nvlm.serve.engine import Engine
 from nvlm.serve.media import MediaGate
@@ -105,18 +106,18 @@ def create_app(
         msg = str(first.get("msg", "invalid request"))
         return error(400, f"{where}: {msg}" if where else msg, param=where or None)
 
-    @app.get("/health")
+    @app.get("/health", responses=documented(503))
     async def health() -> Response:
         return JSONResponse({"status": "ok"}) if engine.healthy else error(503, "engine not serving")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(401))
     async def models() -> dict:
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nvlm"}],
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=documented(401))
     async def metrics() -> PlainTextResponse:
         text = engine.metrics.render(engine.in_flight, engine.queue_depth, len(engine._running))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
@@ -127,6 +128,19 @@ def create_app(
 
     for router in (chat_router(ctx), completions_router(ctx), tokenize_router(ctx)):
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        # a request the schema rejects is answered 400 with OpenAI's error body (validation_error above), as
+        # OpenAI answers it, never FastAPI's 422: the document says what clients get
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

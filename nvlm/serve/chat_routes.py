@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from nvlm.serve.common import Serving, collect, error, submit_all
+from nvlm.serve.common import POST_ERRORS, Serving, collect, error, submit_all
 from nvlm.serve.engine import SamplingParams
 from nvlm.serve.logprobs import Pieces, chat_logprobs
 from nvlm.serve.media import MediaError
@@ -43,7 +43,7 @@ def chat_router(ctx: Serving) -> APIRouter:
     router = APIRouter()
     pieces = Pieces(ctx.engine.processor.tokenizer, ctx.engine.tokenizer_lock)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=POST_ERRORS)
     async def chat(req: ChatRequest, request: Request) -> Response:
         try:
             prompt, parts = build_prompt(req.messages, ctx.forbidden)

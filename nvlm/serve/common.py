@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from nvlm.serve.engine import Engine, EngineError, Event, SamplingParams
@@ -39,6 +40,28 @@ def error(status: int, message: str, code: str | None = None, param: str | None 
     }
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, documented in /openapi.json for every status the API answers with it."""
+
+    error: ErrorDetail
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: each status with OpenAI's error body (clients read them in /openapi.json)."""
+    return {s: {"model": ErrorBody, "description": _TYPES.get(s, "server_error")} for s in statuses}
+
+
+# every POST route: bad request, API key, body over the limit, generation failed, engine not serving
+POST_ERRORS = documented(400, 401, 413, 500, 503)
 
 
 @dataclass

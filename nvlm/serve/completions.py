@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, model_validator
 
 from nvlm.serve.chat_routes import SSE_HEADERS
-from nvlm.serve.common import Serving, collect, error, submit_all
+from nvlm.serve.common import POST_ERRORS, Serving, collect, error, submit_all
 from nvlm.serve.engine import SamplingParams
 from nvlm.serve.logprobs import MAX_LOGPROBS, Pieces, completion_logprobs
 from nvlm.serve.protocol import MAX_TEXT, MAX_TOKENS, Sampling, Stop, check_text
@@ -80,7 +80,7 @@ def completions_router(ctx: Serving) -> APIRouter:
         with lock:
             return tok.decode(prompt)
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=POST_ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         prompts, n = req.prompts, req.n
         try:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from nvlm.serve.common import Serving, error
+from nvlm.serve.common import POST_ERRORS, Serving, documented, error
 from nvlm.serve.protocol import MAX_TEXT, MAX_TOKENS
 
 CHATML_TEMPLATE = (
@@ -55,7 +55,7 @@ def tokenize_router(ctx: Serving) -> APIRouter:
         with lock:
             return tok.decode(ids)
 
-    @router.get("/tokenizer_info")
+    @router.get("/tokenizer_info", responses=documented(401))
     async def tokenizer_info() -> dict[str, Any]:
         return {
             "tokenizer_class": type(tok).__name__,
@@ -69,12 +69,12 @@ def tokenize_router(ctx: Serving) -> APIRouter:
             "vocab_size": len(tok),
         }
 
-    @router.post("/tokenize")
+    @router.post("/tokenize", responses=POST_ERRORS)
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         ids = await run_in_threadpool(encode, req.prompt, req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
 
-    @router.post("/detokenize")
+    @router.post("/detokenize", responses=POST_ERRORS)
     async def detokenize(req: DetokenizeRequest) -> Response:
         vocab = len(tok)
         bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
