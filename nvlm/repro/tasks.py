@@ -35,15 +35,15 @@ class RTask:
     question: str
     chance: float  # accuracy of a uniform guess among the generator's answers
     max_new_tokens: int  # one digit per token (the demo tokenizer splits digits) + end of turn
+    char_chance: float = 0.1  # per-character accuracy of a uniform guess (a digit: 1 in 10)
 
 
 READ_GRIDS = ((3, 1), (1, 3), (2, 2), (3, 2), (2, 3))  # (cols, rows): 3-6 tiles, 5 aspect ratios
 MARK_GRIDS = ((2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3))
+MARK_CHANCE = sum(1 / (c * r) for c, r in MARK_GRIDS) / len(MARK_GRIDS)  # one-character answers
 TASKS = {
     "tile_read": RTask("tile_read", "What digits are written in the image, in reading order?", 1 / 1000, 5),
-    "tile_mark": RTask(
-        "tile_mark", "Which tile holds the disc?", sum(1 / (c * r) for c, r in MARK_GRIDS) / len(MARK_GRIDS), 3
-    ),
+    "tile_mark": RTask("tile_mark", "Which tile holds the disc?", MARK_CHANCE, 3, char_chance=MARK_CHANCE),
     "ocr_line": RTask("ocr_line", "Transcribe the text in the image.", 1 / 10**6, 8),
 }
 
