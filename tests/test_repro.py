@@ -252,3 +252,18 @@ def test_resampler_end_to_end_at_tiny_budget(tmp_path):
     run_claim("resampler", tmp_path, "X", 1, TINY, [], "cpu")
     s = _check_outputs(tmp_path, "resampler")
     assert all(r["curves"]["stage 1"] and r["curves"]["stage 2"] for r in s["runs"])
+
+
+def test_ocr_line_digits_each_sit_in_their_own_half_tile():
+    # Appendix C's contrast is about reading several glyphs inside one tile; a glyph cut by a tile border would
+    # test something else (the earlier 4-tile layout put two of its six digits across borders)
+    import random
+
+    half = tasks.TILE // 2
+    for k in range(50):
+        scene = tasks.sample_ocr_line(random.Random(k))
+        glyphs = [op for op in scene.ops if op[0] == "glyph"]
+        assert len(glyphs) == len(scene.answer) == 6 and scene.width == 3 * tasks.TILE
+        for slot, (_, (x, y), mask, _) in enumerate(glyphs):
+            assert x // half == (x + mask.width - 1) // half == slot, (k, slot, x, mask.width)
+            assert 0 <= y and y + mask.height <= tasks.TILE

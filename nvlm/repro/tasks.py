@@ -6,7 +6,8 @@ demo's primitives (:mod:`nvlm.demo.draw`) at its 32 px tile scale.
   row by row). The digits are ~0.6 tile high: whole in their full-resolution tile, shrunk 3× in the thumbnail.
 * ``tile_mark`` (Tables 1–2): one black disc inside one tile of a 2–6 tile image; answer the tile's number in
   reading order. The thumbnail is square, so only the tiles (and their tags) tell the grid.
-* ``ocr_line`` (Appendix C): a line of 6 small digits across a 4×1 image (two per tile); transcribe it.
+* ``ocr_line`` (Appendix C): a line of 6 small digits across a 3×1 image, two per tile, each in its own half
+  tile (so each sits under its own tile tokens and none straddles a tile border); transcribe it.
 
 Deterministic per (seed, split, task); the held-out split draws from its own random stream and any held-out
 image whose pixels equal a training image's is redrawn, so the splits are disjoint.
@@ -87,16 +88,17 @@ def sample_tile_mark(rng: random.Random) -> draw.Scene:
 
 
 def sample_ocr_line(rng: random.Random) -> draw.Scene:
-    cols, n = 4, 6
+    cols, per_tile = 3, 2
+    n = cols * per_tile
     digits = [rng.choice(DIGITS) for _ in range(n)]
     ink = tuple(rng.randint(0, 60) for _ in range(3))
-    slot = cols * TILE / n  # 6 slots of ~21 px over 128 px: glyphs never straddle more than their slot
+    slot = TILE // per_tile  # each digit in its own half tile: no glyph straddles a tile border
     ops = []
     for i, d in enumerate(digits):
-        mask = _glyph(rng, d, (0.4, 0.5))
-        x = int(i * slot + (slot - mask.width) / 2) + rng.randint(-1, 1)
+        mask = _glyph(rng, d, (0.45, 0.55))
+        x = i * slot + min(max((slot - mask.width) // 2 + rng.randint(-1, 1), 0), max(slot - mask.width, 0))
         y = (TILE - mask.height) // 2 + rng.randint(-3, 3)
-        ops.append(("glyph", (max(0, x), max(0, y)), mask, ink))
+        ops.append(("glyph", (x, max(0, y)), mask, ink))
     text = "".join(digits)
     return draw.Scene(cols * TILE, TILE, _background(rng), text, f"a line of digits {' '.join(text)}", ops)
 
