@@ -14,28 +14,92 @@ from nvlm.config import NVLMConfig
 from nvlm.repro import claims, stats, tasks
 from nvlm.repro.run import SCALES, Scale, arm_configs
 
-HOLDS, FAILS, UNSURE = stats.HOLDS, stats.FAILS, stats.UNSURE
+HOLDS, CONTRA, UNSURE, NOT_TESTED = stats.HOLDS, stats.CONTRADICTED, stats.UNSURE, stats.NOT_TESTED
 
 
 @pytest.mark.parametrize(
     ("a", "b", "expected"),
     [
-        ([0.8, 0.82, 0.85], [0.5, 0.6, 0.55], HOLDS),  # every seed of A above every seed of B
-        ([0.5, 0.6, 0.55], [0.8, 0.82, 0.85], FAILS),  # every seed of A below
-        ([0.5, 0.5], [0.5, 0.5], FAILS),  # at or below counts as not holding
-        ([0.5, 0.7, 0.6], [0.55, 0.65, 0.6], UNSURE),  # ranges overlap
+        ([0.8, 0.82, 0.85, 0.81, 0.83], [0.5, 0.6, 0.55, 0.52, 0.58], HOLDS),  # interval of A − B above 0
+        ([0.5, 0.6, 0.55, 0.52, 0.58], [0.8, 0.82, 0.85, 0.81, 0.83], CONTRA),  # below 0
+        ([0.5, 0.5], [0.5, 0.5], UNSURE),  # no difference: the interval is [0, 0], it covers 0
+        ([0.5, 0.7, 0.6, 0.65, 0.55], [0.55, 0.65, 0.6, 0.5, 0.7], UNSURE),  # same spread around the same mean
+        # one seed of A overlaps B's range, yet the means differ clearly: the old min–max rule said inconclusive
+        ([0.36, 0.30, 0.40, 0.38, 0.35], [0.22, 0.31, 0.20, 0.25, 0.21], HOLDS),
         ([0.9], [0.1], UNSURE),  # one seed: no spread to judge by
     ],
 )
 def test_compare_on_fixed_numbers(a, b, expected):
-    assert stats.compare(a, b) == expected
+    judged = stats.compare(a, b)
+    assert judged["verdict"] == expected
+    assert judged["effect"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+    if judged["low"] is not None:
+        assert judged["low"] <= judged["effect"] <= judged["high"]
 
 
-def test_claim_verdict_from_comparisons():
+def test_compare_is_reproducible_and_its_interval_narrows_with_seeds():
+    a, b = [0.6, 0.5, 0.7], [0.45, 0.5, 0.4]
+    assert stats.compare(a, b) == stats.compare(a, b)  # a fixed bootstrap seed: the same report every time
+    wide = stats.compare(a, b)
+    narrow = stats.compare(a * 4, b * 4)  # the same spread from 4× as many seeds
+    assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
+
+
+def test_compare_rounds_pairs_the_arms_round_by_round():
+    # machine noise moves both arms of a round together: every per-round ratio is 1.5 though the raw values overlap
+    slow = [5.0, 50.0, 10.0, 40.0]
+    fast = [1.5 * v for v in slow]
+    judged = stats.compare_rounds(fast, slow)
+    assert judged["verdict"] == HOLDS and judged["effect"] == pytest.approx(1.5)
+    assert stats.compare(fast, slow)["verdict"] == UNSURE  # unpaired, the same numbers decide nothing
+    assert stats.compare_rounds(slow, fast)["verdict"] == CONTRA
+    assert stats.compare_rounds([1.0, 2.0], [1.0, 2.0])["verdict"] == UNSURE
+    with pytest.raises(ValueError, match="paired rounds"):
+        stats.compare_rounds([1.0], [1.0, 2.0])
+
+
+def test_claim_verdict_from_comparisons_and_validity():
     assert stats.verdict([HOLDS, HOLDS]) == HOLDS
     assert stats.verdict([HOLDS, UNSURE]) == UNSURE
-    assert stats.verdict([HOLDS, UNSURE, FAILS]) == FAILS
+    assert stats.verdict([HOLDS, UNSURE, CONTRA]) == CONTRA
     assert stats.verdict([]) == UNSURE
+    assert stats.verdict([HOLDS, HOLDS], valid=False) == NOT_TESTED  # a failed check overrides any numbers
+
+
+def test_validity_check_reports_not_tested_when_the_reference_arm_is_at_chance():
+    from nvlm.repro import report
+
+    claim = claims.RESAMPLER
+    ref, other = claim.arms[0].name, claim.arms[1].name
+    level = report.chance("char_accuracy", claim.tasks)
+    assert level == pytest.approx(0.1)  # ocr_line: digits, 1 in 10 per character
+
+    def runs(ref_acc: float) -> list[dict]:
+        out = []
+        for seed in range(3):
+            for arm, acc, loss in ((ref, ref_acc, 0.1), (other, 0.1, 0.4 + 0.01 * seed)):
+                m = {"char_accuracy": acc + 0.001 * seed, "final_loss": loss}
+                out.append({"arm": arm, "seed": seed, "metrics": m, "wall_s": 1.0})
+        return out
+
+    at_chance = report.summarise(claim, runs(0.1))
+    assert not at_chance["validity"]["passed"] and at_chance["verdict"] == NOT_TESTED
+    learned = report.summarise(claim, runs(0.6))
+    assert learned["validity"]["passed"] and learned["verdict"] == HOLDS
+    assert learned["validity"]["needed"] == pytest.approx(2 * level)
+
+
+def test_every_claim_states_its_mechanism_and_a_check_on_one_of_its_arms():
+    from nvlm.repro import report
+
+    for name in claims.NAMES:
+        c = claims.claim(name)
+        assert len(c.mechanism) > 80, name
+        if c.timing:
+            assert c.validity is None
+            continue
+        assert c.validity is not None and c.validity.arm in {a.name for a in c.arms}, name
+        assert report.chance(c.validity.metric, c.tasks) is not None, name
 
 
 def test_spread():
@@ -110,6 +174,13 @@ def test_arm_configs_come_from_the_demo_recipe(tmp_path):
     _, frozen = arm_configs(tmp_path, scale, claims.FREEZE_LLM, claims.FREEZE_LLM.arms[0], seed=0, sets=[])
     assert frozen.train.freeze_llm and frozen.model.arch == "X"
     assert frozen.data.max_seq_len == stage_config("X", "sft", tmp_path, scale.budget()).data.max_seq_len
+    # Table 5: the two arms differ only in stage 1's data, captions only vs captions + task data
+    caps1, caps2 = arm_configs(tmp_path, scale, claims.PRETRAIN_DATA, claims.PRETRAIN_DATA.arms[0], seed=0, sets=[])
+    div1, div2 = arm_configs(tmp_path, scale, claims.PRETRAIN_DATA, claims.PRETRAIN_DATA.arms[1], seed=0, sets=[])
+    assert {Path(s["path"]).stem for s in caps1.data.sources} == {"caption", "tile_read_caption", "tile_mark_caption"}
+    assert {Path(s["path"]).stem for s in caps1.data.sources} < {Path(s["path"]).stem for s in div1.data.sources}
+    assert "tile_read" in {Path(s["path"]).stem for s in div1.data.sources}
+    assert caps2 == div2 and caps1.model == div1.model and caps1.train == div1.train
 
 
 def test_tag_arms_differ_as_text():
@@ -126,14 +197,24 @@ TINY_BENCH = {"tiles": 1, "text_tokens": 8, "batch_size": 1}
 def _check_outputs(out: Path, name: str) -> dict:
     data = json.loads((out / "results.json").read_text())
     s = data["claims"][name]
-    for key in ("title", "claim", "arms", "comparisons", "verdict", "rule", "runs", "wall_s"):
+    for key in ("title", "claim", "mechanism", "validity", "arms", "comparisons", "verdict", "rule", "runs", "wall_s"):
         assert key in s
     for run in s["runs"]:
         assert {"seed", "wall_s", "config"} <= set(run)
     values = {arm: {m: v["values"] for m, v in ms.items()} for arm, ms in s["arms"].items()}
-    recomputed = [stats.compare(values[c["a"]][c["metric"]], values[c["b"]][c["metric"]]) for c in s["comparisons"]]
+    if name == "speed":
+        rounds = [r["rounds"] for r in sorted(s["runs"], key=lambda r: r["seed"])]
+        pairs = [
+            ([v for r in rounds for v in r[c["a"]]], [v for r in rounds for v in r[c["b"]]]) for c in s["comparisons"]
+        ]
+        recomputed = [stats.compare_rounds(x, y)["verdict"] for x, y in pairs]
+    else:
+        recomputed = [
+            stats.compare(values[c["a"]][c["metric"]], values[c["b"]][c["metric"]])["verdict"] for c in s["comparisons"]
+        ]
     assert [c["verdict"] for c in s["comparisons"]] == recomputed
-    assert s["verdict"] == stats.verdict(recomputed)
+    assert s["verdict"] == stats.verdict(recomputed, s["validity"]["passed"])
+    assert ("failed" in s["validity"]["check"] or s["validity"]["passed"]) or s["verdict"] == stats.NOT_TESTED
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "REPORT.md").read_text()
     assert f"**Verdict: {s['verdict']}**" in report and s["title"] in report
@@ -171,3 +252,18 @@ def test_resampler_end_to_end_at_tiny_budget(tmp_path):
     run_claim("resampler", tmp_path, "X", 1, TINY, [], "cpu")
     s = _check_outputs(tmp_path, "resampler")
     assert all(r["curves"]["stage 1"] and r["curves"]["stage 2"] for r in s["runs"])
+
+
+def test_ocr_line_digits_each_sit_in_their_own_half_tile():
+    # Appendix C's contrast is about reading several glyphs inside one tile; a glyph cut by a tile border would
+    # test something else (the earlier 4-tile layout put two of its six digits across borders)
+    import random
+
+    half = tasks.TILE // 2
+    for k in range(50):
+        scene = tasks.sample_ocr_line(random.Random(k))
+        glyphs = [op for op in scene.ops if op[0] == "glyph"]
+        assert len(glyphs) == len(scene.answer) == 6 and scene.width == 3 * tasks.TILE
+        for slot, (_, (x, y), mask, _) in enumerate(glyphs):
+            assert x // half == (x + mask.width - 1) // half == slot, (k, slot, x, mask.width)
+            assert 0 <= y and y + mask.height <= tasks.TILE

@@ -34,23 +34,68 @@ def per_arm(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, dict[str, lis
     return out
 
 
+def chance(metric: str, tasks: tuple[str, ...]) -> float | None:
+    """A uniform guess's value of `metric` on the claim's tasks (None: the metric has no chance level)."""
+    from nvlm.demo.synthetic import TEXT_TASKS
+    from nvlm.repro.tasks import TASKS
+
+    if metric in ("text_accuracy", "text_backbone_accuracy"):
+        return TEXT_TASKS["add"].chance
+    if metric == "char_accuracy" and tasks:
+        return sum(TASKS[t].char_chance for t in tasks) / len(tasks)
+    if metric == "vl_accuracy" and tasks:
+        return sum(TASKS[t].chance for t in tasks) / len(tasks)
+    return None
+
+
+def check_validity(claim: Claim, values: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The claim's validity check on the measured values: passed, and the numbers it was judged by."""
+    v = claim.validity
+    if v is None:
+        return {"check": "timing: interleaved rounds pair the arms", "passed": True}
+    level = chance(v.metric, claim.tasks)
+    if level is None:
+        raise ValueError(f"{claim.name}: validity metric {v.metric!r} has no chance level")
+    seen = values.get(v.arm, {}).get(v.metric, [])
+    mean = sum(seen) / len(seen) if seen else None
+    need = v.factor * level
+    return {
+        "check": f"{v.arm}: mean {v.metric} ≥ {v.factor:g} × chance ({need:.3f})",
+        "arm": v.arm,
+        "metric": v.metric,
+        "chance": level,
+        "needed": need,
+        "measured": mean,
+        "passed": mean is not None and mean >= need,
+    }
+
+
 def summarise(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The claim's arms (values and spread per metric), comparisons and verdict, all from `runs`."""
+    """The claim's arms (values and spread per metric), validity, comparisons and verdict, all from `runs`."""
     values = per_arm(claim, runs)
     comps = []
     for a, b, metric in claim.comparisons:
-        v = stats.compare(values[a].get(metric, []), values[b].get(metric, []))
-        comps.append({"a": a, "b": b, "metric": metric, "verdict": v})
+        if claim.timing:
+            rounds = [r["rounds"] for r in sorted(runs, key=lambda r: r["seed"]) if "rounds" in r]
+            xs = [v for r in rounds for v in r[a]]
+            ys = [v for r in rounds for v in r[b]]
+            judged = stats.compare_rounds(xs, ys)
+        else:
+            judged = stats.compare(values[a].get(metric, []), values[b].get(metric, []))
+        comps.append({"a": a, "b": b, "metric": metric, **judged})
+    validity = check_validity(claim, values)
     return {
         "name": claim.name,
         "title": claim.title,
         "claim": claim.claim,
+        "mechanism": claim.mechanism,
         "metric": claim.metric,
         "arms": {
             arm: {m: {"values": vs, **stats.spread(vs)} for m, vs in metrics.items()} for arm, metrics in values.items()
         },
+        "validity": validity,
         "comparisons": comps,
-        "verdict": stats.verdict([c["verdict"] for c in comps]),
+        "verdict": stats.verdict([c["verdict"] for c in comps], validity["passed"]),
         "rule": stats.RULE,
         "wall_s": sum(r["wall_s"] for r in runs),
         "runs": runs,
@@ -59,6 +104,19 @@ def summarise(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
+
+
+def effect(c: dict[str, Any]) -> str:
+    """A comparison's effect and 95 % interval, as the report prints it."""
+    if c["effect"] is None:
+        return "no values"
+    if c["kind"] == "ratio":
+        shown = f"ratio {c['effect']:.3f}"
+    else:
+        shown = f"difference {c['effect']:+.3f}"
+    if c["low"] is None:
+        return shown + " (< 2 seeds or rounds: no interval)"
+    return shown + f" [95 % interval {c['low']:.3f}, {c['high']:.3f}]"
 
 
 def section(summary: dict[str, Any], claim: Claim, plot: str | None) -> str:
@@ -81,8 +139,13 @@ def section(summary: dict[str, Any], claim: Claim, plot: str | None) -> str:
             cells.append(f"{_fmt(s['mean'])} ± {_fmt(s['std'])} [{_fmt(s['min'])}, {_fmt(s['max'])}] ({seeds})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Metrics: " + "; ".join(f"`{m}` = {METRICS.get(m, m)}" for m in shown) + ".", ""]
+    lines += [f"**Why this task tests the mechanism:** {summary['mechanism']}.", ""]
+    v = summary["validity"]
+    result = "passed" if v["passed"] else "**failed**: no verdict"
+    seen = f" (measured {_fmt(v['measured'])})" if "measured" in v else ""
+    lines += [f"**Validity check:** {v['check']}{seen}: {result}.", ""]
     for c in summary["comparisons"]:
-        lines.append(f"- {c['a']} > {c['b']} on `{c['metric']}`: **{c['verdict']}**")
+        lines.append(f"- {c['a']} > {c['b']} on `{c['metric']}`: {effect(c)}: **{c['verdict']}**")
     lines += ["", f"**Verdict: {summary['verdict']}** (computed; rule: {summary['rule']}).", ""]
     lines.append(f"Wall time of its runs: {summary['wall_s']:.0f} s.")
     if plot:
@@ -100,10 +163,17 @@ def write(out: Path, summaries: dict[str, dict[str, Any]], sections: dict[str, s
     sec_path.mkdir(exist_ok=True)
     for name, text in sections.items():
         (sec_path / f"{name}.md").write_text(text)
-    table = ["| claim | verdict | seeds | wall s |", "|---|---|---|---|"]
+    table = [
+        "| claim | validity check | effect (95 % interval) | verdict | seeds | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in data["claims"].values():
         seeds = len({r["seed"] for r in s["runs"]})
-        table.append(f"| {s['title']} | **{s['verdict']}** | {seeds} | {s['wall_s']:.0f} |")
+        v = s["validity"]
+        check = v["check"] + ("" if "measured" not in v else f": {_fmt(v['measured'])}")
+        check += "" if v["passed"] else " (failed)"
+        effects = "; ".join(f"{c['a']} vs {c['b']}: {effect(c)}" for c in s["comparisons"])
+        table.append(f"| {s['title']} | {check} | {effects} | **{s['verdict']}** | {seeds} | {s['wall_s']:.0f} |")
     body = [header, "", *table, "", f"Verdict rule: {stats.RULE}.", ""]
     body += [(sec_path / f"{n}.md").read_text() for n in data["claims"] if (sec_path / f"{n}.md").exists()]
     (out / "REPORT.md").write_text("\n".join(body))

@@ -50,8 +50,8 @@ class Scale:
 
 
 SCALES = {
-    "quick": Scale("quick", 300, 40, 100, 120, 10, 30, batch=16, bench_steps=2, bench_warmup=1),
-    "default": Scale("default", 2000, 100, 300, 300, 60, 180, batch=16, bench_steps=5),
+    "quick": Scale("quick", 300, 40, 100, 120, 10, 30, batch=16, bench_steps=3, bench_warmup=1),
+    "default": Scale("default", 2000, 100, 300, 300, 60, 180, batch=16, bench_steps=15),
 }
 
 
@@ -105,10 +105,16 @@ def arm_configs(
     budget = scale.budget()
     s1 = stage_config(arm.arch, "pretrain", root, budget, seed=seed)
     model1 = dataclasses.replace(s1.model, overrides={**s1.model.overrides, **arm.model})
-    # stage 1: the recipe's caption + task sources, and as much weight again on the claim's tasks and captions
+    # stage 1: the recipe's caption + task sources, and as much weight again on the claim's tasks and captions;
+    # captions only (LLaVA-1.5's kind of pretraining data): the recipe's captions and the claim's task captions
     extra = sum(s["weight"] for s in s1.data.sources) / (2 * len(claim.tasks))
     mine = [_src(root, f"{t}{c}", extra) for t in claim.tasks for c in ("", "_caption")]
-    s1 = dataclasses.replace(s1, model=model1, data=dataclasses.replace(s1.data, sources=s1.data.sources + mine))
+    sources1 = s1.data.sources + mine
+    if arm.stage1_data == "captions":
+        sources1 = [s for s in sources1 if Path(s["path"]).stem.endswith("caption")]
+    elif arm.stage1_data != "diverse":
+        raise ValueError(f"unknown stage1_data {arm.stage1_data!r}: diverse or captions")
+    s1 = dataclasses.replace(s1, model=model1, data=dataclasses.replace(s1.data, sources=sources1))
     s2 = stage_config(arm.arch, "sft", root, budget, seed=seed)
     text = [s for s in s2.data.sources if Path(s["path"]).stem in ("add", "text_scene")]
     text_total = sum(s["weight"] for s in text)
@@ -223,6 +229,8 @@ def run_speed(root: Path, scale: Scale, claim: Claim, seed: int, device: str | N
         "claim": claim.name,
         "seed": seed,
         "per_arm": {a: {"samples_per_s": r["samples_per_s"]} for a, r in res["archs"].items()},
+        # one timed step per arch per round, interleaved D, X, H, D, …: the rounds pair the arms
+        "rounds": {a: [shape.batch_size / t for t in r["step_s_all"]] for a, r in res["archs"].items()},
         "bench": res,
         "wall_s": time.perf_counter() - t0,
         "config": {"preset": preset, "device": dev, "shape": res["settings"]},

@@ -6,7 +6,8 @@ demo's primitives (:mod:`nvlm.demo.draw`) at its 32 px tile scale.
   row by row). The digits are ~0.6 tile high: whole in their full-resolution tile, shrunk 3× in the thumbnail.
 * ``tile_mark`` (Tables 1–2): one black disc inside one tile of a 2–6 tile image; answer the tile's number in
   reading order. The thumbnail is square, so only the tiles (and their tags) tell the grid.
-* ``ocr_line`` (Appendix C): a line of 6 small digits across a 4×1 image (two per tile); transcribe it.
+* ``ocr_line`` (Appendix C): a line of 6 small digits across a 3×1 image, two per tile, each in its own half
+  tile (so each sits under its own tile tokens and none straddles a tile border); transcribe it.
 
 Deterministic per (seed, split, task); the held-out split draws from its own random stream and any held-out
 image whose pixels equal a training image's is redrawn, so the splits are disjoint.
@@ -35,15 +36,15 @@ class RTask:
     question: str
     chance: float  # accuracy of a uniform guess among the generator's answers
     max_new_tokens: int  # one digit per token (the demo tokenizer splits digits) + end of turn
+    char_chance: float = 0.1  # per-character accuracy of a uniform guess (a digit: 1 in 10)
 
 
 READ_GRIDS = ((3, 1), (1, 3), (2, 2), (3, 2), (2, 3))  # (cols, rows): 3-6 tiles, 5 aspect ratios
 MARK_GRIDS = ((2, 1), (1, 2), (3, 1), (1, 3), (2, 2), (3, 2), (2, 3))
+MARK_CHANCE = sum(1 / (c * r) for c, r in MARK_GRIDS) / len(MARK_GRIDS)  # one-character answers
 TASKS = {
     "tile_read": RTask("tile_read", "What digits are written in the image, in reading order?", 1 / 1000, 5),
-    "tile_mark": RTask(
-        "tile_mark", "Which tile holds the disc?", sum(1 / (c * r) for c, r in MARK_GRIDS) / len(MARK_GRIDS), 3
-    ),
+    "tile_mark": RTask("tile_mark", "Which tile holds the disc?", MARK_CHANCE, 3, char_chance=MARK_CHANCE),
     "ocr_line": RTask("ocr_line", "Transcribe the text in the image.", 1 / 10**6, 8),
 }
 
@@ -87,16 +88,17 @@ def sample_tile_mark(rng: random.Random) -> draw.Scene:
 
 
 def sample_ocr_line(rng: random.Random) -> draw.Scene:
-    cols, n = 4, 6
+    cols, per_tile = 3, 2
+    n = cols * per_tile
     digits = [rng.choice(DIGITS) for _ in range(n)]
     ink = tuple(rng.randint(0, 60) for _ in range(3))
-    slot = cols * TILE / n  # 6 slots of ~21 px over 128 px: glyphs never straddle more than their slot
+    slot = TILE // per_tile  # each digit in its own half tile: no glyph straddles a tile border
     ops = []
     for i, d in enumerate(digits):
-        mask = _glyph(rng, d, (0.4, 0.5))
-        x = int(i * slot + (slot - mask.width) / 2) + rng.randint(-1, 1)
+        mask = _glyph(rng, d, (0.45, 0.55))
+        x = i * slot + min(max((slot - mask.width) // 2 + rng.randint(-1, 1), 0), max(slot - mask.width, 0))
         y = (TILE - mask.height) // 2 + rng.randint(-3, 3)
-        ops.append(("glyph", (max(0, x), max(0, y)), mask, ink))
+        ops.append(("glyph", (x, max(0, y)), mask, ink))
     text = "".join(digits)
     return draw.Scene(cols * TILE, TILE, _background(rng), text, f"a line of digits {' '.join(text)}", ops)
 
