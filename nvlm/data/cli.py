@@ -3,7 +3,7 @@
     nvlm data inspect PATH [PATH …]          kind, layout, files, records, one sample with its tiles and tokens
     nvlm data index PATH [PATH …]            build the sources' indexes now (a run then starts at once)
     nvlm data bench PATH [PATH …] --workers N   loader-only samples/s: read, decode, tile, tokenize
-    nvlm data pack SOURCE OUT [--shard-size 1GB]  a source as WebDataset shards (``nvlm.data.pack``)
+    nvlm data pack SOURCE OUT [--shard-size 1GB]  WebDataset shards + Energon .nv-meta (``nvlm.data.pack``)
 
 A path may be an Energon Metadataset blend (a .yaml, or ``blend:nvlm-sft`` / ``blend:nvlm-pretrain``, shipped,
 their datasets under ``--data-root`` or ``$NVLM_DATA_ROOT``): ``inspect`` then lists its datasets, which are
@@ -81,11 +81,17 @@ def pack(args: argparse.Namespace) -> int:
     for k, source in enumerate(open_sources(args.source)):
         out = args.out if k == 0 else f"{args.out}-{source.name.replace('/', '-')}"
         done = write_shards(source.records, out, size)
-        print(f"{source.name}: {done.samples:,} samples in {len(done.shards)} shard(s): {done.pattern}")
         for message in done.skipped[:10]:
             print(f"  skipped: {message}")
         if len(done.skipped) > 10:
             print(f"  … {len(done.skipped) - 10} more skipped")
+        if done.shards and not done.energon_index:
+            print(
+                f"  {out}/.nv-meta: no Energon index (megatron-energon is not installed): for Energon's own loader, "
+                f"pip install 'nvlm[energon]' and pack again, or run `energon prepare {out} --tar-index-only`"
+            )
+        how = f", indexed by megatron-energon {done.energon_index}" if done.energon_index else ""
+        print(f"{source.name}: {done.samples:,} samples in {len(done.shards)} shard(s){how}: {out}")
     return 0
 
 
