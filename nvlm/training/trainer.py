@@ -302,12 +302,14 @@ class Trainer:
         failed, stop, *counts = all_reduce([float(error is not None), float(self._stop), *counts], self.world)
         # this process's wait for the loader; the step's counts summed over processes (a TP group's once)
         self._step_data = {"data_wait_s": waited, **{k: round(v / self.world.tp) for k, v in zip(STEP_COUNTS, counts)}}
+        if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
+            if error is not None:  # a requested stop wins: the same signal may have broken the data workers
+                self.log(f"stopping as requested; a data error met meanwhile is not raised: {error}")
+            return None
         if error is not None:
             raise error
         if failed:
             raise PeerFailed("another process failed while reading its data (see its error); stopping")
-        if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
-            return None
         assert state is not None  # None only when the prefetcher saw stop(): returned above
         self._data_state = state
         return batches
