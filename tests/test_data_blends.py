@@ -58,8 +58,10 @@ def test_weights_nest_as_energon_weighs_them(data):
 
 
 def test_blend_epochized_shares_follow_repetitions_times_records(data):
+    (data / "sub").mkdir()  # a nested file naming one dataset, relative to its own folder
+    write(data / "sub" / "one.yaml", V2 + "splits:\n  train:\n    path: ../jsonl/conv.jsonl\n")
     top = write(data / "ep.yaml", V2 + "splits:\n  train:\n    blend_epochized:\n"
-                "      - {repetitions: 2, path: jsonl/conv.jsonl}\n"
+                "      - {repetitions: 2, path: sub/one.yaml}\n"
                 "      - {repetitions: 0.5, path: cauldron}\n")  # fmt: skip
     weights = {s.name: s.weight for s in open_sources(top)}
     assert weights == pytest.approx({"ep/jsonl/conv.jsonl": 12 / 14, "ep/cauldron": 2 / 14})

@@ -106,7 +106,11 @@ def _load(path: Path) -> dict[str, Any]:
 def leaves(path: str, split: str = "train") -> list[Leaf]:
     """The datasets of a blend file (nested blends flattened), in file order."""
     top, base = resolve(path)
-    return _leaves(top, base, split, 1.0, None, [], str(top))
+    found = _leaves(top, base, split, 1.0, None, [], str(top))
+    for leaf in found:  # named from the top file's folder, so datasets of different nested files stay apart
+        inside = not os.path.relpath(leaf.path, base).startswith("..")
+        leaf.name = os.path.relpath(leaf.path, base) if inside else leaf.path
+    return found
 
 
 def _leaves(
@@ -122,8 +126,8 @@ def _leaves(
         node = (doc.get("splits") or {}).get(split)
         if not isinstance(node, dict):
             raise UserError(f"{file}: no splits.{split} (has {sorted(doc.get('splits') or {})})")
-    if "path" in node and not ({"blend", "blend_epochized"} & set(node)):
-        node = {"blend": [{**node, "weight": 1.0}]}
+    if "path" in node and not ({"blend", "blend_epochized"} & set(node)):  # one dataset: the parent's kind of blend
+        node = {"blend_epochized": [node]} if epochized else {"blend": [node]}
     mode = "blend_epochized" if "blend_epochized" in node else "blend"
     entries = node.get(mode)
     unknown = sorted(set(node) - {mode})
@@ -136,7 +140,7 @@ def _leaves(
         raise UserError(f"{file}: a blend_epochized and a weighted blend cannot nest (Energon refuses it too)")
     key = "repetitions" if is_epochized else "weight"
     values = [_entry(file, i, e, key) for i, e in enumerate(entries)]
-    total = sum(v for v, _ in values) if not is_epochized else 1.0
+    total = (sum(v for v, _ in values) or 1.0) if not is_epochized else 1.0
     out: list[Leaf] = []
     for value, entry in values:
         target = Path(entry["path"]) if os.path.isabs(entry["path"]) else base / entry["path"]
@@ -146,8 +150,7 @@ def _leaves(
             inner = _leaves(target, target.parent, entry.get("split_part", split), part, is_epochized, seen, where)
             out += [Leaf(x.path, x.name, x.share, x.epochized, x.split, {**flavors, **x.subflavors}) for x in inner]
         else:
-            name = os.path.relpath(target, base) if not os.path.isabs(entry["path"]) else target.name
-            out.append(Leaf(str(target), name, part, is_epochized, entry.get("split_part", "train"), flavors))
+            out.append(Leaf(str(target), target.name, part, is_epochized, entry.get("split_part", split), flavors))
     return out
 
 
