@@ -2,6 +2,7 @@
 
     python scripts/data_loader.py scale [--sizes 10000,100000,1000000] [--kinds jsonl,wds,parquet] [--legacy]
     python scripts/data_loader.py formats [--samples 300] [--workers 0,2]
+    python scripts/data_loader.py demo [--per-task 300] [--samples 1024] [--steps 40]
 
 ``scale`` writes tiny records (an 8×8 PNG and a one-turn conversation) at each size under --out (default
 /tmp/nvlm-data-bench), builds each source's index in a process of its own (timed), then starts a fresh process
@@ -17,6 +18,12 @@ data pipeline.
 files, as WebDataset shards and as LLaVA-OneVision-style Parquet, then times (1) reading records with their
 image bytes in epoch order (the storage alone) and (2) ``nvlm data bench`` with 0 and 2 workers at the paper's
 shapes (448-pixel tiles, up to 6 + thumbnail). Figures are this machine's; rerun to compare.
+
+``demo`` writes the demo's data (``nvlm.demo.synthetic``: 32-96 × 32-64 px PNGs, 32-pixel tiles of 4 tokens,
+sequences of 160), times ``nvlm data bench`` with 0, 2 and 4 workers on its vision tasks' records as JSONL +
+loose PNG files and as the same records packed by ``nvlm data pack`` into WebDataset shards, then trains the
+demo's stage 2 (NVLM-D, batch 32, stand-in backbones) with ``data.workers=2`` and reports how long each step
+waited on the loader (``data_wait_s`` in metrics.jsonl) against the step's own time.
 """
 
 from __future__ import annotations
@@ -218,6 +225,70 @@ def formats(args: argparse.Namespace) -> None:
         print(f"| {r['format']} | {r['read_per_s']:.0f} | " + " | ".join(f"{r[w]:.1f}" for w in workers) + " |")
 
 
+def bench(path: str, workers: int, samples: int, env: dict[str, str]) -> dict:
+    """``nvlm data bench`` at the demo's shapes, in a process of its own."""
+    shapes = ["--tile-size", "32", "--tokens-per-tile", "4", "--max-tiles", "6", "--max-seq-len", "160"]
+    cmd = [sys.executable, "-m", "nvlm.data.cli", "bench", path, "--workers", str(workers), "--samples", str(samples)]
+    out = subprocess.run(cmd + ["--batch", "32", *shapes, "--json"], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"nvlm data bench failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def demo(args: argparse.Namespace) -> None:
+    from nvlm.demo import synthetic
+
+    root = args.out / f"demo-{args.per_task}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NVLM_INDEX_DIR": str(args.out / "index")}
+    os.environ["NVLM_INDEX_DIR"] = env["NVLM_INDEX_DIR"]
+    if not (root / "data" / "manifest.json").exists():
+        synthetic.generate(root / "data", args.per_task, 10, n_text_scene=50)
+    jsonl = root / "data" / "vision.jsonl"  # every vision task's training records; images relative to data/
+    jsonl.write_text("".join((root / "data" / "train" / f"{t}.jsonl").read_text() for t in synthetic.TASKS))
+    shards = root / "wds"
+    if not shards.exists():
+        cmd = [sys.executable, "-m", "nvlm.data.cli", "pack", str(jsonl), str(shards), "--shard-size", "16MB"]
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+    rows = []
+    for name, path in (("JSONL + loose PNG files", str(jsonl)), ("WebDataset shards (nvlm data pack)", str(shards))):
+        for w in (0, 2, 4):
+            r = bench(path, w, args.samples, env)
+            rows.append(
+                {"format": name, "workers": w, "samples_per_s": r["samples_per_s"], "startup_s": r["startup_s"]}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{len(jsonl.read_text().splitlines()):,} records; nvlm data bench --samples {args.samples} --batch 32")
+    print("| format | workers | samples/s | start-up s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['format']} | {r['workers']} | {r['samples_per_s']:.1f} | {r['startup_s']:.2f} |")
+    train_wait(root, args.steps)
+
+
+def train_wait(root: Path, steps: int) -> None:
+    """The demo's stage 2 with 2 data workers: per-step data_wait_s against the step time."""
+    import statistics
+
+    from nvlm.demo.backbone import build_tokenizer, pretrain_llm, save_vision
+    from nvlm.demo.pipeline import Budget, stage_config
+    from nvlm.training.metrics import read_metrics
+    from nvlm.training.trainer import Trainer
+
+    if not (root / "backbones" / "vision").exists():  # stand-ins: the loader, not the answers, is measured
+        tokenizer = build_tokenizer(root / "data")
+        pretrain_llm(root / "backbones" / "llm", tokenizer, [(root / "data" / "train" / "add.jsonl", 1.0)], 1)
+        save_vision(root / "backbones" / "vision", 0)
+    cfg = stage_config("D", "sft", root, Budget(0, 0, 0, 0, steps))
+    cfg.data.workers, cfg.train.log_every, cfg.train.save_every = 2, 1, 0
+    out = root / f"train-workers2-{time.time_ns()}"
+    Trainer(cfg, out, log=lambda *a, **k: None).run()
+    rows = read_metrics(out / "metrics.jsonl")[2:]  # the first steps include the workers' start-up
+    waits = [r["data_wait_s"] for r in rows]
+    step_s = [cfg.train.global_batch_size / r["samples_per_s"] for r in rows]
+    print(f"\ndemo stage 2, NVLM-D, batch {cfg.train.global_batch_size}, data.workers=2, steps 3-{steps}:")
+    print(f"data_wait_s median {statistics.median(waits):.4f}, max {max(waits):.4f}, total {sum(waits):.2f}; "
+          f"step compute median {statistics.median(step_s):.3f} s, total {sum(step_s):.2f} s")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -228,10 +299,14 @@ def main() -> None:
     f = sub.add_parser("formats", help="loader throughput: JSONL + loose files vs WebDataset vs Parquet")
     f.add_argument("--samples", type=int, default=300)
     f.add_argument("--workers", default="0,2")
-    for q in (s, f):
+    d = sub.add_parser("demo", help="the demo's shapes: 0/2/4 workers, JSONL vs shards, and a run's data wait")
+    d.add_argument("--per-task", type=int, default=300, help="training images per vision task")
+    d.add_argument("--samples", type=int, default=1024)
+    d.add_argument("--steps", type=int, default=40)
+    for q in (s, f, d):
         q.add_argument("--out", type=Path, default=Path("/tmp/nvlm-data-bench"))
     args = p.parse_args()
-    {"scale": scale, "formats": formats}[args.cmd](args)
+    {"scale": scale, "formats": formats, "demo": demo}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_missing_shards_and_unwritable_indexes_stop_before_training(tmp_path, mo
 
 def test_a_source_whose_first_records_all_fail_is_refused_at_start(tmp_path):
     path = tmp_path / "wrong.jsonl"
-    path.write_text("".join(json.dumps({"question": "q", "answer": "a"}) + "\n" for _ in range(20)))
+    path.write_text("".join(json.dumps({"prompt": "q", "reply": "a"}) + "\n" for _ in range(20)))
     spec = SimpleNamespace(path=str(path), name="w", weight=1.0, image_root=None)
     with pytest.raises(UserError, match=r"wrong.jsonl:1: expected a 'conversations'.*none of the first 8 records"):
         open_mixture([spec])

@@ -85,3 +85,20 @@ def test_pack_writes_shards_that_read_back_as_the_same_conversations(tmp_path, c
         run("pack", paths["jsonl"], str(tmp_path / "packed-jsonl"))
     with pytest.raises(UserError, match="--shard-size"):
         run("pack", paths["jsonl"], str(tmp_path / "x"), "--shard-size", "lots")
+
+
+def test_pack_without_energon_writes_its_metadata_and_says_how_to_index(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from nvlm.data.sources import open_sources
+
+    monkeypatch.setitem(sys.modules, "megatron.energon", None)  # as if megatron-energon were not installed
+    source = every_kind(tmp_path, 4)["jsonl"]
+    assert run("pack", source, str(tmp_path / "packed"), "--shard-size", "3KB") == 0
+    out = capsys.readouterr().out
+    assert "no Energon index" in out and "energon prepare" in out
+    meta = tmp_path / "packed" / ".nv-meta"
+    assert json.loads((meta / ".info.json").read_text())["shard_counts"] == {"00000.tar": 2, "00001.tar": 2}
+    assert "CrudeWebdataset" in (meta / "dataset.yaml").read_text()
+    (packed,) = open_sources(str(tmp_path / "packed"))  # its split.yaml names the shards nvlm reads
+    assert len(packed.records.shards) == 2 and packed.records[3].messages == open_sources(source)[0].records[3].messages

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from data_fixtures import answer, every_kind, png, write_jsonl, write_shards
 
-from nvlm.data.formats import read_records
+from nvlm.data.formats import BadRecord, read_records
 from nvlm.data.mixture import Mixture
 from nvlm.data.order import EpochOrder
 from nvlm.data.sources import jsonl as jsonl_module
@@ -99,7 +99,7 @@ def test_brace_patterns_and_kind_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "odd.parquet")
+    pq.write_table(pa.table({"prompt": ["q"], "reply": ["a"]}), tmp_path / "odd.parquet")
     with pytest.raises(UserError, match="match no layout.*LLaVA-OneVision.*Cauldron.*FineVision"):
         open_sources(str(tmp_path / "odd.parquet"))
 
@@ -176,3 +176,32 @@ def test_tar_members_read_directly_match_tarfile_and_fall_back_to_it(tmp_path):
     assert plain_members(bytes(broken)) is None
     with pytest.raises(BadRecord, match="x: unreadable"):
         tarfile_members(bytes(broken), "x")
+
+
+def test_text_only_instruction_releases_read_as_one_turn(tmp_path):
+    """The text-only SFT sets' own layouts: instruction (+ input) / output, query / response, question / answer,
+    problem / solution, as JSONL, a JSON list or Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+        {"query": "2+3?", "response": "5", "type": "GSM_Rv"},
+        {"question": "2+3?", "answer": "5", "system": "Be brief."},
+        {"problem": "2+3?", "solution": "5"},
+        {"instruction": "2+3?", "response": "5"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pairs.json").write_text(json.dumps(rows[:1]))
+    pq.write_table(pa.table({"question": ["2+3?"], "answer": ["5"], "id": ["x"]}), tmp_path / "orca.parquet")
+    (jsonl,), (listed,), (parquet,) = (open_sources(str(tmp_path / n)) for n in ("pairs.jsonl", "pairs.json",
+                                                                                 "orca.parquet"))  # fmt: skip
+    got = [jsonl.records[i].messages for i in range(5)]
+    assert got[0] == [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert got[1] == got[3] == got[4] == [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    assert got[2][0] == {"role": "system", "content": "Be brief."} and got[2][1:] == got[1]
+    assert listed.records[0].messages == got[0] and parquet.records.layout == "pairs"
+    assert parquet.records[0].messages == got[1] and not parquet.records[0].images
+    (tmp_path / "vqa.jsonl").write_text(json.dumps({"image": "a.png", "question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(BadRecord, match="an instruction record with an image"):
+        open_sources(str(tmp_path / "vqa.jsonl"))[0].records[0]

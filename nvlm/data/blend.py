@@ -37,7 +37,25 @@ from nvlm.data.mixture import Mixture
 from nvlm.data.workers import EncodePool, Loaded, Reader, Task, load_sample
 from nvlm.vision.image_io import ImageLoadError
 
-__all__ = ["Blend", "Mixture", "SampleStream", "SampleTimeout", "Source", "TooManyBadSamples"]
+__all__ = [
+    "STEP_COUNTS",
+    "Blend",
+    "Mixture",
+    "SampleStream",
+    "SampleTimeout",
+    "Source",
+    "TooManyBadSamples",
+    "step_counts",
+]
+
+# per-step metrics (metrics.jsonl) → the stream's counters they count: samples kept at fewer tiles per image,
+# dropped as too long even at one tile, and skipped as bad (unreadable, corrupt, timed out)
+STEP_COUNTS = {"samples_degraded": "degraded", "samples_dropped": "dropped_too_long", "samples_bad": "bad_sample"}
+
+
+def step_counts(before: dict[str, Any], after: dict[str, Any]) -> list[float]:
+    """The `STEP_COUNTS` read between two ``SampleStream.state_dict()`` snapshots (one step's batch), in order."""
+    return [float(after["counts"].get(k, 0) - before["counts"].get(k, 0)) for k in STEP_COUNTS.values()]
 
 
 class Records(Protocol):

@@ -3,7 +3,11 @@
     nvlm data inspect PATH [PATH …]          kind, layout, files, records, one sample with its tiles and tokens
     nvlm data index PATH [PATH …]            build the sources' indexes now (a run then starts at once)
     nvlm data bench PATH [PATH …] --workers N   loader-only samples/s: read, decode, tile, tokenize
-    nvlm data pack SOURCE OUT [--shard-size 1GB]  a source as WebDataset shards (``nvlm.data.pack``)
+    nvlm data pack SOURCE OUT [--shard-size 1GB]  WebDataset shards + Energon .nv-meta (``nvlm.data.pack``)
+
+A path may be an Energon Metadataset blend (a .yaml, or ``blend:nvlm-sft`` / ``blend:nvlm-pretrain``, shipped,
+their datasets under ``--data-root`` or ``$NVLM_DATA_ROOT``): ``inspect`` then lists its datasets, which are
+there, their records and their share of the blend, before it inspects those present.
 
 (``python -m nvlm.data.cli COMMAND …`` runs the same commands.)
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from types import SimpleNamespace
@@ -24,6 +29,8 @@ from typing import Any
 from nvlm.data.blend import SampleStream
 from nvlm.data.formats import BadRecord, chatml_segments
 from nvlm.data.sources import kind_of, open_mixture, open_sources
+from nvlm.data.sources.metadataset import ROOT_ENV, leaves
+from nvlm.errors import UserError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("paths", nargs="+", help="sources: .jsonl, Parquet, WebDataset shards, InternVL meta-JSON")
+        p.add_argument("--data-root", help=f"where a shipped blend's datasets are (default: ${ROOT_ENV})")
         if name != "index":
             p.add_argument("--model", help="a saved nvlm model folder: its tiling, tags and tokenizer")
             p.add_argument("--tile-size", type=int, default=448)
@@ -55,10 +63,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("source", help="any source nvlm reads (JSONL, Parquet, shards, InternVL meta-JSON entries)")
     p.add_argument("out", help="a new or empty folder for the shards")
     p.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
+    p.add_argument("--data-root", help=f"where a shipped blend's datasets are (default: ${ROOT_ENV})")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "data_root", None):
+        os.environ[ROOT_ENV] = args.data_root  # read where blend paths resolve, here and in data workers
     return {"inspect": inspect, "index": index, "bench": bench, "pack": pack}[args.data_command](args)
 
 
@@ -70,11 +81,17 @@ def pack(args: argparse.Namespace) -> int:
     for k, source in enumerate(open_sources(args.source)):
         out = args.out if k == 0 else f"{args.out}-{source.name.replace('/', '-')}"
         done = write_shards(source.records, out, size)
-        print(f"{source.name}: {done.samples:,} samples in {len(done.shards)} shard(s): {done.pattern}")
         for message in done.skipped[:10]:
             print(f"  skipped: {message}")
         if len(done.skipped) > 10:
             print(f"  … {len(done.skipped) - 10} more skipped")
+        if done.shards and not done.energon_index:
+            print(
+                f"  {out}/.nv-meta: no Energon index (megatron-energon is not installed): for Energon's own loader, "
+                f"pip install 'nvlm[energon]' and pack again, or run `energon prepare {out} --tar-index-only`"
+            )
+        how = f", indexed by megatron-energon {done.energon_index}" if done.energon_index else ""
+        print(f"{source.name}: {done.samples:,} samples in {len(done.shards)} shard(s){how}: {out}")
     return 0
 
 
@@ -100,18 +117,35 @@ def _spec(path: str) -> Any:
     return SimpleNamespace(path=path, name=None, weight=1.0, image_root=None)
 
 
+def blend_table(path: str) -> list[dict[str, Any]]:
+    """A blend's datasets: path, weight or repetitions, and for those present their records and blend share."""
+    rows = []
+    for leaf in leaves(path):
+        row: dict[str, Any] = {"dataset": leaf.name, ("repetitions" if leaf.epochized else "share"): leaf.share}
+        try:
+            opened = open_sources(leaf.path, leaf.name, split=leaf.split)
+            row["records"] = sum(len(s.records) for s in opened)
+        except UserError as e:
+            row["missing"] = str(e).split(";")[0]
+        rows.append(row)
+    present = [r for r in rows if "records" in r]
+    sizes = [r["records"] * r.get("repetitions", 1) if "repetitions" in r else r["share"] for r in present]
+    for r, size in zip(present, sizes):
+        r["blend_share"] = round(size / (sum(sizes) or 1), 4)
+    return rows
+
+
 def inspect(args: argparse.Namespace) -> int:
     proc = processor(args)
     report = []
     for path in args.paths:
-        for source in open_sources(path):
-            info: dict[str, Any] = {"source": source.name, "kind": kind_of(path), "weight": source.weight}
-            describe = getattr(source.records, "describe", None)
-            info.update(describe() if describe else {"records": len(source.records)})
-            if source.max_tiles:
-                info["max_tiles"] = source.max_tiles
-            info["sample"] = _sample(source, min(args.sample, len(source.records) - 1), proc, args.max_seq_len)
-            report.append(info)
+        if kind_of(path) == "metadataset":
+            rows = blend_table(path)
+            print(json.dumps(rows, indent=2) if args.json else _blend_text(path, rows))
+            paths = [leaf.path for leaf, row in zip(leaves(path), rows) if "records" in row]
+            report += _inspect_sources(paths, args, proc)
+            continue
+        report += _inspect_sources([path], args, proc)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -124,6 +158,30 @@ def inspect(args: argparse.Namespace) -> int:
         for key, value in sample.items():
             print(f"  {key}: {value}")
     return 0
+
+
+def _blend_text(path: str, rows: list[dict[str, Any]]) -> str:
+    there = sum("records" in r for r in rows)
+    lines = [f"{path}: a blend of {len(rows)} datasets, {there} present"]
+    for r in rows:
+        weight = f"x{r['repetitions']:g}" if "repetitions" in r else f"weight {r['share']:.3g}"
+        state = f"{r['records']:,} records, {100 * r['blend_share']:.2f}% of the blend" if "records" in r else "missing"
+        lines.append(f"  {r['dataset']}  {weight}  {state}")
+    return "\n".join(lines)
+
+
+def _inspect_sources(paths: list[str], args: argparse.Namespace, proc: Any) -> list[dict[str, Any]]:
+    report = []
+    for path in paths:
+        for source in open_sources(path):
+            info: dict[str, Any] = {"source": source.name, "kind": kind_of(path), "weight": source.weight}
+            describe = getattr(source.records, "describe", None)
+            info.update(describe() if describe else {"records": len(source.records)})
+            if source.max_tiles:
+                info["max_tiles"] = source.max_tiles
+            info["sample"] = _sample(source, min(args.sample, len(source.records) - 1), proc, args.max_seq_len)
+            report.append(info)
+    return report
 
 
 def _sample(source: Any, i: int, proc: Any, max_len: int) -> dict[str, Any]:

@@ -5,7 +5,11 @@ Accepted records (JSON list or JSONL, one record a line):
   (an image with no ``<image>`` in the text goes in front of the first user turn, as LLaVA does);
 - OpenAI / ShareGPT messages: ``{"messages": [{"role": "user", "content": [{"type": "text", "text": …},
   {"type": "image_url", "image_url": {"url": "a.png" | "file://…" | "data:image/png;base64,…"}}]}]}``;
-- text-only conversations in either form.
+- text-only conversations in either form;
+- one instruction and its answer, as text-only SFT sets release them: ``instruction`` (+ ``input``) / ``output``
+  (Alpaca, MathInstruct), ``instruction`` / ``response`` (UltraInteract, Magicoder), ``query`` / ``response``
+  (MetaMathQA), ``question`` / ``answer`` (Orca-Math), ``problem`` / ``solution`` (Magicoder OSS), with an
+  optional ``system``.
 Image paths are relative to `image_root` (default: the data file's folder). Loss goes only on assistant
 content and its ``<|im_end|>`` (``chatml_segments``), never on system/user text, image tokens or tags.
 """
@@ -57,9 +61,12 @@ def parse_record(
         conv = _from_llava(obj, Path(image_root), where)
     elif "messages" in obj:
         conv = _from_openai(obj, Path(image_root), where)
+    elif pair_fields(obj) is not None:
+        conv = _from_pair(obj, where)
     else:
         raise DataFormatError(
-            f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, got keys {sorted(obj)}"
+            f"{where}: expected a 'conversations' (LLaVA) or 'messages' (OpenAI) field, or an instruction and its "
+            f"answer ({', '.join('/'.join(p) for p in PAIRS)}), got keys {sorted(obj)}"
         )
     n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in conv.messages)
     if images is not None:
@@ -73,6 +80,32 @@ def parse_record(
         raise DataFormatError(f"{where}: no assistant turn, so nothing to learn from")
     conv.source = where
     return conv
+
+
+PAIRS = (("instruction", "output"), ("instruction", "response"), ("query", "response"), ("question", "answer"),
+         ("problem", "solution"))  # fmt: skip
+
+
+def pair_fields(keys: Any) -> tuple[str, str] | None:
+    """The (prompt, answer) fields of an instruction record with these keys (or columns), if any."""
+    return next((p for p in PAIRS if p[0] in keys and p[1] in keys), None)
+
+
+def _from_pair(obj: dict, where: str) -> Conversation:
+    """An instruction and its answer → one user turn (the instruction, then any ``input``) and one answer."""
+    fields = pair_fields(obj)
+    assert fields is not None
+    prompt, answer = obj[fields[0]], obj[fields[1]]
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise DataFormatError(f"{where}: '{fields[0]}' and '{fields[1]}' must be strings")
+    if obj.get("image") or obj.get("images"):  # an image would be silently dropped: say so instead
+        raise DataFormatError(f"{where}: an instruction record with an image; write it as a LLaVA conversation")
+    extra = obj.get("input")
+    if isinstance(extra, str) and extra.strip():
+        prompt = f"{prompt}\n\n{extra}"
+    system = obj.get("system")
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    return Conversation([*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
 
 
 def _from_llava(obj: dict, root: Path, where: str) -> Conversation:

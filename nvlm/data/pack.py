@@ -7,6 +7,13 @@ close at ``shard_size`` bytes. A Parquet release, whose row groups must be decod
 a JSONL file beside millions of loose images, is read by a run with one seek a sample once packed. Records
 that cannot be read are skipped and counted (named in the summary); images are checked to be one of the
 formats the safe loader accepts, never decoded.
+
+The folder is also an Energon dataset (``.nv-meta/``: ``split.yaml`` with every shard in the ``train`` part,
+``dataset.yaml`` declaring Energon's ``CrudeWebdataset``, whose samples a task encoder cooks from the raw
+members). With ``megatron-energon`` installed (``pip install 'nvlm[energon]'``) Energon's own preparer indexes
+the shards (``.info.json``, ``*.tar.idx``, ``index.sqlite``), so ``megatron.energon.get_train_dataset`` opens
+the folder as it is; without it the shard counts are written and ``energon prepare --tar-index-only`` adds
+the index later. nvlm reads the folder either way (``nvlm.data.sources``: an Energon dataset folder).
 """
 
 from __future__ import annotations
@@ -24,11 +31,21 @@ from nvlm.errors import UserError
 MAGIC = ((b"\x89PNG", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
 
 
+DATASET_YAML = """\
+# nvlm data pack: sample KEY = KEY.NN.<png|jpg|webp|gif|bmp> (its images, in <image> order) + KEY.json (the
+# conversation in the LLaVA form: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}).
+__module__: megatron.energon
+__class__: CrudeWebdataset
+"""
+
+
 @dataclass
 class Packed:
     shards: list[str] = field(default_factory=list)
     samples: int = 0
     skipped: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # samples per shard
+    energon_index: str = ""  # the megatron-energon version that indexed the shards ("": not indexed)
 
     @property
     def pattern(self) -> str:
@@ -86,6 +103,7 @@ def pack(records: Any, out: str | Path, shard_size: int = 1 << 30) -> Packed:
                 if tar is not None:
                     tar.close()
                 result.shards.append(str(out / f"{len(result.shards):05d}.tar"))
+                result.counts.append(0)
                 tar, written = tarfile.open(result.shards[-1], "w", format=tarfile.USTAR_FORMAT), 0
             for name, data in members:
                 info = tarfile.TarInfo(name)
@@ -93,10 +111,37 @@ def pack(records: Any, out: str | Path, shard_size: int = 1 << 30) -> Packed:
                 tar.addfile(info, io.BytesIO(data))
                 written += 512 + -(-len(data) // 512) * 512
             result.samples += 1
+            result.counts[-1] += 1
     finally:
         if tar is not None:
             tar.close()
+    if result.shards:
+        result.energon_index = write_energon_meta(out, result)
     return result
+
+
+def write_energon_meta(out: Path, packed: Packed) -> str:
+    """``out/.nv-meta``: Energon's dataset description of the shards; indexed by Energon itself when installed.
+    Returns the megatron-energon version that indexed them, or "" when it is not installed."""
+    meta = out / ".nv-meta"
+    meta.mkdir()
+    (meta / "dataset.yaml").write_text(DATASET_YAML)
+    names = [Path(s).name for s in packed.shards]
+    try:
+        from megatron.energon import BaseWebdatasetFactory
+    except ImportError:
+        info = {"shard_counts": dict(zip(names, packed.counts))}
+        (meta / ".info.json").write_text(json.dumps(info, indent=2))
+        split = {"split_parts": {"train": names, "val": [], "test": []}, "exclude": []}
+        (meta / "split.yaml").write_text(json.dumps(split, indent=2))  # JSON is YAML
+        return ""
+    import contextlib
+    from importlib.metadata import version
+
+    ratio = [("train", 1.0), ("val", 0.0), ("test", 0.0)]  # every shard in the train part, in order
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines; its errors still raise
+        BaseWebdatasetFactory.prepare_dataset(out, names, split_parts_ratio=ratio, shuffle_seed=None, workers=1)
+    return version("megatron-energon")
 
 
 def parse_size(text: str) -> int:

@@ -14,11 +14,17 @@ Workers are spawned (not forked: the trainer's threads and torch's thread pools 
 the processor once, and run one torch thread each. A read that outlives ``data.read_timeout_s`` counts as a
 bad sample; its worker stays busy until the read returns, so a hung mount can take every worker, and the
 bad-sample tolerance then stops the run with the errors listed.
+
+Workers ignore SIGINT and SIGTERM: torchrun, Slurm and a terminal's Ctrl-C signal the whole process group,
+and the trainer, not its workers, decides what a stop means (save a checkpoint, then exit). Closing the pool
+kills its workers rather than waiting for them: a worker wedged on a hung read would otherwise hold the
+trainer's exit forever, and nothing a worker holds needs saving.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -77,6 +83,8 @@ _WORKER: dict[str, Any] = {}  # this worker process's Reader (set once, at start
 def _start(reader: Reader) -> None:
     import torch
 
+    for stop in (signal.SIGINT, signal.SIGTERM):  # the trainer handles stops (see the module doc)
+        signal.signal(stop, signal.SIG_IGN)
     torch.set_num_threads(1)  # K workers beside the trainer: one thread each, no oversubscription
     _WORKER["reader"] = reader
 
@@ -112,5 +120,11 @@ class EncodePool:
         return [pid for pool in self.workers for pid in pool._processes]  # started lazily: after a submit
 
     def close(self) -> None:
+        """Cancel what is queued and kill the workers (they ignore SIGTERM; a wedged one would never exit)."""
         for pool in self.workers:
+            processes = list(pool._processes.values())
             pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+            for process in processes:
+                process.join(timeout=5)

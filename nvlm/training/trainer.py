@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import nvlm
-from nvlm.data.blend import SampleStream
+from nvlm.data.blend import STEP_COUNTS, SampleStream, step_counts
 from nvlm.data.mixture import Mixture
 from nvlm.data.packing import collate_packed, pack_greedy, should_pack
 from nvlm.data.prefetch import Prefetcher, StopSignals
@@ -196,6 +196,7 @@ class Trainer:
         self._checkpoints = CheckpointWriter(self.world, t.async_checkpoint)
         self._prefetch: Prefetcher | None = None
         self._data_state = self.stream.state_dict()  # the data position after the last batch trained on
+        self._step_data: dict[str, float] = {}  # this step's data_wait_s and STEP_COUNTS, for metrics.jsonl
 
     def _model(self, built: Unfilled) -> nvlm.NVLM:
         """The run's model, filled and prepared (``nvlm.training.build``), its attention set for packed rows."""
@@ -288,6 +289,7 @@ class Trainer:
         error: Exception | None = None
         batches: list[dict[str, Any]] = []
         state = None
+        waited = time.perf_counter()
         try:
             if self._prefetch is not None:  # wakes up on SIGTERM/SIGINT even if the reader is wedged
                 batches, state = self._prefetch.next(lambda: self._stop) or ([], None)
@@ -295,13 +297,19 @@ class Trainer:
                 batches, state = self._read(), self.stream.state_dict()
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
             error = e
-        failed, stop = all_reduce([float(error is not None), float(self._stop)], self.world)
+        waited = time.perf_counter() - waited
+        counts = step_counts(self._data_state, state) if state is not None else [0.0] * len(STEP_COUNTS)
+        failed, stop, *counts = all_reduce([float(error is not None), float(self._stop), *counts], self.world)
+        # this process's wait for the loader; the step's counts summed over processes (a TP group's once)
+        self._step_data = {"data_wait_s": waited, **{k: round(v / self.world.tp) for k, v in zip(STEP_COUNTS, counts)}}
+        if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
+            if error is not None:  # a requested stop wins: the same signal may have broken the data workers
+                self.log(f"stopping as requested; a data error met meanwhile is not raised: {error}")
+            return None
         if error is not None:
             raise error
         if failed:
             raise PeerFailed("another process failed while reading its data (see its error); stopping")
-        if stop:  # the batch just read is not trained on: the checkpoint keeps the position before it
-            return None
         assert state is not None  # None only when the prefetcher saw stop(): returned above
         self._data_state = state
         return batches
@@ -418,6 +426,7 @@ class Trainer:
             "tokens": tokens,
             "samples_per_s": t.global_batch_size / (time.perf_counter() - t0),
             "skipped_nonfinite": self.skipped,
+            **self._step_data,  # data_wait_s, samples_degraded, samples_dropped, samples_bad
         }
         if self.step % t.log_every == 0 or self.step == t.max_steps:
             if self.peak_flops:  # this process's FLOPs and time; shapes only, no device sync

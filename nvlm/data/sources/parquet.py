@@ -8,6 +8,8 @@ Layouts, told apart by their columns:
   assistant pair per turn, the images in front of the first user turn;
 * ``finevision`` (FineVision): the Cauldron's ``images`` and ``texts`` plus ``source`` and per-turn quality
   ratings (``*_ratings`` columns), which ``nvlm data inspect`` shows.
+* ``pairs`` (text-only SFT releases): an instruction and its answer per row (``instruction`` / ``output``,
+  ``query`` / ``response``, ``question`` / ``answer``, … : ``nvlm.data.formats.PAIRS``).
 
 The index is each file's row groups (row counts from the Parquet footers, cached like every index), so record i
 is read by decoding only its row group (the last one decoded is kept, for readers that go in order). A row
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nvlm.data.formats import Conversation, DataFormatError, parse_record
+from nvlm.data.formats import Conversation, DataFormatError, pair_fields, parse_record
 from nvlm.data.sources.base import BadRecord, RecordSource, cached_arrays, require_file
 from nvlm.errors import UserError
 
@@ -37,9 +39,11 @@ def layout_of(columns: list[str], path: str) -> str:
         return "llava"
     if all(c in columns for c in LAYOUTS["cauldron"]):
         return "finevision" if "source" in columns or any(c.endswith("_ratings") for c in columns) else "cauldron"
+    if pair_fields(columns) is not None and not {"image", "images"} & set(columns):
+        return "pairs"
     raise UserError(
         f"{path}: Parquet columns {columns} match no layout nvlm reads: LLaVA-OneVision (id, image, conversations), "
-        "The Cauldron (images, texts) or FineVision (images, texts, source)"
+        "The Cauldron (images, texts), FineVision (images, texts, source) or text-only instruction / answer pairs"
     )
 
 
@@ -114,7 +118,8 @@ class ParquetSource(RecordSource):
         return self._cached[1]
 
     def _wanted(self) -> list[str]:
-        keep = {"id", "image", "conversations", "images", "texts", "source"}
+        keep = {"id", "image", "conversations", "images", "texts", "source", "input", "system"}
+        keep |= set(pair_fields(self.columns) or ()) if self.layout == "pairs" else set()
         return [c for c in self.columns if c in keep]
 
     def read(self, i: int) -> Conversation:
@@ -153,6 +158,8 @@ def _image(value: Any, root: Path, where: str) -> Any:
 
 
 def row_to_conversation(row: dict[str, Any], layout: str, where: str, root: Path) -> Conversation:
+    if layout == "pairs":
+        return parse_record(row, root, where)
     if layout == "llava":
         cell = row.get("image")
         images = [_image(cell, root, where)] if cell is not None else []
