@@ -1,7 +1,8 @@
 """GPU checks (skipped without CUDA): the invariants hold on the device, bf16 runs, training steps on GPU
 (loss falls over several steps, sharded = plain, a stopped run resumes where it stopped).
 
-python -m pytest tests/test_gpu.py -q        (on a machine with a CUDA GPU)
+python -m pytest tests/test_gpu.py -m gpu -q        (on a machine with a CUDA GPU; without ``-m gpu`` the
+suite hides CUDA, see conftest.py, and these skip)
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import pytest
 import torch
 from conftest import picture, set_gates
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and pytest -m gpu"),
+]
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
@@ -18,7 +22,8 @@ def test_cuda_cached_equals_uncached_and_batch_equals_single(build_model, arch):
     from nvlm.data.chat import chat_prompt
     from nvlm.inference.generate import generate_ids
 
-    model, processor = build_model(arch).cuda()
+    model, processor = build_model(arch)
+    model.cuda()
     set_gates(model, 0.5)
     texts = [chat_prompt("Describe.", 1), chat_prompt("Hi", 0)]
     images = [[picture(150, 100)], []]

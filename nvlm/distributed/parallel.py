@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nvlm.distributed.tensor_parallel import apply_tensor_parallel, device_mesh, layout
+from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 from nvlm.models.xattn import CrossAttentionDecoderLayer
 
@@ -101,16 +102,30 @@ def flight_recorder_env(dump_dir: str | os.PathLike | None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
+def use_cuda(device: str = "auto") -> bool:
+    """Whether a run on `device` ("auto", "cpu" or "cuda", ``train.device``) uses the GPU; "cuda" without a
+    visible GPU is a clear error rather than a crash in the first kernel."""
+    if device == "cpu":
+        return False
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    return available
+
+
 def init_world(
-    timeout_s: float = 1800.0, startup_timeout_s: float = STARTUP_TIMEOUT_S, dump_dir: str | os.PathLike | None = None
+    timeout_s: float = 1800.0,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    dump_dir: str | os.PathLike | None = None,
+    device: str = "auto",
 ) -> World:
     """The process group from torchrun's environment, or a one-process world without one.
 
     A collective that waits for a process that never arrives (a crashed or hung rank) fails the run instead of
     hanging; torchrun then stops the other workers. Until ``start_steps`` the wait may last `startup_timeout_s`
     (loading a large model), then `timeout_s` per collective. NCCL's flight recorder is switched on and dumps
-    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout."""
-    cuda = torch.cuda.is_available()
+    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout. `device`: ``train.device`` (``use_cuda``)."""
+    cuda = use_cuda(device)
     if not launched_by_torchrun():
         return World(device=torch.device("cuda" if cuda else "cpu"), step_timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -138,6 +138,9 @@ class TrainConfig:
     log_every: int = bounded(1, ge=1)
     max_nonfinite_in_row: int = bounded(5, ge=1)
     """Non-finite losses in a row before the run stops (exit code 3)."""
+    device: str = bounded("auto", one_of=("auto", "cpu", "cuda"))
+    """Where the run trains: "auto" picks CUDA when a GPU is visible, else the CPU; "cpu" keeps a run on the CPU
+    in fp32 on a GPU machine too (reference runs whose results must match the CPU's exactly)."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
     activation_checkpointing: bool = False

@@ -42,6 +42,7 @@ from nvlm.distributed.parallel import (
     grad_norm,
     reshard,
     start_steps,
+    use_cuda,
     with_layout,
 )
 from nvlm.distributed.tensor_parallel import clip_grad_norm
@@ -149,7 +150,7 @@ class Trainer:
     ) -> None:
         """`progress`: draw the per-step bar (callers that draw their own, such as ``nvlm repro``, turn it off)."""
         t = cfg.train
-        self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world = world or World(device=torch.device("cuda" if use_cuda(t.device) else "cpu"))
         if self.world.mesh is None:  # tp × dp_shard, checked; processes of one TP group read the same samples
             self.world = with_layout(self.world, t.tp, t.dp_shard)
         self.cfg, self.out, self.progress = cfg, Path(out), progress

@@ -1,0 +1,64 @@
+"""What a GPU cluster needs that a CPU can show: reference runs stay on the CPU on a GPU box, the device check's
+scripts start and refuse what they should, disk-full saves fail in one line (nvlm.distributed.dcp).
+
+python -m pytest tests/test_gpu_readiness.py -q
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import wants_gpu, write_color_dataset
+
+from nvlm.errors import UserError
+from nvlm.training.config import RunConfig
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_color_dataset(tmp_path_factory.mktemp("data"), 8, 4)
+
+
+def cfg(backbones, dataset, **train) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {"arch": "X", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {"sources": [{"path": str(dataset / "images.jsonl")}], "max_seq_len": 256},
+            "train": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 2, **train},
+        }
+    )
+
+
+# ---- reference runs on a GPU machine ------------------------------------------------------------------------
+def test_suite_hides_cuda_unless_gpu_tests_are_asked_for():
+    assert wants_gpu("gpu") and wants_gpu("gpu and not slow") and wants_gpu("(gpu or slow)")
+    assert not wants_gpu("") and not wants_gpu("not gpu") and not wants_gpu("slow")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # this session was not started with -m gpu
+    assert not torch.cuda.is_available()
+
+
+def test_cpu_device_keeps_a_run_on_the_cpu_in_fp32_where_cuda_is_visible(backbones, dataset, tmp_path, monkeypatch):
+    from nvlm.distributed.parallel import use_cuda
+    from nvlm.training.trainer import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert use_cuda("auto") and use_cuda("cuda") and not use_cuda("cpu")
+    trainer = Trainer(cfg(backbones, dataset, device="cpu", bf16=True), tmp_path / "run", log=lambda *a: None)
+    assert trainer.device.type == "cpu"
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in trainable)
+    autocasts = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: autocasts.append(a) or pytest.fail("autocast on CPU"))
+    loss, _ = trainer.optimizer_step(trainer._read())  # one step, no save (DCP asks torch.cuda itself)
+    assert trainer.step == 1 and loss > 0 and not autocasts
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(monkeypatch):
+    from nvlm.distributed.parallel import use_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_cuda("auto")
+    with pytest.raises(UserError, match="train.device=cuda but no CUDA GPU"):
+        use_cuda("cuda")
