@@ -5,6 +5,11 @@
     torchrun --nproc_per_node=1 scripts/gpu_smoke.py save-speed OUT
     torchrun --nproc_per_node=1 scripts/gpu_smoke.py sync-points OUT --steps 3
     python scripts/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
+    python scripts/gpu_smoke.py check-stop RUN --log LOG                 a run stopped by SIGTERM saved its step
+
+Run as a file (``python scripts/gpu_smoke.py``, ``torchrun scripts/gpu_smoke.py``) it imports the ``nvlm`` beside
+it, installed or not. `prepare` refuses an OUT that already holds a run (a rerun would resume finished runs and
+pass without training) unless given ``--fresh``, which clears it.
 
 The runs use random backbones written to OUT (nothing is downloaded); `--hidden/--layers` size the LLM so that
 activation memory, not weights, dominates. The figures are the device's: run it on the GPU to be measured.
@@ -14,11 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
+import sys
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file, sys.path[0] is scripts/: import this checkout's nvlm
+    sys.path.insert(0, str(ROOT))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--hidden", type=int, default=1024)
     prep.add_argument("--layers", type=int, default=8)
     prep.add_argument("--samples", type=int, default=64)
+    prep.add_argument("--fresh", action="store_true", help="clear OUT first if it exists")
     mem = sub.add_parser("memory", help="peak CUDA memory over a few sharded bf16 steps (under torchrun)")
     mem.add_argument("out", type=Path)
     mem.add_argument("--ac", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
@@ -42,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-run", help="a finished run: steps 1..N logged once each, loss fell, checkpoint")
     check.add_argument("run", type=Path)
     check.add_argument("--steps", type=int, required=True)
+    stop = sub.add_parser("check-stop", help="a SIGTERM-stopped run: its log's stop step has a complete checkpoint")
+    stop.add_argument("run", type=Path)
+    stop.add_argument("--log", type=Path, required=True, help="the stopped command's stdout")
     return p
 
 
@@ -57,6 +73,11 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from nvlm.testing.tiny import save_tiny_backbones
 
     out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        if not args.fresh:
+            why = "a rerun would resume finished runs"
+            raise SystemExit(f"error: {out} is not empty ({why}); pass --fresh to clear it")
+        shutil.rmtree(out)
     llm, vision = save_tiny_backbones(out / "backbones", "qwen2", "internvl", hidden=args.hidden, layers=args.layers)
     (out / "data" / "img").mkdir(parents=True, exist_ok=True)
     colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -81,7 +102,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     (out / "run.json").write_text(json.dumps(cfg, indent=2))
-    return {"prepared": str(out), "hidden": args.hidden, "layers": args.layers}
+    import nvlm
+
+    return {"prepared": str(out), "hidden": args.hidden, "layers": args.layers, "nvlm": nvlm.__file__}
 
 
 def _trainer(out: Path, run: str, **train: Any) -> Any:
@@ -176,12 +199,26 @@ def check_run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_stop(args: argparse.Namespace) -> dict[str, Any]:
+    """torchrun exits 1 after forwarding a SIGTERM even when its worker saved and exited 0, so the stop is
+    judged by what it left: the trainer's "saved and stopped at step N" line and a complete checkpoint of step N."""
+    from nvlm.distributed.dcp import complete_checkpoints
+
+    text = args.log.read_text() if args.log.exists() else ""
+    said = re.findall(r"saved and stopped at step (\d+)", text)
+    done = complete_checkpoints(args.run / "checkpoints")
+    step = int(said[-1]) if said else None
+    last = int(done[-1].name.split("_")[-1]) if done else None
+    return {"ok": step is not None and step == last, "stopped_at": step, "last_checkpoint": last}
+
+
 COMMANDS = {
     "prepare": prepare,
     "memory": memory,
     "save-speed": save_speed,
     "sync-points": sync_points,
     "check-run": check_run,
+    "check-stop": check_stop,
 }
 
 

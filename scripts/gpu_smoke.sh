@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU smoke test in one command (~8 min on one H100/H200): does the scale-out path work on a device?
 #
-#   bash scripts/gpu_smoke.sh [OUT_DIR]      # default ./gpu_smoke_out
+#   bash scripts/gpu_smoke.sh [--fresh] [OUT_DIR]      # default ./gpu_smoke_out; --fresh clears it first
 #
 # Each step's JSON line and log land under OUT_DIR; a failing step is logged and the next one runs; the summary
 # at the end prints every JSON line. Steps (all bf16, FSDP2 through torchrun with one process):
@@ -16,8 +16,16 @@
 # Written without a GPU: checked with `bash -n` and the Python parts' CPU test (tests/test_gpu_smoke_cli.py)
 # only; it has not run on a device yet.
 set -u
+FRESH=()
+if [ "${1:-}" = "--fresh" ]; then FRESH=(--fresh); shift; fi
 OUT=${1:-gpu_smoke_out}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # OUT is relative to the repository root
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ${#FRESH[@]} -eq 0 ]; then
+  echo "error: $OUT is not empty (a rerun would resume finished runs and pass); pass --fresh to clear it" >&2
+  exit 2
+fi
+[ ${#FRESH[@]} -gt 0 ] && rm -rf "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nvlm, installed or not
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=scripts/gpu_smoke.py
@@ -37,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >>"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-step prepare 120 python $PY prepare "$OUT/smoke" --hidden 1024 --layers 8
+step prepare 120 python $PY prepare "$OUT/smoke" --hidden 1024 --layers 8 --fresh
 RUN_CFG="$OUT/smoke/run.json"
 
 # 1. a whole sharded bf16 run, periodic checkpoints written in the background
@@ -58,7 +66,10 @@ kill -TERM "$pid"
 wait "$pid"
 rc=$?
 t1=$(date +%s.%N)
-echo "{\"cmd\": \"sigterm\", \"exit\": $rc, \"stop_s\": $(python -c "print(round($t1 - $t0, 2))")}" | tee "$OUT/sigterm.json"
+# torchrun exits 1 after forwarding SIGTERM even when the worker saved and exited 0: judged by the checkpoint
+echo "{\"cmd\": \"sigterm\", \"torchrun_exit\": $rc, \"stop_s\": $(python -c "print(round($t1 - $t0, 2))")}" \
+  | tee "$OUT/sigterm.json"
+step sigterm_check 60 python $PY check-stop "$OUT/smoke/sigterm" --log "$OUT/sigterm.out"
 step resume 150 "${TR[@]}" -m nvlm train "$RUN_CFG" --out "$OUT/smoke/sigterm"
 step resume_check 60 python $PY check-run "$OUT/smoke/sigterm" --steps 30
 
@@ -74,7 +85,7 @@ step syncs 120 "${TR[@]}" $PY sync-points "$OUT/smoke" --steps 3
 step mfu 200 python -m nvlm bench train --device cuda --preset gpu-1b --arch D,X,H --steps 5 --warmup 2 --json
 
 echo "== summary"
-for f in train_check resume_check memory_ac_on memory_ac_off save syncs; do
+for f in train_check sigterm_check resume_check memory_ac_on memory_ac_off save syncs; do
   echo "$f: $(grep '^{' "$OUT/$f.out" 2>/dev/null | tail -1)"
 done
 cat "$OUT/sigterm.json"

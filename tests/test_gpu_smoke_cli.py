@@ -53,3 +53,51 @@ def test_prepare_writes_a_run_the_trainer_accepts_and_check_run_reads_it(smoke, 
     smoke.main(["check-run", str(tmp_path / "run"), "--steps", "3"])
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 3 and report["checkpoints"] == ["step_0000003"]
+
+
+def test_run_as_a_file_it_imports_this_checkouts_nvlm(tmp_path):
+    """``python scripts/gpu_smoke.py`` puts scripts/ on sys.path, not the repository root: the script adds it."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["prepare", str(tmp_path / "o"), "--hidden", "32", "--layers", "1", "--samples", "2"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert Path(json.loads(done.stdout)["nvlm"]).resolve().is_relative_to(ROOT / "nvlm")
+
+
+def test_prepare_refuses_a_used_output_unless_fresh(smoke, tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="not empty .* --fresh"):
+        smoke.main(["prepare", str(tmp_path), "--hidden", "32", "--layers", "1", "--samples", "2"])
+    smoke.main(["prepare", str(tmp_path), "--hidden", "32", "--layers", "1", "--samples", "2", "--fresh"])
+    assert not (tmp_path / "train").exists() and (tmp_path / "run.json").exists()
+
+
+def test_shell_script_refuses_a_used_output_before_any_work(tmp_path):
+    (tmp_path / "x").write_text("")
+    script = str(ROOT / "scripts" / "gpu_smoke.sh")
+    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "--fresh" in done.stderr
+
+
+def test_check_stop_judges_by_the_checkpoint_not_the_exit_code(smoke, tmp_path, capsys):
+    from dist_util import stop_after
+
+    from nvlm.training.config import RunConfig
+    from nvlm.training.trainer import Trainer
+
+    smoke.main(["prepare", str(tmp_path), "--hidden", "64", "--layers", "2", "--samples", "8"])
+    cfg = smoke.run_config(tmp_path, max_steps=5, save_every=0, global_batch_size=2, micro_batch_size=1, bf16=False)
+    trainer = Trainer(RunConfig.from_dict(cfg), tmp_path / "run", log=lambda *a, **k: None)
+    stop_after(trainer, 2)
+    assert trainer.run().steps == 2
+    capsys.readouterr()
+    for said, ok in (("saved and stopped at step 2: r", True), ("saved and stopped at step 3: r", False), ("", False)):
+        (tmp_path / "log").write_text(f"torchrun noise\n{said}\n")
+        smoke.main(["check-stop", str(tmp_path / "run"), "--log", str(tmp_path / "log")])
+        assert json.loads(capsys.readouterr().out)["ok"] is ok, said
