@@ -117,15 +117,15 @@ def init_world(
     timeout_s: float = 1800.0,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     dump_dir: str | os.PathLike | None = None,
-    device: str = "auto",
+    train_device: str = "auto",
 ) -> World:
     """The process group from torchrun's environment, or a one-process world without one.
 
     A collective that waits for a process that never arrives (a crashed or hung rank) fails the run instead of
     hanging; torchrun then stops the other workers. Until ``start_steps`` the wait may last `startup_timeout_s`
     (loading a large model), then `timeout_s` per collective. NCCL's flight recorder is switched on and dumps
-    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout. `device`: ``train.device`` (``use_cuda``)."""
-    cuda = use_cuda(device)
+    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout. `train_device`: ``train.device`` (``use_cuda``)."""
+    cuda = use_cuda(train_device)
     if not launched_by_torchrun():
         return World(device=torch.device("cuda" if cuda else "cpu"), step_timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
