@@ -2,13 +2,14 @@
 
 An analytic model of one optimizer step of the run (the memory terms are ``nvlm.training.plan``'s), per GPU,
 for world size W = tp × dp_shard: tensor parallelism of degree tp inside a node (Megatron-style column/row
-plans with sequence-parallel norms), FSDP2 over dp_shard across the tp groups, gradient accumulation of
+plans over the projections; norms, embeddings and LM head replicated, as the runtime runs them), FSDP2 over dp_shard across the tp groups, gradient accumulation of
 global batch / (micro-batch × dp_shard) micro-batches.
 
 Compute. Model FLOPs per sample are ``nvlm.training.flops.train_flops`` (matmuls, 2 per multiply-add; the
 paper's 6·N / 4·N / 2·N). Hardware FLOPs add, with activation checkpointing, one more forward of the decoder
-layers and x-attn blocks (recomputed in backward). The LLM's and x-attn blocks' FLOPs split evenly over the
-tp ranks; the frozen vision tower and the projector run whole on every tp rank (replicated, not split).
+layers and x-attn blocks (recomputed in backward). The decoder layers' and x-attn blocks' FLOPs split evenly
+over the tp ranks; the LM head, the frozen vision tower and the projector run whole on every tp rank
+(replicated, not split).
 Compute time = hardware FLOPs / (peak bf16 FLOP/s × compute_efficiency): the fraction of peak that the
 step's kernels reach on average (large bf16 GEMMs reach ~0.7–0.8 of peak on H100; attention, norms and
 elementwise kernels less). MFU = model FLOPs / (step time × peak), so it can never exceed that fraction,
@@ -21,8 +22,9 @@ micro-batch; ``nvlm.distributed.parallel.parallelize``):
                             LM head and root, kept gathered; the frozen vision tower (no_grad) needs none
     FSDP reduce-scatter     the trainable units' gradients in fp32 (the reduce dtype)
     TP                      per decoder layer and x-attn block, per forward, backward and recompute pass:
-                            2 all-gathers + 2 reduce-scatters (= 2 all-reduces) of the micro-batch's
-                            activations, tokens × hidden × 2 B
+                            2 all-reduces (= 2 reduce-scatters + 2 all-gathers) of the micro-batch's
+                            activations, tokens × hidden × 2 B (o/down_proj's outputs forward, the
+                            column-parallel inputs' gradients backward)
 A ring collective over n ranks moves (n-1)/n of the full tensor through each rank's slowest link. Inside a
 node that is NVLink; a group spread over nodes with g of its ranks on each node runs g rings in parallel,
 each over its own NIC (rail-optimised fabric, one NIC per GPU), so its bandwidth is min(NVLink, g × IB).
@@ -145,7 +147,7 @@ def estimate(
     accum = max(1, t.global_batch_size // (micro * dp))
     tokens = sample_tokens(model, cfg.data.max_seq_len)
     f = train_flops(model, tokens, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-    whole = f["vision"] + f["projector"]  # run on every tp rank
+    whole = f["vision"] + f["projector"] + f["lm_head"]  # run on every tp rank
     recompute = recompute_flops(model, tokens) if ac else 0
     hw_flops = micro * ((f["total"] - whole + recompute) / tp + whole)  # per GPU per micro-batch
     compute = hw_flops / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
