@@ -170,3 +170,27 @@ def test_stopped_run_resumes_on_gpu(backbones, tmp_path):
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
     assert all(abs(a - b) < 0.02 * b for a, b in zip(resumed, straight, strict=True)), (resumed, straight)
     assert straight[-1] < straight[0]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_xattn_runs_without_the_math_sdpa_kernel(masked):
+    """The x-attn block's SDPA (grouped-query, with and without a row mask) runs on flash or memory-efficient
+    kernels in bf16, forward and backward: restricted to those two, a math-only call would raise."""
+    from test_gpu_readiness import xattn_block
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nvlm.models.xattn import xattn_mask
+
+    block = xattn_block(heads=8, kv_heads=2).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    memory = torch.randn(2, 48, 32, device="cuda", dtype=torch.bfloat16)
+    allowed = row = None
+    if masked:
+        lo = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+        hi = torch.full((2, 64), 48, dtype=torch.long, device="cuda")
+        hi[:, :5] = 0  # the first tokens come before the image: they see nothing
+        allowed, row = xattn_mask(lo, hi, 48)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out, _ = block(x, memory, allowed, row)
+        out.float().square().sum().backward()
+    assert torch.isfinite(x.grad.float()).all()

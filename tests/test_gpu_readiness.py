@@ -122,3 +122,51 @@ def test_a_torn_zip_write_counts_as_disk_full_only_when_the_disk_is_nearly_full(
     monkeypatch.setattr(dcp, "_free_bytes", lambda where: 2**20)
     with pytest.raises(dcp.DiskFull, match="no complete checkpoint yet"):
         Trainer(run, tmp_path / "full", log=lambda *a, **k: None).run()
+
+
+# ---- x-attn SDPA: no boolean mask together with enable_gqa ---------------------------------------------------
+def xattn_block(heads: int = 4, kv_heads: int = 2):
+    from nvlm.models.llm import LLMDims
+    from nvlm.models.xattn import GatedCrossAttentionBlock
+
+    block = GatedCrossAttentionBlock(LLMDims(32, 64, heads, kv_heads, 8, 2, 1e-6))
+    with torch.no_grad():
+        block.gate_attn.fill_(0.7)
+        block.gate_ffn.fill_(-0.4)
+    return block
+
+
+def test_masked_gqa_xattn_equals_the_enable_gqa_call(monkeypatch):
+    """K/V repeated to every head with the mask (what CUDA's memory-efficient kernel takes) = SDPA's own GQA with
+    the mask (which sends CUDA to the math kernel), forward and gradients; without a mask SDPA's GQA stays."""
+    import torch.nn.functional as F
+
+    from nvlm.models.xattn import xattn_mask
+
+    block, x, memory = xattn_block(), torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    lo, hi = torch.tensor([[0, 0, 0, 2, 2, 5, 0], [0, 1, 1, 1, 0, 0, 0]]), torch.tensor([[0, 3, 3, 5, 5, 5, 5]] * 2)
+    allowed, row = xattn_mask(lo, hi, 5)
+    calls: list[dict] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, enable_gqa=False):
+        calls.append({"mask": attn_mask is not None, "gqa": enable_gqa, "kv_heads": k.shape[1]})
+        return sdpa(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+
+    def old(q, k, v, attn_mask=None, enable_gqa=False):  # the call before: the 2 K/V heads, mask and enable_gqa
+        return sdpa(q, k[:, ::2], v[:, ::2], attn_mask=attn_mask, enable_gqa=True)  # un-repeat [k0 k0 k1 k1]
+
+    results = []
+    for attention in (spy, old):
+        monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out, _ = block(xi, memory, allowed, row)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, block.q_proj.weight.grad.clone(), block.k_proj.weight.grad.clone()))
+    assert calls[0] == {"mask": True, "gqa": False, "kv_heads": 4}
+    for new, before in zip(*results, strict=True):
+        torch.testing.assert_close(new, before, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    block(x, memory, None, None)
+    assert calls[-1] == {"mask": False, "gqa": True, "kv_heads": 2}
