@@ -170,3 +170,27 @@ def test_masked_gqa_xattn_equals_the_enable_gqa_call(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     block(x, memory, None, None)
     assert calls[-1] == {"mask": False, "gqa": True, "kv_heads": 2}
+
+
+# ---- labelled rows and the image-pad count: host work in the trainer ----------------------------------------
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_the_trainer_does_the_label_and_pad_work_on_the_host_and_the_loss_is_unchanged(
+    backbones, dataset, tmp_path, monkeypatch, arch
+):
+    """Under FSDP the inputs reach the model on the GPU: the labelled rows (a ``nonzero``) and the image-pad count
+    are made on the host by the trainer, so the model's forward runs neither; the loss is the same to the bit."""
+    from nvlm.training.trainer import Trainer, with_host_work
+
+    run = cfg(backbones, dataset, micro_batch_size=2)
+    run.model.arch = arch
+    trainer = Trainer(run, tmp_path / "run", log=lambda *a, **k: None)
+    model, (batch,) = trainer.model, trainer._read()
+    with torch.no_grad():
+        before = model(**batch, return_logits=False)
+    prepared = with_host_work(batch, model)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("nonzero in the forward"))
+    monkeypatch.setattr(type(model), "check_image_pads", lambda *a, **k: pytest.fail("pads counted in the forward"))
+    with torch.no_grad():
+        after = model(**prepared, return_logits=False)
+    assert before.num_tokens == after.num_tokens > 0
+    assert torch.equal(before.loss_sum, after.loss_sum)

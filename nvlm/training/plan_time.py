@@ -2,8 +2,8 @@
 
 An analytic model of one optimizer step of the run (the memory terms are ``nvlm.training.plan``'s), per GPU,
 for world size W = tp × dp_shard: tensor parallelism of degree tp inside a node (Megatron-style column/row
-plans over the projections; norms, embeddings and LM head replicated, as the runtime runs them), FSDP2 over dp_shard across the tp groups, gradient accumulation of
-global batch / (micro-batch × dp_shard) micro-batches.
+plans over the projections; norms, embeddings and LM head replicated, as the runtime runs them), FSDP2 over
+dp_shard across the tp groups, gradient accumulation of global batch / (micro-batch × dp_shard) micro-batches.
 
 Compute. Model FLOPs per sample are ``nvlm.training.flops.train_flops`` (matmuls, 2 per multiply-add; the
 paper's 6·N / 4·N / 2·N). Hardware FLOPs add, with activation checkpointing, one more forward of the decoder

@@ -47,6 +47,7 @@ from nvlm.distributed.parallel import (
 )
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.loading import Unfilled
+from nvlm.models.nvlm import label_rows
 from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
 from nvlm.training.config import RunConfig
@@ -123,6 +124,14 @@ def with_unused(loss: torch.Tensor, out: Any) -> torch.Tensor:
     if out.unused_features is None:
         return loss
     return loss + 0 * out.unused_features.sum().to(loss.dtype)
+
+
+def with_host_work(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
+    """`batch` with what the model would otherwise work out on the device done here on the host: the labelled
+    rows and their targets (``label_rows``) and the image-pad check. Under FSDP every input reaches the model on
+    the GPU, where each would stall the host once per micro-batch (a ``nonzero`` and a count)."""
+    model.check_image_pads(batch["input_ids"], batch.get("decoder_tiles"))
+    return {**batch, "label_rows": label_rows(batch["labels"]), "pads_checked": True}
 
 
 class PeerFailed(RuntimeError):
@@ -256,8 +265,8 @@ class Trainer:
             # x-attn block (touch_every_module adds a blank tile or a memory no row sees where its batch lacks them)
             touch = w.distributed and anyone > 0
             self.mixed += int(w.main and anyone > 0 and anyone < w.dp_size)
+            b = with_host_work(touch_every_module(b, self.model) if touch else b, self.model)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                b = touch_every_module(b, self.model) if touch else b
                 packed = self.packed_attention and b.get("attention_mask") is None
                 out = self.model(**b, return_logits=False, packed=packed)  # the loss, no full logits
             # × data-parallel ranks: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
