@@ -194,3 +194,38 @@ def test_xattn_runs_without_the_math_sdpa_kernel(masked):
         out, _ = block(x, memory, allowed, row)
         out.float().square().sum().backward()
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_packed_rows_train_with_flex_attention_on_gpu(backbones, tmp_path):
+    """Packed SFT rows on CUDA run transformers' FlexAttention (block mask once per forward), forward and
+    backward, and its loss equals the dense-mask SDPA loss of the same batch within bf16 noise."""
+    from conftest import write_color_dataset
+
+    from nvlm.training.config import RunConfig
+    from nvlm.training.trainer import Trainer
+
+    (tmp_path / "data").mkdir()
+    data = write_color_dataset(tmp_path / "data", 8, 8)
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"arch": "X", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {
+                "sources": [{"path": str(data / "images.jsonl")}, {"path": str(data / "text.jsonl")}],
+                "max_seq_len": 1024,
+                "pack": True,
+            },  # fmt: skip
+            "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 4, "lr": 1e-3},
+        }
+    )
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda *a, **k: None)
+    assert trainer.packed_kernel == "flex_attention"
+    assert trainer.model.llm.config._attn_implementation == "flex_attention"
+    (batch,) = trainer._read()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        flex = trainer.model(**batch, return_logits=False)
+        trainer.model.llm.set_attn_implementation("sdpa")
+        dense = trainer.model(**batch, return_logits=False)
+        trainer.model.llm.set_attn_implementation("flex_attention")
+    assert abs(float(flex.loss_sum) - float(dense.loss_sum)) < 0.02 * abs(float(dense.loss_sum))
+    result = trainer.run()
+    assert result.steps == 2

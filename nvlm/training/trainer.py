@@ -126,6 +126,16 @@ def with_unused(loss: torch.Tensor, out: Any) -> torch.Tensor:
     return loss + 0 * out.unused_features.sum().to(loss.dtype)
 
 
+def packed_attention_kind(packing: bool, attn: str, device_type: str) -> str | None:
+    """How packed rows attend when ``train.attn`` is "sdpa": per packed sample (``nvlm.models.packed_attention``:
+    one causal SDPA per sample, Σ nᵢ² work) on the CPU; on a GPU transformers' FlexAttention, whose block mask
+    it builds once per forward from the restarting position ids (compiled, it skips the masked-out blocks),
+    instead of SDPA over a dense [rows, 1, T, T] block-diagonal mask. None: no packing, or another kernel set."""
+    if not packing or attn != "sdpa":
+        return None
+    return "per_sample" if device_type == "cpu" else "flex_attention"
+
+
 def with_host_work(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
     """`batch` with what the model would otherwise work out on the device done here on the host: the labelled
     rows and their targets (``label_rows``) and the image-pad check. Under FSDP every input reaches the model on
@@ -187,8 +197,9 @@ class Trainer:
             read_timeout=cfg.data.read_timeout_s,
             workers=cfg.data.workers,
         )
-        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask (``_model``)
-        self.packed_attention = self.packing and cfg.train.attn == "sdpa" and self.device.type == "cpu"
+        # packed rows attend per sample, never over the dense [rows, 1, T, T] mask (``packed_attention_kind``)
+        self.packed_kernel = packed_attention_kind(self.packing, cfg.train.attn, self.device.type)
+        self.packed_attention = self.packed_kernel == "per_sample"
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
@@ -219,6 +230,8 @@ class Trainer:
             prepare(model.to(self.device), t, self.world)
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             model.llm.set_attn_implementation(t.attn)
+        elif self.packed_kernel == "flex_attention":
+            model.llm.set_attn_implementation("flex_attention")
         elif self.packed_attention:
             use_packed_attention(model.llm)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(model)}")
