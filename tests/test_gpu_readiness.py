@@ -194,3 +194,13 @@ def test_the_trainer_does_the_label_and_pad_work_on_the_host_and_the_loss_is_unc
         after = model(**prepared, return_logits=False)
     assert before.num_tokens == after.num_tokens > 0
     assert torch.equal(before.loss_sum, after.loss_sum)
+
+
+def test_mfu_peak_is_known_for_pcie_and_nvl_boards():
+    from nvlm.training.flops import peak_by_name
+
+    assert peak_by_name("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_by_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_by_name("NVIDIA H100 NVL") == peak_by_name("NVIDIA H200 NVL") == 835e12
+    assert peak_by_name("NVIDIA H200") == 989e12 and peak_by_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_by_name("NVIDIA GeForce RTX 4090") is None

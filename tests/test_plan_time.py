@@ -137,3 +137,30 @@ def test_recommended_layout_fits_and_is_the_best(model):
     p = plan(_cfg(best["tp"], best["micro_batch_size"], best["activation_checkpointing"]), 16, hw)
     assert p["gib_per_gpu"] == pytest.approx(best["gib_per_gpu"])
     assert plan_time.recommend(model, _cfg(), 16, Hardware(memory_gib=2.001), memory) is None
+
+
+def test_bf16_reduction_and_last_micro_batch_sync_are_modelled():
+    """train.reduce_bf16 halves the reduce-scatter bytes; train.sync_last_micro_batch reduce-scatters once per step
+    (less traffic, never a slower step) but keeps every trainable unit's whole gradient (more memory)."""
+    from nvlm.recipes import get_recipe
+    from nvlm.training.plan import plan
+
+    base = get_recipe("x-72b-pretrain")  # stage 1: only the projector and x-attn blocks train
+    base.train.micro_batch_size, base.train.activation_checkpointing = 4, True  # 4 micro-batches per step
+    plain = plan(base, 128, recommend=False)
+    assert plain["grad_accum_steps"] == 4 and plain["time"]["reduce_dtype"] == "fp32"
+    bf16 = get_recipe("x-72b-pretrain")
+    bf16.train.micro_batch_size, bf16.train.activation_checkpointing, bf16.train.reduce_bf16 = 4, True, True
+    half = plan(bf16, 128, recommend=False)
+    rs = lambda p: p["time"]["fsdp_gb_per_gpu_micro_batch"]["reduce_scatter"]  # noqa: E731
+    assert rs(half) == pytest.approx(rs(plain) / 2) and half["time"]["reduce_dtype"] == "bf16"
+    assert half["memory_gib"]["unsharded_grads"] == pytest.approx(plain["memory_gib"]["unsharded_grads"] / 3)
+    last = get_recipe("x-72b-pretrain")
+    last.train.micro_batch_size, last.train.activation_checkpointing = 4, True
+    last.train.sync_last_micro_batch = True
+    once = plan(last, 128, recommend=False)
+    assert rs(once) == pytest.approx(rs(plain) / 4)
+    assert once["time"]["step_s"] <= plain["time"]["step_s"]
+    # every trainable unit's whole fp32 gradient, at tp 1
+    assert once["memory_gib"]["unsharded_grads"] == pytest.approx(4 * once["params_trainable"] / 1024**3, rel=0.01)
+    assert once["memory_gib"]["unsharded_grads"] > plain["memory_gib"]["unsharded_grads"]

@@ -63,7 +63,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
         for job in jobs:
             try:
                 trainer = Trainer(RunConfig.from_dict(job["cfg"]), job["out"], log=quiet, world=world)
-                out = measure(trainer)
+                out = measure(trainer) if job.get("kind") != "train" else {"steps": trainer.run().steps}
             except Exception:  # noqa: BLE001 - reported to the test process
                 out = {"error": traceback.format_exc()}
             with open(f"{job['out']}.rank{rank}.json", "w") as f:
@@ -97,3 +97,16 @@ def test_plan_at_tp2_matches_what_each_rank_holds(backbones, dataset, tmp_path):
     embed = model.llm.get_input_embeddings().weight.numel()
     assert ranks[0]["trainable"] > embed + model.llm.get_output_embeddings().weight.numel()  # both whole
     assert one["trainable"] > ranks[0]["trainable"] > one["trainable"] / 2
+
+
+def test_reduce_scatter_on_the_last_micro_batch_only_trains_the_same(backbones, dataset, tmp_path):
+    """train.sync_last_micro_batch (FSDP2 set_requires_gradient_sync) over 2 data-parallel processes with 2
+    micro-batches per step: the same losses as reduce-scattering after each micro-batch."""
+    jobs = []
+    for name, sync_last in (("every", False), ("last", True)):
+        run = cfg_dict(backbones, dataset, max_steps=3, global_batch_size=4, sync_last_micro_batch=sync_last)
+        jobs.append({"kind": "train", "cfg": run, "out": str(tmp_path / name)})
+    dist_util.spawn(_worker, jobs, 2, TIMEOUT_S)
+    assert dist_util.result(tmp_path / "last")["steps"] == 3
+    every, last = dist_util.losses(tmp_path / "every"), dist_util.losses(tmp_path / "last")
+    assert len(every) == 3 and last == pytest.approx(every, rel=1e-5)

@@ -259,19 +259,23 @@ def compile_backend() -> str:
     return os.environ.get("NVLM_COMPILE_BACKEND", "inductor")
 
 
-def parallelize(model: NVLM, *, mesh: Any = None, mixed_precision: bool = False, compile: bool = False) -> NVLM:
+def parallelize(
+    model: NVLM, *, mesh: Any = None, mixed_precision: bool = False, compile: bool = False, reduce_bf16: bool = False
+) -> NVLM:
     """Parallelize `model` in place: tensor parallelism over ``mesh["tp"]`` (when its size is > 1), then
     ``torch.compile`` per block (`compile`), then FSDP2 over ``mesh["dp_shard"]`` (the default process group
     without a mesh). Call after ``apply_stage`` (so that which weights train is known) and after activation
     checkpointing is switched on.
 
     Trainable weights are kept in fp32. `mixed_precision` (GPU): frozen weights are stored in bf16; weights
-    are gathered in bf16 and gradients reduced in fp32. `compile`: see ``compile_targets``."""
+    are gathered in bf16 and gradients reduced in fp32 (bf16 with `reduce_bf16`). `compile`: see
+    ``compile_targets``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     cast_for_training(model, mixed_precision)
     if mixed_precision:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        reduce = torch.bfloat16 if reduce_bf16 else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     else:
         policy = MixedPrecisionPolicy()
     if mesh is not None and mesh["tp"].size() > 1:

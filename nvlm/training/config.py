@@ -143,6 +143,14 @@ class TrainConfig:
     in fp32 on a GPU machine too (reference runs whose results must match the CPU's exactly)."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
+    reduce_bf16: bool = False
+    """Sharded GPU runs: reduce-scatter gradients in bf16 (half the bytes of fp32; the sum over data-parallel ranks
+    is then rounded to bf16 before the fp32 optimizer step). Off: fp32, as Megatron's default."""
+    sync_last_micro_batch: bool = False
+    """Sharded runs with gradient accumulation: reduce-scatter gradients only after the last micro-batch of a step
+    (FSDP2 ``set_requires_gradient_sync``) instead of after each one. Saves that traffic × (accumulation − 1)
+    but keeps every trainable unit's whole gradient on each GPU between micro-batches (the planner counts it):
+    for small trainable parts (stage 1's projector and x-attn blocks), not full SFT of a large LLM."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each decoder layer, x-attn block, vision layer and the projector

@@ -17,6 +17,9 @@ projector, vision tower: replicated across the tp ranks, as the runtime keeps th
                  gathered from forward to backward; of the others, the largest twice (the unit computing + the
                  one prefetched)
     unsharded_grads  the largest trainable unit's full gradient before reduce-scatter: bf16 + its fp32 copy
+                 (bf16 alone with ``train.reduce_bf16``); with ``train.sync_last_micro_batch`` and gradient
+                 accumulation, every trainable unit's full gradient in the reduce dtype, kept between
+                 micro-batches
     activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below; under
                  tp only what the split projections produce (heads, FFN intermediates) is / tp: the norms'
                  tensors, the residual stream, the checkpointed layer inputs and the logits are whole on every
@@ -304,12 +307,18 @@ def memory(model: NVLM, cfg: RunConfig, dp: int, tp: int, micro: int, ac: bool) 
     kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
     largest = max((u["gathered"] for u in units if u not in kept), default=0)
     largest_t = max((u["gathered_trainable"] for u in units), default=0)
+    t = cfg.train
+    reduce = BF16 if t.reduce_bf16 else FP32
+    if t.sync_last_micro_batch and t.global_batch_size // (micro * dp) > 1:
+        unsharded = reduce * sum(u["gathered_trainable"] for u in units)
+    else:
+        unsharded = (BF16 + (0 if t.reduce_bf16 else FP32)) * largest_t
     mem = {
         "params": FP32 * shard_t + BF16 * shard_f,
         "grads": FP32 * shard_t,
         "optimizer": 2 * FP32 * shard_t,
         "gathered": BF16 * (sum(u["gathered"] for u in kept) + 2 * largest),
-        "unsharded_grads": (BF16 + FP32) * largest_t,
+        "unsharded_grads": unsharded,
     }
     acts = {a: activation_bytes(model, micro, cfg.data.max_seq_len, a, tp) for a in (False, True)}
     static = sum(mem.values())

@@ -273,7 +273,10 @@ class Trainer:
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         # summed on the device: one read to the host per step, not one per micro-batch
         total = torch.zeros((), device=self.device)
-        for b, anyone in zip(batches, with_images):
+        sync_last = w.distributed and self.cfg.train.sync_last_micro_batch
+        for i, (b, anyone) in enumerate(zip(batches, with_images)):
+            if sync_last:  # reduce-scatter only after the last micro-batch's backward (TrainConfig)
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             # some process's micro-batch has images: every process runs the vision tower, projector and each
             # x-attn block (touch_every_module adds a blank tile or a memory no row sees where its batch lacks them)
             touch = w.distributed and anyone > 0
