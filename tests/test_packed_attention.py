@@ -141,3 +141,21 @@ def test_flex_attention_on_packed_rows_equals_the_dense_mask(build_model, arch):
         flex = model(**batch, return_logits=False)
     assert flex.num_tokens == dense.num_tokens > 0
     torch.testing.assert_close(flex.loss_sum, dense.loss_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_widened_for_flex_keep_the_loss(build_model):
+    """On GPU the trainer pads packed rows to a multiple of max_seq_len / 8 (FlexAttention compiles per shape):
+    the added tokens are a sample of their own, so the loss is that of the narrower rows."""
+    from nvlm.training.trainer import widen
+
+    model, processor = build_model("X")
+    set_gates(model, 0.5)
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    batch = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, processor.tokens_per_tile)
+    wide = widen(batch, 64, 0)
+    assert wide["input_ids"].shape[1] % 64 == 0 and wide["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert widen(wide, 64, 0) is wide
+    with torch.no_grad():
+        narrow, padded = model(**batch, return_logits=False), model(**wide, return_logits=False)
+    assert narrow.num_tokens == padded.num_tokens
+    torch.testing.assert_close(padded.loss_sum, narrow.loss_sum, rtol=1e-5, atol=1e-5)

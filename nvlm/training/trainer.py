@@ -136,6 +136,24 @@ def packed_attention_kind(packing: bool, attn: str, device_type: str) -> str | N
     return "per_sample" if device_type == "cpu" else "flex_attention"
 
 
+def widen(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
+    """A packed batch (``collate_packed``) right-padded to a width that is a multiple of `multiple`: the added
+    tokens are one more packed sample per row (positions from 0, no labels, no image memory), which attends only
+    to itself, so the loss is unchanged."""
+    rows, width = batch["input_ids"].shape
+    extra = -width % multiple
+    if extra == 0:
+        return batch
+    tail = {
+        "input_ids": torch.full((rows, extra), pad_id, dtype=torch.long),
+        "labels": torch.full((rows, extra), -100, dtype=torch.long),
+        "position_ids": torch.arange(extra).expand(rows, extra),
+        "xattn_lo": torch.zeros(rows, extra, dtype=torch.long),
+        "xattn_hi": torch.zeros(rows, extra, dtype=torch.long),
+    }
+    return {**batch, **{k: torch.cat([batch[k], v.to(batch[k].dtype)], 1) for k, v in tail.items()}}
+
+
 def with_host_work(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
     """`batch` with what the model would otherwise work out on the device done here on the host: the labelled
     rows and their targets (``label_rows``) and the image-pad check. Under FSDP every input reaches the model on
@@ -254,10 +272,13 @@ class Trainer:
         if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
         pad = proc.tokenizer.pad_token_id or 0
+        # FlexAttention is compiled for fixed shapes: at most 8 row widths, each a multiple of max_seq_len / 8
+        step = max(1, self.cfg.data.max_seq_len // 8) if self.packed_kernel == "flex_attention" else 1
         out = []
         for m in micro:
             rows = pack_greedy([len(s.input_ids) for s in m], self.cfg.data.max_seq_len)
-            out.append(collate_packed([[m[i] for i in row] for row in rows], pad, proc.tokens_per_tile))
+            batch = collate_packed([[m[i] for i in row] for row in rows], pad, proc.tokens_per_tile)
+            out.append(widen(batch, step, pad))
         return out
 
     def train_step(self, batches: list[dict[str, Any]]) -> tuple[float, float, int]:
