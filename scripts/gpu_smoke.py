@@ -6,7 +6,6 @@ prints one JSON line.
     torchrun --nproc_per_node=1 scripts/gpu_smoke.py memory OUT --ac --no-compile --steps 2
     python scripts/gpu_smoke.py seeded-sampling OUT                      seeded generate on CUDA, twice
     python scripts/gpu_smoke.py packed-kernels OUT                       packed rows: flex vs dense-mask SDPA
-    torchrun --nproc_per_node=1 scripts/gpu_smoke.py save-speed OUT
     torchrun --nproc_per_node=1 scripts/gpu_smoke.py sync-points OUT --steps 3
     python scripts/gpu_smoke.py check-run RUN --steps N                  the metrics of a finished run
     python scripts/gpu_smoke.py check-stop RUN --log LOG                 a run stopped by SIGTERM saved its step
@@ -61,8 +60,6 @@ def parser() -> argparse.ArgumentParser:
     packed.add_argument("--rows", type=int, default=2)
     packed.add_argument("--samples-per-row", type=int, default=8)
     packed.add_argument("--repeats", type=int, default=5)
-    save = sub.add_parser("save-speed", help="a checkpoint's size and write speed, sync and async (under torchrun)")
-    save.add_argument("out", type=Path)
     sync = sub.add_parser("sync-points", help="host-device syncs per step, torch.cuda.set_sync_debug_mode")
     sync.add_argument("out", type=Path)
     sync.add_argument("--steps", type=int, default=3)
@@ -154,32 +151,6 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "first_loss": losses[0],
         "last_loss": losses[-1],
-    }
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def save_speed(args: argparse.Namespace) -> dict[str, Any]:
-    trainer = _trainer(args.out, "save-speed")
-    _steps(trainer, 2)
-    t0 = time.perf_counter()
-    path = trainer.save(wait=True)
-    sync_s = time.perf_counter() - t0
-    size = _size(path)
-    _steps(trainer, 1)
-    t0 = time.perf_counter()
-    trainer.save(wait=False)  # the part training waits for: staging into host memory
-    staged_s = time.perf_counter() - t0
-    trainer._checkpoints.wait()
-    total_s = time.perf_counter() - t0
-    return {
-        "checkpoint_bytes": size,
-        "sync_save_s": sync_s,
-        "sync_gb_per_s": size / sync_s / 1e9,
-        "async_blocking_s": staged_s,
-        "async_total_s": total_s,
     }
 
 
@@ -286,7 +257,6 @@ def check_stop(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS = {
     "prepare": prepare,
     "memory": memory,
-    "save-speed": save_speed,
     "sync-points": sync_points,
     "check-run": check_run,
     "check-stop": check_stop,

@@ -1,5 +1,7 @@
-"""scripts/gpu_smoke.sh cannot run without a GPU; on CPU: the script parses (bash -n), its Python helper's
-arguments parse, `prepare` writes a run config the trainer accepts, and `check-run` reads a real run.
+"""The device checks (scripts/gpu_correctness.sh, scripts/gpu_perf.sh) cannot run without a GPU; on CPU: they
+parse (bash -n), their --dry-run prints one JSON line per step whose helper calls parse, they refuse a used
+output, the helper (scripts/gpu_smoke.py) imports this checkout's nvlm as a file, `prepare` writes a run config
+the trainer accepts, and `check-run` / `check-stop` read real runs.
 
 python -m pytest tests/test_gpu_smoke_cli.py -q
 """
@@ -25,19 +27,34 @@ def smoke():
     return module
 
 
-def test_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_smoke.sh")], check=True)
+SCRIPTS = ("gpu_correctness.sh", "gpu_perf.sh")
 
 
-def test_every_subcommand_the_script_calls_parses(smoke):
-    script = (ROOT / "scripts" / "gpu_smoke.sh").read_text()
-    calls = [line.split("$PY", 1)[1].split() for line in script.splitlines() if "$PY " in line and "=" not in line]
-    assert {c[0] for c in calls} == set(smoke.COMMANDS), calls
-    for call in calls:
-        args = smoke.parser().parse_args([a.strip('"').replace("$OUT", "/tmp/o") for a in call])
-        assert args.cmd in smoke.COMMANDS
-    args = smoke.parser().parse_args(["memory", "o", "--no-ac", "--compile"])
-    assert (args.ac, args.compile, args.steps) == (False, True, 6)
+def dry_run(script: str) -> list[dict]:
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / script), "--dry-run", "/tmp/o"], capture_output=True, text=True, check=True
+    )
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_parses_and_its_dry_run_lists_each_step_as_json(script):
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
+    steps = dry_run(script)
+    names = [s["step"] for s in steps]
+    assert names[0] == "env" and len(names) == len(set(names)) >= 5
+    limits = sum(s.get("limit_s", 0) for s in steps)
+    assert limits <= (780 if script == "gpu_correctness.sh" else 600)  # worst case; typical runs take less
+
+
+def test_every_helper_call_of_the_scripts_parses(smoke):
+    calls = [s["cmd"] for script in SCRIPTS for s in dry_run(script) if "scripts/gpu_smoke.py" in s.get("cmd", [])]
+    args = [c[c.index("scripts/gpu_smoke.py") + 1 :] for c in calls]
+    assert {a[0] for a in args} == set(smoke.COMMANDS), args
+    for a in args:
+        assert smoke.parser().parse_args(a).cmd in smoke.COMMANDS
+    parsed = smoke.parser().parse_args(["memory", "o", "--no-ac", "--compile"])
+    assert (parsed.ac, parsed.compile, parsed.steps, parsed.warmup) == (False, True, 6, 1)
     with pytest.raises(SystemExit):
         smoke.parser().parse_args(["check-run", "run"])  # --steps is required
 
@@ -78,11 +95,13 @@ def test_prepare_refuses_a_used_output_unless_fresh(smoke, tmp_path, capsys):
     assert not (tmp_path / "train").exists() and (tmp_path / "run.json").exists()
 
 
-def test_shell_script_refuses_a_used_output_before_any_work(tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_script_refuses_a_used_output_before_any_work(tmp_path, script):
     (tmp_path / "x").write_text("")
-    script = str(ROOT / "scripts" / "gpu_smoke.sh")
-    done = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 2 and "--fresh" in done.stderr
+    done = subprocess.run(["bash", str(ROOT / "scripts" / script), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "--fresh" in done.stderr and (tmp_path / "x").exists()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / script), "--bogus"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown option --bogus" in done.stderr
 
 
 def test_check_stop_judges_by_the_checkpoint_not_the_exit_code(smoke, tmp_path, capsys):
