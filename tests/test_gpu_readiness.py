@@ -204,3 +204,17 @@ def test_mfu_peak_is_known_for_pcie_and_nvl_boards():
     assert peak_by_name("NVIDIA H100 NVL") == peak_by_name("NVIDIA H200 NVL") == 835e12
     assert peak_by_name("NVIDIA H200") == 989e12 and peak_by_name("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_by_name("NVIDIA GeForce RTX 4090") is None
+
+
+def test_a_given_one_process_world_follows_train_device(monkeypatch):
+    """``nvlm train`` (one process) hands the trainer a CUDA world on a GPU machine: train.device=cpu moves it."""
+    from nvlm.distributed.parallel import World
+    from nvlm.training.trainer import pinned
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = World(device=torch.device("cuda"))
+    assert pinned(cuda, "cpu").device.type == "cpu" and pinned(cuda, "auto") is cuda
+    assert pinned(None, "auto").device.type == "cuda" and pinned(None, "cpu").device.type == "cpu"
+    sharded = World(device=torch.device("cuda", 0), distributed=True, size=2)
+    with pytest.raises(ValueError, match="train.device=cpu but the process group runs on cuda"):
+        pinned(sharded, "cpu")

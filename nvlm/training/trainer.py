@@ -14,6 +14,7 @@ process stops all of them with its message instead of leaving the others waiting
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -50,7 +51,7 @@ from nvlm.loading import Unfilled
 from nvlm.models.nvlm import label_rows
 from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
-from nvlm.training.config import RunConfig
+from nvlm.training.config import ConfigError, RunConfig
 from nvlm.training.flops import batch_flops, device_peak_flops
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
@@ -154,6 +155,25 @@ def widen(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
     return {**batch, **{k: torch.cat([batch[k], v.to(batch[k].dtype)], 1) for k, v in tail.items()}}
 
 
+def pinned(world: World | None, device: str) -> World:
+    """The run's world on ``train.device`` (``use_cuda``): without one given, a one-process world there; "auto"
+    keeps a given world's device; a one-process world is moved to "cpu" / "cuda"; a torchrun world has chosen its
+    device and backend already (``init_world(train_device=...)``), and a mismatch is refused."""
+    if world is None:
+        return World(device=torch.device("cuda" if use_cuda(device) else "cpu"))
+    if device == "auto":
+        return world
+    want = "cuda" if use_cuda(device) else "cpu"
+    if not world.distributed:
+        return dataclasses.replace(world, device=torch.device(want))
+    if world.device.type != want:
+        raise ConfigError(
+            f"train.device={device} but the process group runs on {world.device.type}: start it with "
+            f"init_world(train_device={device!r}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for a CPU run"
+        )
+    return world
+
+
 def with_host_work(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
     """`batch` with what the model would otherwise work out on the device done here on the host: the labelled
     rows and their targets (``label_rows``) and the image-pad check. Under FSDP every input reaches the model on
@@ -187,7 +207,7 @@ class Trainer:
     ) -> None:
         """`progress`: draw the per-step bar (callers that draw their own, such as ``nvlm repro``, turn it off)."""
         t = cfg.train
-        self.world = world or World(device=torch.device("cuda" if use_cuda(t.device) else "cpu"))
+        self.world = pinned(world, t.device)
         if self.world.mesh is None:  # tp × dp_shard, checked; processes of one TP group read the same samples
             self.world = with_layout(self.world, t.tp, t.dp_shard)
         self.cfg, self.out, self.progress = cfg, Path(out), progress
