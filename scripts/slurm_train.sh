@@ -33,6 +33,8 @@ export SRUN_CPUS_PER_TASK=$CPUS  # Slurm >= 22.05: srun reads this, not sbatch's
 # torch's CPU threads per process: the task's CPUs shared among the node's processes (data threads come on top)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS / GPUS > 1 ? CPUS / GPUS : 1))}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+# packed rows and tile counts change the shapes every step: growable segments keep reserved memory near allocated
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # --kill-on-bad-exit: one node's torchrun failing ends the others, instead of them waiting out the timeout
 srun --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
     torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS" --rdzv-id="$SLURM_JOB_ID" \

@@ -15,6 +15,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Hide CUDA unless the GPU tests were asked for (``pytest -m gpu``): the other tests compare against
+    CPU-exact fp32 references (in-process runs and the gloo workers they spawn, which inherit the variable), and
+    on a GPU machine an in-process run would otherwise pick CUDA and bf16. Set before anything initialises CUDA."""
+    if not wants_gpu(config.getoption("markexpr") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def wants_gpu(markexpr: str) -> bool:
+    """Whether a ``-m`` expression selects the gpu-marked tests ("gpu", "gpu and not slow"; not "not gpu")."""
+    words = markexpr.replace("(", " ").replace(")", " ").split()
+    return any(w == "gpu" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_seeded():
     from transformers.utils import logging

@@ -1,7 +1,8 @@
 """GPU checks (skipped without CUDA): the invariants hold on the device, bf16 runs, training steps on GPU
 (loss falls over several steps, sharded = plain, a stopped run resumes where it stopped).
 
-python -m pytest tests/test_gpu.py -q        (on a machine with a CUDA GPU)
+python -m pytest tests/test_gpu.py -m gpu -q        (on a machine with a CUDA GPU; without ``-m gpu`` the
+suite hides CUDA, see conftest.py, and these skip)
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import pytest
 import torch
 from conftest import picture, set_gates
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and pytest -m gpu"),
+]
 
 
 @pytest.mark.parametrize("arch", ["D", "X", "H"])
@@ -18,7 +22,8 @@ def test_cuda_cached_equals_uncached_and_batch_equals_single(build_model, arch):
     from nvlm.data.chat import chat_prompt
     from nvlm.inference.generate import generate_ids
 
-    model, processor = build_model(arch).cuda()
+    model, processor = build_model(arch)
+    model.cuda()
     set_gates(model, 0.5)
     texts = [chat_prompt("Describe.", 1), chat_prompt("Hi", 0)]
     images = [[picture(150, 100)], []]
@@ -165,3 +170,62 @@ def test_stopped_run_resumes_on_gpu(backbones, tmp_path):
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
     assert all(abs(a - b) < 0.02 * b for a, b in zip(resumed, straight, strict=True)), (resumed, straight)
     assert straight[-1] < straight[0]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_xattn_runs_without_the_math_sdpa_kernel(masked):
+    """The x-attn block's SDPA (grouped-query, with and without a row mask) runs on flash or memory-efficient
+    kernels in bf16, forward and backward: restricted to those two, a math-only call would raise."""
+    from test_gpu_readiness import xattn_block
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nvlm.models.xattn import xattn_mask
+
+    block = xattn_block(heads=8, kv_heads=2).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    memory = torch.randn(2, 48, 32, device="cuda", dtype=torch.bfloat16)
+    allowed = row = None
+    if masked:
+        lo = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+        hi = torch.full((2, 64), 48, dtype=torch.long, device="cuda")
+        hi[:, :5] = 0  # the first tokens come before the image: they see nothing
+        allowed, row = xattn_mask(lo, hi, 48)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out, _ = block(x, memory, allowed, row)
+        out.float().square().sum().backward()
+    assert torch.isfinite(x.grad.float()).all()
+
+
+def test_packed_rows_train_with_flex_attention_on_gpu(backbones, tmp_path):
+    """Packed SFT rows on CUDA run transformers' FlexAttention (block mask once per forward), forward and
+    backward, and its loss equals the dense-mask SDPA loss of the same batch within bf16 noise."""
+    from conftest import write_color_dataset
+
+    from nvlm.training.config import RunConfig
+    from nvlm.training.trainer import Trainer
+
+    (tmp_path / "data").mkdir()
+    data = write_color_dataset(tmp_path / "data", 8, 8)
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"arch": "X", "llm": str(backbones["qwen2"]), "vision": str(backbones["internvl"])},
+            "data": {
+                "sources": [{"path": str(data / "images.jsonl")}, {"path": str(data / "text.jsonl")}],
+                "max_seq_len": 1024,
+                "pack": True,
+            },  # fmt: skip
+            "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 4, "lr": 1e-3},
+        }
+    )
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda *a, **k: None)
+    assert trainer.packed_kernel == "flex_attention"
+    assert trainer.model.llm.config._attn_implementation == "flex_attention"
+    (batch,) = trainer._read()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        flex = trainer.model(**batch, return_logits=False)
+        trainer.model.llm.set_attn_implementation("sdpa")
+        dense = trainer.model(**batch, return_logits=False)
+        trainer.model.llm.set_attn_implementation("flex_attention")
+    assert abs(float(flex.loss_sum) - float(dense.loss_sum)) < 0.02 * abs(float(dense.loss_sum))
+    result = trainer.run()
+    assert result.steps == 2

@@ -116,3 +116,46 @@ def test_packed_rows_build_no_dense_mask(build_model):
             assert built == [1]
     finally:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+def test_packed_rows_pick_a_kernel_without_the_dense_mask():
+    from nvlm.training.trainer import packed_attention_kind
+
+    assert packed_attention_kind(True, "sdpa", "cpu") == "per_sample"
+    assert packed_attention_kind(True, "sdpa", "cuda") == "flex_attention"  # block mask once per forward
+    assert packed_attention_kind(False, "sdpa", "cuda") is None  # unpacked: SDPA with its padding mask
+    assert packed_attention_kind(True, "flash_attention_2", "cuda") is None  # the user's kernel stays
+
+
+@pytest.mark.parametrize("arch", ["D", "X"])
+def test_flex_attention_on_packed_rows_equals_the_dense_mask(build_model, arch):
+    """What a GPU run of packed rows uses (FlexAttention, eager on CPU here) = SDPA over the dense block-diagonal
+    mask. Forward only: torch 2.13 has no FlexAttention backward on CPU (tests/test_gpu.py runs it on CUDA)."""
+    model, processor = build_model(arch)
+    set_gates(model, 0.5)
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    batch = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, processor.tokens_per_tile)
+    with torch.no_grad():
+        dense = model(**batch, return_logits=False)
+        model.llm.set_attn_implementation("flex_attention")
+        flex = model(**batch, return_logits=False)
+    assert flex.num_tokens == dense.num_tokens > 0
+    torch.testing.assert_close(flex.loss_sum, dense.loss_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_widened_for_flex_keep_the_loss(build_model):
+    """On GPU the trainer pads packed rows to a multiple of max_seq_len / 8 (FlexAttention compiles per shape):
+    the added tokens are a sample of their own, so the loss is that of the narrower rows."""
+    from nvlm.training.trainer import widen
+
+    model, processor = build_model("X")
+    set_gates(model, 0.5)
+    samples = [processor.encode_segments(chatml_segments(c), c.images) for c in conversations()]
+    batch = collate_packed([[samples[0], samples[1]], [samples[2], samples[3]]], 0, processor.tokens_per_tile)
+    wide = widen(batch, 64, 0)
+    assert wide["input_ids"].shape[1] % 64 == 0 and wide["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert widen(wide, 64, 0) is wide
+    with torch.no_grad():
+        narrow, padded = model(**batch, return_logits=False), model(**wide, return_logits=False)
+    assert narrow.num_tokens == padded.num_tokens
+    torch.testing.assert_close(padded.loss_sum, narrow.loss_sum, rtol=1e-5, atol=1e-5)

@@ -166,10 +166,12 @@ def test_memory_under_tp_at_paper_scale():
     cfg.train.tp = 8
     p = plan(cfg, 128, recommend=False)
     assert (p["tp"], p["dp_shard"], p["grad_accum_steps"]) == (8, 16, 8)
-    # the LLM (fp32, TP-split) over all 128 GPUs; the projector (fp32) and the frozen bf16 vision tower whole on
+    # the LLM's decoder layers (fp32, TP-split) over all 128 GPUs; its embeddings and LM head (replicated across
+    # the tp ranks, as the runtime keeps them), the projector (fp32) and the frozen bf16 vision tower whole on
     # each tp rank: over the 16 dp_shard ranks
     llm, proj, vision = p["components"]["llm"]["trainable"], p["components"]["projector"]["trainable"], 5.54e9
-    want = (llm * 4 / 128 + proj * 4 / 16 + vision * 2 / 16) / 1024**3
+    embed_head = 2 * p["shapes"]["vocab"] * p["shapes"]["hidden"]
+    want = ((llm - embed_head) * 4 / 128 + (embed_head + proj) * 4 / 16 + vision * 2 / 16) / 1024**3
     assert p["memory_gib"]["params"] == pytest.approx(want, rel=0.01)
     assert p["time"]["tp_gb_per_gpu_micro_batch"] > 0
 

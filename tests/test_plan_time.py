@@ -76,14 +76,16 @@ def test_more_bandwidth_less_communication_time(model):
 def test_communication_bytes_tp1_vs_tp8_by_hand(model):
     one, eight = _estimate(model, 16, 1), _estimate(model, 16, 8)
     assert one["tp_gb_per_gpu_micro_batch"] == 0 and one["seconds_per_micro_batch"]["tp"] == 0
-    # TP: per decoder layer and pass (forward, backward, recompute with AC) 2 all-gathers + 2 reduce-scatters of
-    # micro-batch × seq × hidden bf16, of which a rank moves 7/8
+    # TP: per decoder layer and pass (forward, backward, recompute with AC) 2 all-reduces (= 2 reduce-scatters +
+    # 2 all-gathers) of micro-batch × seq × hidden bf16, of which a rank moves 7/8
     assert eight["tp_gb_per_gpu_micro_batch"] == pytest.approx(L * 3 * 4 * (2 * SEQ * D * 2) * 7 / 8 / 1e9)
-    # FSDP gathers a tp rank's slice: TP splits the LLM's Linears (with q/k/v biases) and both embeddings
+    # FSDP gathers a tp rank's slice: TP splits the decoder layers' Linears (with q/k/v biases); the embeddings
+    # and the LM head stay whole on every tp rank, as the runtime keeps them
     vocab = model.llm.get_output_embeddings().weight.shape[0]
     kv = KV_HEADS * HEAD_DIM
     layer = 2 * D * D + 2 * D * kv + 3 * D * F + (D + 2 * kv)
-    split = L * layer + 2 * vocab * D
+    split = L * layer
+    assert vocab * D > 0  # not in `split`
     gathered = one["fsdp_gb_per_gpu_micro_batch"]["gather_fwd"] - eight["fsdp_gb_per_gpu_micro_batch"]["gather_fwd"]
     assert gathered * 1e9 == pytest.approx(2 * split * 7 / 8, rel=1e-4)  # bf16; rel: rounding up per tensor
     # gradients (fp32) of everything that trains; the frozen vision tower has none
@@ -108,13 +110,17 @@ def test_memory_plan_divides_by_tp(model):
     cfg = _cfg()
     flat, tp2 = memory(model, cfg, 2, 1, 2, True), memory(model, cfg, 1, 2, 2, True)
     # TP-split and FSDP-split weights cost the same per GPU; what TP keeps whole (projector, the LLM's norms,
-    # the frozen vision tower) costs 2× under tp 2 × dp 1 what it costs under dp 2
-    whole = sum(p.numel() for p in model.projector.parameters()) + (2 * L + 1) * D
+    # embeddings and LM head, the frozen vision tower) costs 2× under tp 2 × dp 1 what it costs under dp 2
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    whole = sum(p.numel() for p in model.projector.parameters()) + (2 * L + 1) * D + 2 * vocab * D
     assert tp2["shard_trainable"] - flat["shard_trainable"] == pytest.approx(whole / 2, abs=64)
     vision = sum(p.numel() for p in model.vision.parameters())  # frozen, whole on each tp rank: dp 1 holds all
     assert tp2["shard_frozen"] == vision and vision / 2 <= flat["shard_frozen"] < vision
-    for k in ("llm_layers", "logits"):  # a tp rank's share of the activations
-        assert tp2["acts"][True][k] == pytest.approx(flat["acts"][True][k] / 2, abs=1)
+    # a tp rank holds its share of the head- and FFN-sized activations but the norms', the checkpointed layer
+    # inputs and the logits whole (no sequence parallelism, no vocabulary-parallel head)
+    for ac in (True, False):
+        assert flat["acts"][ac]["llm_layers"] / 2 < tp2["acts"][ac]["llm_layers"] < flat["acts"][ac]["llm_layers"]
+        assert tp2["acts"][ac]["logits"] == flat["acts"][ac]["logits"]
     assert tp2["acts"][True]["projector"] == flat["acts"][True]["projector"]
     p = plan(_cfg(tp=2), 4)
     assert (p["tp"], p["dp_shard"], p["grad_accum_steps"]) == (2, 2, 4)  # 16 / (2 samples × 2 dp ranks)
@@ -137,3 +143,30 @@ def test_recommended_layout_fits_and_is_the_best(model):
     p = plan(_cfg(best["tp"], best["micro_batch_size"], best["activation_checkpointing"]), 16, hw)
     assert p["gib_per_gpu"] == pytest.approx(best["gib_per_gpu"])
     assert plan_time.recommend(model, _cfg(), 16, Hardware(memory_gib=2.001), memory) is None
+
+
+def test_bf16_reduction_and_last_micro_batch_sync_are_modelled():
+    """train.reduce_bf16 halves the reduce-scatter bytes; train.sync_last_micro_batch reduce-scatters once per step
+    (less traffic, never a slower step) but keeps every trainable unit's whole gradient (more memory)."""
+    from nvlm.recipes import get_recipe
+    from nvlm.training.plan import plan
+
+    base = get_recipe("x-72b-pretrain")  # stage 1: only the projector and x-attn blocks train
+    base.train.micro_batch_size, base.train.activation_checkpointing = 4, True  # 4 micro-batches per step
+    plain = plan(base, 128, recommend=False)
+    assert plain["grad_accum_steps"] == 4 and plain["time"]["reduce_dtype"] == "fp32"
+    bf16 = get_recipe("x-72b-pretrain")
+    bf16.train.micro_batch_size, bf16.train.activation_checkpointing, bf16.train.reduce_bf16 = 4, True, True
+    half = plan(bf16, 128, recommend=False)
+    rs = lambda p: p["time"]["fsdp_gb_per_gpu_micro_batch"]["reduce_scatter"]  # noqa: E731
+    assert rs(half) == pytest.approx(rs(plain) / 2) and half["time"]["reduce_dtype"] == "bf16"
+    assert half["memory_gib"]["unsharded_grads"] == pytest.approx(plain["memory_gib"]["unsharded_grads"] / 3)
+    last = get_recipe("x-72b-pretrain")
+    last.train.micro_batch_size, last.train.activation_checkpointing = 4, True
+    last.train.sync_last_micro_batch = True
+    once = plan(last, 128, recommend=False)
+    assert rs(once) == pytest.approx(rs(plain) / 4)
+    assert once["time"]["step_s"] <= plain["time"]["step_s"]
+    # every trainable unit's whole fp32 gradient, at tp 1
+    assert once["memory_gib"]["unsharded_grads"] == pytest.approx(4 * once["params_trainable"] / 1024**3, rel=0.01)
+    assert once["memory_gib"]["unsharded_grads"] > plain["memory_gib"]["unsharded_grads"]

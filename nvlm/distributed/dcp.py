@@ -17,11 +17,16 @@ Periodic saves are written in the background (``CheckpointWriter``, ``train.asyn
 stages its shards in host memory and returns to training while a thread writes them; process 0 then writes
 the marker, renames and deletes old checkpoints off the training thread. The next save, the last one and a
 SIGTERM save wait for a pending write first.
+
+A save that fails because the disk is full (``DiskFull``) says so in one line, with the folder and the complete
+checkpoint the run can resume from; the failed ``.tmp`` is removed and older checkpoints are untouched (they are
+deleted only after a newer one is complete).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -38,8 +43,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from nvlm.distributed.parallel import World, barrier
+from nvlm.distributed.parallel import World, all_reduce, barrier
 from nvlm.distributed.tensor_parallel import full_tensor
+from nvlm.errors import UserError
 
 MARKER = "COMPLETE"
 _TRAINABLE = StateDictOptions(ignore_frozen_params=True)
@@ -61,6 +67,72 @@ def _gather(obj: Any, world: World) -> list[Any]:
     return out
 
 
+class DiskFull(UserError):
+    """A checkpoint could not be written: no space left where it goes."""
+
+
+def _disk_full(error: BaseException, where: Path) -> bool:
+    """Whether `error` (or what it wraps: DCP gathers each process's failure into a CheckpointException) is a
+    full disk. torch's zip writer loses the errno ("unexpected pos 704 vs 598", "failed writing file"): a failed
+    write counts as a full disk when the file system has less than 64 MiB left."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, its traceback)}
+        for failure in failures.values() if isinstance(failures, dict) else []:
+            todo += failure if isinstance(failure, tuple) else [failure]
+        todo += [e.__cause__, e.__context__]
+    text = " ".join(str(e) for e in seen)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        return True
+    torn_write = "unexpected pos" in text or "failed writing" in text
+    return torn_write and _free_bytes(where) < 64 * 2**20
+
+
+def _free_bytes(where: Path) -> int:
+    for p in (where, *where.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return 0
+
+
+def _disk_full_error(root: Path, step: int) -> DiskFull:
+    done = complete_checkpoints(root)
+    resume = f"the last complete checkpoint is {done[-1]}" if done else "no complete checkpoint yet (step 0)"
+    return DiskFull(
+        f"disk full: checkpoint of step {step} could not be written to {root} ({_free_bytes(root) // 2**20} MiB "
+        f"free); {resume}: free space there and rerun the same command to resume from it"
+    )
+
+
+@contextlib.contextmanager
+def _writing(world: World, tmp: Path, root: Path, step: int) -> Iterator[None]:
+    """Turn a full disk met by any process into ``DiskFull`` on every process (the others would otherwise wait
+    for it in the next collective); the torn ``.tmp`` is removed to give the space back."""
+    error: BaseException | None = None
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is one; told to the others, re-raised
+        error = e
+    full, failed = all_reduce([float(error is not None and _disk_full(error, tmp)), float(error is not None)], world)
+    if full:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full_error(root, step) from error
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"another process failed writing the checkpoint of step {step} (see its error)")
+
+
 class CheckpointWriter:
     """Writes a run's checkpoints; every process holds one. `asynchronous`: the weights and AdamW state are
     copied to host memory and written by a background thread (``dcp.async_save``, coordinating over a gloo
@@ -76,6 +148,8 @@ class CheckpointWriter:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         self._pending: Any = None  # the write's future
         self._finisher: threading.Thread | None = None
+        self._finish_error: BaseException | None = None
+        self._where: tuple[Path, Path, int] = (Path(), Path(), 0)  # the pending save's (tmp, root, step)
 
     def save(
         self,
@@ -97,28 +171,18 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(world)
-        # the small files first: once the weights are written (all processes), the checkpoint is whole
-        rng = {
-            "torch": torch.get_rng_state(),
-            "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
         ranks = _gather(rank_state, world)
-        if world.main:
-            state = {"step": step, "world_size": world.size, "ranks": ranks}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
-        barrier(world)
+        with _writing(world, tmp, root, step):  # the small files first: once the weights are written, it is whole
+            self._small_files(tmp, step, ranks, run_config)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_TRAINABLE)
         state_dict, weights = {"model": model_sd, "optim": optim_sd}, str(tmp / "weights")
+        self._where = (tmp, root, step)
         if not self.asynchronous:
-            with _one_process_ok():
+            with _writing(world, tmp, root, step), _one_process_ok():
                 dcp.save(state_dict, checkpoint_id=weights, no_dist=not world.distributed)
-            barrier(world)  # every process's shards are on disk
-            if world.main:
-                _complete(tmp, final, root, keep_last)
-            barrier(world)
+            with _writing(world, tmp, root, step):  # every process's shards are on disk
+                if world.main:
+                    _complete(tmp, final, root, keep_last)
             return final
         with _one_process_ok():  # returns once the state is copied to host memory; the write goes on
             self._pending = dcp.async_save(
@@ -133,23 +197,40 @@ class CheckpointWriter:
             self.wait()
         return final
 
+    def _small_files(self, tmp: Path, step: int, ranks: list[Any], run_config: dict[str, Any]) -> None:
+        """Each process's RNG states; process 0's trainer state (every process's data position) and config."""
+        world = self.world
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(rng, tmp / f"rng_rank{world.rank:05d}.pt")
+        if world.main:
+            state = {"step": step, "world_size": world.size, "ranks": ranks}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2))
+
     def _finish(self, pending: Any, tmp: Path, final: Path, root: Path, keep_last: int) -> None:
         try:
             pending.result()
-        except BaseException:  # noqa: BLE001 - a failed write is never marked; wait() raises its error
-            return
-        _complete(tmp, final, root, keep_last)
+            _complete(tmp, final, root, keep_last)
+        except BaseException as e:  # noqa: BLE001 - a failed write is never marked; wait() raises its error
+            self._finish_error = e
 
     def wait(self) -> None:
         """Block until the pending save (if any) is written and, on process 0, marked complete."""
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        if self._finisher is not None:
-            self._finisher.join()
-            self._finisher = None
-        pending.result()
-        barrier(self.world)
+        with _writing(self.world, *self._where):
+            if self._finisher is not None:
+                self._finisher.join()
+                self._finisher = None
+            pending.result()
+            error, self._finish_error = self._finish_error, None
+            if error is not None:  # process 0's marker or rename
+                raise error
 
 
 def _complete(tmp: Path, final: Path, root: Path, keep_last: int) -> None:

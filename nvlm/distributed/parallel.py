@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nvlm.distributed.tensor_parallel import apply_tensor_parallel, device_mesh, layout
+from nvlm.errors import UserError
 from nvlm.models.llm import decoder_layers
 from nvlm.models.xattn import CrossAttentionDecoderLayer
 
@@ -101,16 +102,30 @@ def flight_recorder_env(dump_dir: str | os.PathLike | None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
+def use_cuda(device: str = "auto") -> bool:
+    """Whether a run on `device` ("auto", "cpu" or "cuda", ``train.device``) uses the GPU; "cuda" without a
+    visible GPU is a clear error rather than a crash in the first kernel."""
+    if device == "cpu":
+        return False
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    return available
+
+
 def init_world(
-    timeout_s: float = 1800.0, startup_timeout_s: float = STARTUP_TIMEOUT_S, dump_dir: str | os.PathLike | None = None
+    timeout_s: float = 1800.0,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    dump_dir: str | os.PathLike | None = None,
+    train_device: str = "auto",
 ) -> World:
     """The process group from torchrun's environment, or a one-process world without one.
 
     A collective that waits for a process that never arrives (a crashed or hung rank) fails the run instead of
     hanging; torchrun then stops the other workers. Until ``start_steps`` the wait may last `startup_timeout_s`
     (loading a large model), then `timeout_s` per collective. NCCL's flight recorder is switched on and dumps
-    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout."""
-    cuda = torch.cuda.is_available()
+    to `dump_dir` (see ``FLIGHT_RECORDER_ENV``) on a timeout. `train_device`: ``train.device`` (``use_cuda``)."""
+    cuda = use_cuda(train_device)
     if not launched_by_torchrun():
         return World(device=torch.device("cuda" if cuda else "cpu"), step_timeout_s=timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -244,19 +259,23 @@ def compile_backend() -> str:
     return os.environ.get("NVLM_COMPILE_BACKEND", "inductor")
 
 
-def parallelize(model: NVLM, *, mesh: Any = None, mixed_precision: bool = False, compile: bool = False) -> NVLM:
+def parallelize(
+    model: NVLM, *, mesh: Any = None, mixed_precision: bool = False, compile: bool = False, reduce_bf16: bool = False
+) -> NVLM:
     """Parallelize `model` in place: tensor parallelism over ``mesh["tp"]`` (when its size is > 1), then
     ``torch.compile`` per block (`compile`), then FSDP2 over ``mesh["dp_shard"]`` (the default process group
     without a mesh). Call after ``apply_stage`` (so that which weights train is known) and after activation
     checkpointing is switched on.
 
     Trainable weights are kept in fp32. `mixed_precision` (GPU): frozen weights are stored in bf16; weights
-    are gathered in bf16 and gradients reduced in fp32. `compile`: see ``compile_targets``."""
+    are gathered in bf16 and gradients reduced in fp32 (bf16 with `reduce_bf16`). `compile`: see
+    ``compile_targets``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     cast_for_training(model, mixed_precision)
     if mixed_precision:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        reduce = torch.bfloat16 if reduce_bf16 else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     else:
         policy = MixedPrecisionPolicy()
     if mesh is not None and mesh["tp"].size() > 1:

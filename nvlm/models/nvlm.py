@@ -56,23 +56,45 @@ class Output:
         return None if self.loss_sum is None else self.loss_sum / max(self.num_tokens, 1)
 
 
+@dataclass
+class LabelRows:
+    """Where the loss is taken: the rows of the flattened [B·T] hidden states whose next token carries a label,
+    those labels, and their count (``label_rows``)."""
+
+    index: torch.Tensor  # [N] long
+    targets: torch.Tensor  # [N] long, in the rows' order
+    count: int
+
+
+def label_rows(labels: torch.Tensor) -> LabelRows:
+    """`labels` [B, T] (-100: no loss) → ``LabelRows``, computed where the labels are. The trainer calls it on the
+    host before the forward: under FSDP the labels handed to the model arrive on the GPU (its root moves every
+    input there), where ``nonzero`` would stall the host once per micro-batch; a dataclass's tensors are moved
+    too, its count is not."""
+    b, t = labels.shape
+    keep = torch.zeros(b, t, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = labels[:, 1:] != -100  # position i is kept when token i+1 is labelled
+    index = keep.reshape(-1).nonzero().squeeze(1)  # [N] rows of the flattened [B·T, d] states
+    targets = labels[:, 1:][keep[:, :-1]]  # [N]
+    return LabelRows(index, targets, int(targets.numel()))
+
+
 def labelled_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_tokens: int = 4096
+    hidden: torch.Tensor, labels: torch.Tensor | LabelRows, head: nn.Module, chunk_tokens: int = 4096
 ) -> tuple[torch.Tensor, int]:
     """``NVLM.loss`` computed from the final hidden states [B, T, d], with the LM head applied only where the next
     token has a label: only answers carry loss, so logits for image tokens, tags and prompts are never made.
     The labelled rows go through the head and cross-entropy `chunk_tokens` at a time, each chunk recomputed in
     backward, so a long batch never holds all its [N, vocab] logits at once."""
-    # Which rows carry a label is worked out where the labels are: on the host for batches from the collate
-    # functions, so picking the rows costs no device→host synchronisation (a boolean mask on the GPU would).
+    # Which rows carry a label is worked out where the labels are (``label_rows``): on the host for batches from
+    # the collate functions, so picking the rows costs no device→host synchronisation (a boolean mask on the GPU
+    # would); the trainer passes them ready-made.
     b, t, d = hidden.shape
-    keep = torch.zeros(b, t, dtype=torch.bool, device=labels.device)
-    keep[:, :-1] = labels[:, 1:] != -100  # position i is kept when token i+1 is labelled
-    index = keep.reshape(-1).nonzero().squeeze(1)  # [N] rows of the flattened [B·T, d] states
-    targets = labels[:, 1:][keep[:, :-1]].to(hidden.device, non_blocking=True)  # [N], in the rows' order
-    rows = hidden.reshape(b * t, d).index_select(0, index.to(hidden.device, non_blocking=True))  # [N, d]
+    picked = labels if isinstance(labels, LabelRows) else label_rows(labels)
+    targets = picked.targets.to(hidden.device, non_blocking=True)  # [N], in the rows' order
+    rows = hidden.reshape(b * t, d).index_select(0, picked.index.to(hidden.device, non_blocking=True))  # [N, d]
     if rows.shape[0] <= chunk_tokens:
-        return _head_ce(rows, targets, head), int(targets.numel())
+        return _head_ce(rows, targets, head), picked.count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
         total = total + checkpoint(
@@ -82,7 +104,7 @@ def labelled_loss(
             head,
             use_reentrant=False,
         )
-    return total, int(targets.numel())
+    return total, picked.count
 
 
 def _head_ce(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -144,11 +166,14 @@ class NVLM(nn.Module):
         decoder_tiles: torch.Tensor | None = None,
         memory_index: torch.Tensor | None = None,
         memory_tag_ids: torch.Tensor | None = None,
+        pads_checked: bool = False,
     ) -> tuple[torch.Tensor, XAttnState | None, torch.Tensor | None]:
         """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
-        of `memory_tag_ids`. Third: the features of tiles given but used by neither (else None)."""
-        self._check_image_pads(input_ids, decoder_tiles)
+        of `memory_tag_ids`. Third: the features of tiles given but used by neither (else None). `pads_checked`:
+        the caller has run ``check_image_pads`` on the host ids already (the trainer, whose ids FSDP moves)."""
+        if not pads_checked:
+            self.check_image_pads(input_ids, decoder_tiles)
         input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
         has_memory = bool(self.xattn) and memory_index is not None and memory_index.numel() > 0
@@ -185,7 +210,7 @@ class NVLM(nn.Module):
             )
         return token_id
 
-    def _check_image_pads(self, input_ids: torch.Tensor, decoder_tiles: torch.Tensor | None) -> None:
+    def check_image_pads(self, input_ids: torch.Tensor, decoder_tiles: torch.Tensor | None) -> None:
         """Refuse a batch whose image-pad tokens do not match its decoder tiles' feature tokens.
 
         Counting tokens on an accelerator stalls it until the count reaches the host, so the count is taken
@@ -227,8 +252,10 @@ class NVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         labels: Any = None,
+        label_rows: LabelRows | None = None,
         return_logits: bool = True,
         packed: bool = False,
+        pads_checked: bool = False,
     ) -> Output:
         """Logits for a batch from the processor (prefill), or for new tokens given a cache (decode).
 
@@ -239,9 +266,13 @@ class NVLM(nn.Module):
         holding logits for image tokens, tags and prompts (``labelled_loss``).
         With ``packed=True`` the rows are packed samples (no `attention_mask`; `position_ids` restart at each
         sample) and the LLM runs with ``nvlm.models.packed_attention``: attention per sample, boundaries read once.
+        `label_rows` (``label_rows(labels)``, made on the host) and `pads_checked` (``check_image_pads`` run on the
+        host) spare a sharded run, whose inputs arrive on the GPU, a device→host read each.
         """
         # embed checks the image pads on the ids as given (host ids: no synchronisation), then moves them
-        embeds, state, unused = self.embed(input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids)
+        embeds, state, unused = self.embed(
+            input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids, pads_checked
+        )
         input_ids = input_ids.to(self.device)
         state = state or xattn_state
         if attention_mask is not None:
@@ -264,7 +295,8 @@ class NVLM(nn.Module):
             hidden = self.llm.get_decoder()(
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
             ).last_hidden_state
-            labelled, count = labelled_loss(hidden, labels, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
+            picked = label_rows if label_rows is not None else labels
+            labelled, count = labelled_loss(hidden, picked, self.llm.get_output_embeddings(), self.loss_chunk_tokens)
             return Output(None, None, state, labelled, count, unused)
         if use_cache and labels is None and self._decoding_layerwise(past_key_values):
             if position_ids is None:  # no padding: the new tokens follow the cached ones

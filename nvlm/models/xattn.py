@@ -58,6 +58,22 @@ class XAttnState:
         return self._step
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of q [B, H, T, hd] over K/V [B, kvH, M, hd] (grouped-query when kvH < H), `allowed` [B, T, M] or None.
+
+    Without a mask SDPA shares each K/V head among its query heads itself (``enable_gqa``): the cached K/V are
+    not copied on every decoding step, and CUDA runs the flash kernel. With a mask, ``enable_gqa`` would leave
+    CUDA only the math kernel (flash takes no mask, the memory-efficient kernel no GQA), which materialises
+    fp32 [B, H, T, M] scores and keeps them for backward; so K/V are repeated to every query head instead (as
+    transformers does for masked GQA) and the memory-efficient kernel runs. Both give the same result."""
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, M, hd]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None].to(q.device))  # mask [B, 1, T, M]
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """One gated cross-attention block with its own norms, attention, FFN (SwiGLU) and two tanh gates."""
 
@@ -108,11 +124,7 @@ class GatedCrossAttentionBlock(nn.Module):
         kv = self.memory_kv(memory.to(dtype)) if isinstance(memory, torch.Tensor) else memory
         k, v = kv
         q = self.q_norm(self.q_proj(self.input_norm(x)).view(b, t, -1, self.head_dim)).transpose(1, 2)  # [B,H,T,hd]
-        # grouped-query attention: SDPA shares each K/V head among its query heads itself (enable_gqa), so the
-        # cached K/V are not copied num_heads/num_kv_heads times on every decoding step (same outputs, bitwise)
-        gqa = self.num_heads != self.num_kv_heads
-        mask = None if allowed is None else allowed[:, None].to(q.device)  # [B, 1, T, M]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        a = attend(q, k, v, allowed)  # [B, H, T, hd]
         a = self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # [B, T, d]
         if row_mask is not None:
             a = a * row_mask.to(a.dtype)

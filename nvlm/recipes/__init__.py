@@ -140,13 +140,13 @@ _HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
 # Parallel layout (train.tp, micro-batch, activation checkpointing) per recipe: what the planner recommends
 # for 128 H100 SXM GPUs (16 nodes; `nvlm train RECIPE --dry-run --world-size 128`, the model and its
 # assumptions in nvlm.training.plan_time); dp_shard stays -1 (world / tp), so other world sizes run too
-# (plan them: a smaller world holds more per GPU). tp 1 wins almost everywhere: FSDP's gathers hide behind
-# compute once a micro-batch is big enough, while tp > 1 multiplies the micro-batches per step (each tp group
-# reads one data-parallel share) and runs the vision tower whole on every tp rank.
+# (plan them: a smaller world holds more per GPU). tp 1 wins everywhere: FSDP's gathers hide behind compute
+# once a micro-batch is big enough, while tp > 1 multiplies the micro-batches per step (each tp group reads one
+# data-parallel share) and runs the vision tower, embeddings, LM head and norms whole on every tp rank.
 _LAYOUT: dict[tuple[str, str, str], tuple[int, int, bool]] = {
     ("D", "72b", "pretrain"): (1, 4, False),  # est. 4.39 s/step, MFU 59.5 %, 63.2 GiB/GPU
     ("D", "72b", "sft"): (1, 1, True),  # est. 3.43 s/step, MFU 45.5 %, 33.9 GiB/GPU
-    ("X", "72b", "pretrain"): (2, 8, False),  # est. 5.69 s/step, MFU 53.3 %, 69.7 GiB/GPU
+    ("X", "72b", "pretrain"): (1, 16, True),  # est. 7.27 s/step, MFU 41.7 %, 43.0 GiB/GPU
     ("X", "72b", "sft"): (1, 2, True),  # est. 2.57 s/step, MFU 46.3 %, 31.4 GiB/GPU
     ("H", "72b", "pretrain"): (1, 2, False),  # est. 9.27 s/step, MFU 46.7 %, 47.6 GiB/GPU
     ("H", "72b", "sft"): (1, 2, True),  # est. 3.16 s/step, MFU 46.2 %, 34.9 GiB/GPU

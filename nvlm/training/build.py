@@ -94,7 +94,7 @@ def prepare(model: NVLM, t: TrainConfig, world: World) -> NVLM:
         activation_checkpointing(model)
     if world.distributed:
         mixed = t.bf16 and world.device.type == "cuda"
-        return parallelize(model, mesh=world.mesh, mixed_precision=mixed, compile=t.compile)
+        return parallelize(model, mesh=world.mesh, mixed_precision=mixed, compile=t.compile, reduce_bf16=t.reduce_bf16)
     cast_for_training(model)
     if t.compile:
         compile_blocks(model)

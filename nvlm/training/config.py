@@ -138,8 +138,19 @@ class TrainConfig:
     log_every: int = bounded(1, ge=1)
     max_nonfinite_in_row: int = bounded(5, ge=1)
     """Non-finite losses in a row before the run stops (exit code 3)."""
+    device: str = bounded("auto", one_of=("auto", "cpu", "cuda"))
+    """Where the run trains: "auto" picks CUDA when a GPU is visible, else the CPU; "cpu" keeps a run on the CPU
+    in fp32 on a GPU machine too (reference runs whose results must match the CPU's exactly)."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
+    reduce_bf16: bool = False
+    """Sharded GPU runs: reduce-scatter gradients in bf16 (half the bytes of fp32; the sum over data-parallel ranks
+    is then rounded to bf16 before the fp32 optimizer step). Off: fp32, as Megatron's default."""
+    sync_last_micro_batch: bool = False
+    """Sharded runs with gradient accumulation: reduce-scatter gradients only after the last micro-batch of a step
+    (FSDP2 ``set_requires_gradient_sync``) instead of after each one. Saves that traffic × (accumulation − 1)
+    but keeps every trainable unit's whole gradient on each GPU between micro-batches (the planner counts it):
+    for small trainable parts (stage 1's projector and x-attn blocks), not full SFT of a large LLM."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each decoder layer, x-attn block, vision layer and the projector
@@ -148,7 +159,8 @@ class TrainConfig:
     element-wise work saves time (``nvlm bench train --vs hf --compile``)."""
     attn: str = bounded("sdpa", one_of=("sdpa", "flash_attention_2", "flex_attention"))
     """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
-    (``nvlm.models.packed_attention``), on GPU SDPA over a dense block-diagonal causal mask (O(T²) memory).
+    (``nvlm.models.packed_attention``), on GPU transformers' FlexAttention with the samples' block mask, built
+    once per forward (``nvlm.training.trainer.packed_attention_kind``); unpacked rows run SDPA.
     "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention": transformers' variable-length
     paths, which read the sample boundaries from the restarting position ids."""
     tp: int = bounded(1, ge=1)

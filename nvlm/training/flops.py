@@ -34,19 +34,29 @@ if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
 STAGES = ("pretrain", "sft")
-# dense bf16 FLOP/s per SXM GPU (NVIDIA's data sheets: A100 312 T, H100/H200 989 T)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# dense bf16 FLOP/s by GPU name, the lower-clocked PCIe / NVL boards first (NVIDIA's data sheets, dense = half the
+# sparse figure: H100 SXM / H200 SXM 989 T, H100 PCIe 756 T, H100 NVL / H200 NVL 835 T, A100 312 T)
+PEAK_BF16 = [
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H200", "NVL"), 835e12),
+    (("H100",), 989e12),
+    (("H200",), 989e12),
+    (("A100",), 312e12),
+]
+
+
+def peak_by_name(name: str) -> float | None:
+    """Dense bf16 peak of the GPU called `name` (``torch.cuda.get_device_name``); None if not in `PEAK_BF16`."""
+    return next((v for parts, v in PEAK_BF16 if all(p in name for p in parts)), None)
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of a CUDA `device` from `PEAK_BF16` by its name; None on CPU (no published per-box
-    peak), for GPUs not in the table, and for the lower-clocked PCIe / NVL variants (not the SXM figure)."""
+    """Dense bf16 peak of a CUDA `device` (``peak_by_name``); None on CPU (no published per-box peak) and for
+    GPUs not in the table."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    if "PCIe" in name or "NVL" in name:
-        return None
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_by_name(torch.cuda.get_device_name(device))
 
 
 @dataclass(frozen=True)

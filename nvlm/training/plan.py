@@ -6,8 +6,9 @@ recipes of Tables 10–11, the backbones' config.json for local folders, the che
 
 Memory per GPU for world size W = tp × dp_shard (``train.tp``, ``train.dp_shard``), as
 ``nvlm.distributed.parallel.parallelize`` runs on GPU. "Sharded by S" below means S = tp × dp_shard for the
-weights tensor parallelism splits (the Linears and embeddings of the LLM and the x-attn blocks) and
-S = dp_shard for the rest (norms, projector, vision tower: replicated across the tp ranks):
+weights tensor parallelism splits (the projections of the LLM's decoder layers and of the x-attn blocks, as
+``nvlm.distributed.tensor_parallel`` plans them) and S = dp_shard for the rest (embeddings, LM head, norms,
+projector, vision tower: replicated across the tp ranks, as the runtime keeps them):
 
     params       trainable fp32 (4 B) / S + frozen bf16 (2 B) / S     (each tensor sharded on dim 0, rounded up)
     grads        fp32 for trainable parameters, sharded: 4 B / S
@@ -16,8 +17,13 @@ S = dp_shard for the rest (norms, projector, vision tower: replicated across the
                  gathered from forward to backward; of the others, the largest twice (the unit computing + the
                  one prefetched)
     unsharded_grads  the largest trainable unit's full gradient before reduce-scatter: bf16 + its fp32 copy
+                 (bf16 alone with ``train.reduce_bf16``); with ``train.sync_last_micro_batch`` and gradient
+                 accumulation, every trainable unit's full gradient in the reduce dtype, kept between
+                 micro-batches
     activations  one micro-batch (train.micro_batch_size × data.max_seq_len tokens) in bf16, see below; under
-                 tp (Megatron-style, sequence-parallel norms) the LLM's, x-attn blocks' and logits' share / tp
+                 tp only what the split projections produce (heads, FFN intermediates) is / tp: the norms'
+                 tensors, the residual stream, the checkpointed layer inputs and the logits are whole on every
+                 tp rank (no sequence parallelism, no vocabulary-parallel head)
 
 Activations are what autograd holds at the start of backward (the peak): per decoder layer the tensors in
 `llm_layer_bytes`; with activation checkpointing each layer's input plus one layer being recomputed; the
@@ -49,6 +55,7 @@ from torch import nn
 
 from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
+from nvlm.distributed.tensor_parallel import tp_plans
 from nvlm.models.lora import apply_lora, is_adapter_param
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import components
@@ -101,16 +108,20 @@ def meta_model(cfg: RunConfig) -> NVLM:
 
 # ---- parameters and FSDP units ---------------------------------------------------------------------------
 def tp_sharded(model: NVLM) -> set[int]:
-    """ids of the parameters tensor parallelism splits: the parameters of every Linear and embedding of the LLM
-    and the x-attn blocks (column/row-parallel, vocabulary-parallel). Norms, LoRA adapters, the projector and
-    the frozen vision tower stay whole on every tp rank."""
+    """ids of the parameters tensor parallelism splits, read off the runtime's plans (``tp_plans``): the weights
+    of the column- and row-parallel projections of every decoder layer and x-attn block, and the column-parallel
+    ones' biases (a row-parallel bias is added after the all-reduce: whole). Embeddings, LM head, norms, LoRA
+    adapters, the projector and the vision tower stay whole on every tp rank."""
     out: set[int] = set()
-    for part in (model.llm, model.xattn):
-        for name, m in part.named_modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not is_adapter_param(f"{name}.weight"):
-                # biases too: q/k/v's are column-parallel (split); a row-parallel bias (none in Qwen2 / Llama)
-                # would stay whole, a few thousand elements
-                out.update(id(p) for p in m.parameters(recurse=False))
+    for _, module, plan in tp_plans(model):
+        for sub, style in plan.items():
+            if style not in ("colwise", "rowwise"):
+                continue
+            m = module.get_submodule(sub)
+            base = getattr(m, "base_layer", m)  # a LoRA-wrapped Linear: PEFT's base layer is what is split
+            out.add(id(base.weight))
+            if style == "colwise" and base.bias is not None:
+                out.add(id(base.bias))
     return out
 
 
@@ -169,7 +180,7 @@ def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- activations (bytes) ---------------------------------------------------------------------------------
-def llm_layer_bytes(d: int, q: int, kv: int, f: int, heads: int, trainable: bool) -> int:
+def llm_layer_bytes(d: int, q: int, kv: int, f: int, heads: int, trainable: bool, tp: int = 1) -> int:
     """Bytes per token a Llama/Qwen2 decoder layer (RMSNorm, SDPA/flash attention, SwiGLU) keeps for backward.
 
     q = heads × head_dim, kv = K/V width at the SDPA call (kv heads × head_dim, or q when repeat_kv expanded
@@ -180,38 +191,44 @@ def llm_layer_bytes(d: int, q: int, kv: int, f: int, heads: int, trainable: bool
                      (2q), logsumexp (4 B per head); flash/efficient kernels store no T×T scores
         SwiGLU FFN   gate (2f, for silu), silu(gate) (2f), up (2f), silu·up = down_proj input (2f)
     Frozen weights need no weight gradients: the norms keep only their fp32 input, o/down_proj no input.
+    On one of `tp` ranks the norms' tensors are whole (no sequence parallelism); the attention's and the FFN's,
+    which the split projections produce, are / tp.
     """
-    weight_only = 2 * (2 * d + 2 * d) + 2 * q + 2 * f  # tensors that exist only to form weight gradients
-    total = 2 * (FP32 * d + 2 * BF16 * d) + BF16 * (q + 2 * kv + q + q) + FP32 * heads + 4 * BF16 * f
-    return total if trainable else total - weight_only
+    norms = 2 * (FP32 * d + 2 * BF16 * d) if trainable else 2 * FP32 * d
+    split = BF16 * (q + 2 * kv + q + q) + FP32 * heads + 4 * BF16 * f
+    if not trainable:  # o_proj's and down_proj's inputs serve only their weights' gradients
+        split -= 2 * q + 2 * f
+    return norms + math.ceil(split / tp)
 
 
-def xattn_text_bytes(d: int, q: int, f: int, heads: int) -> int:
+def xattn_text_bytes(d: int, q: int, f: int, heads: int, tp: int = 1) -> int:
     """Per text token, one gated cross-attention block (``nvlm.models.xattn``). Its ``nn.RMSNorm``s keep an
     fp32 input and an fp32 normalised copy (8 B) plus their bf16 output: input/post norm 2 × (8d + 2d), q's
     per-head norm 8q + 2q; SDPA output + o_proj input (2q + 2q), the two gated branches kept for the tanh-gate
-    gradients (2d + 2d), the SwiGLU FFN (8f), logsumexp."""
-    return 2 * 10 * d + 10 * q + 4 * q + 4 * d + 4 * BF16 * f + FP32 * heads
+    gradients (2d + 2d), the SwiGLU FFN (8f), logsumexp. On one of `tp` ranks the head- and FFN-sized tensors
+    are / tp; the input/post norms and the gated branches (after o_proj's / down_proj's all-reduce) are whole."""
+    return 2 * 10 * d + 4 * d + math.ceil((10 * q + 4 * q + 4 * BF16 * f + FP32 * heads) / tp)
 
 
-def xattn_memory_bytes(q: int, kv: int) -> int:
+def xattn_memory_bytes(q: int, kv: int, tp: int = 1) -> int:
     """Per memory token, one block: k's norm (8kv fp32 + 2kv bf16 output, kept in XAttnState with v: 2kv), and
-    K/V repeated to all query heads for SDPA (4q) when the block uses grouped-query attention."""
-    return 2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)
+    K/V repeated to all query heads for SDPA (4q) when the block uses grouped-query attention; all of it
+    head-sized, / tp on one of `tp` ranks."""
+    return math.ceil((2 * FP32 * kv + 2 * BF16 * kv + (2 * BF16 * q if q != kv else 0)) / tp)
 
 
 # Long on purpose: one term per kept activation, each beside its formula, as the module docstring lists them.
 def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool, tp: int = 1) -> dict[str, int]:
     """Activation bytes of one micro-batch at the start of backward, by part (see the module docstring), on
-    one tp rank: tensor parallelism with sequence-parallel norms splits the LLM's, the x-attn blocks' and the
-    vocabulary-parallel logits' tensors over the tp ranks; the mask, projector and vision tower run whole."""
+    one tp rank: tensor parallelism splits only the head- and FFN-sized tensors of the decoder layers and x-attn
+    blocks; norms, checkpointed layer inputs, masks, logits, projector and vision tower are whole on each."""
     dm, c = model.dims, model.config
     d, f, heads, L = dm.hidden_size, dm.ffn_size, dm.num_heads, dm.num_layers
     q, kv = heads * dm.head_dim, dm.num_kv_heads * dm.head_dim
     tokens = micro_batch * seq
     llm_trains = any(p.requires_grad for p in model.llm.parameters())
     padded = micro_batch > 1  # a padding mask turns SDPA's GQA off: HF repeats K/V to all heads
-    layer = tokens * llm_layer_bytes(d, q, q if padded and kv < q else kv, f, heads, llm_trains)
+    layer = tokens * llm_layer_bytes(d, q, q if padded and kv < q else kv, f, heads, llm_trains, tp)
     # the boolean [B, 1, T, T] padding mask, which SDPA turns into a bf16 bias per call, kept for backward
     mask, bias = (micro_batch * seq * seq, micro_batch * seq * seq * BF16) if padded else (0, 0)
     out = {
@@ -231,17 +248,15 @@ def activation_bytes(model: NVLM, micro_batch: int, seq: int, ac: bool, tp: int 
     if n_x and mem:
         m_tok = micro_batch * mem
         shared = m_tok * BF16 * d + tokens * mem  # the memory itself and the bool [B, T, M] mask, once
-        text = tokens * (xattn_text_bytes(d, q, f, heads) + BF16 * mem)  # + SDPA's bf16 bias of that mask
+        text = tokens * (xattn_text_bytes(d, q, f, heads, tp) + BF16 * mem)  # + SDPA's bf16 bias of that mask
         if ac:  # each block is recomputed with its layer (CrossAttentionDecoderLayer), K/V included: one at a time
-            out["xattn"] = shared + m_tok * xattn_memory_bytes(q, kv) + text
+            out["xattn"] = shared + m_tok * xattn_memory_bytes(q, kv, tp) + text
         else:
-            out["xattn"] = shared + n_x * (m_tok * xattn_memory_bytes(q, kv) + text)
+            out["xattn"] = shared + n_x * (m_tok * xattn_memory_bytes(q, kv, tp) + text)
     vocab = model.llm.get_output_embeddings().weight.shape[0]
-    # final norm (as in a layer), bf16 logits (2V), their fp32 copy → log-probs (4V) and its gradient (4V)
+    # final norm (as in a layer), bf16 logits (2V), their fp32 copy → log-probs (4V) and its gradient (4V);
+    # whole on every tp rank (the LM head is replicated)
     out["logits"] = tokens * ((8 if llm_trains else 4) * d + (BF16 + FP32 + FP32) * vocab)
-    for k in ("llm_layers", "xattn", "logits"):  # a tp rank's share (before the vision transient is compared)
-        if k in out:
-            out[k] = math.ceil(out[k] / tp)
     n_tok = micro_batch * tiles * model.vision.tokens_per_tile  # the projector sees every pixel-shuffled token
     proj_in = model.vision.out_dim
     if c.arch == "X":  # one Linear: its bf16-cast input
@@ -292,12 +307,18 @@ def memory(model: NVLM, cfg: RunConfig, dp: int, tp: int, micro: int, ac: bool) 
     kept = [u for u in units if u["name"] in ("llm.norm+lm_head", "root")]  # gathered forward → backward
     largest = max((u["gathered"] for u in units if u not in kept), default=0)
     largest_t = max((u["gathered_trainable"] for u in units), default=0)
+    t = cfg.train
+    reduce = BF16 if t.reduce_bf16 else FP32
+    if t.sync_last_micro_batch and t.global_batch_size // (micro * dp) > 1:
+        unsharded = reduce * sum(u["gathered_trainable"] for u in units)
+    else:
+        unsharded = (BF16 + (0 if t.reduce_bf16 else FP32)) * largest_t
     mem = {
         "params": FP32 * shard_t + BF16 * shard_f,
         "grads": FP32 * shard_t,
         "optimizer": 2 * FP32 * shard_t,
         "gathered": BF16 * (sum(u["gathered"] for u in kept) + 2 * largest),
-        "unsharded_grads": (BF16 + FP32) * largest_t,
+        "unsharded_grads": unsharded,
     }
     acts = {a: activation_bytes(model, micro, cfg.data.max_seq_len, a, tp) for a in (False, True)}
     static = sum(mem.values())

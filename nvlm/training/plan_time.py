@@ -2,13 +2,14 @@
 
 An analytic model of one optimizer step of the run (the memory terms are ``nvlm.training.plan``'s), per GPU,
 for world size W = tp × dp_shard: tensor parallelism of degree tp inside a node (Megatron-style column/row
-plans with sequence-parallel norms), FSDP2 over dp_shard across the tp groups, gradient accumulation of
-global batch / (micro-batch × dp_shard) micro-batches.
+plans over the projections; norms, embeddings and LM head replicated, as the runtime runs them), FSDP2 over
+dp_shard across the tp groups, gradient accumulation of global batch / (micro-batch × dp_shard) micro-batches.
 
 Compute. Model FLOPs per sample are ``nvlm.training.flops.train_flops`` (matmuls, 2 per multiply-add; the
 paper's 6·N / 4·N / 2·N). Hardware FLOPs add, with activation checkpointing, one more forward of the decoder
-layers and x-attn blocks (recomputed in backward). The LLM's and x-attn blocks' FLOPs split evenly over the
-tp ranks; the frozen vision tower and the projector run whole on every tp rank (replicated, not split).
+layers and x-attn blocks (recomputed in backward). The decoder layers' and x-attn blocks' FLOPs split evenly
+over the tp ranks; the LM head, the frozen vision tower and the projector run whole on every tp rank
+(replicated, not split).
 Compute time = hardware FLOPs / (peak bf16 FLOP/s × compute_efficiency): the fraction of peak that the
 step's kernels reach on average (large bf16 GEMMs reach ~0.7–0.8 of peak on H100; attention, norms and
 elementwise kernels less). MFU = model FLOPs / (step time × peak), so it can never exceed that fraction,
@@ -19,10 +20,12 @@ micro-batch; ``nvlm.distributed.parallel.parallelize``):
     FSDP gather (forward)   every unit's bf16 weights (a tp rank's slice), all-gathered over dp_shard
     FSDP gather (backward)  again for the units backward passes through (reshard after forward), except the
                             LM head and root, kept gathered; the frozen vision tower (no_grad) needs none
-    FSDP reduce-scatter     the trainable units' gradients in fp32 (the reduce dtype)
+    FSDP reduce-scatter     the trainable units' gradients in fp32 (bf16 with ``train.reduce_bf16``); with
+                            ``train.sync_last_micro_batch`` only on the last micro-batch of a step
     TP                      per decoder layer and x-attn block, per forward, backward and recompute pass:
-                            2 all-gathers + 2 reduce-scatters (= 2 all-reduces) of the micro-batch's
-                            activations, tokens × hidden × 2 B
+                            2 all-reduces (= 2 reduce-scatters + 2 all-gathers) of the micro-batch's
+                            activations, tokens × hidden × 2 B (o/down_proj's outputs forward, the
+                            column-parallel inputs' gradients backward)
 A ring collective over n ranks moves (n-1)/n of the full tensor through each rank's slowest link. Inside a
 node that is NVLink; a group spread over nodes with g of its ranks on each node runs g rings in parallel,
 each over its own NIC (rail-optimised fabric, one NIC per GPU), so its bandwidth is min(NVLink, g × IB).
@@ -36,6 +39,7 @@ read and written at HBM bandwidth). Not modelled: NCCL kernels slowing compute k
 stragglers, the gradient-norm all-reduce, pipeline parallelism (the runtime has none).
 
     step = accumulation × (max(compute, fsdp) + tp + first gather) + last reduce-scatter + optimizer
+    (with sync_last_micro_batch, fsdp holds the reduce-scatter on the last micro-batch only)
 
 ``recommend`` searches tp ∈ {1, 2, 4, 8} (within a node, dividing the heads), micro-batch ∈ {1, 2, 4, …, 32}
 and activation checkpointing on/off, keeps the layouts whose planned memory × 1.1 + 2 GiB (CUDA context,
@@ -145,7 +149,7 @@ def estimate(
     accum = max(1, t.global_batch_size // (micro * dp))
     tokens = sample_tokens(model, cfg.data.max_seq_len)
     f = train_flops(model, tokens, t.stage, freeze_llm=t.freeze_llm, unfreeze_vision=t.unfreeze_vision)
-    whole = f["vision"] + f["projector"]  # run on every tp rank
+    whole = f["vision"] + f["projector"] + f["lm_head"]  # run on every tp rank
     recompute = recompute_flops(model, tokens) if ac else 0
     hw_flops = micro * ((f["total"] - whole + recompute) / tp + whole)  # per GPU per micro-batch
     compute = hw_flops / (hw.peak_tflops * 1e12 * hw.compute_efficiency)
@@ -158,12 +162,16 @@ def estimate(
     per_node = min(dp, max(1, hw.gpus_per_node // tp))  # a dp_shard group's ranks on one node
     gather_fwd = BF16 * sum(u["gathered"] for u in units)
     gather_bwd = BF16 * sum(u["gathered"] for u in backward)
-    reduce = FP32 * sum(u["gathered_trainable"] for u in units)
-    fsdp = sum(collective_s(b, dp, per_node, hw) for b in (gather_fwd, gather_bwd, reduce))
+    reduce_b = BF16 if t.reduce_bf16 else FP32
+    reduce = reduce_b * sum(u["gathered_trainable"] for u in units)
+    gathers = sum(collective_s(b, dp, per_node, hw) for b in (gather_fwd, gather_bwd))
+    fsdp = gathers + collective_s(reduce, dp, per_node, hw)
+    # micro-batches that reduce-scatter: all, or the last one only (train.sync_last_micro_batch)
+    reducing = 1 if t.sync_last_micro_batch else accum
     largest = max((u["gathered"] for u in units), default=0)
     largest_t = max((u["gathered_trainable"] for u in units), default=0)
     first_gather = collective_s(BF16 * largest, dp, per_node, hw)
-    last_reduce = collective_s(FP32 * largest_t, dp, per_node, hw)
+    last_reduce = collective_s(reduce_b * largest_t, dp, per_node, hw)
 
     blocks = model.dims.num_layers + (len(model.xattn) if tokens.memory else 0)
     act = micro * tokens.decoder * model.dims.hidden_size * BF16  # one activation tensor, all tp ranks' tokens
@@ -171,7 +179,10 @@ def estimate(
     tp_s = blocks * (2 + int(ac)) * 4 * collective_s(act, tp, tp, hw)
     optimizer = mem["shard_trainable"] * ADAMW_BYTES / (hw.hbm_gbs * 1e9)
 
-    step = accum * (max(compute, fsdp) + tp_s + first_gather) + last_reduce + optimizer
+    step = (
+        reducing * max(compute, fsdp) + (accum - reducing) * max(compute, gathers)
+        + accum * (tp_s + first_gather) + last_reduce + optimizer
+    )  # fmt: skip
     model_flops = t.global_batch_size * f["total"]
     return {
         "tp": tp,
@@ -185,8 +196,9 @@ def estimate(
         "fsdp_gb_per_gpu_micro_batch": {
             "gather_fwd": gather_fwd / 1e9,
             "gather_bwd": gather_bwd / 1e9,
-            "reduce_scatter": reduce / 1e9,
+            "reduce_scatter": reduce * reducing / accum / 1e9,  # averaged over the step's micro-batches
         },  # fmt: skip
+        "reduce_dtype": "bf16" if t.reduce_bf16 else "fp32",
         "tp_gb_per_gpu_micro_batch": tp_bytes * (tp - 1) / tp / 1e9,
         "seconds_per_micro_batch": {"compute": compute, "fsdp": fsdp, "tp": tp_s, "first_gather": first_gather},
         "seconds_per_step": {"last_reduce": last_reduce, "optimizer": optimizer},
@@ -254,7 +266,7 @@ def render(
         f"{time['model_pflop_per_step']:.1f} PFLOP per step",
         f"  per micro-batch    compute {s['compute']:.3f} s ({time['hardware_tflop_per_gpu_micro_batch']:.1f} "
         f"TFLOP/GPU), FSDP {s['fsdp']:.3f} s (gather {b['gather_fwd']:.1f} + {b['gather_bwd']:.1f} GB bf16, "
-        f"reduce-scatter {b['reduce_scatter']:.1f} GB fp32), TP {s['tp']:.3f} s "
+        f"reduce-scatter {b['reduce_scatter']:.1f} GB {time.get('reduce_dtype', 'fp32')}), TP {s['tp']:.3f} s "
         f"({time['tp_gb_per_gpu_micro_batch']:.1f} GB)",
         f"  this layout        {line(time)}, {time['grad_accum_steps']} micro-batch(es) per step",
     ]

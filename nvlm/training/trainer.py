@@ -14,6 +14,7 @@ process stops all of them with its message instead of leaving the others waiting
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -42,13 +43,15 @@ from nvlm.distributed.parallel import (
     grad_norm,
     reshard,
     start_steps,
+    use_cuda,
     with_layout,
 )
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.loading import Unfilled
+from nvlm.models.nvlm import label_rows
 from nvlm.models.packed_attention import use_packed_attention
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
-from nvlm.training.config import RunConfig
+from nvlm.training.config import ConfigError, RunConfig
 from nvlm.training.flops import batch_flops, device_peak_flops
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.optim import lr_at, make_optimizer
@@ -124,6 +127,61 @@ def with_unused(loss: torch.Tensor, out: Any) -> torch.Tensor:
     return loss + 0 * out.unused_features.sum().to(loss.dtype)
 
 
+def packed_attention_kind(packing: bool, attn: str, device_type: str) -> str | None:
+    """How packed rows attend when ``train.attn`` is "sdpa": per packed sample (``nvlm.models.packed_attention``:
+    one causal SDPA per sample, Σ nᵢ² work) on the CPU; on a GPU transformers' FlexAttention, whose block mask
+    it builds once per forward from the restarting position ids (compiled, it skips the masked-out blocks),
+    instead of SDPA over a dense [rows, 1, T, T] block-diagonal mask. None: no packing, or another kernel set."""
+    if not packing or attn != "sdpa":
+        return None
+    return "per_sample" if device_type == "cpu" else "flex_attention"
+
+
+def widen(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
+    """A packed batch (``collate_packed``) right-padded to a width that is a multiple of `multiple`: the added
+    tokens are one more packed sample per row (positions from 0, no labels, no image memory), which attends only
+    to itself, so the loss is unchanged."""
+    rows, width = batch["input_ids"].shape
+    extra = -width % multiple
+    if extra == 0:
+        return batch
+    tail = {
+        "input_ids": torch.full((rows, extra), pad_id, dtype=torch.long),
+        "labels": torch.full((rows, extra), -100, dtype=torch.long),
+        "position_ids": torch.arange(extra).expand(rows, extra),
+        "xattn_lo": torch.zeros(rows, extra, dtype=torch.long),
+        "xattn_hi": torch.zeros(rows, extra, dtype=torch.long),
+    }
+    return {**batch, **{k: torch.cat([batch[k], v.to(batch[k].dtype)], 1) for k, v in tail.items()}}
+
+
+def pinned(world: World | None, device: str) -> World:
+    """The run's world on ``train.device`` (``use_cuda``): without one given, a one-process world there; "auto"
+    keeps a given world's device; a one-process world is moved to "cpu" / "cuda"; a torchrun world has chosen its
+    device and backend already (``init_world(train_device=...)``), and a mismatch is refused."""
+    if world is None:
+        return World(device=torch.device("cuda" if use_cuda(device) else "cpu"))
+    if device == "auto":
+        return world
+    want = "cuda" if use_cuda(device) else "cpu"
+    if not world.distributed:
+        return dataclasses.replace(world, device=torch.device(want))
+    if world.device.type != want:
+        raise ConfigError(
+            f"train.device={device} but the process group runs on {world.device.type}: start it with "
+            f"init_world(train_device={device!r}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for a CPU run"
+        )
+    return world
+
+
+def with_host_work(batch: dict[str, Any], model: nvlm.NVLM) -> dict[str, Any]:
+    """`batch` with what the model would otherwise work out on the device done here on the host: the labelled
+    rows and their targets (``label_rows``) and the image-pad check. Under FSDP every input reaches the model on
+    the GPU, where each would stall the host once per micro-batch (a ``nonzero`` and a count)."""
+    model.check_image_pads(batch["input_ids"], batch.get("decoder_tiles"))
+    return {**batch, "label_rows": label_rows(batch["labels"]), "pads_checked": True}
+
+
 class PeerFailed(RuntimeError):
     """Another process hit an error while reading its data; this one stops too (the error is in its log)."""
 
@@ -149,7 +207,7 @@ class Trainer:
     ) -> None:
         """`progress`: draw the per-step bar (callers that draw their own, such as ``nvlm repro``, turn it off)."""
         t = cfg.train
-        self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.world = pinned(world, t.device)
         if self.world.mesh is None:  # tp × dp_shard, checked; processes of one TP group read the same samples
             self.world = with_layout(self.world, t.tp, t.dp_shard)
         self.cfg, self.out, self.progress = cfg, Path(out), progress
@@ -177,8 +235,9 @@ class Trainer:
             read_timeout=cfg.data.read_timeout_s,
             workers=cfg.data.workers,
         )
-        # packed rows attend per sample: SDPA per packed sample on the CPU, not over the dense mask (``_model``)
-        self.packed_attention = self.packing and cfg.train.attn == "sdpa" and self.device.type == "cpu"
+        # packed rows attend per sample, never over the dense [rows, 1, T, T] mask (``packed_attention_kind``)
+        self.packed_kernel = packed_attention_kind(self.packing, cfg.train.attn, self.device.type)
+        self.packed_attention = self.packed_kernel == "per_sample"
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
@@ -210,6 +269,8 @@ class Trainer:
             prepare(model.to(self.device), t, self.world)
         if t.attn != "sdpa":  # variable-length attention over packed rows (see TrainConfig.attn)
             model.llm.set_attn_implementation(t.attn)
+        elif self.packed_kernel == "flex_attention":
+            model.llm.set_attn_implementation("flex_attention")
         elif self.packed_attention:
             use_packed_attention(model.llm)
         self.log(f"stage {t.stage}: what trains\n{trainable_table(model)}")
@@ -232,10 +293,13 @@ class Trainer:
         if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
         pad = proc.tokenizer.pad_token_id or 0
+        # FlexAttention is compiled for fixed shapes: at most 8 row widths, each a multiple of max_seq_len / 8
+        step = max(1, self.cfg.data.max_seq_len // 8) if self.packed_kernel == "flex_attention" else 1
         out = []
         for m in micro:
             rows = pack_greedy([len(s.input_ids) for s in m], self.cfg.data.max_seq_len)
-            out.append(collate_packed([[m[i] for i in row] for row in rows], pad, proc.tokens_per_tile))
+            batch = collate_packed([[m[i] for i in row] for row in rows], pad, proc.tokens_per_tile)
+            out.append(widen(batch, step, pad))
         return out
 
     def train_step(self, batches: list[dict[str, Any]]) -> tuple[float, float, int]:
@@ -251,13 +315,16 @@ class Trainer:
         use_bf16 = self.cfg.train.bf16 and self.device.type == "cuda"
         # summed on the device: one read to the host per step, not one per micro-batch
         total = torch.zeros((), device=self.device)
-        for b, anyone in zip(batches, with_images):
+        sync_last = w.distributed and self.cfg.train.sync_last_micro_batch
+        for i, (b, anyone) in enumerate(zip(batches, with_images)):
+            if sync_last:  # reduce-scatter only after the last micro-batch's backward (TrainConfig)
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             # some process's micro-batch has images: every process runs the vision tower, projector and each
             # x-attn block (touch_every_module adds a blank tile or a memory no row sees where its batch lacks them)
             touch = w.distributed and anyone > 0
             self.mixed += int(w.main and anyone > 0 and anyone < w.dp_size)
+            b = with_host_work(touch_every_module(b, self.model) if touch else b, self.model)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                b = touch_every_module(b, self.model) if touch else b
                 packed = self.packed_attention and b.get("attention_mask") is None
                 out = self.model(**b, return_logits=False, packed=packed)  # the loss, no full logits
             # × data-parallel ranks: FSDP averages gradients over them; the sum over all tokens / all tokens is wanted
