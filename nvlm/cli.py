@@ -205,7 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nvlm.training.trainer import NonFiniteLoss, PeerFailed, Trainer
 
     # NCCL's flight recorder dumps there when a collective times out (see nvlm.distributed.parallel)
-    world = init_world(cfg.train.collective_timeout_s, dump_dir=Path(args.out) / "flight_recorder")
+    world = init_world(
+        cfg.train.collective_timeout_s, dump_dir=Path(args.out) / "flight_recorder", train_device=cfg.train.device
+    )
     try:
         result = Trainer(cfg, args.out, world=world).run()
     except NonFiniteLoss as e:

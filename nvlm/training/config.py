@@ -54,7 +54,9 @@ class SourceSpec:
 class DataSpec:
     sources: list[dict[str, Any]] = field(default_factory=list)
     """[{"path": "train.jsonl", "weight": 1.0, "name": ..., "image_root": ..., "max_tiles": ...}, …]: JSONL (LLaVA
-    or OpenAI records), Parquet, WebDataset shards or an InternVL meta-JSON (``nvlm.data.sources``)."""
+    or OpenAI records), Parquet, WebDataset shards, an InternVL meta-JSON, an Energon Metadataset YAML, or one of
+    the paper's blends shipped with nvlm, ``blend:nvlm-pretrain`` / ``blend:nvlm-sft`` under ``$NVLM_DATA_ROOT``
+    (``nvlm.data.sources``)."""
     max_seq_len: int = bounded(4096, ge=1)
     system: str | None = None
     """System message added to samples that have none (the paper's SFT uses one)."""
