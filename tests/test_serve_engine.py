@@ -28,7 +28,7 @@ def _record_batch_sizes(model):
 
     def forward(*args, **kwargs):
         ids = args[0] if args else kwargs["input_ids"]
-        sizes.append((tuple(ids.shape), kwargs.get("past_key_values") is not None))
+        sizes.append((tuple(ids.shape), "position_ids" in kwargs))  # decoding steps count positions, prefills not
         return orig(*args, **kwargs)
 
     model.forward = forward
@@ -126,3 +126,44 @@ def test_bad_request_raises_and_engine_keeps_serving(build_model):
     finally:
         engine.close()
     assert not engine.healthy
+
+
+def test_preempted_requests_resume_and_equal_generate(build_model):
+    """A KV budget too small for every row: the newest rows are sent back and prefilled again with what they
+    had generated; every answer is still model.generate's."""
+    model, processor = build_model("X")
+    set_gates(model, 0.5)
+    jobs = [PROMPTS[1], PROMPTS[3], PROMPTS[0]]
+    want = [model.generate(processor, p, im, max_new_tokens=24) for p, im in jobs]
+    longest = max(len(processor.encode(p, im).input_ids) for p, im in jobs)
+    # all three rows fit when they are prefilled, not four steps later
+    engine = Engine(model, processor, max_batch=3, max_kv_tokens=3 * (longest + 4)).start()
+    try:
+        with engine.hold():
+            reqs = [engine.submit(p, im, SamplingParams(max_tokens=24)) for p, im in jobs]
+        got = [r.result() for r in reqs]
+        with pytest.raises(ValueError, match="KV budget"):
+            engine.submit(PROMPTS[0][0], PROMPTS[0][1], SamplingParams(max_tokens=3 * longest + 12))
+    finally:
+        engine.close()
+    assert got == want
+    assert engine.metrics.counts["num_preemptions"] >= 1
+    assert "nvlm:num_preemptions_total" in engine.metrics.render(0, 0, 0)
+
+
+def test_rows_with_their_own_settings_in_one_batch(build_model):
+    """Greedy, seeded and top-k rows decoded together: each gets what it gets alone."""
+    model, processor = build_model("D")
+    p, im = PROMPTS[1]
+    want_greedy = model.generate(processor, p, im, max_new_tokens=10)
+    want_seeded = model.generate(processor, p, im, max_new_tokens=10, do_sample=True, temperature=0.8, seed=3)
+    engine = Engine(model, processor).start()
+    try:
+        with engine.hold():
+            seeded = engine.submit(p, im, SamplingParams(max_tokens=10, temperature=0.8, seed=3))
+            greedy = engine.submit(p, im, SamplingParams(max_tokens=10))
+            top1 = engine.submit(p, im, SamplingParams(max_tokens=10, temperature=5.0, top_k=1))
+        assert seeded.result() == want_seeded and greedy.result() == want_greedy
+        assert top1.result() == want_greedy  # top-k 1 is greedy at any temperature
+    finally:
+        engine.close()
