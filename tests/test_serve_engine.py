@@ -167,3 +167,29 @@ def test_rows_with_their_own_settings_in_one_batch(build_model):
         assert top1.result() == want_greedy  # top-k 1 is greedy at any temperature
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("arch", ["D", "H"])
+def test_encoder_cache_skips_the_vision_tower_for_a_repeated_image(build_model, arch):
+    model, processor = build_model(arch)
+    set_gates(model, 0.5)
+    image = picture(150, 100)
+    jobs = [(chat_prompt(q, 1), [image]) for q in ("Describe.", "What color?", "Describe.")]
+    want = [model.generate(processor, p, im, max_new_tokens=6) for p, im in jobs]
+    other_job = (chat_prompt("Describe.", 1), [picture(150, 100, seed=5)])
+    want_other = model.generate(processor, *other_job, max_new_tokens=6)
+    towers = []
+    model.vision.register_forward_pre_hook(lambda _m, args: towers.append(args[0].shape[0]))
+    engine = Engine(model, processor).start()
+    try:
+        got = [engine.generate(p, im, max_tokens=6) for p, im in jobs]
+        other = engine.generate(*other_job, max_tokens=6)
+    finally:
+        engine.close()
+    assert got == want
+    assert other == want_other
+    assert len(towers) == 2  # the first image once, the other image once; the repeats never
+    counts = engine.metrics.counts
+    assert (counts["encoder_cache_queries"], counts["encoder_cache_hits"]) == (4, 2)
+    assert engine.metrics.gauges["encoder_cache_bytes"] > 0
+    assert "nvlm:encoder_cache_hits_total 2" in engine.metrics.render(0, 0, 0)

@@ -15,6 +15,8 @@ view of the memory made once per set of rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,9 +51,13 @@ class ModelRunner:
         """Columns the next decoding step attends over."""
         return max(self.kv.lengths, default=0) + 1
 
-    def prefill(self, batch: dict[str, Any], owners: list[Any], all_logits: bool = False) -> torch.Tensor:
+    def prefill(
+        self, batch: dict[str, Any], owners: list[Any], all_logits: bool = False, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append the rows of a left-padded `batch` (the processor's, host tensors); returns the logits of
-        their last position [B, 1, vocab] (every position's [B, T, vocab] with `all_logits`)."""
+        their last position [B, 1, vocab] (every position's [B, T, vocab] with `all_logits`). `features`: the
+        batch's projected tile features [tiles, tokens, d] when known already (an encoder cache), else the
+        model computes them from the batch's pixel_values."""
         batch = {k: v for k, v in batch.items() if k != "labels"}
         b, t = batch["input_ids"].shape
         lengths = batch["attention_mask"].sum(-1).tolist()  # host mask: no synchronisation
@@ -59,7 +65,10 @@ class ModelRunner:
         self.kv.reserve(first + b, t + 1)
         self.kv.plan = Plan("prefill", first, lengths, t)
         try:
-            out = self.model(**batch, use_cache=True, past_key_values=self.kv, logits_to_keep=0 if all_logits else 1)
+            with _given_features(self.model, features):
+                out = self.model(
+                    **batch, use_cache=True, past_key_values=self.kv, logits_to_keep=0 if all_logits else 1
+                )
         finally:
             self.kv.plan = Plan()
         index: torch.Tensor | None = batch.get("memory_index")
@@ -123,6 +132,26 @@ class ModelRunner:
         self.kv.lengths.pop()
         self.memory.truncate(last)
         self._pos = None
+
+
+@contextmanager
+def _given_features(model: Any, features: torch.Tensor | None) -> Iterator[None]:
+    """For one forward, the model's ``encode_tiles`` (its one step from pixels to projected features) answers
+    with `features` instead of running the vision tower and projector."""
+    if features is None:
+        yield
+        return
+
+    def given(pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[0] != features.shape[0]:
+            raise RuntimeError(f"{features.shape[0]} tiles' features given for {pixel_values.shape[0]} tiles")
+        return features
+
+    model.encode_tiles = given
+    try:
+        yield
+    finally:
+        del model.encode_tiles
 
 
 def _grow_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

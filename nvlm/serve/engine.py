@@ -26,6 +26,7 @@ import torch
 from nvlm.data.processor import Processor
 from nvlm.inference.detok import Detokenizer, stop_ids
 from nvlm.inference.runner import ModelRunner
+from nvlm.serve.encoder_cache import EncoderCache, image_keys
 from nvlm.serve.logprobs import prompt_logprobs
 from nvlm.serve.metrics import EngineMetrics
 from nvlm.serve.output import OutputProcessor
@@ -47,7 +48,8 @@ log = logging.getLogger("nvlm.serve")
 
 class Engine:
     """Continuous-batching generation over one NVLM model (see the module docstring). `max_kv_tokens` bounds
-    rows × attended positions of a decoding step (None: no bound); past it the newest rows are preempted."""
+    rows × attended positions of a decoding step (None: no bound); past it the newest rows are preempted.
+    `encoder_cache_gb`: the bound of the encoder cache (``nvlm.serve.encoder_cache``; 0: none)."""
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class Engine:
         stall_s: float = 120.0,
         metrics: EngineMetrics | None = None,
         max_kv_tokens: int | None = None,
+        encoder_cache_gb: float = 1.0,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
@@ -72,6 +75,8 @@ class Engine:
         self._tok_lock = threading.Lock()  # one user of the tokenizer at a time (submit threads, the worker)
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, max_kv_tokens)
         self.runner = ModelRunner(model)
+        cache_bytes = int(encoder_cache_gb * 2**30)
+        self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
         self.output = OutputProcessor(processor.pad_id, self.stop_ids, self._tok_lock, self.metrics)
         self._admitted = 0  # taken from the queue, being prefilled: they hold rows already
         self._thread: threading.Thread | None = None
@@ -133,6 +138,8 @@ class Engine:
         self._check_size(len(encoded.input_ids), params.max_tokens)
         ends = [] if params.ignore_eos else self.stop_ids  # eos is then decoded (as nothing) and generation goes on
         req = Request(encoded, params, Detokenizer(self.processor.tokenizer, params.stop, ends), on_event)
+        if self.encoder_cache is not None and encoded.plans:
+            req.image_keys = image_keys(encoded)  # hashed here, on the caller's thread
         with self._cond:
             free = max(self.max_batch - self.runner.n - self._admitted, 0)  # rows the next step fills from the queue
             if len(self.scheduler.waiting) >= self.max_queue + free:
@@ -218,11 +225,14 @@ class Engine:
         now = time.monotonic()
         for r in reqs:
             r.t_admit = now
-        batch = self.processor.collate([r.to_prefill() for r in reqs], padding_side="left")
+        samples = [r.to_prefill() for r in reqs]
+        batch = self.processor.collate(samples, padding_side="left")
+        cache = self.encoder_cache
+        feats = cache.features(self.model, samples, [r.image_keys for r in reqs]) if cache is not None else None
         scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None for r in reqs]
         first = self.runner.n
         # every position's logits only when a row scores its prompt ([B, T, vocab]; else [B, 1, vocab])
-        logits = self.runner.prefill(batch, list(reqs), all_logits=any(scored))
+        logits = self.runner.prefill(batch, list(reqs), all_logits=any(scored), features=feats)
         width = batch["input_ids"].shape[1]
         for i, r in enumerate(reqs):
             if scored[i]:  # left padded: row i's prompt is its last prompt_tokens positions

@@ -76,6 +76,7 @@ class Request:
     cancelled: bool = False
     sent: int = 0
     t_submit: float = field(default_factory=time.perf_counter)
+    image_keys: list[tuple[str, int]] = field(default_factory=list)  # (content key, tiles) per image
     t_admit: float = 0.0  # when last admitted to a prefill (preemption takes the newest rows first)
     t_first: float | None = None
     t_last: float | None = None
