@@ -193,3 +193,35 @@ def test_encoder_cache_skips_the_vision_tower_for_a_repeated_image(build_model, 
     assert (counts["encoder_cache_queries"], counts["encoder_cache_hits"]) == (4, 2)
     assert engine.metrics.gauges["encoder_cache_bytes"] > 0
     assert "nvlm:encoder_cache_hits_total 2" in engine.metrics.render(0, 0, 0)
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_prefix_cache_reuses_prompt_blocks_and_keeps_greedy_output(build_model, arch):
+    """Requests sharing a system prompt and an image reuse the first one's KV blocks; another image shares none
+    of the blocks its cross-attention (X/H) or its image tokens (D) see; every answer is model.generate's."""
+    model, processor = build_model(arch)
+    set_gates(model, 0.5)
+    system = "You are a careful assistant who answers briefly. " * 3
+    first, other = picture(150, 100), picture(150, 100, seed=5)
+    jobs = [
+        (chat_prompt("Describe.", 1, system), [first]),
+        (chat_prompt("What color is it?", 1, system), [first]),
+        (chat_prompt("Describe.", 1, system), [other]),
+        (chat_prompt("Hi", 0, system), []),
+    ]
+    want = [model.generate(processor, p, im, max_new_tokens=6) for p, im in jobs]
+    engine = Engine(model, processor).start()
+    try:
+        got, hits = [], []
+        for p, im in jobs:
+            got.append(engine.generate(p, im, max_tokens=6))
+            hits.append(engine.metrics.counts["prefix_cache_hits"])
+    finally:
+        engine.close()
+    assert got == want
+    gained = [b - a for a, b in zip([0] + hits, hits)]
+    prompt = len(processor.encode(*jobs[1]).input_ids)
+    assert gained[0] == 0 and gained[1] >= prompt // 2  # the system prompt and the image's tokens
+    assert (gained[2] == 0) == (arch != "D")  # D shares the text before the image; X/H nothing
+    computed = engine.metrics.counts["prefill_tokens_computed"]
+    assert computed == sum(len(processor.encode(p, im).input_ids) for p, im in jobs) - sum(gained)

@@ -101,6 +101,15 @@ class PoolLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def write(self, row: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Columns col … of `row` from K, V [kvH, t, hd] (a prefix cache's blocks), growing the buffers."""
+        rows, cols = self.pool.capacity
+        t = k.shape[1]
+        self.k = _grow(self.k, k[None], max(rows, row + 1), max(cols, col + t))
+        self.v = _grow(self.v, v[None], max(rows, row + 1), max(cols, col + t))
+        self.k[row, :, col : col + t] = k
+        self.v[row, :, col : col + t] = v
+
     def move(self, src: int, dst: int, n: int) -> None:
         if self.k is not None and self.v is not None:
             self.k[dst, :, :n] = self.k[src, :, :n]

@@ -75,6 +75,36 @@ class ModelRunner:
         has_memory = out.xattn_state is not None and index is not None
         mem = (index >= 0).sum(-1).tolist() if index is not None and has_memory else [0] * b  # host: free
         self.memory.write(first, out.xattn_state if has_memory else None, mem)
+        self._add_rows(lengths, owners)
+        return out.logits
+
+    def extend(
+        self, batch: dict[str, Any], owner: Any, start: int, load: Any, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Append one row whose first `start` positions' KV `load(row)` writes (a prefix cache's), computing only
+        the rest: `batch` holds that rest of one unpadded prompt (no attention mask; the decoder tiles of its
+        image-pad runs only). Returns its last position's logits [1, 1, vocab]."""
+        r, t = self.n, batch["input_ids"].shape[1]
+        self.kv.reserve(r + 1, start + t + 1)
+        load(r)
+        position = torch.arange(start, start + t, device=self._next.device)[None]  # [1, t]
+        self.kv.plan = Plan("extend", r, width=t, start=start)
+        try:
+            with _given_features(self.model, features):
+                out = self.model(
+                    **batch, use_cache=True, past_key_values=self.kv, position_ids=position, logits_to_keep=1
+                )
+        finally:
+            self.kv.plan = Plan()
+        index: torch.Tensor | None = batch.get("memory_index")
+        has_memory = out.xattn_state is not None and index is not None
+        mem = (index >= 0).sum(-1).tolist() if index is not None and has_memory else [0]
+        self.memory.write(r, out.xattn_state if has_memory else None, mem)
+        self._add_rows([start + t], [owner])
+        return out.logits
+
+    def _add_rows(self, lengths: list[int], owners: list[Any]) -> None:
+        first = self.n
         self.kv.lengths += lengths
         self.owners += owners
         rows, cols = self.n, max(self.kv.lengths) + 1
@@ -84,7 +114,6 @@ class ModelRunner:
             self._mask[first + j].zero_()
             self._mask[first + j, :n] = 1
         self._pos = None
-        return out.logits
 
     def feed(self, first: int, tokens: torch.Tensor) -> None:
         """Rows first … first+len−1 feed `tokens` [k] (on the device) at the next decoding step."""

@@ -30,6 +30,7 @@ from nvlm.serve.encoder_cache import EncoderCache, image_keys
 from nvlm.serve.logprobs import prompt_logprobs
 from nvlm.serve.metrics import EngineMetrics
 from nvlm.serve.output import OutputProcessor
+from nvlm.serve.prefix_cache import BLOCK, PrefixCache, block_hashes, reusable
 from nvlm.serve.request import (
     EngineError,
     EngineUnavailable,
@@ -49,7 +50,8 @@ log = logging.getLogger("nvlm.serve")
 class Engine:
     """Continuous-batching generation over one NVLM model (see the module docstring). `max_kv_tokens` bounds
     rows × attended positions of a decoding step (None: no bound); past it the newest rows are preempted.
-    `encoder_cache_gb`: the bound of the encoder cache (``nvlm.serve.encoder_cache``; 0: none)."""
+    `encoder_cache_gb`: the bound of the encoder cache (``nvlm.serve.encoder_cache``; 0: none); `prefix_cache`
+    and its bound: reuse of prompt blocks' KV (``nvlm.serve.prefix_cache``)."""
 
     def __init__(
         self,
@@ -62,6 +64,8 @@ class Engine:
         metrics: EngineMetrics | None = None,
         max_kv_tokens: int | None = None,
         encoder_cache_gb: float = 1.0,
+        prefix_cache: bool = True,
+        prefix_cache_gb: float = 1.0,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
@@ -77,6 +81,8 @@ class Engine:
         self.runner = ModelRunner(model)
         cache_bytes = int(encoder_cache_gb * 2**30)
         self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
+        prefix_bytes = int(prefix_cache_gb * 2**30) if prefix_cache else 0
+        self.prefix_cache = PrefixCache(prefix_bytes, self.metrics) if prefix_bytes > 0 else None
         self.output = OutputProcessor(processor.pad_id, self.stop_ids, self._tok_lock, self.metrics)
         self._admitted = 0  # taken from the queue, being prefilled: they hold rows already
         self._thread: threading.Thread | None = None
@@ -138,8 +144,11 @@ class Engine:
         self._check_size(len(encoded.input_ids), params.max_tokens)
         ends = [] if params.ignore_eos else self.stop_ids  # eos is then decoded (as nothing) and generation goes on
         req = Request(encoded, params, Detokenizer(self.processor.tokenizer, params.stop, ends), on_event)
-        if self.encoder_cache is not None and encoded.plans:
+        if (self.encoder_cache is not None or self.prefix_cache is not None) and encoded.plans:
             req.image_keys = image_keys(encoded)  # hashed here, on the caller's thread
+        if self.prefix_cache is not None:
+            tpt, xattn = self.processor.tokens_per_tile, bool(self.model.xattn)
+            req.block_hashes = block_hashes(encoded, req.image_keys, self.processor.pad_id, tpt, xattn)
         with self._cond:
             free = max(self.max_batch - self.runner.n - self._admitted, 0)  # rows the next step fills from the queue
             if len(self.scheduler.waiting) >= self.max_queue + free:
@@ -221,16 +230,40 @@ class Engine:
                     self.output.finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _prefill(self, reqs: list[Request]) -> None:
+        """New rows: those with cached prompt blocks one by one from their first uncached token, the others
+        as one left-padded batch; then every new row's first token."""
         t0 = time.perf_counter()
         now = time.monotonic()
         for r in reqs:
             r.t_admit = now
         samples = [r.to_prefill() for r in reqs]
+        starts = [self._cached_tokens(r, s) for r, s in zip(reqs, samples, strict=True)]
+        fresh = [i for i, start in enumerate(starts) if start == 0]
+        hits = [i for i, start in enumerate(starts) if start > 0]
+        first = self.runner.n
+        logits = []
+        if fresh:
+            logits.append(self._prefill_batch([reqs[i] for i in fresh], [samples[i] for i in fresh]))
+        for i in hits:
+            logits.append(self._extend(reqs[i], samples[i], starts[i]))
+        rows = [reqs[i] for i in fresh + hits]  # in the runner's row order
+        tokens, host = self.output.sample(torch.cat(logits), rows)
+        self.runner.feed(first, tokens)
+        if self.prefix_cache is not None:
+            for j, r in enumerate(rows):
+                self.prefix_cache.store(self.runner.kv, first + j, r.block_hashes)
+        computed = sum(len(s.input_ids) for s in samples) - sum(starts)
+        self.metrics.count("prefill_tokens_computed", computed)
+        self._admitted = 0
+        self.metrics.observe_step("prefill", time.perf_counter() - t0, computed)
+        self._finish_rows(self.output.advance(rows, host))
+
+    def _prefill_batch(self, reqs: list[Request], samples: list[Any]) -> torch.Tensor:
+        """One left-padded prefill → the rows' last logits [B, vocab] (and prompt logprobs where asked)."""
         batch = self.processor.collate(samples, padding_side="left")
         cache = self.encoder_cache
         feats = cache.features(self.model, samples, [r.image_keys for r in reqs]) if cache is not None else None
         scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None for r in reqs]
-        first = self.runner.n
         # every position's logits only when a row scores its prompt ([B, T, vocab]; else [B, 1, vocab])
         logits = self.runner.prefill(batch, list(reqs), all_logits=any(scored), features=feats)
         width = batch["input_ids"].shape[1]
@@ -238,13 +271,39 @@ class Engine:
             if scored[i]:  # left padded: row i's prompt is its last prompt_tokens positions
                 rows = logits[i, width - r.prompt_tokens :]
                 r.prompt_logprobs = prompt_logprobs(rows, r.encoded.input_ids, r.params.prompt_logprobs or 0)
-        computed = int(batch["attention_mask"].sum())
-        self.metrics.count("prefill_tokens_computed", computed)
-        tokens, host = self.output.sample(logits[:, -1], reqs)
-        self.runner.feed(first, tokens)
-        self._admitted = 0
-        self.metrics.observe_step("prefill", time.perf_counter() - t0, computed)
-        self._finish_rows(self.output.advance(reqs, host))
+        return logits[:, -1]
+
+    def _cached_tokens(self, r: Request, sample: Any) -> int:
+        """Leading prompt tokens whose KV the prefix cache holds and a prefill can start after (0: none)."""
+        if self.prefix_cache is None or not r.block_hashes or r.params.prompt_logprobs is not None:
+            return 0
+        blocks = self.prefix_cache.match(r.block_hashes)
+        start = reusable(sample, self.processor.pad_id, self.processor.tokens_per_tile, blocks * BLOCK)
+        self.metrics.count("prefix_cache_queries", r.prompt_tokens)
+        self.metrics.count("prefix_cache_hits", start)
+        return start
+
+    def _extend(self, r: Request, sample: Any, start: int) -> torch.Tensor:
+        """One request's prefill from token `start` on, after the prefix cache's blocks → logits [1, vocab]."""
+        assert self.prefix_cache is not None
+        batch = self.processor.collate([sample])
+        pads = sum(1 for t in sample.input_ids[:start] if t == self.processor.pad_id)
+        rest = {
+            "input_ids": batch["input_ids"][:, start:],  # no attention mask: one row, no padding
+            "decoder_tiles": batch["decoder_tiles"][pads // self.processor.tokens_per_tile :],
+            "xattn_lo": batch["xattn_lo"][:, start:],
+            "xattn_hi": batch["xattn_hi"][:, start:],
+            "memory_index": batch["memory_index"],
+            "memory_tag_ids": batch["memory_tag_ids"],
+        }
+        feats = None
+        if rest["decoder_tiles"].numel() or self.model.xattn:  # tiles this rest still needs
+            rest["pixel_values"] = batch["pixel_values"]
+            if self.encoder_cache is not None and r.image_keys:
+                feats = self.encoder_cache.features(self.model, [sample], [r.image_keys])
+        cache, hashes = self.prefix_cache, r.block_hashes
+        logits = self.runner.extend(rest, r, start, lambda row: cache.load(self.runner.kv, row, hashes, start), feats)
+        return logits[:, -1]
 
     def _decode(self) -> None:
         t0 = time.perf_counter()

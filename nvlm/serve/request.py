@@ -77,6 +77,7 @@ class Request:
     sent: int = 0
     t_submit: float = field(default_factory=time.perf_counter)
     image_keys: list[tuple[str, int]] = field(default_factory=list)  # (content key, tiles) per image
+    block_hashes: list[bytes] = field(default_factory=list)  # the prompt's full blocks (prefix cache)
     t_admit: float = 0.0  # when last admitted to a prefill (preemption takes the newest rows first)
     t_first: float | None = None
     t_last: float | None = None

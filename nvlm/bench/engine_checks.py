@@ -1,0 +1,106 @@
+"""Engine measurements of ``nvlm bench serve --model`` that need no HTTP: what the encoder cache saves and how
+host work per token grows with the answer length. Each compares two runs side by side in one process, so a
+shared machine's load affects both alike.
+
+- encoder cache: the same image sent `n` times with different questions, one request after the other; time to
+  first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``).
+- host time per token: `rows` requests decoded together to 32 and to 512 tokens; each decoding step's time
+  minus its model forward, per row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from nvlm.bench.serve import QUESTIONS, make_prompts
+
+
+def _ttft_p50(model: Any, processor: Any, image: Any, n: int, cache_gb: float) -> float:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, processor, encoder_cache_gb=cache_gb).start()
+    try:
+        ttfts = []
+        for i in range(n):
+            r = engine.submit(chat_prompt(QUESTIONS[i % len(QUESTIONS)], 1), [image], SamplingParams(max_tokens=2))
+            r.result()
+            assert r.t_first is not None
+            ttfts.append(r.t_first - r.t_submit)
+    finally:
+        engine.close()
+    return statistics.median(ttfts[1:])  # the first request fills the cache: the repeats are what is measured
+
+
+def encoder_cache_ttft(model: Any, processor: Any, n: int = 16) -> dict[str, float]:
+    image = next(im[0] for _, im in make_prompts(8, 1.0, seed=1) if im)
+    _ttft_p50(model, processor, image, 2, 0.0)  # warm-up
+    off = _ttft_p50(model, processor, image, n, 0.0)
+    on = _ttft_p50(model, processor, image, n, 1.0)
+    return {
+        "ttft_p50_ms_cache_off": 1000 * off,
+        "ttft_p50_ms_cache_on": 1000 * on,
+        "encoder_cache_ttft_ratio": off / on,
+    }
+
+
+def host_ms_per_token(model: Any, processor: Any, tokens: int, rows: int = 16) -> dict[str, float]:
+    """Decoding steps of `rows` requests to `tokens` tokens: (step − model forward) / rows, in ms."""
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    forward = [0.0]
+    plain = model.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = plain(*args, **kwargs)
+        if "position_ids" in kwargs:  # a decoding step (prefills give no positions)
+            forward[0] += time.perf_counter() - t0
+        return out
+
+    model.forward = timed
+    engine = Engine(model, processor, max_batch=rows).start()
+    try:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        with engine.hold():
+            reqs = [engine.submit(chat_prompt(q, len(im)), im, params) for q, im in make_prompts(rows, 0.5)]
+        for r in reqs:
+            r.result()
+    finally:
+        engine.close()
+        del model.forward
+    h = engine.metrics.decode_step
+    return {"steps": h.count, "host_ms_per_token": 1000 * (h.sum - forward[0]) / h.count / rows}
+
+
+def run_engine_checks(loaded: Any) -> dict[str, Any]:
+    """All of the above on a fresh thread (as the engine's worker runs; see ``nvlm.bench.serve.baseline``)."""
+    import threading
+
+    model, processor = loaded
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        out.update(encoder_cache_ttft(model, processor))
+        host_ms_per_token(model, processor, 8)  # warm-up
+        out["host_ms_per_token_32"] = host_ms_per_token(model, processor, 32)["host_ms_per_token"]
+        out["host_ms_per_token_512"] = host_ms_per_token(model, processor, 512)["host_ms_per_token"]
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    return out
+
+
+def render_engine_checks(c: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"encoder cache, same image {16}x: TTFT p50 {c['ttft_p50_ms_cache_off']:.1f} ms without, "
+            f"{c['ttft_p50_ms_cache_on']:.1f} ms with ({c['encoder_cache_ttft_ratio']:.2f}x lower)",
+            f"host time per token (16 rows): {c['host_ms_per_token_32']:.3f} ms at 32 tokens, "
+            f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens",
+        ]
+    )
