@@ -16,7 +16,7 @@ import torch
 
 from nvlm.data.chat import chat_prompt
 from nvlm.inference.detok import Detokenizer, stop_ids
-from nvlm.inference.runner import ModelRunner
+from nvlm.inference.runner import ModelRunner, sliding_window
 from nvlm.inference.sampler import RowSettings, sample, sample_next
 
 __all__ = ["chat", "generate", "generate_ids", "sample_next"]
@@ -86,7 +86,13 @@ def _decode(
     seed: int | None,
 ) -> Iterator[torch.Tensor]:
     """``generate_ids``' loop through the runner; no forward for a token nobody asks for."""
-    b = batch["input_ids"].shape[0]
+    b, t = batch["input_ids"].shape
+    window = sliding_window(model.llm.config)
+    if window and t + max_new_tokens > window and not bool(batch["attention_mask"].all()):
+        raise ValueError(
+            f"prompts of different lengths + max_new_tokens ({t} + {max_new_tokens}) exceed the LLM's sliding "
+            f"window of {window} tokens: generate them one at a time, or with fewer new tokens"
+        )
     rows = _Rows(model, b, do_sample, temperature, top_p, eos_token_ids, seed)
     runner = ModelRunner(model)
     logits = runner.prefill(batch, list(range(b)))[:, -1]

@@ -183,6 +183,20 @@ def _given_features(model: Any, features: torch.Tensor | None) -> Iterator[None]
         del model.encode_tiles
 
 
+def sliding_window(llm_config: Any) -> int | None:
+    """The LLM's attention window when some of its layers slide (Mistral v0.1, Gemma 2/3, Qwen2 with
+    use_sliding_window, …); None when every layer attends to the whole context.
+
+    The pool keeps every position of every layer, and transformers masks the window by position, which is right
+    for a row whose last position is the batch's; rows of different lengths are right only while they fit the
+    window, so the engine takes requests within it (``model.generate`` of one prompt, any length)."""
+    c = llm_config.get_text_config()
+    window = getattr(c, "sliding_window", None)
+    kinds = getattr(c, "layer_types", None) or []
+    slides = "sliding_attention" in kinds or c.model_type == "mistral" or bool(getattr(c, "use_sliding_window", False))
+    return int(window) if window and slides else None
+
+
 def _grow_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] >= rows:
         return x

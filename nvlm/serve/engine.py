@@ -25,7 +25,7 @@ import torch
 
 from nvlm.data.processor import Processor
 from nvlm.inference.detok import Detokenizer, stop_ids
-from nvlm.inference.runner import ModelRunner
+from nvlm.inference.runner import ModelRunner, sliding_window
 from nvlm.serve.encoder_cache import EncoderCache, image_keys
 from nvlm.serve.logprobs import prompt_logprobs
 from nvlm.serve.metrics import EngineMetrics
@@ -72,6 +72,7 @@ class Engine:
         self.model, self.processor = model, processor
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 30)
+        self.window = sliding_window(model.llm.config)  # rows of sliding-window LLMs stay within the window
         self.stall_s = stall_s
         self.stop_ids = stop_ids(processor.tokenizer)
         self.metrics = metrics or EngineMetrics()
@@ -163,6 +164,11 @@ class Engine:
             raise ValueError(
                 f"prompt ({prompt} tokens incl. images) + max_tokens ({max_tokens}) = {total} exceeds the model's "
                 f"context of {self.max_len}"
+            )
+        if self.window is not None and total > self.window:
+            raise ValueError(
+                f"prompt ({prompt} tokens incl. images) + max_tokens ({max_tokens}) = {total} exceeds the LLM's "
+                f"sliding window of {self.window} tokens, which the engine serves within; shorten the request"
             )
         if not self.scheduler.fits(1, total):
             raise ValueError(
