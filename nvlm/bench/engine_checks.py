@@ -4,6 +4,8 @@ shared machine's load affects both alike.
 
 - encoder cache: the same image sent `n` times with different questions, one request after the other; time to
   first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``).
+- prefix cache: `n` requests sharing a ~512-token system prompt, one after the other; prompt tokens the
+  prefills computed with the cache and without.
 - host time per token: `rows` requests decoded together to 32 and to 512 tokens; each decoding step's time
   minus its model forward, per row.
 """
@@ -46,6 +48,31 @@ def encoder_cache_ttft(model: Any, processor: Any, n: int = 16) -> dict[str, flo
     }
 
 
+def prefix_cache_drop(model: Any, processor: Any, n: int = 16) -> dict[str, float]:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    system = "You are a careful assistant. Answer in one short sentence, and say so when unsure. " * 40
+    words = len(processor.tokenizer(system)["input_ids"])
+    system = system[: len(system) * 512 // words]  # about 512 tokens
+    computed = {}
+    for on in (False, True):
+        engine = Engine(model, processor, prefix_cache=on).start()
+        try:
+            for i in range(n):
+                engine.submit(
+                    chat_prompt(QUESTIONS[i % len(QUESTIONS)], 0, system), [], SamplingParams(max_tokens=2)
+                ).result()
+        finally:
+            engine.close()
+        computed[on] = engine.metrics.counts["prefill_tokens_computed"]
+    return {
+        "prefill_tokens_cache_off": computed[False],
+        "prefill_tokens_cache_on": computed[True],
+        "prefix_cache_prefill_drop": 1 - computed[True] / computed[False],
+    }
+
+
 def host_ms_per_token(model: Any, processor: Any, tokens: int, rows: int = 16) -> dict[str, float]:
     """Decoding steps of `rows` requests to `tokens` tokens: (step − model forward) / rows, in ms."""
     from nvlm.data.chat import chat_prompt
@@ -85,6 +112,7 @@ def run_engine_checks(loaded: Any) -> dict[str, Any]:
 
     def work() -> None:
         out.update(encoder_cache_ttft(model, processor))
+        out.update(prefix_cache_drop(model, processor))
         host_ms_per_token(model, processor, 8)  # warm-up
         out["host_ms_per_token_32"] = host_ms_per_token(model, processor, 32)["host_ms_per_token"]
         out["host_ms_per_token_512"] = host_ms_per_token(model, processor, 512)["host_ms_per_token"]
@@ -100,6 +128,9 @@ def render_engine_checks(c: dict[str, Any]) -> str:
         [
             f"encoder cache, same image {16}x: TTFT p50 {c['ttft_p50_ms_cache_off']:.1f} ms without, "
             f"{c['ttft_p50_ms_cache_on']:.1f} ms with ({c['encoder_cache_ttft_ratio']:.2f}x lower)",
+            f"prefix cache, 16 requests sharing a 512-token system prompt: {c['prefill_tokens_cache_off']} prompt "
+            f"tokens computed without, {c['prefill_tokens_cache_on']} with "
+            f"({100 * c['prefix_cache_prefill_drop']:.0f}% fewer)",
             f"host time per token (16 rows): {c['host_ms_per_token_32']:.3f} ms at 32 tokens, "
             f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens",
         ]
