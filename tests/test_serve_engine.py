@@ -225,3 +225,27 @@ def test_prefix_cache_reuses_prompt_blocks_and_keeps_greedy_output(build_model, 
     assert (gained[2] == 0) == (arch != "D")  # D shares the text before the image; X/H nothing
     computed = engine.metrics.counts["prefill_tokens_computed"]
     assert computed == sum(len(processor.encode(p, im).input_ids) for p, im in jobs) - sum(gained)
+
+
+@pytest.mark.parametrize("arch", ["D", "X", "H"])
+def test_chunked_prefill_interleaves_with_decoding_and_equals_generate(build_model, arch):
+    """A prompt longer than max_prefill_tokens is prefilled a chunk per step while the running row keeps
+    decoding; both answers are model.generate's."""
+    model, processor = build_model(arch)
+    set_gates(model, 0.5)
+    short, long = PROMPTS[1], PROMPTS[2]
+    want = [model.generate(processor, p, im, max_new_tokens=n) for (p, im), n in ((short, 30), (long, 8))]
+    sizes = _record_batch_sizes(model)
+    engine = Engine(model, processor, max_prefill_tokens=16).start()
+    try:
+        a = engine.submit(*short, SamplingParams(max_tokens=30))
+        _wait(lambda: len(a.output_ids) >= 2)
+        b = engine.submit(*long, SamplingParams(max_tokens=8))
+        got = [a.result(), b.result()]
+    finally:
+        engine.close()
+    assert got == want
+    steps = [("decode" if shape[1] == 1 else "chunk", shape[1]) for shape, _ in sizes]
+    chunks = [i for i, (kind, _) in enumerate(steps) if kind == "chunk"][1:]  # after the short prompt's prefill
+    assert len(chunks) >= 3 and max(steps[i][1] for i in chunks) <= 16 + processor.tokens_per_tile
+    assert all(steps[i + 1][0] == "decode" for i in chunks[:-1])  # a decoding step after every chunk

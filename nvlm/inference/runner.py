@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from nvlm.inference.kv_cache import KVPool, MemoryKV, Plan
+from nvlm.models.xattn import XAttnState
 
 
 class ModelRunner:
@@ -79,14 +80,17 @@ class ModelRunner:
         return out.logits
 
     def extend(
-        self, batch: dict[str, Any], owner: Any, start: int, load: Any, features: torch.Tensor | None = None
+        self, batch: dict[str, Any], owner: Any, start: int, load: Any = None, features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Append one row whose first `start` positions' KV `load(row)` writes (a prefix cache's), computing only
-        the rest: `batch` holds that rest of one unpadded prompt (no attention mask; the decoder tiles of its
-        image-pad runs only). Returns its last position's logits [1, 1, vocab]."""
-        r, t = self.n, batch["input_ids"].shape[1]
-        self.kv.reserve(r + 1, start + t + 1)
-        load(r)
+        """Prefill `owner`'s row from position `start` on: a new row, or its own row when it has one (the next
+        chunk of a prompt prefilled in pieces). `load(row)` first writes positions 0 … start−1 (a prefix cache's
+        blocks). `batch` holds the tokens from `start` of one unpadded prompt (no attention mask; the decoder
+        tiles of its own image-pad runs only). Returns its last position's logits [1, 1, vocab]."""
+        new = owner not in self.owners
+        r, t = self.owners.index(owner) if not new else self.n, batch["input_ids"].shape[1]
+        self.kv.reserve(max(r + 1, self.n), start + t + 1)
+        if load is not None:
+            load(r)
         position = torch.arange(start, start + t, device=self._next.device)[None]  # [1, t]
         self.kv.plan = Plan("extend", r, width=t, start=start)
         try:
@@ -100,8 +104,30 @@ class ModelRunner:
         has_memory = out.xattn_state is not None and index is not None
         mem = (index >= 0).sum(-1).tolist() if index is not None and has_memory else [0]
         self.memory.write(r, out.xattn_state if has_memory else None, mem)
-        self._add_rows([start + t], [owner])
+        if new:
+            self._add_rows([start + t], [owner])
+        else:
+            self.kv.lengths[r] = start + t
+            self._mask = _grow_2d(self._mask, self.n, start + t + 1)
+            self._mask[r, : start + t] = 1
         return out.logits
+
+    def adopt(self, other: ModelRunner, owner: Any) -> None:
+        """Take `owner`'s row from `other` (where its prompt was prefilled in pieces) as a new row here."""
+        j = other.owners.index(owner)
+        n, r = other.kv.lengths[j], self.n
+        self.kv.reserve(r + 1, n + 1)
+        for mine, theirs in zip(self.kv.layers, other.kv.layers, strict=True):
+            mine.write(r, 0, theirs.k[j, :, :n], theirs.v[j, :, :n])  # type: ignore[union-attr]
+        state = other.memory.state(other.n)
+        if state is not None:
+            m = int(other.memory.lens[j])
+            kv = {i: (k[j : j + 1, :, :m], v[j : j + 1, :, :m]) for i, (k, v) in state.kv.items()}
+            part = XAttnState(memory=state.memory[j : j + 1, :m], memory_len=state.memory_len[j : j + 1], kv=kv)
+            self.memory.write(r, part, [m])
+        else:
+            self.memory.write(r, None, [0])
+        self._add_rows([n], [owner])
 
     def _add_rows(self, lengths: list[int], owners: list[Any]) -> None:
         first = self.n

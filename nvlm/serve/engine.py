@@ -40,7 +40,7 @@ from nvlm.serve.request import (
     SamplingParams,
     encode_ids,
 )
-from nvlm.serve.scheduler import Scheduler
+from nvlm.serve.scheduler import Scheduler, chunk_end
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "Event", "QueueFull", "Request", "SamplingParams"]
 
@@ -79,6 +79,8 @@ class Engine:
         self._cond = threading.Condition()
         self._tok_lock = threading.Lock()  # one user of the tokenizer at a time (submit threads, the worker)
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, max_kv_tokens)
+        self.max_prefill_tokens = max_prefill_tokens  # also the chunk size of a longer prompt's prefill
+        self._chunk: tuple[Request, Any, int, ModelRunner] | None = None  # a prompt being prefilled in chunks
         self.runner = ModelRunner(model)
         cache_bytes = int(encoder_cache_gb * 2**30)
         self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
@@ -114,7 +116,7 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        return len(self.scheduler.waiting) + self._admitted + self.runner.n
+        return len(self.scheduler.waiting) + self._admitted + self.runner.n + (self._chunk is not None)
 
     @property
     def tokenizer_lock(self) -> threading.Lock:
@@ -151,7 +153,9 @@ class Engine:
             tpt, xattn = self.processor.tokens_per_tile, bool(self.model.xattn)
             req.block_hashes = block_hashes(encoded, req.image_keys, self.processor.pad_id, tpt, xattn)
         with self._cond:
-            free = max(self.max_batch - self.runner.n - self._admitted, 0)  # rows the next step fills from the queue
+            free = max(
+                self.max_batch - self.runner.n - self._admitted - (self._chunk is not None), 0
+            )  # rows the next step fills from the queue
             if len(self.scheduler.waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
             self.scheduler.waiting.append(req)
@@ -192,7 +196,7 @@ class Engine:
         while drain and self.in_flight and time.monotonic() < deadline and self._thread and self._thread.is_alive():
             time.sleep(0.02)
         with self._cond:
-            for r in list(self.scheduler.waiting) + self._running:
+            for r in list(self.scheduler.waiting) + self._running + ([self._chunk[0]] if self._chunk else []):
                 r.cancel()
             self._cond.notify()
         if self._thread is not None:
@@ -207,15 +211,18 @@ class Engine:
                     log.error("engine worker stopped by fault injection")
                     return
                 with self._cond:
-                    if not self.scheduler.waiting and not self.runner.n:
+                    if not self.scheduler.waiting and not self.runner.n and self._chunk is None:
                         if self._closing:
                             return
                         self._cond.wait(0.2)
                         continue
-                    admitted = self.scheduler.admit(self.runner.lengths, self.output.finish)
+                    # while a long prompt is prefilled in chunks, nobody else is admitted
+                    admitted = self.scheduler.admit(self.runner.lengths, self.output.finish) if not self._chunk else []
                     self._admitted = len(admitted)
                 self._drop_cancelled()
-                if admitted:
+                if self._chunk is not None:
+                    self._guard(self._next_chunk, [self._chunk[0]])
+                elif admitted:
                     self._guard(self._prefill, admitted)
                     self._admitted = 0  # also when the prefill failed
                 if self.runner.n:
@@ -227,6 +234,7 @@ class Engine:
             step(admitted) if admitted is not None else step()
         except Exception as e:  # one bad batch must not take the server down
             log.exception("engine step failed")
+            self._chunk = None
             victims = [r for r in admitted or [] if r not in self._running]
             if admitted is None or len(victims) != len(admitted):  # the rows may be half-updated
                 victims += self._running
@@ -244,6 +252,9 @@ class Engine:
             r.t_admit = now
         samples = [r.to_prefill() for r in reqs]
         starts = [self._cached_tokens(r, s) for r, s in zip(reqs, samples, strict=True)]
+        long = len(samples[0].input_ids) - starts[0] > self.max_prefill_tokens
+        if len(reqs) == 1 and long and reqs[0].params.prompt_logprobs is None:
+            return self._start_chunks(reqs[0], samples[0], starts[0])
         fresh = [i for i, start in enumerate(starts) if start == 0]
         hits = [i for i, start in enumerate(starts) if start > 0]
         first = self.runner.n
@@ -289,27 +300,64 @@ class Engine:
         self.metrics.count("prefix_cache_hits", start)
         return start
 
-    def _extend(self, r: Request, sample: Any, start: int) -> torch.Tensor:
-        """One request's prefill from token `start` on, after the prefix cache's blocks → logits [1, vocab]."""
-        assert self.prefix_cache is not None
+    def _extend(
+        self, r: Request, sample: Any, start: int, end: int | None = None, runner: ModelRunner | None = None
+    ) -> torch.Tensor:
+        """`r`'s prefill of tokens start … end−1 (default: to the end) into `runner` (default: the engine's),
+        after the prefix cache's blocks when `r` has no row there yet → logits [1, vocab]."""
+        runner = runner or self.runner
         batch = self.processor.collate([sample])
-        pads = sum(1 for t in sample.input_ids[:start] if t == self.processor.pad_id)
+        end = end or len(sample.input_ids)
+        pad, tpt = self.processor.pad_id, self.processor.tokens_per_tile
+        before = sum(1 for t in sample.input_ids[:start] if t == pad) // tpt  # tiles whose pads come earlier
+        upto = sum(1 for t in sample.input_ids[:end] if t == pad) // tpt
         rest = {
-            "input_ids": batch["input_ids"][:, start:],  # no attention mask: one row, no padding
-            "decoder_tiles": batch["decoder_tiles"][pads // self.processor.tokens_per_tile :],
-            "xattn_lo": batch["xattn_lo"][:, start:],
-            "xattn_hi": batch["xattn_hi"][:, start:],
+            "input_ids": batch["input_ids"][:, start:end],  # no attention mask: one row, no padding
+            "decoder_tiles": batch["decoder_tiles"][before:upto],
+            "xattn_lo": batch["xattn_lo"][:, start:end],
+            "xattn_hi": batch["xattn_hi"][:, start:end],
             "memory_index": batch["memory_index"],
             "memory_tag_ids": batch["memory_tag_ids"],
         }
         feats = None
-        if rest["decoder_tiles"].numel() or self.model.xattn:  # tiles this rest still needs
+        if rest["decoder_tiles"].numel() or self.model.xattn:  # tiles this part still needs
             rest["pixel_values"] = batch["pixel_values"]
             if self.encoder_cache is not None and r.image_keys:
                 feats = self.encoder_cache.features(self.model, [sample], [r.image_keys])
-        cache, hashes = self.prefix_cache, r.block_hashes
-        logits = self.runner.extend(rest, r, start, lambda row: cache.load(self.runner.kv, row, hashes, start), feats)
-        return logits[:, -1]
+        load = None
+        if r not in runner.owners and start > 0:
+            cache, hashes = self.prefix_cache, r.block_hashes
+            assert cache is not None
+            load = lambda row: cache.load(runner.kv, row, hashes, start)  # noqa: E731
+        return runner.extend(rest, r, start, load, feats)[:, -1]
+
+    def _start_chunks(self, r: Request, sample: Any, start: int) -> None:
+        """A prompt longer than `max_prefill_tokens`: prefilled a chunk per step into a runner of its own, so the
+        running rows keep decoding between chunks (chunked prefill); it joins them after its last chunk."""
+        self._chunk = (r, sample, start, ModelRunner(self.model))
+        self._next_chunk([r])
+
+    def _next_chunk(self, reqs: list[Request]) -> None:
+        assert self._chunk is not None
+        r, sample, start, runner = self._chunk
+        t0 = time.perf_counter()
+        end = chunk_end(
+            sample.input_ids, start, self.max_prefill_tokens, self.processor.pad_id, self.processor.tokens_per_tile
+        )
+        logits = self._extend(r, sample, start, end, runner)
+        self.metrics.count("prefill_tokens_computed", end - start)
+        self.metrics.observe_step("prefill", time.perf_counter() - t0, end - start)
+        if end < len(sample.input_ids):
+            self._chunk = (r, sample, end, runner)
+            return
+        self._chunk = None
+        first = self.runner.n
+        self.runner.adopt(runner, r)
+        tokens, host = self.output.sample(logits, [r])
+        self.runner.feed(first, tokens)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(self.runner.kv, first, r.block_hashes)
+        self._finish_rows(self.output.advance([r], host))
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -331,6 +379,9 @@ class Engine:
             self.output.finish(r, reason, delta=delta)
 
     def _drop_cancelled(self) -> None:
+        if self._chunk is not None and self._chunk[0].cancelled:
+            self.output.finish(self._chunk[0], "cancelled")
+            self._chunk = None
         for r in [r for r in self.runner.owners if r.cancelled and r.finish_reason is None]:
             self.runner.release(r)
             self.output.finish(r, "cancelled")

@@ -67,3 +67,20 @@ class Scheduler:
         for r in out:  # the oldest of them ends up first in the queue
             self.waiting.appendleft(r)
         return out
+
+
+def chunk_end(ids: list[int], start: int, size: int, pad_id: int, tpt: int) -> int:
+    """Where a prefill chunk of at most `size` tokens from `start` ends: not inside a tile's run of image-pad
+    tokens (a tile's features enter whole), so a chunk ends before such a run, or after it when the run alone
+    is longer than `size`."""
+    end = min(start + size, len(ids))
+    pads = sum(1 for t in ids[:end] if t == pad_id)
+    back = end
+    while back > start and back < len(ids) and ids[back] == pad_id and pads % tpt:
+        back -= 1
+        pads -= ids[back] == pad_id
+    if back > start:
+        return back
+    while end < len(ids) and ids[end] == pad_id and sum(1 for t in ids[:end] if t == pad_id) % tpt:
+        end += 1
+    return end
