@@ -6,6 +6,8 @@ shared machine's load affects both alike.
   first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``).
 - prefix cache: `n` requests sharing a ~512-token system prompt, one after the other; prompt tokens the
   prefills computed with the cache and without.
+- chunked prefill: `rows` streams decoding when a ~2000-token prompt arrives; the p99 gap between their tokens
+  while it is prefilled, in chunks of 128 tokens and in one piece.
 - host time per token: `rows` requests decoded together to 32 and to 512 tokens; each decoding step's time
   minus its model forward, per row.
 """
@@ -73,6 +75,42 @@ def prefix_cache_drop(model: Any, processor: Any, n: int = 16) -> dict[str, floa
     }
 
 
+def _itl_p99_during_long_prompt(model: Any, processor: Any, rows: int, chunk: int, long_text: str) -> float:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, processor, max_prefill_tokens=chunk).start()
+    stamps: list[list[float]] = [[] for _ in range(rows)]
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        streams = []
+        for i in range(rows):
+            prompt = chat_prompt(QUESTIONS[i % len(QUESTIONS)], 0)
+            streams.append(
+                engine.submit(prompt, [], params, on_event=lambda e, i=i: stamps[i].append(time.perf_counter()))
+            )
+        while min(len(s) for s in stamps) < 4:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        engine.submit(chat_prompt(long_text, 0), [], SamplingParams(max_tokens=1)).result()
+        t1 = time.perf_counter()
+        for r in streams:
+            r.cancel()
+    finally:
+        engine.close()
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if t0 <= b <= t1 + 0.05]
+    return sorted(gaps)[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))] if gaps else float("nan")
+
+
+def chunked_prefill_itl(model: Any, processor: Any, rows: int = 8) -> dict[str, float]:
+    words = "the quick brown fox jumps over the lazy dog and keeps running far away "
+    n = len(processor.tokenizer(words)["input_ids"])
+    long_text = words * (2000 // n)
+    whole = _itl_p99_during_long_prompt(model, processor, rows, 16384, long_text)
+    chunked = _itl_p99_during_long_prompt(model, processor, rows, 128, long_text)
+    return {"itl_p99_ms_one_piece": 1000 * whole, "itl_p99_ms_chunked": 1000 * chunked}
+
+
 def host_ms_per_token(model: Any, processor: Any, tokens: int, rows: int = 16) -> dict[str, float]:
     """Decoding steps of `rows` requests to `tokens` tokens: (step − model forward) / rows, in ms."""
     from nvlm.data.chat import chat_prompt
@@ -113,6 +151,7 @@ def run_engine_checks(loaded: Any) -> dict[str, Any]:
     def work() -> None:
         out.update(encoder_cache_ttft(model, processor))
         out.update(prefix_cache_drop(model, processor))
+        out.update(chunked_prefill_itl(model, processor))
         host_ms_per_token(model, processor, 8)  # warm-up
         out["host_ms_per_token_32"] = host_ms_per_token(model, processor, 32)["host_ms_per_token"]
         out["host_ms_per_token_512"] = host_ms_per_token(model, processor, 512)["host_ms_per_token"]
@@ -131,6 +170,9 @@ def render_engine_checks(c: dict[str, Any]) -> str:
             f"prefix cache, 16 requests sharing a 512-token system prompt: {c['prefill_tokens_cache_off']} prompt "
             f"tokens computed without, {c['prefill_tokens_cache_on']} with "
             f"({100 * c['prefix_cache_prefill_drop']:.0f}% fewer)",
+            f"a 2000-token prompt arriving while 8 streams decode: their p99 inter-token gap "
+            f"{c['itl_p99_ms_one_piece']:.1f} ms prefilled in one piece, "
+            f"{c['itl_p99_ms_chunked']:.1f} ms in 128-token chunks",
             f"host time per token (16 rows): {c['host_ms_per_token_32']:.3f} ms at 32 tokens, "
             f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens",
         ]
