@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from nvlm.bench.serve import QUESTIONS, make_prompts
+from nvlm.bench.prompts import QUESTIONS, make_prompts
 
 
 def _ttft_p50(model: Any, processor: Any, image: Any, n: int, cache_gb: float) -> float:

@@ -16,40 +16,15 @@ import asyncio
 import base64
 import io
 import json
-import random
 import time
 import urllib.parse
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from nvlm.bench.prompts import make_prompts
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-QUESTIONS = [
-    "What is in the image?",
-    "Describe the picture.",
-    "How many circles are there?",
-    "Which bar is the tallest?",
-    "Read the number.",
-    "What color is the square?",
-]
-
-
-def make_prompts(n: int, image_ratio: float, seed: int = 0) -> list[tuple[str, list[Image.Image]]]:
-    """`n` deterministic (question, images) pairs; about `image_ratio` of them carry one drawn image."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        images = []
-        if rng.random() < image_ratio:
-            w, h = rng.choice([(448, 448), (896, 448), (300, 600), (1000, 800)])
-            im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-            d = ImageDraw.Draw(im)
-            for _ in range(4):
-                x, y = rng.randrange(w), rng.randrange(h)
-                d.ellipse([x, y, x + w // 5, y + h // 5], fill=tuple(rng.randrange(256) for _ in range(3)))
-            images.append(im)
-        out.append((QUESTIONS[i % len(QUESTIONS)], images))
-    return out
 
 
 def _data_url(im: Image.Image) -> str:
