@@ -3,7 +3,8 @@ host work per token grows with the answer length. Each compares two runs side by
 shared machine's load affects both alike.
 
 - encoder cache: the same image sent `n` times with different questions, one request after the other; time to
-  first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``).
+  first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``), the prefix cache off in both
+  (a prompt that starts with the same image would otherwise skip the image's tokens altogether).
 - prefix cache: `n` requests sharing a ~512-token system prompt, one after the other; prompt tokens the
   prefills computed with the cache and without.
 - chunked prefill: `rows` streams decoding when a ~2000-token prompt arrives; the p99 gap between their tokens
@@ -25,7 +26,7 @@ def _ttft_p50(model: Any, processor: Any, image: Any, n: int, cache_gb: float) -
     from nvlm.data.chat import chat_prompt
     from nvlm.serve.engine import Engine, SamplingParams
 
-    engine = Engine(model, processor, encoder_cache_gb=cache_gb).start()
+    engine = Engine(model, processor, encoder_cache_gb=cache_gb, prefix_cache=False).start()  # the encoder alone
     try:
         ttfts = []
         for i in range(n):
