@@ -254,8 +254,8 @@ class Engine(PrefillSteps):
         logits = self.runner.decode()
         tokens, host = self.output.sample(logits, reqs)
         self.runner.feed(0, tokens)
-        self.metrics.observe_step("decode", time.perf_counter() - t0, len(reqs))
         self._finish_rows(self.output.advance(reqs, host))
+        self.metrics.observe_step("decode", time.perf_counter() - t0, len(reqs))  # text and events included
 
     def _finish_rows(self, done: list[tuple[Request, str, str]]) -> None:
         for r, reason, delta in done:
