@@ -1,5 +1,6 @@
-"""The preallocated KV cache (``nvlm.inference.kv_cache``) holds exactly what transformers' DynamicLayer holds,
-writes in place while there is room, and survives the cache operations that replace its tensors.
+"""The runner's KV pool (``nvlm.inference.kv_cache``): a row's column is its position, a left-padded prefill
+lands left-aligned, a decoding step writes each row at its own column, a leaving row's place is taken by the
+last row, buffers grow keeping their content; the memory K/V of X/H rows likewise.
 
 python -m pytest tests/test_kv_cache.py -q
 """
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 import torch
 from conftest import picture, set_gates
-from transformers.cache_utils import DynamicLayer
 
 from nvlm.data.chat import chat_prompt
 from nvlm.inference.generate import generate_ids
-from nvlm.inference.kv_cache import GrowingLayer, preallocated_cache
+from nvlm.inference.kv_cache import KVPool, MemoryKV, Plan
+from nvlm.models.xattn import XAttnState
 
 
 def _kv(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,53 +21,52 @@ def _kv(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(b, 2, t, 8, generator=g), torch.randn(b, 2, t, 8, generator=g)
 
 
-def test_growing_layer_equals_dynamic_layer_and_writes_in_place():
-    grow, dyn = GrowingLayer(capacity=12), DynamicLayer()
-    for step, t in enumerate([5, 1, 1, 3, 1]):
-        k, v = _kv(3, t, step)
-        (gk, gv), (dk, dv) = grow.update(k, v), dyn.update(k, v)
-        assert torch.equal(gk, dk) and torch.equal(gv, dv)
-    assert grow.get_seq_length() == dyn.get_seq_length() == 11
-    buffer = grow._k
-    grow.update(*_kv(3, 1, 9))  # the 12th position still fits: same buffer, no copy
-    assert grow._k is buffer and grow.keys.data_ptr() == buffer.data_ptr()
+def test_pool_prefill_decode_move_and_growth():
+    pool = KVPool(num_layers=1)
+    k, v = _kv(2, 5, 0)  # row 0 has 3 real tokens (2 of left padding), row 1 has 5
+    pool.reserve(2, 4)  # fewer columns than needed later: the pool grows, keeping what it holds
+    pool.plan = Plan("prefill", 0, [3, 5], 5)
+    pool.reserve(2, 6)
+    assert pool.get_seq_length() == 0
+    got_k, _ = pool.update(k, v, 0)
+    assert got_k is k  # a prefill attends to itself
+    pool.lengths += [3, 5]
+    nk, nv = _kv(2, 1, 1)
+    pool.plan = Plan("decode", width=6, pos=torch.tensor([3, 5]), rows=torch.arange(2))
+    pool.reserve(2, 6)
+    assert pool.get_seq_length() == 5 and pool.get_mask_sizes(1, 0) == (6, 0)
+    keys, values = pool.update(nk, nv, 0)
+    assert keys.shape == (2, 2, 6, 8)
+    assert torch.equal(keys[0, :, :3], k[0, :, 2:]) and torch.equal(keys[0, :, 3], nk[0, :, 0])
+    assert torch.equal(keys[1, :, :5], k[1]) and torch.equal(keys[1, :, 5], nk[1, :, 0])
+    assert torch.equal(values[1, :, 5], nv[1, :, 0])
+    pool.lengths[:] = [4, 6]
+    pool.move(1, 0)  # row 0 leaves: row 1 takes its place
+    assert pool.lengths[0] == 6 and torch.equal(pool.layers[0].k[0, :, :6], keys[1])
 
 
-def test_growing_layer_doubles_past_its_capacity_and_keeps_the_values():
-    grow, dyn = GrowingLayer(capacity=4), DynamicLayer()
-    for step in range(9):
-        k, v = _kv(2, 1 if step else 4, step)
-        grow.update(k, v)
-        dyn.update(k, v)
-    assert grow._k.shape[2] == 16  # 4 → 8 → 16
-    assert torch.equal(grow.keys, dyn.keys) and torch.equal(grow.values, dyn.values)
+def test_memory_kv_rows_of_different_prefills():
+    mem = MemoryKV()
+    k1, v1 = _kv(1, 4, 2)
+    mem.write(0, XAttnState(torch.zeros(1, 4, 3), torch.tensor([4]), {0: (k1, v1)}), [4])
+    mem.write(1, None, [0])  # a text-only row: no memory, the blocks leave it unchanged
+    k2, v2 = _kv(1, 6, 3)
+    mem.write(2, XAttnState(torch.zeros(1, 6, 3), torch.tensor([6]), {0: (k2, v2)}), [6])
+    state = mem.state(3)
+    assert state.memory_len.tolist() == [4, 0, 6] and state.memory.shape[:2] == (3, 6)
+    k, _ = state.kv[0]
+    assert torch.equal(k[0, :, :4], k1[0]) and not k[0, :, 4:].any() and not k[1].any()
+    assert torch.equal(k[2], k2[0])
+    mem.move(2, 0)
+    mem.truncate(2)
+    assert mem.state(2).memory_len.tolist() == [6, 0]
+    mem.move(1, 0)
+    mem.truncate(1)
+    assert mem.state(1) is None  # no row with an image left: the blocks are skipped
 
 
-def test_growing_layer_after_crop_and_row_selection():
-    grow, dyn = GrowingLayer(capacity=32), DynamicLayer()
-    for layer in (grow, dyn):
-        layer.update(*_kv(3, 6, 0))
-        layer.crop(-2)  # 4 positions left: a prefix view of the buffer, overwritten by the next write
-        layer.update(*_kv(3, 1, 1))
-        layer.batch_select_indices(torch.tensor([2, 0]))  # a copy: the next write moves it into a new buffer
-        layer.update(*_kv(2, 2, 2))
-    assert grow.keys.shape == (2, 2, 7, 8)
-    assert torch.equal(grow.keys, dyn.keys) and torch.equal(grow.values, dyn.values)
-
-
-def test_cache_only_for_full_attention_llms():
-    import transformers as tf
-
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
-    cache = preallocated_cache(tf.Qwen2Config(**small), 40)
-    assert cache is not None and len(cache.layers) == 2 and cache.layers[0].capacity == 40
-    windowed = tf.Qwen2Config(**small, use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    assert preallocated_cache(windowed, 40) is None
-    assert preallocated_cache(tf.MistralConfig(**small, sliding_window=16), 40) is None
-
-
-def test_generation_with_the_preallocated_cache_equals_recomputation(build_model):
-    """generate_ids sizes the buffers for prompt + new tokens; padded rows, x-attn and all: the same tokens."""
+def test_generation_through_the_pool_equals_recomputation(build_model):
+    """Padded rows, x-attn and all: the runner's steps give the tokens of recomputing the whole sequence."""
     model, processor = build_model("H")
     set_gates(model, 0.5)
     batch = processor([chat_prompt("Describe.", 1), chat_prompt("Hi", 0)], [[picture(150, 100)], []])

@@ -16,40 +16,15 @@ import asyncio
 import base64
 import io
 import json
-import random
 import time
 import urllib.parse
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from nvlm.bench.prompts import make_prompts
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-QUESTIONS = [
-    "What is in the image?",
-    "Describe the picture.",
-    "How many circles are there?",
-    "Which bar is the tallest?",
-    "Read the number.",
-    "What color is the square?",
-]
-
-
-def make_prompts(n: int, image_ratio: float, seed: int = 0) -> list[tuple[str, list[Image.Image]]]:
-    """`n` deterministic (question, images) pairs; about `image_ratio` of them carry one drawn image."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        images = []
-        if rng.random() < image_ratio:
-            w, h = rng.choice([(448, 448), (896, 448), (300, 600), (1000, 800)])
-            im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-            d = ImageDraw.Draw(im)
-            for _ in range(4):
-                x, y = rng.randrange(w), rng.randrange(h)
-                d.ellipse([x, y, x + w // 5, y + h // 5], fill=tuple(rng.randrange(256) for _ in range(3)))
-            images.append(im)
-        out.append((QUESTIONS[i % len(QUESTIONS)], images))
-    return out
 
 
 def _data_url(im: Image.Image) -> str:
@@ -230,6 +205,10 @@ def render(result: dict) -> str:
                 f"  concurrency {row['concurrency']}: {row['request_throughput'] / b['request_throughput']:.2f}× "
                 "the request throughput of one-at-a-time serving"
             )
+    if result.get("engine_checks"):
+        from nvlm.bench.engine_checks import render_engine_checks
+
+        lines.append(render_engine_checks(result["engine_checks"]))
     return "\n".join(lines)
 
 
@@ -247,6 +226,11 @@ def add_bench_serve_parser(sub: Any) -> None:
     p.add_argument("--image-ratio", type=float, default=0.5, help="share of requests with one image")
     p.add_argument("--timeout", type=float, default=600, help="seconds per level (and for the baseline)")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time model.generate baseline")
+    p.add_argument(
+        "--engine-checks",
+        action="store_true",
+        help="with --model: also the encoder cache's TTFT gain and host time per token at 32 vs 512 tokens",
+    )
     p.add_argument("--api-key", default=None)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (with --model)")
     p.add_argument("--seed", type=int, default=0)
@@ -303,5 +287,9 @@ def run_bench_serve(args: Any) -> int:
             asyncio.run(run_level(url, bodies[:2], 2, args.timeout, None))  # warm-up
             for c in levels:
                 result["levels"].append(asyncio.run(run_level(url, bodies, c, args.timeout, args.api_key)))
+    if model is not None and args.engine_checks:
+        from nvlm.bench.engine_checks import run_engine_checks
+
+        result["engine_checks"] = run_engine_checks(model)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0

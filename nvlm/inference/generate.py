@@ -1,8 +1,10 @@
-"""Generation for NVLM-D/X/H: prefill, then decode with the LLM's KV cache and the cross-attention K/V.
+"""Generation for NVLM-D/X/H: a one-shot client of the model runner that the serving engine also drives.
 
-The image memory's K/V is computed once per image in the prefill (``XAttnState``) and reused at every step.
-Greedy or sampled (temperature, top-p); stops on end-of-sequence tokens or stop strings; batches are left
-padded; ``stream=True`` yields text pieces as they become final.
+The prompts are prefilled together (left padded, as the processor collates them), then each step samples
+every row on the device (``nvlm.inference.sampler``) and feeds the tokens back to ``ModelRunner.decode``: the
+LLM's KV and the cross-attention memory K/V are written once into the runner's buffers and reused. Greedy or
+sampled (temperature, top-p, a seed); stops on end-of-sequence tokens or stop strings; ``stream=True`` yields
+text pieces as they become final (``nvlm.inference.detok``).
 """
 
 from __future__ import annotations
@@ -13,22 +15,11 @@ from typing import Any
 import torch
 
 from nvlm.data.chat import chat_prompt
-from nvlm.inference.kv_cache import preallocated_cache
+from nvlm.inference.detok import Detokenizer, stop_ids
+from nvlm.inference.runner import ModelRunner, sliding_window
+from nvlm.inference.sampler import RowSettings, sample, sample_next
 
-
-def sample_next(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """[B, vocab] → [B] next token ids."""
-    if not do_sample or temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["chat", "generate", "generate_ids", "sample_next"]
 
 
 def generate_ids(
@@ -46,9 +37,41 @@ def generate_ids(
     """Yield the next token of every sample, step by step ([B] tensors). Finished samples get eos.
 
     The steps run in ``torch.inference_mode`` (no autograd bookkeeping on any op: ~10 % of a small model's
-    decoding step on CPU); each token is handed out as an ordinary tensor, usable anywhere afterwards."""
-    for nxt in _decode(model, batch, max_new_tokens, do_sample, temperature, top_p, eos_token_ids, use_cache, seed):
+    decoding step on CPU); each token is handed out as an ordinary tensor, usable anywhere afterwards.
+    ``use_cache=False`` recomputes the whole sequence at every step: the reference the runner must equal."""
+    settings = (do_sample, temperature, top_p, eos_token_ids, seed)
+    steps = (
+        _decode(model, batch, max_new_tokens, *settings)
+        if use_cache
+        else _recompute(model, batch, max_new_tokens, *settings)
+    )
+    for nxt in steps:
         yield nxt.clone()  # runs outside inference mode: an ordinary tensor, not an inference tensor
+
+
+class _Rows:
+    """What both generation paths share per call: the sampling settings, the eos rule and the image-pad ban."""
+
+    def __init__(self, model: Any, b: int, do_sample: bool, temperature: float, top_p: float, eos: Any, seed: Any):
+        device = model.device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None  # on the logits' device
+        t = temperature if do_sample else 0.0
+        self.settings = RowSettings.of([t] * b, [top_p] * b, [0] * b, [gen] * b, device)
+        self.eos = torch.tensor(eos or [], dtype=torch.long, device=device)  # there once, not copied per step
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.pad_id = model.config.image_token_id  # never sampled: the image-pad token has no features to stand for
+
+    def next(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, vocab] (this forward's own output, edited in place) → [B] tokens; finished rows get eos."""
+        logits[:, self.pad_id] = float("-inf")
+        nxt = sample(logits, self.settings)
+        if self.eos.numel():
+            nxt = torch.where(self.done, self.eos[0], nxt)
+            self.done |= torch.isin(nxt, self.eos)
+        return nxt
+
+    def over(self) -> bool:
+        return bool(self.eos.numel()) and bool(self.done.all())  # a device read only when eos ids are given
 
 
 @torch.inference_mode()
@@ -60,77 +83,63 @@ def _decode(
     temperature: float,
     top_p: float,
     eos_token_ids: list[int] | None,
-    use_cache: bool,
     seed: int | None,
 ) -> Iterator[torch.Tensor]:
-    """``generate_ids``' loop. A decoding step is one token per sample through the LLM with its KV cache (written
-    in place into buffers sized for the whole call: ``nvlm.inference.kv_cache``); what the step needs besides
-    is made once per call, not per step: the attention mask (a view of one buffer for
-    prompt + new tokens, or none at all when no sample is padded), the next positions (counted up, not
-    re-derived from the mask) and, while no eos is given, no device→host synchronisation at all."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    batch = {k: v for k, v in batch.items() if k != "labels"}
-    device = model.device
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    b, t = ids.shape
-    eos = torch.tensor(eos_token_ids or [], dtype=torch.long, device=device)  # there once, not copied per step
-    pad_id = model.config.image_token_id  # never sampled: the image-pad token has no features to stand for
-    # room for the prompt and every new token, written in place (no torch.cat of the whole cache per step)
-    cache = preallocated_cache(model.llm.config, t + max_new_tokens) if use_cache else None
-    out = model(**batch, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
-    cache, state = out.past_key_values, out.xattn_state
-    # Left padding only ever sits in the prompt: with none (read on the host mask from the processor, free),
-    # decoding steps need no mask at all; otherwise each step passes the prefix of one buffer.
-    padded = not bool(mask.all())
-    full_mask = torch.ones(b, t + max_new_tokens, dtype=mask.dtype, device=device)
-    full_mask[:, :t] = mask.to(device)
-    position = mask.to(device).sum(-1, keepdim=True)  # [B, 1]: the first new token's position (real tokens only)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    full = dict(batch)
+    """``generate_ids``' loop through the runner; no forward for a token nobody asks for."""
+    b, t = batch["input_ids"].shape
+    window = sliding_window(model.llm.config)
+    if window and t + max_new_tokens > window and not bool(batch["attention_mask"].all()):
+        raise ValueError(
+            f"prompts of different lengths + max_new_tokens ({t} + {max_new_tokens}) exceed the LLM's sliding "
+            f"window of {window} tokens: generate them one at a time, or with fewer new tokens"
+        )
+    rows = _Rows(model, b, do_sample, temperature, top_p, eos_token_ids, seed)
+    runner = ModelRunner(model)
+    logits = runner.prefill(batch, list(range(b)))[:, -1]
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1]  # [B, vocab]: this forward's own output, safe to edit in place
-        logits[:, pad_id] = float("-inf")  # the image-pad token is never generated: it has no features
-        nxt = sample_next(logits, do_sample, temperature, top_p, gen).to(device)
-        if eos.numel():
-            nxt = torch.where(done, eos[0], nxt)
-            done |= torch.isin(nxt, eos)
+        nxt = rows.next(logits)
         yield nxt
-        if step == max_new_tokens - 1 or (eos.numel() and bool(done.all())):
-            return  # no forward for a token nobody asks for
-        mask_now = full_mask[:, : t + step + 1]
-        if use_cache:
-            out = model(
-                nxt[:, None],
-                mask_now if padded else None,
-                past_key_values=cache,
-                xattn_state=state,
-                use_cache=True,
-                position_ids=position,
-            )
-            cache = out.past_key_values
-            position = position + 1
-        else:  # recompute the whole sequence: the reference the cached path must equal
-            full = _append(full, nxt, mask_now, state)
-            out = model(**full, logits_to_keep=1)
+        if step == max_new_tokens - 1 or rows.over():
+            return
+        runner.feed(0, nxt)
+        logits = runner.decode()
 
 
-def _append(batch: dict[str, Any], nxt: torch.Tensor, mask: torch.Tensor, state: Any) -> dict[str, Any]:
+@torch.inference_mode()
+def _recompute(
+    model: Any,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: list[int] | None,
+    seed: int | None,
+) -> Iterator[torch.Tensor]:
+    """The whole sequence through the model at every step, no cache: the reference for the runner's steps."""
+    full = {k: v for k, v in batch.items() if k != "labels"}
+    rows = _Rows(model, full["input_ids"].shape[0], do_sample, temperature, top_p, eos_token_ids, seed)
+    out = model(**full, logits_to_keep=1)
+    memory_len = out.xattn_state.memory_len if out.xattn_state is not None else None
+    for step in range(max_new_tokens):
+        nxt = rows.next(out.logits[:, -1])
+        yield nxt
+        if step == max_new_tokens - 1 or rows.over():
+            return
+        full = _append(full, nxt, memory_len)
+        out = model(**full, logits_to_keep=1)
+
+
+def _append(batch: dict[str, Any], nxt: torch.Tensor, memory_len: torch.Tensor | None) -> dict[str, Any]:
+    """`batch` with one more token per row; the new token sees its row's whole memory."""
     new = dict(batch)
     new["input_ids"] = torch.cat([batch["input_ids"].to(nxt.device), nxt[:, None]], dim=1)
-    new["attention_mask"] = mask
+    new["attention_mask"] = torch.cat([batch["attention_mask"].to(nxt.device), torch.ones_like(nxt)[:, None]], 1)
     if batch.get("xattn_lo") is not None:
-        hi = state.memory_len[:, None] if state is not None else torch.zeros_like(nxt)[:, None]
+        hi = memory_len[:, None] if memory_len is not None else torch.zeros_like(nxt)[:, None]
         new["xattn_lo"] = torch.cat([batch["xattn_lo"].to(nxt.device), torch.zeros_like(nxt)[:, None]], dim=1)
         new["xattn_hi"] = torch.cat([batch["xattn_hi"].to(nxt.device), hi.to(nxt.device)], dim=1)
     return new
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None and im_end != tokenizer.unk_token_id and im_end not in ids:
-        ids.append(im_end)
-    return ids
 
 
 def generate(
@@ -157,7 +166,7 @@ def generate(
     texts = [prompts] if single else list(prompts)
     image_lists = [images or []] if single else (images or [[] for _ in texts])
     batch = processor(texts, image_lists, padding_side="left")
-    stop_ids = _stop_ids(processor.tokenizer)
+    ends = stop_ids(processor.tokenizer)
     steps = generate_ids(
         model,
         batch,
@@ -165,68 +174,36 @@ def generate(
         do_sample=do_sample,
         temperature=temperature,
         top_p=top_p,
-        eos_token_ids=stop_ids,
+        eos_token_ids=ends,
         use_cache=use_cache,
         seed=seed,
     )
-    decoder = _Detok(processor.tokenizer, len(texts), stop or [], stop_ids)
+    rows = [Detokenizer(processor.tokenizer, stop or [], ends) for _ in texts]
     if stream:
-        return decoder.stream(steps)
-    decoder.run(steps)
-    return decoder.texts[0] if single else decoder.texts
+        return _stream(rows[0], steps)
+    for nxt in steps:
+        for row, token in zip(rows, nxt.tolist(), strict=True):
+            row.add(token)
+        if all(row.finished for row in rows):
+            break
+    for row in rows:
+        row.flush()
+    return rows[0].text if single else [row.text for row in rows]
 
 
-class _Detok:
-    """Incremental detokenisation with stop strings; holds back text that may still become a stop string."""
-
-    def __init__(self, tokenizer: Any, n: int, stop: list[str], stop_ids: list[int]) -> None:
-        self.tok, self.stop, self.stop_ids = tokenizer, stop, set(stop_ids)
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.texts = [""] * n
-        self.finished = [False] * n
-
-    def _update(self, nxt: torch.Tensor) -> None:
-        for i, t in enumerate(nxt.tolist()):
-            if self.finished[i]:
-                continue
-            if t in self.stop_ids:
-                self.finished[i] = True
-                continue
-            self.ids[i].append(t)
-            text = self.tok.decode(self.ids[i], skip_special_tokens=True)
-            cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-            if cut >= 0:
-                text, self.finished[i] = text[:cut], True
-            self.texts[i] = text
-
-    def run(self, steps: Iterator[torch.Tensor]) -> None:
-        for nxt in steps:
-            self._update(nxt)
-            if all(self.finished):
-                break
-
-    def stream(self, steps: Iterator[torch.Tensor]) -> Iterator[str]:
-        sent = 0
-        for nxt in steps:
-            self._update(nxt)
-            text = self.texts[0]
-            safe = len(text) if self.finished[0] else self._safe_len(text)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            if self.finished[0]:
-                return
-        if len(self.texts[0]) > sent:
-            yield self.texts[0][sent:]
-
-    def _safe_len(self, text: str) -> int:
-        n = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest
-        for s in self.stop:  # a suffix that starts a stop string may still turn into it
-            for k in range(min(len(s) - 1, n), 0, -1):
-                if text[:n].endswith(s[:k]):
-                    n -= k
-                    break
-        return n
+def _stream(row: Detokenizer, steps: Iterator[torch.Tensor]) -> Iterator[str]:
+    sent = 0
+    for nxt in steps:
+        row.add(int(nxt[0]))
+        safe = row.safe_len()
+        if safe > sent:
+            yield row.text[sent:safe]
+            sent = safe
+        if row.finished:
+            return
+    row.flush()
+    if len(row.text) > sent:
+        yield row.text[sent:]
 
 
 def chat(

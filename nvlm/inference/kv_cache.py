@@ -1,84 +1,186 @@
-"""A KV cache whose keys and values are written into buffers made once per generation (``nvlm.inference.generate``).
+"""KV that outlives a step: the LLM's keys and values per layer for every row being generated, and for NVLM-X/H
+each gated cross-attention block's K/V of the row's image memory (paper §4.3), computed once per image.
 
-transformers' ``DynamicLayer`` grows each layer's keys and values with ``torch.cat`` at every decoding step, so
-step n copies all n cached positions again: O(n²) bytes moved over a generation, 33–52 µs a layer per step for
-two cats against 17 µs for two in-place writes on a small model here, and more the longer the answer. ``GrowingLayer``
-allocates room for the prompt and every new token at the first write (doubling if a caller goes past that),
-writes each step's keys and values in place and hands the attention a view of the filled prefix: the same
-values, so the same logits, bitwise.
+Row r holds one request: its positions 0 … len_r−1 sit at columns 0 … len_r−1 of each layer's buffers
+[R, kvH, C, hd]. Because a row's column is its position, nothing moves when rows of other lengths join or
+leave, and a decoding step writes each row's new keys at its own column (one indexed write per layer) and hands
+attention a view of the first W columns of the first n rows (W: the longest row + 1; shorter rows are masked).
+Rows stay dense (0 … n−1): a leaving row's place is taken by the last row (one row's K/V copied), never a
+gather of the batch. Buffers grow by doubling when a row or a column more is needed, so a step allocates
+nothing that grows with the context.
 
-Its one user is ``nvlm.inference.generate`` (``model.generate`` and ``model.chat``); the serving engine keeps
-transformers' own cache. Anything that replaces a layer's ``keys``/``values`` itself (``crop``,
-``batch_select_indices``, offloading) leaves a tensor that is no longer a prefix of the buffer; the next write
-notices and copies it into a fresh buffer, so every cache operation of transformers keeps working.
+``KVPool`` is a transformers ``Cache`` whose layers the LLM's own attention calls; what a forward's ``update``
+does (write a left-padded prefill, one token per row, or a row's next chunk) is set by the runner before the
+forward (``plan``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from nvlm.models.xattn import XAttnState
 
 
-class GrowingLayer(DynamicLayer):
-    """One layer's keys and values [B, kvH, T, hd] as views of preallocated [B, kvH, capacity, hd] buffers."""
+@dataclass
+class Plan:
+    """What the next forward writes. prefill: rows `first` … of `lengths` real tokens, left padded to `width`;
+    decode: one token for each of rows 0 … n−1 at column `pos[r]`, attention over `width` columns;
+    extend: row `first` gets `width` new tokens after its `start` cached ones."""
 
-    def __init__(self, capacity: int = 0) -> None:
+    kind: str = "idle"
+    first: int = 0
+    lengths: list[int] = field(default_factory=list)
+    width: int = 0
+    start: int = 0
+    pos: torch.Tensor | None = None  # decode: [n] long, each row's new column (on the model's device)
+    rows: torch.Tensor | None = None  # decode: arange(n)
+
+
+def _grow(buf: torch.Tensor | None, like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`buf` [R, kvH, C, hd] with at least `rows` rows and `cols` columns (doubled, old content kept)."""
+    if buf is not None and buf.shape[0] >= rows and buf.shape[2] >= cols:
+        return buf
+    r0, c0 = (0, 0) if buf is None else (buf.shape[0], buf.shape[2])
+    new = like.new_zeros(max(rows, 2 * r0), like.shape[1], max(cols, 2 * c0), like.shape[3])
+    if buf is not None:
+        new[:r0, :, :c0] = buf
+    return new
+
+
+class PoolLayer(CacheLayerMixin):
+    """One LLM layer's keys and values for all rows of a ``KVPool``."""
+
+    is_sliding = False
+
+    def __init__(self, pool: KVPool) -> None:
         super().__init__()
-        self.capacity = capacity  # positions to allocate at the first write (prompt + new tokens)
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self.pool = pool
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._holds(key_states, n + new):
-            self._reallocate(key_states, value_states, n, n + new)
-        assert self._k is not None and self._v is not None
-        self._k.narrow(2, n, new).copy_(key_states)  # [B, kvH, new, hd] into positions n … n+new-1
-        self._v.narrow(2, n, new).copy_(value_states)
-        self.keys, self.values = self._k[:, :, : n + new], self._v[:, :, : n + new]  # views: no copy
-        return self.keys, self.values
+        p = self.pool.plan
+        rows, cols = self.pool.capacity
+        self.k = _grow(self.k, key_states, rows, cols)
+        self.v = _grow(self.v, value_states, rows, cols)
+        self.is_initialized = True
+        if p.kind == "prefill":  # the prompt attends to itself only: write its real columns, return it as is
+            t = key_states.shape[2]
+            for j, n in enumerate(p.lengths):  # row j's tokens are its last n columns (left padding)
+                self.k[p.first + j, :, :n] = key_states[j, :, t - n :]
+                self.v[p.first + j, :, :n] = value_states[j, :, t - n :]
+            return key_states, value_states
+        if p.kind == "decode":  # [n, kvH, 1, hd]: row r's key at its own column pos[r]
+            self.k[p.rows, :, p.pos] = key_states[:, :, 0]
+            self.v[p.rows, :, p.pos] = value_states[:, :, 0]
+            n = key_states.shape[0]
+            return self.k[:n, :, : p.width], self.v[:n, :, : p.width]
+        if p.kind == "extend":  # [1, kvH, t, hd] after the row's cached tokens
+            r, end = p.first, p.start + key_states.shape[2]
+            self.k[r, :, p.start : end] = key_states[0]
+            self.v[r, :, p.start : end] = value_states[0]
+            return self.k[r : r + 1, :, :end], self.v[r : r + 1, :, :end]
+        raise RuntimeError(f"KVPool: a forward wrote keys without a plan ({p.kind})")
 
-    def _holds(self, key_states: torch.Tensor, needed: int) -> bool:
-        """Whether the cached keys are still the prefix of this layer's buffer and `needed` positions fit."""
-        k = self._k
-        if k is None or needed > k.shape[2] or k.shape[:2] != key_states.shape[:2] or k.dtype != key_states.dtype:
-            return False
-        if self.get_seq_length() == 0:
-            return True
-        keys: torch.Tensor = self.keys  # type: ignore[assignment]  # set by the first update
-        return keys.data_ptr() == k.data_ptr() and keys.stride() == k.stride()
+    def get_seq_length(self) -> int:
+        p = self.pool.plan
+        return {"decode": p.width - 1, "extend": p.start}.get(p.kind, 0)
 
-    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, n: int, needed: int) -> None:
-        old = 0 if self._k is None else self._k.shape[2]
-        capacity = max(needed, self.capacity if self._k is None else 2 * old)
-        b, h, _, d = key_states.shape
-        k = key_states.new_empty(b, h, capacity, d)
-        v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
-        if n:  # what the cache holds now (possibly rewritten by crop, row selection, …)
-            k[:, :, :n] = self.keys  # type: ignore[assignment]
-            v[:, :, :n] = self.values  # type: ignore[assignment]
-        self._k, self._v = k, v
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
 
-    def reset(self) -> None:
-        self._k = self._v = None
-        super().reset()
+    def get_max_length(self) -> int:
+        return -1
+
+    def write(self, row: int, col: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Columns col … of `row` from K, V [kvH, t, hd] (a prefix cache's blocks), growing the buffers."""
+        rows, cols = self.pool.capacity
+        t = k.shape[1]
+        self.k = _grow(self.k, k[None], max(rows, row + 1), max(cols, col + t))
+        self.v = _grow(self.v, v[None], max(rows, row + 1), max(cols, col + t))
+        self.k[row, :, col : col + t] = k
+        self.v[row, :, col : col + t] = v
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        if self.k is not None and self.v is not None:
+            self.k[dst, :, :n] = self.k[src, :, :n]
+            self.v[dst, :, :n] = self.v[src, :, :n]
 
 
-def preallocated_cache(llm_config: Any, capacity: int) -> Cache | None:
-    """A cache of ``GrowingLayer`` with room for `capacity` positions per layer, for LLMs whose every layer
-    is full attention; None (the LLM makes its own ``DynamicCache``) for sliding-window or other layer kinds."""
-    config = llm_config.get_text_config()
-    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    if (
-        any(kind != "full_attention" for kind in kinds)
-        or getattr(config, "sliding_window", None)
-        and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False))
-    ):
-        return None
-    return Cache(layers=[GrowingLayer(capacity) for _ in range(config.num_hidden_layers)])
+class KVPool(Cache):
+    """The LLM's KV for rows 0 … n−1 (``lengths`` on the host: counted, never read back from the device)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.plan = Plan()
+        self.lengths: list[int] = []
+        self.capacity = (0, 0)  # rows, columns every layer must hold for the next forward
+        super().__init__(layers=[PoolLayer(self) for _ in range(num_layers)])
+
+    def reserve(self, rows: int, cols: int) -> None:
+        self.capacity = (max(rows, self.capacity[0]), max(cols, self.capacity[1]))
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s KV into row `dst` (which then holds what `src` held)."""
+        for layer in self.layers:
+            assert isinstance(layer, PoolLayer)
+            layer.move(src, dst, self.lengths[src])
+        self.lengths[dst] = self.lengths[src]
+
+
+class MemoryKV:
+    """Each gated block's K/V of each row's image memory [R, kvH, M, hd] and the rows' memory lengths."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lens: list[int] = []
+        self._state: XAttnState | None = None  # rows 0 … n−1 as the blocks read them; rebuilt when rows change
+
+    def write(self, first: int, state: XAttnState | None, lens: list[int]) -> None:
+        """A prefill's rows: its state's row j → pool row first + j, with lens[j] memory tokens (0: no image)."""
+        rows = first + len(lens)
+        self.lens[first:rows] = lens
+        self._state = None
+        given = state.kv if state is not None else {}
+        for i in set(self.kv) | set(given):
+            k, v = given.get(i, (None, None))
+            old_k, old_v = self.kv.get(i, (None, None))
+            m = 0 if k is None else k.shape[2]  # the prefill's memory width (its longest row's)
+            nk = _grow(old_k, k if k is not None else old_k, rows, m)  # type: ignore[arg-type]
+            nv = _grow(old_v, v if v is not None else old_v, rows, m)  # type: ignore[arg-type]
+            nk[first:rows].zero_(), nv[first:rows].zero_()  # rows with a shorter memory (or none) see zeros past it
+            if k is not None and v is not None:
+                nk[first:rows, :, :m], nv[first:rows, :, :m] = k, v
+            self.kv[i] = (nk, nv)
+
+    def move(self, src: int, dst: int) -> None:
+        for k, v in self.kv.values():
+            k[dst], v[dst] = k[src], v[src]
+        self.lens[dst] = self.lens[src]
+        self._state = None
+
+    def truncate(self, n: int) -> None:
+        del self.lens[n:]
+        self._state = None
+
+    def state(self, n: int) -> XAttnState | None:
+        """The blocks' view of rows 0 … n−1: None when none has an image (the blocks are skipped, as for text)."""
+        if self._state is None or self._state.memory_len.shape[0] != n:
+            m = max(self.lens[:n], default=0)
+            if m == 0 or not self.kv:
+                return None
+            k0 = next(iter(self.kv.values()))[0]
+            # the memory itself is not kept (every block's K/V of it is): a [n, M, 0] stand-in gives its shape
+            memory = k0.new_zeros(n, m, 0)
+            lens = torch.tensor(self.lens[:n], device=k0.device)
+            kv = {i: (k[:n, :, :m], v[:n, :, :m]) for i, (k, v) in self.kv.items()}
+            self._state = XAttnState(memory=memory, memory_len=lens, kv=kv)
+        return self._state

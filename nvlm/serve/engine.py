@@ -4,13 +4,14 @@
     req = engine.submit(chat_prompt("What is this?", 1), [image], SamplingParams(max_tokens=64))
     text = req.result()            # or: for event in req: print(event.text, end="")
 
-One worker thread owns the model. Each step it (1) drops cancelled rows, (2) prefills the waiting requests that
-fit (free slots, a prompt-token budget) as one left-padded batch, so the image path (tiles → vision tower →
-projector) runs once per image and X/H blocks compute each image's K/V once, (3) joins them to the running
-batch and (4) decodes one token for every running row. Rows leave as soon as they finish; nobody waits for
-the slowest request of a static batch. Sampling, stop strings and detokenisation are ``generate``'s own
-(``sample_next``, ``_Detok``), per request, so greedy output equals ``model.generate`` for every request and a
-seeded sampled request draws the same tokens as ``model.generate(..., seed=s)`` alone.
+One worker thread owns the model. Each step is nano-vllm's: the scheduler (``nvlm.serve.scheduler``) picks the
+waiting requests that fit (free rows, a prompt-token budget, the KV budget) and the rows to preempt; the model
+runner (``nvlm.inference.runner``, the same one ``model.generate`` drives) prefills the new rows together, so the
+image path runs once per image and X/H blocks compute each image's K/V once, then decodes one token for every
+row; the output processor (``nvlm.serve.output``) samples all rows at once and turns tokens into text and
+events. Rows leave as soon as they finish; nobody waits for the slowest request of a static batch. Greedy output
+equals ``model.generate`` for every request, and a seeded sampled request draws what ``model.generate(...,
+seed=s)`` draws alone.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 
 from nvlm.data.processor import Processor
-from nvlm.inference.generate import _Detok, _stop_ids, sample_next
-from nvlm.serve.batch import RunningBatch
-from nvlm.serve.logprobs import prompt_logprobs, step_logprobs
+from nvlm.inference.detok import Detokenizer, stop_ids
+from nvlm.inference.runner import ModelRunner, sliding_window
+from nvlm.serve.encoder_cache import EncoderCache, image_keys
 from nvlm.serve.metrics import EngineMetrics
+from nvlm.serve.output import OutputProcessor
+from nvlm.serve.prefill import PrefillSteps
+from nvlm.serve.prefix_cache import PrefixCache, block_hashes
 from nvlm.serve.request import (
     EngineError,
     EngineUnavailable,
@@ -37,14 +40,18 @@ from nvlm.serve.request import (
     SamplingParams,
     encode_ids,
 )
+from nvlm.serve.scheduler import Scheduler
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "Event", "QueueFull", "Request", "SamplingParams"]
 
 log = logging.getLogger("nvlm.serve")
 
 
-class Engine:
-    """Continuous-batching generation over one NVLM model (see the module docstring)."""
+class Engine(PrefillSteps):
+    """Continuous-batching generation over one NVLM model (see the module docstring). `max_kv_tokens` bounds
+    rows × attended positions of a decoding step (None: no bound); past it the newest rows are preempted.
+    `encoder_cache_gb`: the bound of the encoder cache (``nvlm.serve.encoder_cache``; 0: none); `prefix_cache`
+    and its bound: reuse of prompt blocks' KV (``nvlm.serve.prefix_cache``)."""
 
     def __init__(
         self,
@@ -55,21 +62,32 @@ class Engine:
         max_prefill_tokens: int = 16384,
         stall_s: float = 120.0,
         metrics: EngineMetrics | None = None,
+        max_kv_tokens: int | None = None,
+        encoder_cache_gb: float = 1.0,
+        prefix_cache: bool = True,
+        prefix_cache_gb: float = 1.0,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model, self.processor = model, processor
-        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = int(getattr(model.llm.config, "max_position_embeddings", 0) or 1 << 30)
+        self.window = sliding_window(model.llm.config)  # rows of sliding-window LLMs stay within the window
         self.stall_s = stall_s
-        self.stop_ids = _stop_ids(processor.tokenizer)
+        self.stop_ids = stop_ids(processor.tokenizer)
         self.metrics = metrics or EngineMetrics()
         self._cond = threading.Condition()
         self._tok_lock = threading.Lock()  # one user of the tokenizer at a time (submit threads, the worker)
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
-        self._admitted = 0  # taken from the queue, being prefilled: they hold slots already
-        self._batch = RunningBatch()
+        self.scheduler = Scheduler(max_batch, max_prefill_tokens, max_kv_tokens)
+        self.max_prefill_tokens = max_prefill_tokens  # also the chunk size of a longer prompt's prefill
+        self._chunk: tuple[Request, Any, int, ModelRunner] | None = None  # a prompt being prefilled in chunks
+        self.runner = ModelRunner(model)
+        cache_bytes = int(encoder_cache_gb * 2**30)
+        self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
+        prefix_bytes = int(prefix_cache_gb * 2**30) if prefix_cache else 0
+        self.prefix_cache = PrefixCache(prefix_bytes, self.metrics) if prefix_bytes > 0 else None
+        self.output = OutputProcessor(processor.pad_id, self.stop_ids, self._tok_lock, self.metrics)
+        self._admitted = 0  # taken from the queue, being prefilled: they hold rows already
         self._thread: threading.Thread | None = None
         self._closing = False
         self._beat = time.monotonic()  # last sign of life of the worker; a stale one means wedged
@@ -88,12 +106,17 @@ class Engine:
         return alive and not self._closing and time.monotonic() - self._beat < self.stall_s
 
     @property
+    def _running(self) -> list[Request]:
+        """The running requests, in the runner's row order."""
+        return self.runner.owners
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def in_flight(self) -> int:
-        return len(self._waiting) + self._admitted + len(self._running)
+        return len(self.scheduler.waiting) + self._admitted + self.runner.n + (self._chunk is not None)
 
     @property
     def tokenizer_lock(self) -> threading.Lock:
@@ -121,23 +144,41 @@ class Engine:
                 raise ValueError("a token-id prompt takes no images")
             else:
                 encoded = encode_ids(self.processor, prompt)
-        total = len(encoded.input_ids) + params.max_tokens
-        if total > self.max_len:
-            raise ValueError(
-                f"prompt ({len(encoded.input_ids)} tokens incl. images) + max_tokens "
-                f"({params.max_tokens}) = {total} exceeds the model's context of {self.max_len}"
-            )
-        stop_ids = [] if params.ignore_eos else self.stop_ids  # eos is then decoded (as nothing) and generation goes on
-        req = Request(encoded, params, _Detok(self.processor.tokenizer, 1, list(params.stop), stop_ids), on_event)
+        self._check_size(len(encoded.input_ids), params.max_tokens)
+        ends = [] if params.ignore_eos else self.stop_ids  # eos is then decoded (as nothing) and generation goes on
+        req = Request(encoded, params, Detokenizer(self.processor.tokenizer, params.stop, ends), on_event)
+        if (self.encoder_cache is not None or self.prefix_cache is not None) and encoded.plans:
+            req.image_keys = image_keys(encoded)  # hashed here, on the caller's thread
+        if self.prefix_cache is not None:
+            tpt, xattn = self.processor.tokens_per_tile, bool(self.model.xattn)
+            req.block_hashes = block_hashes(encoded, req.image_keys, self.processor.pad_id, tpt, xattn)
         with self._cond:
             free = max(
-                self.max_batch - len(self._running) - self._admitted, 0
-            )  # slots the next step fills from the queue
-            if len(self._waiting) >= self.max_queue + free:
+                self.max_batch - self.runner.n - self._admitted - (self._chunk is not None), 0
+            )  # rows the next step fills from the queue
+            if len(self.scheduler.waiting) >= self.max_queue + free:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later")
-            self._waiting.append(req)
+            self.scheduler.waiting.append(req)
             self._cond.notify()
         return req
+
+    def _check_size(self, prompt: int, max_tokens: int) -> None:
+        total = prompt + max_tokens
+        if total > self.max_len:
+            raise ValueError(
+                f"prompt ({prompt} tokens incl. images) + max_tokens ({max_tokens}) = {total} exceeds the model's "
+                f"context of {self.max_len}"
+            )
+        if self.window is not None and total > self.window:
+            raise ValueError(
+                f"prompt ({prompt} tokens incl. images) + max_tokens ({max_tokens}) = {total} exceeds the LLM's "
+                f"sliding window of {self.window} tokens, which the engine serves within; shorten the request"
+            )
+        if not self.scheduler.fits(1, total):
+            raise ValueError(
+                f"prompt ({prompt} tokens incl. images) + max_tokens ({max_tokens}) = {total} exceeds the engine's "
+                f"KV budget of {self.scheduler.max_kv_tokens} tokens; send a shorter prompt or lower max_tokens"
+            )
 
     def hold(self) -> threading.Condition:
         """``with engine.hold(): ...`` keeps the worker between steps, e.g. so several submits are prefilled
@@ -155,7 +196,7 @@ class Engine:
         while drain and self.in_flight and time.monotonic() < deadline and self._thread and self._thread.is_alive():
             time.sleep(0.02)
         with self._cond:
-            for r in list(self._waiting) + self._running:
+            for r in list(self.scheduler.waiting) + self._running + ([self._chunk[0]] if self._chunk else []):
                 r.cancel()
             self._cond.notify()
         if self._thread is not None:
@@ -170,35 +211,22 @@ class Engine:
                     log.error("engine worker stopped by fault injection")
                     return
                 with self._cond:
-                    if not self._waiting and not self._running:
+                    if not self.scheduler.waiting and not self.runner.n and self._chunk is None:
                         if self._closing:
                             return
                         self._cond.wait(0.2)
                         continue
-                    admitted = self._admit()
+                    # while a long prompt is prefilled in chunks, nobody else is admitted
+                    admitted = self.scheduler.admit(self.runner.lengths, self.output.finish) if not self._chunk else []
                     self._admitted = len(admitted)
                 self._drop_cancelled()
-                if admitted:
+                if self._chunk is not None:
+                    self._guard(self._next_chunk, [self._chunk[0]])
+                elif admitted:
                     self._guard(self._prefill, admitted)
                     self._admitted = 0  # also when the prefill failed
-                if self._running:
+                if self.runner.n:
                     self._guard(self._decode, None)
-
-    def _admit(self) -> list[Request]:
-        """Waiting requests that fit in the free slots and the prefill token budget (at least one)."""
-        out: list[Request] = []
-        budget = self.max_prefill_tokens
-        while self._waiting and len(self._running) + len(out) < self.max_batch:
-            r = self._waiting[0]
-            if r.cancelled:
-                self._waiting.popleft()
-                self._finish(r, "cancelled")
-                continue
-            if out and r.prompt_tokens > budget:
-                break
-            budget -= r.prompt_tokens
-            out.append(self._waiting.popleft())
-        return out
 
     def _guard(self, step: Any, admitted: list[Request] | None) -> None:
         """Run a step; on failure, fail the rows it touched with an error event and keep serving."""
@@ -206,103 +234,38 @@ class Engine:
             step(admitted) if admitted is not None else step()
         except Exception as e:  # one bad batch must not take the server down
             log.exception("engine step failed")
+            self._chunk = None
             victims = [r for r in admitted or [] if r not in self._running]
-            if admitted is None or len(victims) != len(admitted):  # the running batch may be half-updated
+            if admitted is None or len(victims) != len(admitted):  # the rows may be half-updated
                 victims += self._running
-                self._running, self._batch = [], RunningBatch()
+                self.runner = ModelRunner(self.model)
             for r in victims:
                 if r.finish_reason is None:
-                    self._finish(r, "error", f"{type(e).__name__}: {e}")
-
-    def _prefill(self, reqs: list[Request]) -> None:
-        t0 = time.perf_counter()
-        batch = self.processor.collate([r.encoded for r in reqs], padding_side="left")
-        batch.pop("labels", None)
-        scored = [r.params.prompt_logprobs is not None for r in reqs]
-        # every position's logits only when a row scores its prompt ([B, T, vocab]; else [B, 1, vocab])
-        out = self.model(**batch, use_cache=True, logits_to_keep=0 if any(scored) else 1)
-        width = batch["input_ids"].shape[1]
-        for i, r in enumerate(reqs):
-            if scored[i]:  # left padded: row i's prompt is its last prompt_tokens positions
-                rows = out.logits[i, width - r.prompt_tokens :]
-                r.prompt_logprobs = prompt_logprobs(rows, r.encoded.input_ids, r.params.prompt_logprobs or 0)
-        nxt = self._sample(out.logits[:, -1], reqs)
-        self._batch.join(out.past_key_values, batch["attention_mask"].to(self.model.device), out.xattn_state)
-        self._running += reqs
-        self._admitted = 0
-        self.metrics.observe_step("prefill", time.perf_counter() - t0, sum(r.prompt_tokens for r in reqs))
-        self._advance(nxt)
+                    self.output.finish(r, "error", f"{type(e).__name__}: {e}")
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
-        ids = torch.tensor([r.output_ids[-1] for r in self._running], device=self.model.device)[:, None]
-        mask = self._batch.grow()
-        out = self.model(ids, mask, past_key_values=self._batch.cache, xattn_state=self._batch.state, use_cache=True)
-        self._batch.cache = out.past_key_values
-        nxt = self._sample(out.logits[:, -1], self._running)
-        self.metrics.observe_step("decode", time.perf_counter() - t0, len(self._running))
-        self._advance(nxt, decode=True)
+        with self._cond:  # the queue is shared with submitting threads
+            preempted = self.scheduler.preempt(self.runner.owners, self.runner.lengths)
+        for r in preempted:
+            self.runner.release(r)
+            self.metrics.count("num_preemptions")
+        reqs = list(self.runner.owners)
+        logits = self.runner.decode()
+        tokens, host = self.output.sample(logits, reqs)
+        self.runner.feed(0, tokens)
+        self._finish_rows(self.output.advance(reqs, host))
+        self.metrics.observe_step("decode", time.perf_counter() - t0, len(reqs))  # text and events included
 
-    def _sample(self, raw: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """Row i's next token from rows' own settings; rows without a seed share the global RNG. Rows that ask
-        for logprobs get them from the `raw` logits (the model's own distribution)."""
-        logits = raw.float().clone()
-        logits[:, self.processor.pad_id] = float("-inf")  # as in generate: the image-pad token has no features
-        for i, r in enumerate(reqs):
-            if len(r.output_ids) < r.params.min_tokens:  # no end-of-sequence token yet
-                logits[i, self.stop_ids] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
-        out = []
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature <= 0:
-                out.append(greedy[i])
-            else:
-                out.append(int(sample_next(logits[i : i + 1], True, p.temperature, p.top_p, r.generator)[0]))
-        wanted = [r.params.logprobs if r.params.max_tokens else None for r in reqs]
-        for r, entry in zip(reqs, step_logprobs(raw, out, wanted), strict=True):
-            if entry is not None:
-                r.logprobs.append(entry)
-        return out
-
-    def _advance(self, nxt: list[int], decode: bool = False) -> None:
-        """Give each running row its new token (the newest rows are the last len(nxt)); drop finished rows."""
-        rows = self._running[-len(nxt) :] if not decode else self._running
-        now = time.perf_counter()
-        for r, tok in zip(rows, nxt, strict=True):
-            if r.params.max_tokens == 0:  # nothing to generate (a prompt scored, or an empty completion)
-                self._finish(r, "length")
-                continue
-            r.output_ids.append(tok)
-            if r.t_first is None:
-                r.t_first = now
-                self.metrics.ttft.observe(now - r.t_submit)
-            r.t_last = now
-            with self._tok_lock:
-                r.detok._update(torch.tensor([tok]))
-            reason = "stop" if r.detok.finished[0] else "length" if len(r.output_ids) >= r.params.max_tokens else None
-            text = r.text
-            safe = len(text) if reason else r.detok._safe_len(text)
-            delta, r.sent = text[r.sent : safe], max(r.sent, safe)
-            if reason:
-                self._finish(r, reason, delta=delta)
-            else:
-                r.emit(Event(delta, [tok]))
-        self._remove_finished()
+    def _finish_rows(self, done: list[tuple[Request, str, str]]) -> None:
+        for r, reason, delta in done:
+            self.runner.release(r)
+            self.output.finish(r, reason, delta=delta)
 
     def _drop_cancelled(self) -> None:
-        for r in self._running:
-            if r.cancelled and r.finish_reason is None:
-                self._finish(r, "cancelled")
-        self._remove_finished()
-
-    def _remove_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._running) if r.finish_reason is None]
-        if len(keep) != len(self._running):
-            self._batch.keep(keep)
-            self._running = [self._running[i] for i in keep]
-
-    def _finish(self, r: Request, reason: str, error: str | None = None, delta: str = "") -> None:
-        r.finish_reason = reason
-        self.metrics.finished(reason, r.prompt_tokens, len(r.output_ids), r.t_submit, r.t_first, r.t_last)
-        r.emit(Event(delta, r.output_ids[-1:] if delta or reason in ("stop", "length") else [], reason, error))
+        if self._chunk is not None and self._chunk[0].cancelled:
+            self.output.finish(self._chunk[0], "cancelled")
+            self._chunk = None
+        for r in [r for r in self.runner.owners if r.cancelled and r.finish_reason is None]:
+            self.runner.release(r)
+            self.output.finish(r, "cancelled")

@@ -1,7 +1,8 @@
 """Serving metrics in Prometheus' text format (``GET /metrics``), with no client library.
 
-Counters: requests by HTTP status and by finish reason, prompt and completion tokens. Gauges: requests in
-flight (queued + running) and queue depth. Histograms: time to first token, time per output token, end-to-end
+Counters: requests by HTTP status and by finish reason, prompt and completion tokens, the engine's own events
+(``COUNTERS``: preemptions, prefill tokens computed, cache hits …). Gauges: requests in flight (queued + running)
+and queue depth. Histograms: time to first token, time per output token, end-to-end
 latency, engine step time. Names follow vLLM's ``vllm:`` metrics where one exists (``nvlm:`` prefix).
 """
 
@@ -10,6 +11,15 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+# the engine's event counters (``EngineMetrics.count``) and their help text, rendered as ``nvlm:<name>_total``
+COUNTERS = {
+    "num_preemptions": "running requests sent back to the queue because the KV budget was full",
+    "prefill_tokens_computed": "prompt tokens run through the model in prefills (not taken from the prefix cache)",
+    "prefix_cache_queries": "prompt tokens looked up in the prefix cache",
+    "prefix_cache_hits": "prompt tokens whose KV came from the prefix cache",
+    "encoder_cache_queries": "images looked up in the encoder cache",
+    "encoder_cache_hits": "images whose features came from the encoder cache",
+}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -51,7 +61,15 @@ class EngineMetrics:
         self.finish: Counter[str] = Counter()
         self.http: Counter[int] = Counter()
         self.prompt_tokens = self.completion_tokens = 0
+        self.counts: Counter[str] = Counter()
+        self.gauges: dict[str, float] = {}  # e.g. encoder_cache_bytes, set by the engine
         self._lock = threading.Lock()
+
+    def count(self, name: str, n: int = 1) -> None:
+        if name not in COUNTERS:
+            raise KeyError(f"unknown engine counter {name!r}")
+        with self._lock:
+            self.counts[name] += n
 
     def observe_step(self, kind: str, seconds: float, size: int) -> None:
         (self.prefill_step if kind == "prefill" else self.decode_step).observe(seconds)
@@ -98,6 +116,14 @@ class EngineMetrics:
                 "# TYPE nvlm:generation_tokens_total counter",
                 f"nvlm:generation_tokens_total {self.completion_tokens}",
             ]
+            for name, help_text in COUNTERS.items():
+                lines += [
+                    f"# HELP nvlm:{name}_total {help_text}",
+                    f"# TYPE nvlm:{name}_total counter",
+                    f"nvlm:{name}_total {self.counts[name]}",
+                ]
+            for name, value in sorted(self.gauges.items()):
+                lines += [f"# TYPE nvlm:{name} gauge", f"nvlm:{name} {value}"]
         lines += [
             "# HELP nvlm:num_requests_in_flight queued + running requests",
             "# TYPE nvlm:num_requests_in_flight gauge",

@@ -9,13 +9,13 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from nvlm.data.processor import Encoded
-from nvlm.inference.generate import _Detok
+from nvlm.inference.detok import Detokenizer
 
 
 class EngineError(RuntimeError):
@@ -35,6 +35,7 @@ class SamplingParams:
     max_tokens: int = 64  # 0: no new token (with prompt_logprobs: score the prompt only)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # each new token's log-probability and this many top alternatives; None: off
@@ -66,7 +67,7 @@ class Event:
 class Request:
     encoded: Any  # nvlm.data.processor.Encoded
     params: SamplingParams
-    detok: _Detok
+    detok: Detokenizer
     on_event: Any = None  # callable(Event), called on the engine thread; default: an internal queue
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs is set
@@ -75,13 +76,35 @@ class Request:
     cancelled: bool = False
     sent: int = 0
     t_submit: float = field(default_factory=time.perf_counter)
+    image_keys: list[tuple[str, int]] = field(default_factory=list)  # (content key, tiles) per image
+    block_hashes: list[bytes] = field(default_factory=list)  # the prompt's full blocks (prefix cache)
+    t_admit: float = 0.0  # when last admitted to a prefill (preemption takes the newest rows first)
     t_first: float | None = None
     t_last: float | None = None
 
     def __post_init__(self) -> None:
         self._events: queue.Queue[Event] = queue.Queue()
-        seed = self.params.seed
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This request's own random stream, on the device its logits are on (None: the global stream)."""
+        if self.params.seed is not None and self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        return self._generator
+
+    def to_prefill(self) -> Encoded:
+        """What a prefill of this request computes: the prompt, and after a preemption also the tokens generated
+        so far (each sees the sample's whole image memory, as a decoding step does)."""
+        e, out = self.encoded, self.output_ids
+        if not out:
+            return e
+        return replace(
+            e,
+            input_ids=e.input_ids + out,
+            xattn_lo=e.xattn_lo + [0] * len(out),
+            xattn_hi=e.xattn_hi + [e.memory_len] * len(out),
+            labels=[],
+        )
 
     @property
     def prompt_tokens(self) -> int:
@@ -89,7 +112,7 @@ class Request:
 
     @property
     def text(self) -> str:
-        return self.detok.texts[0]
+        return self.detok.text
 
     @property
     def plans(self) -> list[Any]:

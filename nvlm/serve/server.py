@@ -33,7 +33,20 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
-    p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens prefilled per step")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=16384,
+        help="prompt tokens prefilled per step (longer ones: in chunks)",
+    )
+    # the engine's caches and KV budget (nvlm.serve.encoder_cache, nvlm.serve.scheduler)
+    p.add_argument("--encoder-cache-gb", type=float, default=1.0, help="image features kept across requests (0: off)")
+    p.add_argument(
+        "--max-kv-tokens", type=int, default=None, help="rows x positions a step may attend (preempts past it)"
+    )
+    p.add_argument(
+        "--prefix-cache", action=argparse.BooleanOptionalAction, default=True, help="reuse prompt blocks' KV"
+    )
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument(
         "--max-tiles",
@@ -84,7 +97,14 @@ def build_app(model: Any, processor: Any, args: argparse.Namespace, api_key: str
     from nvlm.serve.media import MediaGate, MediaPolicy
 
     engine = Engine(
-        model, processor, max_batch=args.max_batch, max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens
+        model,
+        processor,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        encoder_cache_gb=getattr(args, "encoder_cache_gb", 1.0),
+        max_kv_tokens=getattr(args, "max_kv_tokens", None),
+        prefix_cache=getattr(args, "prefix_cache", True),
     )
     policy = MediaPolicy(
         allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),

@@ -1,0 +1,180 @@
+"""Engine measurements of ``nvlm bench serve --model`` that need no HTTP: what the encoder cache saves and how
+host work per token grows with the answer length. Each compares two runs side by side in one process, so a
+shared machine's load affects both alike.
+
+- encoder cache: the same image sent `n` times with different questions, one request after the other; time to
+  first token p50 with the cache and without (``Engine(encoder_cache_gb=0)``), the prefix cache off in both
+  (a prompt that starts with the same image would otherwise skip the image's tokens altogether).
+- prefix cache: `n` requests sharing a ~512-token system prompt, one after the other; prompt tokens the
+  prefills computed with the cache and without.
+- chunked prefill: `rows` streams decoding when a ~2000-token prompt arrives; the p99 gap between their tokens
+  while it is prefilled, in chunks of 128 tokens and in one piece.
+- host time per token: `rows` requests decoded together to 32 and to 512 tokens; each decoding step's time
+  minus its model forward, per row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from nvlm.bench.prompts import QUESTIONS, make_prompts
+
+
+def _ttft_p50(model: Any, processor: Any, image: Any, n: int, cache_gb: float) -> float:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, processor, encoder_cache_gb=cache_gb, prefix_cache=False).start()  # the encoder alone
+    try:
+        ttfts = []
+        for i in range(n):
+            r = engine.submit(chat_prompt(QUESTIONS[i % len(QUESTIONS)], 1), [image], SamplingParams(max_tokens=2))
+            r.result()
+            assert r.t_first is not None
+            ttfts.append(r.t_first - r.t_submit)
+    finally:
+        engine.close()
+    return statistics.median(ttfts[1:])  # the first request fills the cache: the repeats are what is measured
+
+
+def encoder_cache_ttft(model: Any, processor: Any, n: int = 16) -> dict[str, float]:
+    image = next(im[0] for _, im in make_prompts(8, 1.0, seed=1) if im)
+    _ttft_p50(model, processor, image, 2, 0.0)  # warm-up
+    off = _ttft_p50(model, processor, image, n, 0.0)
+    on = _ttft_p50(model, processor, image, n, 1.0)
+    return {
+        "ttft_p50_ms_cache_off": 1000 * off,
+        "ttft_p50_ms_cache_on": 1000 * on,
+        "encoder_cache_ttft_ratio": off / on,
+    }
+
+
+def prefix_cache_drop(model: Any, processor: Any, n: int = 16) -> dict[str, float]:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    system = "You are a careful assistant. Answer in one short sentence, and say so when unsure. " * 40
+    words = len(processor.tokenizer(system)["input_ids"])
+    system = system[: len(system) * 512 // words]  # about 512 tokens
+    computed = {}
+    for on in (False, True):
+        engine = Engine(model, processor, prefix_cache=on).start()
+        try:
+            for i in range(n):
+                engine.submit(
+                    chat_prompt(QUESTIONS[i % len(QUESTIONS)], 0, system), [], SamplingParams(max_tokens=2)
+                ).result()
+        finally:
+            engine.close()
+        computed[on] = engine.metrics.counts["prefill_tokens_computed"]
+    return {
+        "prefill_tokens_cache_off": computed[False],
+        "prefill_tokens_cache_on": computed[True],
+        "prefix_cache_prefill_drop": 1 - computed[True] / computed[False],
+    }
+
+
+def _itl_p99_during_long_prompt(model: Any, processor: Any, rows: int, chunk: int, long_text: str) -> float:
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model, processor, max_prefill_tokens=chunk).start()
+    stamps: list[list[float]] = [[] for _ in range(rows)]
+    try:
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        streams = []
+        for i in range(rows):
+            prompt = chat_prompt(QUESTIONS[i % len(QUESTIONS)], 0)
+            streams.append(
+                engine.submit(prompt, [], params, on_event=lambda e, i=i: stamps[i].append(time.perf_counter()))
+            )
+        while min(len(s) for s in stamps) < 4:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        engine.submit(chat_prompt(long_text, 0), [], SamplingParams(max_tokens=1)).result()
+        t1 = time.perf_counter()
+        for r in streams:
+            r.cancel()
+    finally:
+        engine.close()
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:]) if t0 <= b <= t1 + 0.05]
+    return sorted(gaps)[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))] if gaps else float("nan")
+
+
+def chunked_prefill_itl(model: Any, processor: Any, rows: int = 8) -> dict[str, float]:
+    words = "the quick brown fox jumps over the lazy dog and keeps running far away "
+    n = len(processor.tokenizer(words)["input_ids"])
+    long_text = words * (2000 // n)
+    whole = _itl_p99_during_long_prompt(model, processor, rows, 16384, long_text)
+    chunked = _itl_p99_during_long_prompt(model, processor, rows, 128, long_text)
+    return {"itl_p99_ms_one_piece": 1000 * whole, "itl_p99_ms_chunked": 1000 * chunked}
+
+
+def host_ms_per_token(model: Any, processor: Any, tokens: int, rows: int = 16) -> dict[str, float]:
+    """Decoding steps of `rows` requests to `tokens` tokens: (step − model forward) / rows, in ms."""
+    from nvlm.data.chat import chat_prompt
+    from nvlm.serve.engine import Engine, SamplingParams
+
+    forward = [0.0]
+    plain = model.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = plain(*args, **kwargs)
+        if "position_ids" in kwargs:  # a decoding step (prefills give no positions)
+            forward[0] += time.perf_counter() - t0
+        return out
+
+    model.forward = timed
+    engine = Engine(model, processor, max_batch=rows).start()
+    try:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        with engine.hold():
+            reqs = [engine.submit(chat_prompt(q, len(im)), im, params) for q, im in make_prompts(rows, 0.5)]
+        for r in reqs:
+            r.result()
+    finally:
+        engine.close()
+        del model.forward
+    h = engine.metrics.decode_step
+    return {"steps": h.count, "host_ms_per_token": 1000 * (h.sum - forward[0]) / h.count / rows}
+
+
+def run_engine_checks(loaded: Any) -> dict[str, Any]:
+    """All of the above on a fresh thread (as the engine's worker runs; see ``nvlm.bench.serve.baseline``)."""
+    import threading
+
+    model, processor = loaded
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        out.update(encoder_cache_ttft(model, processor))
+        out.update(prefix_cache_drop(model, processor))
+        out.update(chunked_prefill_itl(model, processor))
+        host_ms_per_token(model, processor, 8)  # warm-up
+        out["host_ms_per_token_32"] = host_ms_per_token(model, processor, 32)["host_ms_per_token"]
+        out["host_ms_per_token_512"] = host_ms_per_token(model, processor, 512)["host_ms_per_token"]
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    return out
+
+
+def render_engine_checks(c: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"encoder cache, same image {16}x: TTFT p50 {c['ttft_p50_ms_cache_off']:.1f} ms without, "
+            f"{c['ttft_p50_ms_cache_on']:.1f} ms with ({c['encoder_cache_ttft_ratio']:.2f}x lower)",
+            f"prefix cache, 16 requests sharing a 512-token system prompt: {c['prefill_tokens_cache_off']} prompt "
+            f"tokens computed without, {c['prefill_tokens_cache_on']} with "
+            f"({100 * c['prefix_cache_prefill_drop']:.0f}% fewer)",
+            f"a 2000-token prompt arriving while 8 streams decode: their p99 inter-token gap "
+            f"{c['itl_p99_ms_one_piece']:.1f} ms prefilled in one piece, "
+            f"{c['itl_p99_ms_chunked']:.1f} ms in 128-token chunks",
+            f"host time per token (16 rows): {c['host_ms_per_token_32']:.3f} ms at 32 tokens, "
+            f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens",
+        ]
+    )

@@ -1,0 +1,82 @@
+"""The encoder cache: each image's projected tile features (vision tower → projector, paper §4.1), kept across
+requests and looked up by the image's content, so the same image sent again skips the vision encoder, the most
+expensive part of a VLM's time to first token.
+
+An image's key is a hash of its tiles' pixels (the decoded image as tiled with the request's tile settings) and
+its tile plan, taken on the submitting thread. Entries are kept least-recently-used first out, within a bound
+in bytes (``--encoder-cache-gb``; 0 turns the cache off). Hits, lookups and bytes held are in ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from nvlm.serve.metrics import EngineMetrics
+
+
+def image_keys(encoded: Any) -> list[tuple[str, int]]:
+    """(content key, tile count) of each image of an ``Encoded`` sample, in the order of its tiles."""
+    out: list[tuple[str, int]] = []
+    start = 0
+    for plan in encoded.plans:
+        n = plan.num_tiles
+        tiles = encoded.pixel_values[start : start + n].contiguous()  # [n, 3, S, S]
+        h = hashlib.blake2b(tiles.numpy().tobytes(), digest_size=16)
+        h.update(repr((plan, tuple(tiles.shape), str(tiles.dtype))).encode())
+        out.append((h.hexdigest(), n))
+        start += n
+    return out
+
+
+class EncoderCache:
+    """Projected features [tiles, tokens_per_tile, d] per image key, least recently used evicted first."""
+
+    def __init__(self, max_bytes: int, metrics: EngineMetrics) -> None:
+        self.max_bytes, self.metrics = max_bytes, metrics
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def features(self, model: Any, samples: list[Any], keys: list[list[tuple[str, int]]]) -> torch.Tensor | None:
+        """The features of every tile of `samples` in the order the processor collates them (None: no image);
+        images not cached go through the vision tower and projector together, once."""
+        if not any(keys):
+            return None
+        found: list[torch.Tensor | None] = []
+        missing: list[torch.Tensor] = []  # the tiles of images not in the cache (or repeated within this batch)
+        pending: dict[str, int] = {}  # key → index in `found` of its first occurrence in this batch
+        for sample, sample_keys in zip(samples, keys, strict=True):
+            start = 0
+            for key, n in sample_keys:
+                hit = self._entries.get(key)
+                self.metrics.count("encoder_cache_queries")
+                if hit is not None:
+                    self._entries.move_to_end(key)
+                    self.metrics.count("encoder_cache_hits")
+                elif key not in pending:
+                    pending[key] = len(found)
+                    missing.append(sample.pixel_values[start : start + n])
+                found.append(hit)
+                start += n
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            computed = model.encode_tiles(torch.cat(missing))  # [tiles, tokens_per_tile, d]
+            for key, feats in zip(pending, computed.split([t.shape[0] for t in missing]), strict=True):
+                fresh[key] = feats
+                self._put(key, feats)
+        flat = [k for sample_keys in keys for k, _ in sample_keys]
+        return torch.cat([f if f is not None else fresh[k] for f, k in zip(found, flat, strict=True)])
+
+    def _put(self, key: str, feats: torch.Tensor) -> None:
+        size = feats.numel() * feats.element_size()
+        if size > self.max_bytes:
+            return
+        self._entries[key] = feats
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.metrics.gauges["encoder_cache_bytes"] = self.bytes
