@@ -115,3 +115,31 @@ def test_n_seed_health_metrics_and_api_key(build_model, tmp_path):
         assert 'nvlm:request_success_total{finished_reason="length"} 4' in text
         assert "nvlm:time_to_first_token_seconds_count 4" in text
         assert "nvlm:num_requests_in_flight 0" in text
+
+
+def test_top_k_reaches_the_sampler(build_model):
+    # top_k=1 leaves one candidate: at temperature 1.2 the answer is the greedy one, whatever the seed; vLLM's -1
+    # means no cut (the request is accepted and samples)
+    model, processor = build_model("D")
+    with served((model, processor)) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        greedy = client.chat.completions.create(model="nvlm", messages=user("hi"), max_tokens=8, temperature=0)
+        for seed in (1, 2, 3):
+            top1 = client.chat.completions.create(
+                model="nvlm",
+                messages=user("hi"),
+                max_tokens=8,
+                temperature=1.2,
+                seed=seed,
+                extra_body={"top_k": 1},
+            )
+            assert top1.choices[0].message.content == greedy.choices[0].message.content
+        text = client.completions.create(
+            model="nvlm", prompt="hi", max_tokens=8, temperature=1.2, seed=1, extra_body={"top_k": 1}
+        )
+        plain = client.completions.create(model="nvlm", prompt="hi", max_tokens=8, temperature=0)
+        assert text.choices[0].text == plain.choices[0].text
+        anything = client.chat.completions.create(
+            model="nvlm", messages=user("hi"), max_tokens=4, temperature=1.0, seed=1, extra_body={"top_k": -1}
+        )
+        assert anything.usage.completion_tokens >= 1

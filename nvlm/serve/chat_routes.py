@@ -31,6 +31,7 @@ def sampling(req: ChatRequest, i: int) -> SamplingParams:
         max_tokens=req.budget,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=req.top_p or 1.0,
+        top_k=req.top_k_or_off,
         stop=req.stop_list,
         seed=None if req.seed is None else req.seed + i,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,

@@ -60,6 +60,7 @@ class CompletionRequest(Sampling):
             max_tokens=self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=self.top_p or 1.0,
+            top_k=self.top_k_or_off,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             seed=None if self.seed is None else self.seed + k,
             logprobs=self.logprobs,

@@ -94,6 +94,7 @@ class Sampling(BaseModel):
     model: str | None = Field(default=None, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="sample among the k likeliest; -1, 0: all")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=4)
     stream: bool = False
@@ -113,6 +114,10 @@ class Sampling(BaseModel):
     @property
     @abstractmethod
     def budget(self) -> int: ...
+
+    @property
+    def top_k_or_off(self) -> int:
+        return max(self.top_k or 0, 0)  # vLLM's -1 and OpenAI's absent field both mean every token
 
     @property
     def include_usage(self) -> bool:
