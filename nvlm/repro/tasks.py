@@ -95,7 +95,7 @@ def sample_ocr_line(rng: random.Random) -> draw.Scene:
     slot = TILE // per_tile  # each digit in its own half tile: no glyph straddles a tile border
     ops = []
     for i, d in enumerate(digits):
-        mask = _glyph(rng, d, (0.45, 0.55))
+        mask = _glyph(rng, d, (0.6, 0.7))
         x = i * slot + min(max((slot - mask.width) // 2 + rng.randint(-1, 1), 0), max(slot - mask.width, 0))
         y = (TILE - mask.height) // 2 + rng.randint(-3, 3)
         ops.append(("glyph", (x, max(0, y)), mask, ink))
