@@ -2,7 +2,8 @@
 logits' largest error, full precision against each scheme, on the CPU.
 
     nvlm demo --quick --arch D --out runs/demo
-    python scripts/quantize_measure.py runs/demo/nvlm-d/stage2/final runs/demo/data --schemes int8 int4
+    python scripts/quantize_measure.py runs/demo/nvlm-d/stage2/final --data runs/demo/data --schemes int8 int4
+    python scripts/quantize_measure.py /tmp/random-d --random 1024 8     # speed only: a random Qwen2 NVLM-D
 
 Accuracy: greedy answers to every held-out item of the demo's tasks (``nvlm.demo.pipeline.evaluate``, the demo's
 own scoring). Speed: one text prompt, `--new-tokens` tokens decoded with no stop token, the decode steps timed
@@ -51,35 +52,55 @@ def logits_error(full: Any, other: Any, data: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("data", help="the demo's data folder (its test/ split)")
+    p.add_argument("checkpoint", help="an nvlm checkpoint (with --random: where to write a random one)")
+    p.add_argument("--data", default=None, help="the demo's data folder (its test/ split): accuracy per task")
+    p.add_argument("--random", nargs=2, type=int, metavar=("HIDDEN", "LAYERS"), help="write a random model first")
     p.add_argument("--schemes", nargs="+", default=["int8"])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
+    if args.random:
+        write_random(Path(args.checkpoint), *args.random)
+    data = Path(args.data) if args.data else None
     tasks = (*VISION_TASKS, "add")
+    rows: dict[str, dict[str, Any]] = {}
     full = nvlm.load(args.checkpoint, dtype=torch.float32)
-    rows = {
-        "fp32": {
-            "accuracy": evaluate(full, data, tasks),
-            "tokens_per_s": decode_tokens_per_s(full, args.new_tokens, args.repeats),
-        }
-    }
-    for scheme in args.schemes:
-        q = nvlm.load(args.checkpoint, dtype=torch.float32, quantize=scheme)
-        rows[scheme] = {
-            "accuracy": evaluate(q, data, tasks),
-            "tokens_per_s": decode_tokens_per_s(q, args.new_tokens, args.repeats),
-            "logits_max_abs_error": logits_error(full, q, data),
-        }
+    for scheme in ("fp32", *args.schemes):
+        loaded = full if scheme == "fp32" else nvlm.load(args.checkpoint, dtype=torch.float32, quantize=scheme)
+        row: dict[str, Any] = {"tokens_per_s": decode_tokens_per_s(loaded, args.new_tokens, args.repeats)}
+        if data is not None:
+            row["accuracy"] = evaluate(loaded, data, tasks)
+            row["logits_max_abs_error"] = logits_error(full, loaded, data)
+        rows[scheme] = row
     print(json.dumps(rows, indent=2))
-    print(f"\n{'task':<12}" + "".join(f"{name:>10}" for name in rows))
-    for task in tasks:
-        print(f"{task:<12}" + "".join(f"{100 * r['accuracy'][task]['accuracy']:>10.1f}" for r in rows.values()))
-    print(f"{'decode tok/s':<12}" + "".join(f"{r['tokens_per_s']:>10.1f}" for r in rows.values()))
+    print(f"\n{'':<14}" + "".join(f"{name:>10}" for name in rows))
+    if data is not None:
+        for task in tasks:
+            print(f"{task:<14}" + "".join(f"{100 * r['accuracy'][task]['accuracy']:>10.1f}" for r in rows.values()))
+    print(f"{'decode tok/s':<14}" + "".join(f"{r['tokens_per_s']:>10.1f}" for r in rows.values()))
+
+
+def write_random(path: Path, hidden: int, layers: int) -> None:
+    """A random NVLM-D over a Qwen2 LLM of `hidden` × `layers` (FFN 4 × hidden) and a tiny vision tower."""
+    from transformers import Qwen2Config
+
+    from nvlm.testing.tiny import tiny_tokenizer, tiny_vision_config
+
+    torch.manual_seed(0)
+    llm = Qwen2Config(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        tie_word_embeddings=False,
+    )
+    model, processor = nvlm.build("D", llm=llm, vision=tiny_vision_config(), tokenizer=tiny_tokenizer())
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
 
 
 if __name__ == "__main__":
