@@ -10,11 +10,10 @@ silently ignored. The tiles per image may be lowered or raised up to the server'
 
 Prompt rendering: the model's own template (``nvlm.inference.prompt``: ChatML, or the release's). In a message,
 images come first, one ``<image>`` line each, then the text parts joined by newlines, so a one-question request
-renders exactly as ``model.chat`` does. A
-user message may instead place its images itself with exactly one ``<image>`` per image part in its text (the
-InternVL convention that LMDeploy clients use). Otherwise user text may not contain the image placeholder, a
-tile tag, the image markers or any added special token of the tokenizer (ChatML's ``<|im_start|>`` …): such
-text is refused with 400, never interpreted.
+renders exactly as ``model.chat`` does. A user message may instead place its images itself with exactly one
+``<image>`` per image part in its text (the InternVL convention that LMDeploy clients use). Otherwise user text
+may not contain the image placeholder, a tile tag, the image markers or any added special token of the tokenizer
+(ChatML's ``<|im_start|>`` …): such text is refused with 400, never interpreted.
 """
 
 from __future__ import annotations
