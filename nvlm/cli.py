@@ -1,6 +1,6 @@
 """The ``nvlm`` command: ``inspect`` (tiling and token layout), ``demo``, ``train`` (one process or torchrun),
-``chat`` (ask a saved model), ``convert`` (release layout ↔ ours), ``eval``, ``bench``, ``serve``
-(OpenAI-compatible HTTP server), ``merge`` (fold LoRA adapters in).
+``chat`` (ask a saved model), ``quantize`` (weight-only, torchao), ``convert`` (release layout ↔ ours), ``eval``,
+``bench``, ``serve`` (OpenAI-compatible HTTP server), ``merge`` (fold LoRA adapters in).
 
     nvlm inspect doc.png
     torchrun --nproc_per_node=8 -m nvlm train d-72b-sft --out runs/sft
@@ -139,7 +139,7 @@ def _print_inspect(info: dict[str, Any]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import nvlm
+    from dataclasses import replace
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(
@@ -149,7 +149,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for image in args.image:
         if not os.path.isfile(image):
             raise UserError(f"--image {image}: no such file; check the path")
-    model, processor = nvlm.load(args.model)
+    from nvlm.inference.memory import Serving, load_checked, resolve
+    from nvlm.inference.schemes import parse_keep
+
+    device, dtype = resolve(args.device, args.dtype)
+    s = Serving(quantize=args.quantize, keep=parse_keep(args.quantize_keep), dtype=dtype, device=device)
+    model, processor = load_checked(args.model, replace(s, max_batch=1, images=max(len(args.image), 1)))
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
@@ -159,6 +164,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for piece in model.chat(processor, args.question, images=args.image, stream=True, **kwargs):
         print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if not os.path.isfile(os.path.join(args.src, "config.json")):  # said before torch loads
+        raise UserError(f"{args.src}: no saved model there (no config.json); give an nvlm checkpoint or the release")
+    if os.path.isdir(args.dst) and os.listdir(args.dst):
+        raise UserError(f"{args.dst} exists and is not empty; give a new folder")
+    from nvlm.inference import quantized_io
+    from nvlm.inference.memory import Serving, load_checked, resolve
+    from nvlm.inference.quantize import summary
+    from nvlm.inference.schemes import parse_keep
+
+    device, dtype = resolve(args.device, args.dtype)
+    keep = parse_keep(args.quantize_keep)
+    s = Serving(quantize=args.scheme, keep=keep, dtype=dtype, device=device, max_batch=0, images=0)
+    model, processor = load_checked(args.src, s)
+    quantized_io.save(model, processor, args.dst, args.scheme, keep)
+    counts = summary(model)
+    print(f"wrote {args.dst}: {counts['quantized']} Linears {args.scheme}, {counts['kept']} kept in {dtype}")
     return 0
 
 
@@ -238,7 +263,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         size = _bytes(args.max_shard_size)
-        out = convert(args.src, args.dst, to=args.to, max_shard_bytes=size)
+        out = convert(args.src, args.dst, to=args.to, max_shard_bytes=size, remote_code_from=args.remote_code_from)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -259,6 +284,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, arch=args.arch, quick=args.quick, seed=args.seed, threads=args.threads)
     return 0
+
+
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 # Long on purpose: one flat table of the `nvlm` command's subcommands and flags, read top to bottom.
@@ -325,7 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_int_in(1), default=128)
     p.add_argument("--temperature", type=_float_in(0.0, 100.0), default=0.0)
     p.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
+    _device_arguments(p)
+    from nvlm.inference.schemes import SCHEMES, add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("quantize", help="write a model's LLM quantized (torchao, weight-only) for nvlm.load")
+    p.add_argument("src", help="an nvlm checkpoint or the NVLM-D-72B release folder")
+    p.add_argument("dst", help="a new or empty folder")
+    p.add_argument("--scheme", required=True, choices=list(SCHEMES), help="int8, int4 or fp8 (see nvlm chat --help)")
+    p.add_argument("--quantize-keep", default=None, metavar="PREFIXES", help="module-name prefixes left unquantized")
+    _device_arguments(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="the released NVLM-D-72B layout ↔ our format (streamed, shard by shard)")
     p.add_argument("src", help="a release-layout folder (--to ours) or an nvlm checkpoint (--to release)")
@@ -337,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours: nvlm's format; release: the release's layout, for vLLM and the release's own code",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default 5GB)")
+    p.add_argument(
+        "--remote-code-from",
+        default=None,
+        metavar="RELEASE_DIR",
+        help="--to release: copy the release's .py files and config keys (auto_map) beside the export, so it loads "
+        "with AutoModel.from_pretrained(..., trust_remote_code=True) as the release does",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge", help="fold a LoRA checkpoint's adapters into a plain nvlm checkpoint")

@@ -194,28 +194,100 @@ def _llm_through_transformers(unfilled: Unfilled, llm_source: Any) -> Unfilled:
 
 # ---- a saved model ------------------------------------------------------------------------------------------------
 def load(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    quantize_keep: tuple[str, ...] | None = None,
 ) -> tuple[NVLM, Processor]:
     """The model saved at `path` and its processor: nvlm's format (``model.save_pretrained`` with
-    ``processor.save_pretrained``), or a folder in the released NVLM-D-72B layout."""
-    root = Path(path)
+    ``processor.save_pretrained``), a folder in the released NVLM-D-72B layout, or a quantized folder
+    (``nvlm quantize``). `quantize` ("int8", "int4", "fp8"): weight-only quantization of the LLM's Linears
+    (``nvlm.inference.quantize``), applied to each as it is read, the modules under `quantize_keep`'s
+    prefixes left in `dtype` (default: the vision tower, projector, resampler and LM head)."""
+    from nvlm.inference import quantized_io
+    from nvlm.inference.quantize import Quantizer, check_scheme
+    from nvlm.inference.schemes import DEFAULT_KEEP
     from nvlm.interop.release import is_release, load_release
 
+    root = Path(path)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if quantized_io.is_quantized_folder(root):
+        if quantize is not None:
+            raise UserError(f"{root} is already quantized; load it without --quantize")
+        return _load_quantized(root, dtype, target)
+    keep = DEFAULT_KEEP if quantize_keep is None else tuple(quantize_keep)
     if not (root / "llm").is_dir() and is_release(root):
-        return load_release(root, dtype, device)
+        return load_release(root, dtype, device, quantize=check_scheme(quantize), keep=keep)
     unfilled = saved_model(root)
-    model = fill_whole(unfilled, device=device or "cpu")
-    load_adapters(model, root)  # an adapter checkpoint (LoRA): applied at load time, not merged
-    if dtype is not None:
-        model.to(dtype)
+    if check_scheme(quantize) is None:
+        model = fill_whole(unfilled, device=target)
+        load_adapters(model, root)  # an adapter checkpoint (LoRA): applied at load time, not merged
+        if dtype is not None:
+            model.to(dtype)
+        return model, unfilled.processor
+    assert quantize is not None
+    if any((root / folder / "adapter_config.json").is_file() for folder in ADAPTERS.values()):
+        raise UserError(f"{root} holds LoRA adapters; fold them in first (nvlm merge SRC DST), then quantize DST")
+    model = unfilled.model
+    quantizer = Quantizer(model, quantize, keep, dtype, target)
+    plan = unfilled.plan()
+    if plan is None:  # a layout only transformers reads: filled whole on the host, then quantized
+        model = fill_whole(unfilled, root / "llm", device=target)
+    else:  # one module at a time on the device, each quantized before the next is read
+        fill.load(model, plan, device=target, after=quantizer.module_filled)
+        model.llm.tie_weights()
+    quantizer.quantize_rest(model)
     return model, unfilled.processor
 
 
+def _load_quantized(root: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[NVLM, Processor]:
+    """A folder written by ``nvlm quantize``: the skeleton filled with the rebuilt quantized tensors."""
+    from nvlm.inference import quantized_io
+    from nvlm.inference.quantize import is_quantized
+
+    unfilled = saved_model(root)
+    model = unfilled.model
+    state = quantized_io.read_state(root, device)
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"{root}: weights missing for {missing[:5]} ({len(missing)} in all)")
+    model.load_state_dict(state, assign=True)
+    model.llm.tie_weights()
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if is_quantized(p):
+                p.requires_grad_(False)
+            elif dtype is not None and p.is_floating_point():
+                module._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+    for module in model.modules():  # buffers (RoPE's inv_freq) are no weights: made on the host
+        for name, b in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = b.to(device)
+    return model.eval(), unfilled.processor
+
+
+def model_config(path: str | os.PathLike) -> NVLMConfig:
+    """The NVLMConfig of the model saved at `path` (nvlm's format, quantized or not, or the release layout),
+    reading no weights and no tokenizer."""
+    from nvlm.interop.release import is_release, load_config
+
+    root = Path(path)
+    if not (root / "llm").is_dir() and is_release(root):
+        return load_config(root)
+    if not (root / "config.json").is_file():
+        raise UserError(f"{root}: no config.json; give a folder written by save_pretrained or the release")
+    return NVLMConfig.load(root / "config.json")
+
+
 def from_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    quantize_keep: tuple[str, ...] | None = None,
 ) -> NVLM:
     """The model of ``load(path)``, without its processor."""
-    return load(path, dtype, device)[0]
+    return load(path, dtype, device, quantize, quantize_keep)[0]
 
 
 def saved_model(path: str | os.PathLike) -> Unfilled:

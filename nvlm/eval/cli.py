@@ -97,6 +97,9 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (see README)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    from nvlm.inference.schemes import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run_command)
 
 
@@ -115,6 +118,7 @@ def _server_model(args: argparse.Namespace) -> Any:
 
 def run_command(args: argparse.Namespace) -> int:
     from nvlm.eval.runner import run_benchmark  # imports torch only when a run is asked for
+    from nvlm.inference.schemes import parse_keep
 
     if (args.model is None) == (args.server is None):
         print("error: give --model FOLDER or --server URL (one of them)", file=sys.stderr)
@@ -132,6 +136,8 @@ def run_command(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             restart=args.restart,
+            quantize=args.quantize,
+            quantize_keep=parse_keep(args.quantize_keep),
         )
     except (DataError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,7 +58,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
     return done
 
 
-def settings(task: str, model: Any, max_new_tokens: int, data: dict) -> dict:
+def settings(task: str, model: Any, max_new_tokens: int, data: dict, quantize: str | None = None) -> dict:
     prompt = json.dumps(asdict(PROMPTS[task]), sort_keys=True)
     name = str(Path(model).resolve()) if isinstance(model, str | Path) else getattr(model, "name_or_path", None)
     return {
@@ -67,6 +67,7 @@ def settings(task: str, model: Any, max_new_tokens: int, data: dict) -> dict:
         "max_new_tokens": max_new_tokens,
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
         "decoding": "greedy",
+        "quantize": quantize,
         "data": data,
     }
 
@@ -81,7 +82,7 @@ def check_settings(path: Path, new: dict, resuming: bool) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"{path}: not readable JSON ({exc}); {START_OVER}") from None
-        for key in ("task", "model", "max_new_tokens", "prompt_sha256"):
+        for key in ("task", "model", "max_new_tokens", "prompt_sha256", "quantize"):
             if None not in (old.get(key), new[key]) and old.get(key) != new[key]:
                 raise RunError(
                     f"{preds} holds predictions made with {key} = {old.get(key)!r}, this run has "

@@ -56,6 +56,8 @@ def run_benchmark(
     device: str = "auto",
     dtype: str = "auto",
     restart: bool = False,
+    quantize: str | None = None,
+    quantize_keep: tuple[str, ...] | None = None,
 ) -> dict:
     """Answer ``task`` from ``data`` with ``model`` (a checkpoint folder loaded only if there is something to
     generate, an NVLM model with its processor as a pair or ``LocalModel``, or a server client), append to
@@ -83,11 +85,11 @@ def run_benchmark(
     pred_path = folder / PREDICTIONS
     new_tokens = max_new_tokens or PROMPTS[task].max_new_tokens
     done = read_predictions(pred_path)
-    check_settings(folder / SETTINGS, settings(task, model, new_tokens, bench.fingerprint()), bool(done))
+    check_settings(folder / SETTINGS, settings(task, model, new_tokens, bench.fingerprint(), quantize), bool(done))
     pending = [it for it in items if it.id not in done]
     if pending:
         if isinstance(model, str | Path):
-            model = load_model(model, device, dtype)
+            model = load_model(model, device, dtype, quantize, quantize_keep, batch_size)
         _generate(model, task, pending, done, pred_path, batch_size, new_tokens, len(items), progress)
     records = [{"id": it.id, **_prediction(done[it.id]), **it.fields} for it in items]
     result = score_predictions(task, records, mode, where=str(pred_path))
@@ -132,21 +134,30 @@ class LocalModel:
         return self.model.generate(self.processor, prompts, images, **kwargs)
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> LocalModel:
-    """``nvlm.load`` on ``device`` (auto: CUDA when present) in ``dtype`` (auto: bf16 on CUDA)."""
+def load_model(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str | None = None,
+    quantize_keep: tuple[str, ...] | None = None,
+    batch_size: int = 8,
+) -> LocalModel:
+    """``nvlm.load`` on ``device`` (auto: CUDA when present) in ``dtype`` (auto: bf16 on CUDA), `quantize`d
+    (``nvlm.inference.quantize``), after the memory plan for `batch_size` rows is checked against the device."""
     if not (Path(path) / "config.json").is_file():  # said before torch, transformers and peft are imported
         raise RunError(f"{path}: no saved nvlm model there (no config.json); give a folder written by save_pretrained")
-    import torch
-
-    import nvlm
     from nvlm.config import ConfigError
+    from nvlm.errors import UserError
+    from nvlm.inference.memory import Serving, load_checked, resolve
+    from nvlm.inference.schemes import DEFAULT_KEEP
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    device, dtype = resolve(device, dtype)
+    keep = DEFAULT_KEEP if quantize_keep is None else quantize_keep
+    s = Serving(quantize=quantize, keep=keep, dtype=dtype, device=device, max_batch=batch_size)
     try:
-        model, processor = nvlm.load(path, dtype=getattr(torch, dtype), device=device)
+        model, processor = load_checked(path, s)
+    except UserError:
+        raise
     except (FileNotFoundError, ConfigError, OSError, ValueError) as exc:
         raise RunError(f"{path}: cannot load the model ({exc})") from None
     return LocalModel(model.eval(), processor, str(Path(path).resolve()))
@@ -172,6 +183,8 @@ def _generate(
 
     spec = PROMPTS[task]
     use_logprobs = task == "mmlu" and isinstance(model, LocalModel)
+    # a local model is asked in its own template; a server gets messages (ChatML parsed back) and applies its own
+    template = model.processor.config.template if isinstance(model, LocalModel) else "chatml"
     with (
         open(path, "a", encoding="utf-8") as f,
         tqdm(total=total, initial=total - len(pending), desc=task, unit="item", disable=not progress) as bar,
@@ -181,13 +194,13 @@ def _generate(
             if use_logprobs:
                 lps = letter_logprobs(
                     model,
-                    [render(it.prompt) for it in batch],
+                    [render(it.prompt, template) for it in batch],
                     [LETTERS[: len(it.fields["choices"])] for it in batch],
                 )
                 preds = [{"prediction": letter_from_logprobs(lp, len(lp)), "logprobs": lp} for lp in lps]
             else:
                 texts = model.generate(
-                    [render(it.prompt) for it in batch],
+                    [render(it.prompt, template) for it in batch],
                     [_images(it) for it in batch],
                     max_new_tokens=max_new_tokens,
                     stop=list(spec.stop) or None,
@@ -200,13 +213,14 @@ def _generate(
             bar.update(len(batch))
 
 
-def render(prompt: str | list[dict[str, str]]) -> str:
-    """An item's model input: raw text as it is; chat messages as ChatML ending in the generation prompt."""
+def render(prompt: str | list[dict[str, str]], template: str = "chatml") -> str:
+    """An item's model input: raw text as it is; chat messages in the model's `template` ("chatml", or the
+    released NVLM-D's "release"), ending in the generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    from nvlm.data.chat import render_chat
+    from nvlm.inference.prompt import render_messages
 
-    return render_chat(prompt)
+    return render_messages(prompt, template)
 
 
 def _images(item: Item) -> list[Any]:

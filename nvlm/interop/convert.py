@@ -4,7 +4,9 @@
   out), ``mlp1.*`` → model.safetensors, plus our config.json, the backbones' HF configs, the tokenizer files as
   shipped and our preprocessor_config.json. The result loads with ``nvlm.from_pretrained``.
 * ``to_release`` (ours → release): what vLLM's ``NVLM_D`` loader and the release's own modeling code read: a
-  config.json with the release's key set (original InternViT field names, legacy rope names), sharded
+  config.json with the release's key set (original InternViT field names, legacy rope names; ``auto_map``,
+  ``_commit_hash`` and the 4.39-era ``llm_config`` keys of the release the model came from, or of
+  ``--remote-code-from RELEASE_DIR``, whose .py files are copied beside the export), sharded
   safetensors with an index, InternViT padded with 7 zero dummy heads (vLLM hard-codes 7), the tokenizer with a
   chat template, and a CLIP-style preprocessor_config.json. Only what vLLM can serve is exported: NVLM-D, an
   InternViT tower, 1-D text tags, the MLP projector at the LLM's FFN width; anything else is refused, saying why.
@@ -30,7 +32,7 @@ from nvlm.interop.internvit import (
     sliced_shape,
     take_real_heads,
 )
-from nvlm.interop.release import exportable, load_config, read_json, release_config
+from nvlm.interop.release import exportable, load_config, read_json, release_config, with_release_keys
 from nvlm.interop.shards import (
     DTYPES,
     OutTensor,
@@ -43,6 +45,7 @@ from nvlm.interop.shards import (
 from nvlm.vision.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+RELEASE_CONFIG = "release_config.json"  # in our format: the release's config.json a model was converted from
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -79,8 +82,11 @@ def convert(
     dst: str | os.PathLike,
     to: str = "ours",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    remote_code_from: str | os.PathLike | None = None,
 ) -> Path:
-    """Convert the folder `src` into `dst` (a new or empty folder): ``to="ours"`` or ``to="release"``."""
+    """Convert the folder `src` into `dst` (a new or empty folder): ``to="ours"`` or ``to="release"``.
+    `remote_code_from` (``to="release"``): a release folder whose .py files are copied beside the export and
+    whose config.json gives the key set (``auto_map`` included), so the export loads as the release does."""
     from nvlm.interop.release import is_release
 
     src, dst = Path(src), Path(dst)
@@ -89,6 +95,11 @@ def convert(
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; give a new folder")
     ours = (src / "llm").is_dir()
+    if remote_code_from is not None and (to != "release" or not is_release(remote_code_from)):
+        raise ValueError(
+            f"--remote-code-from {remote_code_from}: give the released NVLM-D folder (config.json of model_type "
+            "NVLM_D and its .py files), with --to release"
+        )
     if to == "ours":
         if not is_release(src):
             raise ValueError(
@@ -102,7 +113,7 @@ def convert(
                 f"{src} is not an nvlm checkpoint (config.json and llm/)"
                 + ("; it already is in the release layout" if is_release(src) else "")
             )
-        return to_release(src, dst, max_shard_bytes)
+        return to_release(src, dst, max_shard_bytes, Path(remote_code_from) if remote_code_from else None)
     raise ValueError(f"--to must be 'ours' or 'release', got {to!r}")
 
 
@@ -155,6 +166,7 @@ def to_ours(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) ->
     if (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", dst / "llm" / "generation_config.json")
     cfg.save(dst / "config.json")
+    _write_json(dst / RELEASE_CONFIG, release)  # the key set an export back to the release layout keeps
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
@@ -185,7 +197,9 @@ def _check_names(cfg: NVLMConfig, names: set[str], src: Path) -> None:
 
 
 # ---- ours → release ----------------------------------------------------------------------------------------------
-def to_release(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def to_release(
+    src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, remote_code_from: Path | None = None
+) -> Path:
     cfg = NVLMConfig.load(src / "config.json")
     llm_json, vit_json = read_json(src / "llm" / "config.json"), read_json(src / "vision" / "config.json")
     why = exportable(cfg, llm_json)
@@ -216,7 +230,11 @@ def to_release(src: Path, dst: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES)
         tensors.append(OutTensor(name, refs[0].dtype, shape, make))
     dtype = _dtype_name(flat["llm.model.embed_tokens.weight"].dtype)
     write_sharded(dst, tensors, max_shard_bytes, always_index=True)
-    _write_json(dst / "config.json", release_config(cfg, llm_json, vit_json, dtype))
+    base = read_json((remote_code_from or src) / ("config.json" if remote_code_from else RELEASE_CONFIG))
+    _write_json(dst / "config.json", with_release_keys(release_config(cfg, llm_json, vit_json, dtype), base))
+    if remote_code_from is not None:
+        for code in sorted(remote_code_from.glob("*.py")):  # copied, never imported
+            shutil.copyfile(code, dst / code.name)
     tile = vit_json["image_size"][0] if isinstance(vit_json["image_size"], list) else vit_json["image_size"]
     _write_json(
         dst / "preprocessor_config.json",

@@ -131,13 +131,20 @@ def release_processor(path: str | os.PathLike) -> Any:
 
 
 def load_release(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    keep: tuple[str, ...] | None = None,
 ) -> Any:
     """NVLM-D and its processor from a release folder: built on the meta device, then filled tensor by tensor,
     each tensor read from its shard straight to `device` in `dtype` (no full copy on the host first).
 
     Dtypes follow ``nvlm.from_pretrained`` on our format: with `dtype` None the backbones keep the stored dtype
-    and the projector is fp32; with a dtype, everything is cast to it."""
+    and the projector is fp32; with a dtype, everything is cast to it. `quantize`: the LLM's Linears are
+    quantized after each shard (``nvlm.inference.quantize``), so at most one shard is held in full precision."""
+    from nvlm.inference.quantize import Quantizer
+    from nvlm.inference.schemes import DEFAULT_KEEP
     from nvlm.models.build import meta_model
 
     root = Path(path)
@@ -147,6 +154,7 @@ def load_release(
     heads, head_dim = vit.num_attention_heads, vit.hidden_size // vit.num_attention_heads
     params = dict(model.named_parameters())
     target = torch.device(device) if device is not None else torch.device("cpu")
+    quantizer = Quantizer(model, quantize, keep or DEFAULT_KEEP, dtype, target) if quantize else None
     loaded: set[str] = set()
     by_file: dict[Path, dict[str, Any]] = {}
     for name, ref in folder_tensors(root).items():
@@ -168,13 +176,17 @@ def load_release(
         model.load_state_dict(part, strict=False, assign=True)
         loaded.update(part)
         del part
+        if quantizer is not None:
+            quantizer.filled_so_far(model)
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{root}: weights missing for {missing[:5]} ({len(missing)} in all)")
     _rebuild_buffers(model, target)
     if model.llm.config.tie_word_embeddings:
         model.llm.tie_weights()
-    if dtype is not None:
+    if quantizer is not None:
+        quantizer.quantize_rest(model)
+    elif dtype is not None:
         model.to(dtype)
     return model.eval(), processor
 
@@ -232,8 +244,8 @@ def exportable(cfg: NVLMConfig, llm_json: dict[str, Any]) -> list[str]:
 
 
 def release_config(cfg: NVLMConfig, llm_json: dict[str, Any], vit_json: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """The release's config.json key set. No auto_map: vLLM has its own NVLM_D config class, and shipping remote
-    code breaks under newer transformers (to use the release's modeling code, copy its .py files and auto_map)."""
+    """The release's config.json key set, from our config alone. No auto_map here: vLLM has its own NVLM_D config
+    class; ``with_release_keys`` adds it (and the other keys) from the release's own config.json."""
     llm = {k: v for k, v in llm_json.items() if k not in ("dtype", "transformers_version", "rope_parameters")}
     rope = llm_json.get("rope_parameters") or {}
     kind = rope.get("rope_type", "default")
@@ -263,6 +275,23 @@ def release_config(cfg: NVLMConfig, llm_json: dict[str, Any], vit_json: dict[str
         "use_thumbnail": cfg.tiling.use_thumbnail,
         "vision_config": original_config_from_vit(vit_json, _dtype_name_of(vit_json, dtype)),
     }
+
+
+def with_release_keys(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """`ours` (``release_config``) with the keys of `base` (the release's own config.json; {} when there is
+    none) that it lacks: ``auto_map``, ``_commit_hash``, ``transformers_version`` and the 4.39-era generation
+    keys of ``llm_config``. Every architecture value is ours; the LLM's name, model_type and class stay the
+    release's while its class is ours (the release's "llama" for Qwen2 is kept: the release's code reads it)."""
+    if not base:
+        return ours
+    out = {**base, **ours}
+    llm, base_llm = ours["llm_config"], base.get("llm_config") or {}
+    merged = {**base_llm, **llm}
+    if base_llm.get("architectures") == llm.get("architectures"):
+        merged.update({k: base_llm[k] for k in ("_name_or_path", "model_type") if k in base_llm})
+    out["llm_config"] = merged
+    out["vision_config"] = {**(base.get("vision_config") or {}), **ours["vision_config"]}
+    return out
 
 
 def _dtype_name_of(hf_json: dict[str, Any], default: str) -> str:

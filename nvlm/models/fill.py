@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,16 +152,42 @@ def _read(src: FileTensor, shape: tuple[int, ...], offset: tuple[int, ...], plan
 
 
 @torch.no_grad()
-def load(model: nn.Module, plan: Plan) -> Plan:
-    """Fill every parameter and buffer of the sharded `model` (after ``to_empty``) with this process's block."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        src = plan.sources[clean_name(name)]
-        local, shape, offset = _block(tensor)
-        if local.numel() == 0:
-            continue
-        if isinstance(src, torch.Tensor):
-            value = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-        else:
-            value = _read(src, shape, offset, plan)
-        local.copy_(value)
+def load(
+    model: nn.Module,
+    plan: Plan,
+    device: torch.device | str | None = None,
+    after: Callable[[str, nn.Module], None] | None = None,
+) -> Plan:
+    """Fill every parameter and buffer of the sharded `model` (after ``to_empty``) with this process's block.
+
+    With `device`, `model` is still on meta: each module is made on `device` just before its own tensors are
+    read, and `after(name, module)` runs once they are in place (``nvlm.inference.quantize`` quantizes a Linear
+    there), so only one module is held in the file's precision at a time."""
+    if device is None:
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            _fill(tensor, plan.sources[clean_name(name)], plan)
+        return plan
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        if not any(clean_name(prefix + n) in plan.sources for n in own):
+            continue  # no tensors, or only a tied weight (another module's): the caller ties it again
+        module.to_empty(device=device, recurse=False)
+        for local_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            src = plan.sources.get(clean_name(prefix + local_name))
+            if src is not None:
+                _fill(tensor, src, plan)
+        if after is not None:
+            after(name, module)
     return plan
+
+
+def _fill(tensor: torch.Tensor, src: FileTensor | torch.Tensor, plan: Plan) -> None:
+    local, shape, offset = _block(tensor)
+    if local.numel() == 0:
+        return
+    if isinstance(src, torch.Tensor):
+        value = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+    else:
+        value = _read(src, shape, offset, plan)
+    local.copy_(value)

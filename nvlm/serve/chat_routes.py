@@ -47,7 +47,7 @@ def chat_router(ctx: Serving) -> APIRouter:
     @router.post("/v1/chat/completions", responses=POST_ERRORS)
     async def chat(req: ChatRequest, request: Request) -> Response:
         try:
-            prompt, parts = build_prompt(req.messages, ctx.forbidden)
+            prompt, parts = build_prompt(req.messages, ctx.forbidden, ctx.engine.processor.config.template)
         except ValueError as e:
             return error(400, str(e))
         if len(parts) > ctx.gate.policy.max_images:  # counted before any fetch or decode

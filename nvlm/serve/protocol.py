@@ -8,12 +8,12 @@ silently ignored. The tiles per image may be lowered or raised up to the server'
 (``image_url.max_dynamic_patch``, as LMDeploy takes it) or per request (vLLM's
 ``mm_processor_kwargs.max_dynamic_patch``); other ``mm_processor_kwargs`` get 400.
 
-Prompt rendering: ChatML, as ``nvlm.data.chat``. In a message, images come first, one ``<image>`` line each,
-then the text parts joined by newlines, so a one-question request renders exactly as ``model.chat`` does. A
-user message may instead place its images itself with exactly one ``<image>`` per image part in its text (the
-InternVL convention that LMDeploy clients use). Otherwise user text may not contain the image placeholder, a
-tile tag, the image markers or any added special token of the tokenizer (ChatML's ``<|im_start|>`` …): such
-text is refused with 400, never interpreted.
+Prompt rendering: the model's own template (``nvlm.inference.prompt``: ChatML, or the release's). In a message,
+images come first, one ``<image>`` line each, then the text parts joined by newlines, so a one-question request
+renders exactly as ``model.chat`` does. A user message may instead place its images itself with exactly one
+``<image>`` per image part in its text (the InternVL convention that LMDeploy clients use). Otherwise user text
+may not contain the image placeholder, a tile tag, the image markers or any added special token of the tokenizer
+(ChatML's ``<|im_start|>`` …): such text is refused with 400, never interpreted.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nvlm.data.chat import render_chat
 from nvlm.data.processor import IMAGE_PLACEHOLDER
+from nvlm.inference.prompt import render_messages
 from nvlm.serve.logprobs import MAX_LOGPROBS
 
 MAX_TEXT = 1_000_000  # characters in one text part
@@ -183,8 +183,11 @@ def _content(i: int, texts: list[str], n_images: int, forbidden: re.Pattern) -> 
     return f"{IMAGE_PLACEHOLDER}\n" * n_images + joined
 
 
-def build_prompt(messages: list[Message], forbidden: re.Pattern) -> tuple[str, list[ImageURL]]:
-    """Messages → (ChatML prompt with ``<image>`` placeholders, the image parts in order). ValueError → 400."""
+def build_prompt(
+    messages: list[Message], forbidden: re.Pattern, template: str = "chatml"
+) -> tuple[str, list[ImageURL]]:
+    """Messages → (the prompt in the model's `template` with ``<image>`` placeholders, the image parts in order).
+    ValueError → 400."""
     rendered, images = [], []
     for i, m in enumerate(messages):
         parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else (m.content or [])
@@ -196,4 +199,4 @@ def build_prompt(messages: list[Message], forbidden: re.Pattern) -> tuple[str, l
         rendered.append({"role": m.role, "content": _content(i, texts, len(mine), forbidden)})
     if rendered[-1]["role"] == "assistant":
         raise ValueError("the last message must be from the user or the system, not the assistant")
-    return render_chat(rendered), images
+    return render_messages(rendered, template), images

@@ -65,7 +65,50 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds SIGTERM waits for open requests")
+    add_memory_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """Quantization and the memory plan (``nvlm.inference.memory``): --dry-run prints it without loading."""
+    from nvlm.inference.schemes import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="print GiB per GPU from the config alone; load nothing")
+    p.add_argument("--json", action="store_true", help="--dry-run: the plan as one JSON object (GiB)")
+    p.add_argument("--tp", type=int, default=1, help="--dry-run: tensor-parallel GPUs to plan for")
+    p.add_argument("--max-model-len", type=int, default=4096, help="tokens a request may hold (KV cache plan)")
+
+
+def serving_plan(args: argparse.Namespace) -> Any:
+    """The memory plan's settings from serve's flags."""
+    from nvlm.inference.memory import Serving, resolve
+    from nvlm.inference.schemes import parse_keep
+
+    device, dtype = resolve(args.device, args.dtype)
+    if args.dry_run and args.device == "auto":
+        device, dtype = "cuda", "bfloat16" if args.dtype == "auto" else dtype  # a plan is for GPUs by default
+    return Serving(
+        tp=args.tp,
+        quantize=args.quantize,
+        keep=parse_keep(args.quantize_keep),
+        dtype=dtype,
+        device=device,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+        images=args.max_images,
+    )
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    import json
+
+    from nvlm.inference.memory import plan, render, serving_model
+
+    report = plan(serving_model(args.model), serving_plan(args))
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
 
 
 def _port(text: str) -> int:
@@ -142,6 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"{args.model}: no saved nvlm model there (no config.json); give a folder written by save_pretrained, "
             "e.g. a run's final/ folder (nvlm demo writes runs/demo/nvlm-d/stage2/final)"
         )
+    if args.dry_run:
+        return dry_run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = None
     if args.api_key_file:
@@ -163,7 +208,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model, processor = load_model(args.model, args.device, args.dtype)
+        from nvlm.inference.memory import load_checked
+
+        model, processor = load_checked(args.model, serving_plan(args))
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
         print(f"error: cannot load {args.model}: {e}", file=sys.stderr)
         return 2
