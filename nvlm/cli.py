@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -409,10 +410,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Lines third-party code logs on import that nobody running nvlm can act on. transformers imports torchao whenever
+# it is installed (the `quant` extra), also without --quantize; torchao 0.18 then reports its CUDA kernels and Triton
+# missing on a CPU machine, and registers enums through a torch API that torch 2.13 deprecates (torchao's own call).
+IMPORT_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
+}
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in self.starts)
+
+
+def quiet_import_noise() -> None:
+    for name, lines in IMPORT_NOISE.items():
+        logging.getLogger(name).addFilter(_DropLines(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     # our progress bars and tables only: no per-load "Loading weights" bars from transformers / huggingface_hub
     # (read when they are first imported, so set before any command imports them; a user's setting wins)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_import_noise()
     import nvlm.demo  # noqa: F401 - registers the demo's tiny-{d,x,h} recipes and its eval scorer
 
     parser = build_parser()
