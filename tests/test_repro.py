@@ -146,7 +146,7 @@ def test_tile_tasks_change_the_grid_and_need_the_tiles():
     marks = {tasks.sample_tile_mark(rng).answer for _ in range(300)}
     assert marks == {str(k) for k in range(1, 7)}
     line = tasks.sample_ocr_line(rng)
-    assert (line.width, line.height) == (4 * tasks.TILE, tasks.TILE) and len(line.answer) == 6
+    assert (line.width, line.height) == (3 * tasks.TILE, tasks.TILE) and len(line.answer) == 6
 
 
 def test_score_ignores_spacing():

@@ -3,7 +3,8 @@ refuses a load that cannot fit before any weight is read.
 
 The model is built on the meta device from its config.json (nvlm's format or the released NVLM-D layout), so
 NVLM-D-72B's plan takes seconds on a laptop. Per GPU, for tensor parallelism over `tp` ranks (the LLM's and the
-x-attn blocks' Linears and embeddings split, as ``nvlm.training.plan.tp_sharded`` counts them; the rest whole):
+x-attn blocks' projections split, as the runtime's TP plans split them (``nvlm.training.plan.tp_sharded``);
+embeddings, LM head, norms and the rest whole on every rank):
 
     weights      the quantized Linears (``nvlm.inference.quantize``: bytes per weight of the scheme, with its
                  scales), the LLM's kept part (embeddings, LM head, norms, biases) in the load dtype, the vision
