@@ -179,7 +179,8 @@ def test_the_trainer_does_the_label_and_pad_work_on_the_host_and_the_loss_is_unc
 ):
     """Under FSDP the inputs reach the model on the GPU: the labelled rows (a ``nonzero``) and the image-pad count
     are made on the host by the trainer, so the model's forward runs neither; the loss is the same to the bit."""
-    from nvlm.training.trainer import Trainer, with_host_work
+    from nvlm.training.micro_batch import with_host_work
+    from nvlm.training.trainer import Trainer
 
     run = cfg(backbones, dataset, micro_batch_size=2)
     run.model.arch = arch

@@ -209,7 +209,7 @@ def test_a_touched_batch_runs_every_module_without_changing_the_result(build_mod
     """Sharded training runs the vision tower, projector and each x-attn block on every process, even for a
     text-only batch (the trainer adds a blank tile and a memory no row sees): the logits stay bit-identical,
     and the modules get (zero) gradients, so every process takes part in the same collectives."""
-    from nvlm.training.trainer import touch_every_module, with_unused
+    from nvlm.training.micro_batch import touch_every_module, with_unused
 
     model, processor = build_model(arch)
     set_gates(model, 0.5)

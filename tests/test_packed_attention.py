@@ -119,7 +119,7 @@ def test_packed_rows_build_no_dense_mask(build_model):
 
 
 def test_packed_rows_pick_a_kernel_without_the_dense_mask():
-    from nvlm.training.trainer import packed_attention_kind
+    from nvlm.training.micro_batch import packed_attention_kind
 
     assert packed_attention_kind(True, "sdpa", "cpu") == "per_sample"
     assert packed_attention_kind(True, "sdpa", "cuda") == "flex_attention"  # block mask once per forward
@@ -146,7 +146,7 @@ def test_flex_attention_on_packed_rows_equals_the_dense_mask(build_model, arch):
 def test_packed_rows_widened_for_flex_keep_the_loss(build_model):
     """On GPU the trainer pads packed rows to a multiple of max_seq_len / 8 (FlexAttention compiles per shape):
     the added tokens are a sample of their own, so the loss is that of the narrower rows."""
-    from nvlm.training.trainer import widen
+    from nvlm.training.micro_batch import widen
 
     model, processor = build_model("X")
     set_gates(model, 0.5)

@@ -128,7 +128,7 @@ def test_a_checkpoint_saved_before_the_change_loads_with_the_same_logits():
 
 
 def test_a_block_cut_off_the_graph_is_an_error_not_zero_gradients(build_model, monkeypatch):
-    from nvlm.training.trainer import fill_unused_grads
+    from nvlm.training.micro_batch import fill_unused_grads
 
     model, processor = build_model("X", xattn__every=2)
     apply_stage(model, "sft")

@@ -48,7 +48,7 @@ class Output:
     loss_sum: torch.Tensor | None = None  # with labels: summed token cross-entropy …
     num_tokens: int = 0  # … over this many labelled tokens
     # features of given tiles that neither the decoder nor the memory used (a sharded run's stand-in tile, see
-    # ``nvlm.training.trainer.touch_every_module``): the trainer adds them times zero to the loss
+    # ``nvlm.training.micro_batch.touch_every_module``): the trainer adds them times zero to the loss
     unused_features: torch.Tensor | None = None
 
     @property

@@ -162,7 +162,7 @@ class TrainConfig:
     attn: str = bounded("sdpa", one_of=("sdpa", "flash_attention_2", "flex_attention"))
     """The LLM's attention kernel. "sdpa": on CPU a packed row runs causal SDPA per packed sample
     (``nvlm.models.packed_attention``), on GPU transformers' FlexAttention with the samples' block mask, built
-    once per forward (``nvlm.training.trainer.packed_attention_kind``); unpacked rows run SDPA.
+    once per forward (``nvlm.training.micro_batch.packed_attention_kind``); unpacked rows run SDPA.
     "flash_attention_2" (GPU, needs the flash-attn package) or "flex_attention": transformers' variable-length
     paths, which read the sample boundaries from the restarting position ids."""
     tp: int = bounded(1, ge=1)
