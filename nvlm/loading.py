@@ -24,7 +24,7 @@ from nvlm.data.processor import Processor, add_nvlm_tokens
 from nvlm.errors import UserError
 from nvlm.interop.internvit import is_original, load_original, original_vision_config, vit_config_from_original
 from nvlm.interop.keymap import INTERNVL_HF_VISION_PREFIXES
-from nvlm.models import fill
+from nvlm.models import fill, xattn_init
 from nvlm.models.build import meta_model, new_config, saved_dtype, skeleton
 from nvlm.models.llm import llm_config, load_llm, load_llm_config, load_tokenizer, resize_embeddings
 from nvlm.models.lora import ADAPTERS, load_adapters, merge_adapters
@@ -41,9 +41,11 @@ class Unfilled:
     processor: Processor
     folders: fill.Folders
     seed: int | None = None  # the added embedding rows' (a new model's)
+    xattn_seed: int | None = None  # the x-attn blocks' (a new NVLM-X/H's)
 
     def plan(self) -> fill.Plan | None:
-        return fill.plan(self.model, self.folders, self.seed)
+        drawn = xattn_init.plan(self.model, self.xattn_seed) if self.xattn_seed is not None else None
+        return fill.plan(self.model, self.folders, self.seed, drawn)
 
 
 # ---- a new model from backbones ----------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def new_model(arch: str, llm: Any, vision: Any, tokenizer: Any, overrides: dict[
     cfg = new_config(arch, llm_cfg, kind, vision_cfg, overrides)
     add_nvlm_tokens(tokenizer, cfg)
     cfg.image_token_id = int(tokenizer.convert_tokens_to_ids(cfg.tags.image_pad))
-    model, seed = skeleton(
+    model, seed, xattn_seed = skeleton(
         cfg,
         vocab_size=len(tokenizer),
         llm_weights=not llm_folder,
@@ -101,7 +103,7 @@ def new_model(arch: str, llm: Any, vision: Any, tokenizer: Any, overrides: dict[
         llm_dtype=saved_dtype(_json(Path(llm) / "config.json")) if llm_folder else None,
         vision_dtype=saved_dtype(_json(vision_folder / "config.json")) if vision_folder is not None else None,
     )
-    return Unfilled(model, Processor(tokenizer, model.config), folders, seed)
+    return Unfilled(model, Processor(tokenizer, model.config), folders, seed, xattn_seed)
 
 
 def _vision_source(vision: Any) -> tuple[Any, VisionKind, Any, Path | None]:
@@ -189,7 +191,7 @@ def _llm_through_transformers(unfilled: Unfilled, llm_source: Any) -> Unfilled:
     model.llm.load_state_dict(state, assign=True)
     model.llm.tie_weights()
     folders = {k: v for k, v in unfilled.folders.items() if k != "llm."}
-    return Unfilled(model, unfilled.processor, folders, unfilled.seed)
+    return Unfilled(model, unfilled.processor, folders, unfilled.seed, unfilled.xattn_seed)
 
 
 # ---- a saved model ------------------------------------------------------------------------------------------------
@@ -310,12 +312,12 @@ def saved_model(path: str | os.PathLike) -> Unfilled:
         raise FileNotFoundError(f"{root}: no tokenizer there; save the processor too: processor.save_pretrained")
     if cfg.image_token_id is None:  # a checkpoint from before the id was kept in the config
         cfg.image_token_id = int(tokenizer.convert_tokens_to_ids(cfg.tags.image_pad))
-    model, _ = skeleton(
+    model = skeleton(
         cfg,
         own_weights=False,
         llm_dtype=saved_dtype(_json(root / "llm" / "config.json")),
         vision_dtype=saved_dtype(_json(root / "vision" / "config.json")),
-    )
+    ).model
     folders: fill.Folders = {
         "llm.": (root / "llm", ("",)),
         "vision.model.": (root / "vision", ("",)),

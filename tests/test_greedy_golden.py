@@ -1,6 +1,8 @@
 """Token ids that generation produced before the serving engine and ``generate`` shared one runner, recorded
 once (``NVLM_RECORD_GOLDEN=1``) and asserted since: greedy and seeded outputs for D, X and H, one prompt and a
-left-padded batch, are unchanged by the rewrite.
+left-padded batch, are unchanged by the rewrite. The X and H entries were recorded again, with the same code,
+when a new model's x-attn blocks came to be drawn a few rows at a time (``nvlm.models.xattn_init``): their
+starting weights changed, not how generation runs; the D entries stayed as first recorded.
 
 python -m pytest tests/test_greedy_golden.py -q
 """

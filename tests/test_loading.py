@@ -40,7 +40,7 @@ def test_an_llm_folder_the_plan_cannot_read_is_read_by_transformers(backbones, m
     want, processor = nvlm.build("X", llm=str(backbones["qwen2"]), vision=str(backbones["internvl"]))
     real_plan = fill.plan
     monkeypatch.setattr(
-        fill, "plan", lambda model, folders, seed: None if "llm." in folders else real_plan(model, folders, seed)
+        fill, "plan", lambda model, folders, *seeds: None if "llm." in folders else real_plan(model, folders, *seeds)
     )
     torch.manual_seed(0)
     got, _ = nvlm.build("X", llm=str(backbones["qwen2"]), vision=str(backbones["internvl"]))

@@ -7,6 +7,7 @@ python -m pytest tests/test_sharded_load.py -q
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     import transformers
 
     from nvlm.distributed.parallel import init_world, shutdown
-    from nvlm.models import fill
+    from nvlm.models import fill, xattn_init
     from nvlm.training.build import build_sharded
 
     def no_full_read(*args, **kwargs):
@@ -82,6 +83,10 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
         for job in jobs:
             counts: dict[str, int] = {}
             fill.safe_open = lambda path, *a, counts=counts, **k: CountingOpen(counts, path, *a, **k)
+            xattn_init.draw_rows = lambda t, chunk, rows, counts=counts, real=xattn_init.draw_rows: (
+                counts.__setitem__("xattn drawn", counts.get("xattn drawn", 0) + rows * math.prod(t.shape[1:]))
+                or real(t, chunk, rows)
+            )
             model, _ = build_sharded(RunConfig.from_dict(job["cfg"]), world)
             full = {}
             for name, t in [*model.state_dict().items(), *(("buffer:" + n, b) for n, b in model.named_buffers())]:
@@ -159,3 +164,9 @@ def test_sharded_load_equals_one_process_and_reads_half(backbones, tmp_path):
         print(f"{name}: LLM {total} bytes on disk, read per process {read}")
         assert sum(read) == total, (name, read, total)
         assert max(read) < 0.6 * total, (name, read, total)
+        # a new X/H model's x-attn blocks: every process drew about half of their random values, not all
+        drawn = [json.loads((tmp_path / f"{name}.bytes{r}.json").read_text()).get("xattn drawn", 0) for r in (0, 1)]
+        random = sum(v.numel() for k, v in want.items() if k.startswith("xattn.") and k.endswith("proj.weight"))
+        new_blocks = cfg["model"]["arch"] != "D" and not cfg["model"].get("init_from")
+        print(f"{name}: x-attn values drawn per process {drawn} of {random}")
+        assert (sum(drawn) == random and max(drawn) < 0.6 * random) if new_blocks else drawn == [0, 0], (name, drawn)

@@ -5,8 +5,10 @@ checkpoint or the released NVLM-D-72B layout (``nvlm.loading``), the training ru
 over many (``nvlm.training.build``), the memory planner and the benchmarks. A skeleton's backbones (the LLM and
 the vision tower) are shapes only, unless they come from configs without weights (random towers for tiny and
 test models); a loader then fills them, whole on one process or a block per process when sharded. NVLM's own
-modules (projector, resampler, x-attn blocks) are small and drawn from the global random stream on the host, in
-the same order on every process, so one process and N processes build the same model from the same seed.
+modules are drawn from the global random stream on the host, in the same order on every process, so one
+process and N processes build the same model from the same seed: the projector and resampler (small) whole, the
+x-attn blocks (≈ 35 GB in fp32 at 72B) as a seed taken off the stream, from which a loader draws each process's
+block only (``nvlm.models.xattn_init``).
 
 A new model's NVLM tokens are added to its tokenizer first (``nvlm.data.processor.add_nvlm_tokens``); the
 LLM's embeddings then grow to the tokenizer's length, the added rows drawn from a seed taken off the global
@@ -16,7 +18,7 @@ stream (``nvlm.models.llm.resize_embeddings``), which a loader uses to draw the 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -40,6 +42,12 @@ def new_config(
     return cfg.validate()
 
 
+class Skeleton(NamedTuple):
+    model: NVLM
+    seed: int | None  # the added embedding rows' (None: no rows added)
+    xattn_seed: int | None  # the x-attn blocks' (None: none to draw; they come from files, or there are none)
+
+
 def skeleton(
     config: NVLMConfig,
     *,
@@ -50,8 +58,9 @@ def skeleton(
     llm_dtype: torch.dtype | None = None,
     vision_dtype: torch.dtype | None = None,
     own_weights: bool = True,
-) -> tuple[NVLM, int | None]:
-    """NVLM-`config.arch` with meta backbones and real own modules; returns it and the added rows' seed.
+) -> Skeleton:
+    """NVLM-`config.arch` with meta backbones and real own modules (x-attn blocks: meta, and their seed); returns
+    it and the seeds a loader draws the added embedding rows and the x-attn blocks from.
 
     `vocab_size`: the tokenizer's length, when it outgrew the LLM's embeddings (a new model: the rows are
     added here, their seed returned; None: the config's vocabulary is final). `llm_weights` / `vision_weights`:
@@ -75,8 +84,9 @@ def skeleton(
     llm.tie_weights()  # meta parameters registered afresh are untied; the loaded ones are tied again
     config.llm.hf_config = clean_hf_config(llm.config.to_dict())
     with backbone(own_weights):
-        model = NVLM(config.validate(), llm, vision)
-    return model.eval(), seed
+        model = NVLM(config.validate(), llm, vision, xattn_device="meta")
+    xattn_seed = int(torch.randint(2**62, (1,), device="cpu").item()) if own_weights and len(model.xattn) else None
+    return Skeleton(model.eval(), seed, xattn_seed)
 
 
 def meta_from_dicts(
@@ -93,7 +103,7 @@ def meta_from_dicts(
 def meta_model(config: NVLMConfig) -> NVLM:
     """Everything on the meta device, own modules too: shapes, names and parameter counts (plans, checks)."""
     with torch.device("meta"):
-        return skeleton(config)[0]
+        return skeleton(config, own_weights=False).model
 
 
 def saved_dtype(hf_json: dict[str, Any]) -> torch.dtype | None:

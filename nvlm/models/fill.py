@@ -6,7 +6,8 @@ Hugging Face folder, or, for its real parts, the skeleton's own tensor) and ``lo
 say which block of the full tensor this process holds, and ``load`` reads only that block (``safe_open``
 memory-maps the file; ``get_slice`` reads the block), so no process ever holds the full model and nothing is
 broadcast. The added embedding rows are drawn from the skeleton's seed (``nvlm.models.llm.new_embedding_rows``),
-block by block, so every process gets the rows one process would.
+and a new model's x-attn blocks from theirs (``nvlm.models.xattn_init``), block by block, so every process gets
+the values one process would.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from nvlm.models.llm import embedding_weights, new_embedding_rows
 from nvlm.models.names import backbone_names
+from nvlm.models.xattn_init import Drawn
 
 # wrappers that torch inserts into parameter names (activation checkpointing, compile, FSDP1)
 _WRAPPERS = re.compile(r"(^|\.)(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -45,7 +47,7 @@ class FileTensor:
 class Plan:
     """Where every parameter and buffer of the run's model comes from (by name, wrappers stripped)."""
 
-    sources: dict[str, FileTensor | torch.Tensor]
+    sources: dict[str, FileTensor | Drawn | torch.Tensor]
     bytes_read: dict[str, int] = field(default_factory=dict)  # file → bytes this process read from it
 
 
@@ -85,19 +87,24 @@ Folders = dict[str, tuple[Path, tuple[str, ...]]]
 """{model name prefix: (safetensors folder, key prefixes to try in its files)}: where a skeleton's meta weights are."""
 
 
-def plan(model: Any, folders: Folders, seed: int | None) -> Plan | None:
+def plan(model: Any, folders: Folders, seed: int | None, drawn: dict[str, Drawn] | None = None) -> Plan | None:
     """Where each parameter and buffer of `model` (a skeleton, ``nvlm.models.build``) comes from: its real
-    tensors from themselves, its meta ones from `folders` (added embedding rows drawn from `seed`). Every process
-    computes the same plan from the same files and seed; None: some weight is in none of the folders."""
+    tensors from themselves, `drawn` ones (a new model's x-attn blocks) drawn, the other meta ones from `folders`
+    (added embedding rows drawn from `seed`). Every process computes the same plan from the same files and seeds;
+    None: some weight is in none of the folders."""
+    drawn = drawn or {}
     std = getattr(model.llm.config.get_text_config(), "initializer_range", 0.02)
     by_id = {id(p): n for n, p in model.named_parameters()}
     grown = {by_id[id(w)]: which for which, w in enumerate(embedding_weights(model.llm))}
     indexes = {prefix: tensor_index(folder) for prefix, (folder, _) in folders.items()}
-    sources: dict[str, FileTensor | torch.Tensor] = {}
+    sources: dict[str, FileTensor | Drawn | torch.Tensor] = {}
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in tensors:
         if not tensor.is_meta:
             sources[name] = tensor.detach()
+            continue
+        if name in drawn:
+            sources[name] = drawn[name]
             continue
         saved = next(iter(backbone_names(model, {name: tensor})))  # x-attn layers keep the LLM's names on disk
         prefix = max((p for p in folders if saved.startswith(p)), key=len, default=None)
@@ -182,12 +189,14 @@ def load(
     return plan
 
 
-def _fill(tensor: torch.Tensor, src: FileTensor | torch.Tensor, plan: Plan) -> None:
+def _fill(tensor: torch.Tensor, src: FileTensor | Drawn | torch.Tensor, plan: Plan) -> None:
     local, shape, offset = _block(tensor)
     if local.numel() == 0:
         return
     if isinstance(src, torch.Tensor):
         value = src[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+    elif isinstance(src, Drawn):
+        value = src.block(shape, offset)
     else:
         value = _read(src, shape, offset, plan)
     local.copy_(value)

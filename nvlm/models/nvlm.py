@@ -16,6 +16,7 @@ id it must know, the image-pad token's, is in its config.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,11 @@ def _head_ce(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torc
 class NVLM(nn.Module):
     """NVLM-D / NVLM-X / NVLM-H over a Hugging Face causal LLM and vision tower. Build with ``nvlm.build``."""
 
-    def __init__(self, config: NVLMConfig, llm: CausalLM, vision_model: VisionTower) -> None:
+    def __init__(
+        self, config: NVLMConfig, llm: CausalLM, vision_model: VisionTower, xattn_device: str | None = None
+    ) -> None:
+        """`xattn_device`: where the x-attn blocks' tensors are made ("meta": left to a loader, which draws a new
+        model's blocks a few rows at a time, ``nvlm.models.xattn_init``; None: the default device)."""
         super().__init__()
         self.config = config
         self.llm = llm
@@ -134,7 +139,8 @@ class NVLM(nn.Module):
         self.xattn = nn.ModuleList()
         if config.arch in ("X", "H"):
             self.xattn_layers = schedule(self.dims.num_layers, config.xattn.every, config.xattn.layers)
-            blocks = [GatedCrossAttentionBlock(self.dims, config.xattn.ffn_size) for _ in self.xattn_layers]
+            with torch.device(xattn_device) if xattn_device else nullcontext():
+                blocks = [GatedCrossAttentionBlock(self.dims, config.xattn.ffn_size) for _ in self.xattn_layers]
             self.xattn = nn.ModuleList(blocks)
             layers = decoder_layers(llm)
             for block_idx, layer_idx in enumerate(self.xattn_layers):
