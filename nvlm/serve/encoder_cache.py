@@ -10,11 +10,11 @@ in bytes (``--encoder-cache-gb``; 0 turns the cache off). Hits, lookups and byte
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from nvlm.serve.lru import ByteLRU
 from nvlm.serve.metrics import EngineMetrics
 
 
@@ -36,9 +36,12 @@ class EncoderCache:
     """Projected features [tiles, tokens_per_tile, d] per image key, least recently used evicted first."""
 
     def __init__(self, max_bytes: int, metrics: EngineMetrics) -> None:
-        self.max_bytes, self.metrics = max_bytes, metrics
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
+        self.metrics = metrics
+        self._entries: ByteLRU[torch.Tensor] = ByteLRU(max_bytes, lambda t: t.numel() * t.element_size())
+
+    @property
+    def bytes(self) -> int:
+        return self._entries.bytes
 
     def features(self, model: Any, samples: list[Any], keys: list[list[tuple[str, int]]]) -> torch.Tensor | None:
         """The features of every tile of `samples` in the order the processor collates them (None: no image);
@@ -54,7 +57,6 @@ class EncoderCache:
                 hit = self._entries.get(key)
                 self.metrics.count("encoder_cache_queries")
                 if hit is not None:
-                    self._entries.move_to_end(key)
                     self.metrics.count("encoder_cache_hits")
                 elif key not in pending:
                     pending[key] = len(found)
@@ -66,17 +68,7 @@ class EncoderCache:
             computed = model.encode_tiles(torch.cat(missing))  # [tiles, tokens_per_tile, d]
             for key, feats in zip(pending, computed.split([t.shape[0] for t in missing]), strict=True):
                 fresh[key] = feats
-                self._put(key, feats)
+                self._entries.put(key, feats)
+            self.metrics.gauges["encoder_cache_bytes"] = self.bytes
         flat = [k for sample_keys in keys for k, _ in sample_keys]
         return torch.cat([f if f is not None else fresh[k] for f, k in zip(found, flat, strict=True)])
-
-    def _put(self, key: str, feats: torch.Tensor) -> None:
-        size = feats.numel() * feats.element_size()
-        if size > self.max_bytes:
-            return
-        self._entries[key] = feats
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-        self.metrics.gauges["encoder_cache_bytes"] = self.bytes

@@ -11,13 +11,15 @@ compute) and the prefill runs only on the rest of the prompt.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from nvlm.inference.kv_cache import KVPool
+from nvlm.serve.lru import ByteLRU
 from nvlm.serve.metrics import EngineMetrics
+
+Block = list[tuple[torch.Tensor, torch.Tensor]]  # every layer's (K, V) of one block
 
 BLOCK = 16
 
@@ -62,17 +64,21 @@ class PrefixCache:
     """Per block hash: every layer's (K, V) of the block [kvH, BLOCK, hd], least recently used evicted first."""
 
     def __init__(self, max_bytes: int, metrics: EngineMetrics) -> None:
-        self.max_bytes, self.metrics = max_bytes, metrics
-        self._blocks: OrderedDict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.bytes = 0
+        self.metrics = metrics
+        self._blocks: ByteLRU[Block] = ByteLRU(
+            max_bytes, lambda kv: sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+        )
+
+    @property
+    def bytes(self) -> int:
+        return self._blocks.bytes
 
     def match(self, hashes: list[bytes]) -> int:
         """Leading blocks held (marked as recently used)."""
         n = 0
         for h in hashes:
-            if h not in self._blocks:
+            if self._blocks.get(h) is None:
                 break
-            self._blocks.move_to_end(h)
             n += 1
         return n
 
@@ -90,12 +96,6 @@ class PrefixCache:
                 continue
             cols = slice(i * BLOCK, (i + 1) * BLOCK)
             kv = [(layer.k[row, :, cols].clone(), layer.v[row, :, cols].clone()) for layer in pool.layers]  # type: ignore[union-attr]
-            size = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
-            if size > self.max_bytes:
-                return
-            self._blocks[h] = kv
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._blocks.popitem(last=False)
-                self.bytes -= sum(k.numel() * k.element_size() * 2 for k, _ in old)
+            if not self._blocks.put(h, kv):
+                break
         self.metrics.gauges["prefix_cache_bytes"] = self.bytes
