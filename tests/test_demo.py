@@ -15,6 +15,7 @@ def test_demo_quick_learns_every_task(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "fresh image" in printed
+    assert "NVLM-D final" in printed and "stage 1 only" in printed  # each column named, not one head over two
     results = json.loads((out / "results.json").read_text())
     assert results["arch"] == "D" and results["wall_s"] > 0
     tasks = results["tasks"]

@@ -214,19 +214,21 @@ def ask_about_a_fresh_image(checkpoint: str, root: Path, seed: int, log=print) -
 def render_table(results: dict[str, Any]) -> str:
     """A table in the spirit of the paper's Tables 7–8: accuracy per task with its chance level."""
     lines = [f"\nnvlm demo ({results['budget']}, seed {results['seed']}): held-out accuracy", ""]
+    # two columns per architecture, each named: the final model (stage 1 + stage 2), and the model after
+    # stage 1 alone (its LLM still frozen), so nobody reads the final accuracy as stage 1's
     head = f"{'task':<10} {'chance':>7} " + " ".join(
-        f"{'NVLM-' + r['arch']:>8} {'(stage 1)':>9}" for r in results["runs"]
-    )  # the final model, and the stage-1 model alone (frozen LLM)
+        f"{'NVLM-' + r['arch'] + ' final':>14} {'stage 1 only':>12}" for r in results["runs"]
+    )
     lines += [head, "-" * len(head)]
     for task in VISION_TASKS:
         accs = " ".join(
-            f"{r['tasks'][task]['accuracy']:>8.3f} {r['tasks_stage1'][task]['accuracy']:>9.3f}" for r in results["runs"]
+            f"{r['tasks'][task]['accuracy']:>14.3f} {r['tasks_stage1'][task]['accuracy']:>12.3f}" for r in results["runs"]
         )
         lines.append(f"{task:<10} {results['runs'][0]['tasks'][task]['chance']:>7.3f} {accs}")
     r0 = results["runs"][0]["text"]
     lines.append(
         f"{'text: a+b':<10} {r0['chance']:>7.3f} "
-        + " ".join(f"{r['text']['final']:>8.3f}" for r in results["runs"])
+        + " ".join(f"{r['text']['final']:>14.3f} {'':>12}" for r in results["runs"])
         + f"   (backbone LLM {r0['backbone']:.3f}; "
         + ", ".join(f"{r['arch']} {r['text']['final'] - r['text']['backbone']:+.3f}" for r in results["runs"])
         + ")"
