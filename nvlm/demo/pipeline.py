@@ -222,7 +222,8 @@ def render_table(results: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for task in VISION_TASKS:
         accs = " ".join(
-            f"{r['tasks'][task]['accuracy']:>14.3f} {r['tasks_stage1'][task]['accuracy']:>12.3f}" for r in results["runs"]
+            f"{r['tasks'][task]['accuracy']:>14.3f} {r['tasks_stage1'][task]['accuracy']:>12.3f}"
+            for r in results["runs"]
         )
         lines.append(f"{task:<10} {results['runs'][0]['tasks'][task]['chance']:>7.3f} {accs}")
     r0 = results["runs"][0]["text"]

@@ -39,10 +39,6 @@ class EncoderCache:
         self.metrics = metrics
         self._entries: ByteLRU[torch.Tensor] = ByteLRU(max_bytes, lambda t: t.numel() * t.element_size())
 
-    @property
-    def bytes(self) -> int:
-        return self._entries.bytes
-
     def features(self, model: Any, samples: list[Any], keys: list[list[tuple[str, int]]]) -> torch.Tensor | None:
         """The features of every tile of `samples` in the order the processor collates them (None: no image);
         images not cached go through the vision tower and projector together, once."""
@@ -69,6 +65,6 @@ class EncoderCache:
             for key, feats in zip(pending, computed.split([t.shape[0] for t in missing]), strict=True):
                 fresh[key] = feats
                 self._entries.put(key, feats)
-            self.metrics.gauges["encoder_cache_bytes"] = self.bytes
+            self.metrics.gauges["encoder_cache_bytes"] = self._entries.bytes
         flat = [k for sample_keys in keys for k, _ in sample_keys]
         return torch.cat([f if f is not None else fresh[k] for f, k in zip(found, flat, strict=True)])

@@ -69,10 +69,6 @@ class PrefixCache:
             max_bytes, lambda kv: sum(k.numel() * k.element_size() * 2 for k, _ in kv)
         )
 
-    @property
-    def bytes(self) -> int:
-        return self._blocks.bytes
-
     def match(self, hashes: list[bytes]) -> int:
         """Leading blocks held (marked as recently used)."""
         n = 0
@@ -98,4 +94,4 @@ class PrefixCache:
             kv = [(layer.k[row, :, cols].clone(), layer.v[row, :, cols].clone()) for layer in pool.layers]  # type: ignore[union-attr]
             if not self._blocks.put(h, kv):
                 break
-        self.metrics.gauges["prefix_cache_bytes"] = self.bytes
+        self.metrics.gauges["prefix_cache_bytes"] = self._blocks.bytes
