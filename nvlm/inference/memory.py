@@ -3,8 +3,8 @@ refuses a load that cannot fit before any weight is read.
 
 The model is built on the meta device from its config.json (nvlm's format or the released NVLM-D layout), so
 NVLM-D-72B's plan takes seconds on a laptop. Per GPU, for tensor parallelism over `tp` ranks (the LLM's and the
-x-attn blocks' projections split, as the runtime's TP plans split them (``nvlm.training.plan.tp_sharded``);
-embeddings, LM head, norms and the rest whole on every rank):
+x-attn blocks' projections split, as the runtime's TP plans split them:
+``nvlm.distributed.tensor_parallel.tp_sharded``; embeddings, LM head, norms and the rest whole on every rank):
 
     weights      the quantized Linears (``nvlm.inference.quantize``: bytes per weight of the scheme, with its
                  scales), the LLM's kept part (embeddings, LM head, norms, biases) in the load dtype, the vision
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nvlm.distributed.tensor_parallel import shard_elements, tp_sharded
 from nvlm.errors import UserError
 from nvlm.inference.quantize import targets
 from nvlm.inference.schemes import DEFAULT_KEEP, INT4_GROUP
-from nvlm.training.plan import _shard, tp_sharded
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -74,7 +74,7 @@ def plan(model: NVLM, s: Serving) -> dict[str, Any]:
     split = tp_sharded(model) if s.tp > 1 else set()
 
     def per_rank(p: nn.Parameter) -> int:
-        return _shard(p, 1, s.tp if id(p) in split else 1)
+        return shard_elements(p, 1, s.tp if id(p) in split else 1)
 
     names = set(targets(model, s.keep)) if s.quantize else set()
     quantized = {id(m.weight) for n, m in model.named_modules() if n in names}
