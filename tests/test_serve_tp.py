@@ -8,6 +8,7 @@ python -m pytest tests/test_serve_tp.py -q
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -43,35 +44,32 @@ def answers(engine) -> list[list[int]]:
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
+    """``load_checked`` as ``nvlm serve`` runs it under torchrun: rank 0 serves the prompts with the engine, then
+    stops the followers; a follower returns from the load only by exiting (SystemExit 0) once told to stop."""
     dist_util.worker_env(rank, world_size, port)
-    from nvlm.distributed.inference import control_group, inference_mesh
-    from nvlm.distributed.parallel import init_world, shutdown
-    from nvlm.loading import load_sharded
+    from nvlm.distributed.parallel import shutdown
+    from nvlm.inference.memory import Serving, load_checked
     from nvlm.serve.engine import Engine
-    from nvlm.serve.tp import Steps, follow
 
-    world = init_world(timeout_s=120)
-    mesh, group = inference_mesh(world), control_group()
-    try:
-        for job in jobs:
-            out: dict = {}
+    for job in jobs:
+        out: dict = {}
+        try:
+            model, processor = load_checked(job["model"], Serving(device="cpu", dtype="float32", max_batch=3))
+            out["local_elements"] = sum(p.numel() for p in model.parameters())
+            engine = Engine(model, processor, max_batch=3).start()
             try:
-                model, processor = load_sharded(job["model"], mesh)
-                out["local_elements"] = sum(p.numel() for p in model.parameters())
-                if rank == 0:
-                    engine = Engine(model, processor, max_batch=3, prefix_cache=False, runners=Steps(group))
-                    engine.start()
-                    try:
-                        out["ids"] = answers(engine)
-                    finally:
-                        engine.close()
-                else:
-                    out["steps"] = follow(model, group)
-            except Exception:  # noqa: BLE001 - reported to the test process
-                out["error"] = traceback.format_exc()
-            Path(f"{job['out']}.rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        shutdown(world)
+                out["ids"] = answers(engine)
+            finally:
+                engine.close()
+                model.tp_steps.close()
+        except SystemExit as e:
+            out["follower_exit"] = e.code
+        except Exception:  # noqa: BLE001 - reported to the test process
+            out["error"] = traceback.format_exc()
+        Path(f"{job['out']}.rank{rank}.json").write_text(json.dumps(out))
+    from nvlm.distributed.parallel import World
+
+    shutdown(World(distributed=True))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +95,7 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
     for arch in ("D", "X", "H"):
         lead, follower = (dist_util.result(tmp_path / arch, r) for r in (0, 1))
         assert "error" not in lead and "error" not in follower, lead.get("error") or follower.get("error")
+        assert follower == {"follower_exit": 0}  # it left the load only when rank 0 stopped it
         model, processor = nvlm.load(saved[arch])
         engine = Engine(model, processor, max_batch=3).start()
         try:
@@ -105,7 +104,52 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
             engine.close()
         assert lead["ids"] == want, arch
         assert all(len(ids) > 0 for ids in want)
-        # each rank holds half of the split projections: fewer elements than the whole model, the same on both
-        whole = sum(p.numel() for p in model.parameters())
-        assert lead["local_elements"] == follower["local_elements"] < whole
-        assert follower["steps"] > sum(BUDGETS) // 3  # it ran the decoding steps, then returned on "stop"
+        # rank 0 holds half of each split projection: fewer elements than the whole model
+        assert lead["local_elements"] < sum(p.numel() for p in model.parameters())
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    return [*run, "-m", "nvlm", *args]
+
+
+def _color_data(tmp_path: Path) -> Path:
+    picture(150, 100).save(tmp_path / "a.png")
+    rows = [
+        {
+            "id": f"q{i}",
+            "image": "a.png",
+            "task": "color",
+            "conversations": [{"from": "human", "value": f"What color{'?' * (i + 1)}"}, {"from": "gpt", "value": a}],
+        }
+        for i, a in enumerate(["red", "blue", "green"])
+    ]
+    (tmp_path / "color.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "color.jsonl"
+
+
+def test_eval_run_under_torchrun_predicts_as_one_process(saved, tmp_path):
+    """``torchrun --nproc_per_node=2 -m nvlm eval run --model M``: rank 0 runs the eval (and alone writes it),
+    rank 1 follows its generate calls; the predictions equal one process's."""
+    import subprocess
+
+    from nvlm.cli import main
+
+    data = _color_data(tmp_path)
+    common = ["eval", "run", "--task", "demo", "--data", str(data), "--max-new-tokens", "6", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = _torchrun([*common, "--model", str(saved["H"]), "--out", str(tmp_path / "tp")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("predictions:") == 1, proc.stdout  # rank 0 alone reports
+    assert main([*common, "--model", str(saved["H"]), "--out", str(tmp_path / "one")]) == 0
+    got, want = (sorted((tmp_path / d).rglob("predictions.jsonl")) for d in ("tp", "one"))
+    assert len(got) == len(want) == 1
+    rows = [[json.loads(line)["prediction"] for line in p[0].read_text().splitlines()] for p in (got, want)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3

@@ -51,9 +51,7 @@ class Engine(PrefillSteps):
     """Continuous-batching generation over one NVLM model (see the module docstring). `max_kv_tokens` bounds
     rows × attended positions of a decoding step (None: no bound); past it the newest rows are preempted.
     `encoder_cache_gb`: the bound of the encoder cache (``nvlm.serve.encoder_cache``; 0: none); `prefix_cache`
-    and its bound: reuse of prompt blocks' KV (``nvlm.serve.prefix_cache``). `runners(model)`: makes the
-    engine's model runners (default ``ModelRunner``; tensor parallelism's ``nvlm.serve.tp.Steps``, whose
-    ``close`` the worker calls when it ends)."""
+    and its bound: reuse of prompt blocks' KV (``nvlm.serve.prefix_cache``)."""
 
     def __init__(
         self,
@@ -68,7 +66,6 @@ class Engine(PrefillSteps):
         encoder_cache_gb: float = 1.0,
         prefix_cache: bool = True,
         prefix_cache_gb: float = 1.0,
-        runners: Any = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
@@ -84,12 +81,12 @@ class Engine(PrefillSteps):
         self.scheduler = Scheduler(max_batch, max_prefill_tokens, max_kv_tokens)
         self.max_prefill_tokens = max_prefill_tokens  # also the chunk size of a longer prompt's prefill
         self._chunk: tuple[Request, Any, int, ModelRunner] | None = None  # a prompt being prefilled in chunks
-        self._runners = runners or ModelRunner
-        if runners is not None and prefix_cache:
-            raise ValueError("the prefix cache cannot run with mirrored runners (tensor parallelism); turn it off")
-        self.runner: ModelRunner = self._runners(model)
+        self.runner = ModelRunner(model)
         cache_bytes = int(encoder_cache_gb * 2**30)
         self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
+        if prefix_cache and getattr(model, "tp_steps", None) is not None:  # its blocks would be rank 0's heads only
+            log.info("tensor parallelism: the prefix cache is off")
+            prefix_cache = False
         prefix_bytes = int(prefix_cache_gb * 2**30) if prefix_cache else 0
         self.prefix_cache = PrefixCache(prefix_bytes, self.metrics) if prefix_bytes > 0 else None
         self.output = OutputProcessor(processor.pad_id, self.stop_ids, self._tok_lock, self.metrics)
@@ -210,14 +207,6 @@ class Engine(PrefillSteps):
 
     # ---- the worker --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        try:
-            self._steps()
-        finally:  # the followers of a tensor-parallel engine return with it
-            close = getattr(self._runners, "close", None)
-            if close is not None:
-                close()
-
-    def _steps(self) -> None:
         with torch.inference_mode():
             while True:
                 self._beat = time.monotonic()
@@ -252,15 +241,10 @@ class Engine(PrefillSteps):
             victims = [r for r in admitted or [] if r not in self._running]
             if admitted is None or len(victims) != len(admitted):  # the rows may be half-updated
                 victims += self._running
-                self.runner = self._runners(self.model)
+                self.runner = ModelRunner(self.model)
             for r in victims:
                 if r.finish_reason is None:
                     self.output.finish(r, "error", f"{type(e).__name__}: {e}")
-
-    def _start_chunks(self, r: Request, sample: Any, start: int) -> None:
-        """A prompt longer than `max_prefill_tokens` gets a runner of its own from the engine's `runners`."""
-        self._chunk = (r, sample, start, self._runners(self.model))
-        self._next_chunk([r])
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
