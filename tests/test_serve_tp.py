@@ -153,3 +153,50 @@ def test_eval_run_under_torchrun_predicts_as_one_process(saved, tmp_path):
     assert len(got) == len(want) == 1
     rows = [[json.loads(line)["prediction"] for line in p[0].read_text().splitlines()] for p in (got, want)]
     assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
+def test_serve_under_torchrun_answers_concurrent_requests_and_stops_every_rank(saved, tmp_path):
+    """``torchrun --nproc_per_node=2 -m nvlm serve M``: concurrent chat requests over HTTP answer as
+    ``model.generate`` on one process; on SIGTERM the server drains and both ranks exit (none hangs)."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import nvlm
+    from nvlm.serve.client import ServerModel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = _torchrun(["serve", str(saved["X"]), "--port", str(port), "--device", "cpu", "--max-batch", "3"])
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below, after the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT_S
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        prompts = [chat_prompt(q, len(ims)) for q, ims in [("What is this?", [0]), ("Say hi.", []), ("And?", [1])]]
+        images = [[picture(150, 100)], [], [picture(60, 140, 3)]]
+        got = ServerModel(url + "/v1", concurrency=3).generate(prompts, images, max_new_tokens=8)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks; rank 0 drains and stops rank 1
+        assert proc.wait(timeout=90) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "nvlm.serve INFO stopped" in text and "rank 1: rank 0 stopped after" in text, text[-3000:]
+    # no traceback of ours (torchrun itself raises one when it gets SIGTERM, after its workers have left)
+    assert not [line for line in text.splitlines() if line.startswith('  File "') and "/nvlm/" in line], text
+    model, processor = nvlm.load(saved["X"])
+    want = [model.generate(processor, p, im, max_new_tokens=8) for p, im in zip(prompts, images, strict=True)]
+    assert got == want

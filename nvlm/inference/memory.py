@@ -22,6 +22,7 @@ An estimate, not a measurement: allocator fragmentation and the CUDA graphs of a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -286,7 +287,8 @@ def load_tensor_parallel(path: str | os.PathLike, s: Serving) -> Any:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun passes SIGTERM on; rank 0 drains, then says stop
-        follow(model, group)
+        steps = follow(model, group)
+        logging.getLogger("nvlm.distributed").info("rank %d: rank 0 stopped after %d steps; leaving", world.rank, steps)
         raise SystemExit(0)
     model.tp_steps = Steps(group)  # type: ignore[assignment]  # nn.Module types attributes as tensors or modules
     return model, processor
