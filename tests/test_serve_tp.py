@@ -43,24 +43,41 @@ def answers(engine) -> list[list[int]]:
     return [list(r.output_ids) for r in reqs]
 
 
+def prefill_logits(model, processor) -> torch.Tensor:
+    """The last position's logits of two prompts (one with an image), through a runner (mirrored under TP)."""
+    from nvlm.inference.runner import ModelRunner
+
+    samples = [processor.encode(p, [picture(*im) for im in ims]) for p, ims in PROMPTS[:2]]
+    with torch.inference_mode():
+        return ModelRunner(model).prefill(processor.collate(samples, padding_side="left"), [0, 1])[:, -1]
+
+
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     """``load_checked`` as ``nvlm serve`` runs it under torchrun: rank 0 serves the prompts with the engine, then
     stops the followers; a follower returns from the load only by exiting (SystemExit 0) once told to stop."""
     dist_util.worker_env(rank, world_size, port)
     from nvlm.distributed.parallel import shutdown
     from nvlm.inference.memory import Serving, load_checked
+    from nvlm.inference.quantize import summary
     from nvlm.serve.engine import Engine
 
     for job in jobs:
         out: dict = {}
         try:
-            model, processor = load_checked(job["model"], Serving(device="cpu", dtype="float32", max_batch=3))
+            s = Serving(device="cpu", dtype="float32", max_batch=3, quantize=job.get("quantize"))
+            model, processor = load_checked(job["model"], s)
             out["local_elements"] = sum(p.numel() for p in model.parameters())
-            engine = Engine(model, processor, max_batch=3).start()
             try:
-                out["ids"] = answers(engine)
+                if job.get("quantize"):
+                    out["quantized"] = summary(model)["quantized"]
+                    out["logits"] = prefill_logits(model, processor).tolist()
+                else:
+                    engine = Engine(model, processor, max_batch=3).start()
+                    try:
+                        out["ids"] = answers(engine)
+                    finally:
+                        engine.close()
             finally:
-                engine.close()
                 model.tp_steps.close()
         except SystemExit as e:
             out["follower_exit"] = e.code
@@ -90,6 +107,7 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
     from nvlm.serve.engine import Engine
 
     jobs = [{"model": str(saved[a]), "out": str(tmp_path / a)} for a in ("D", "X", "H")]
+    jobs.append({"model": str(saved["X"]), "out": str(tmp_path / "int8"), "quantize": "int8"})
     dist_util.spawn(_worker, jobs, 2, TIMEOUT_S)
     torch.set_num_threads(1)
     for arch in ("D", "X", "H"):
@@ -106,6 +124,20 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
         assert all(len(ids) > 0 for ids in want)
         # rank 0 holds half of each split projection: fewer elements than the whole model
         assert lead["local_elements"] < sum(p.numel() for p in model.parameters())
+    # int8 weight-only under TP: the same Linears quantized, each rank its block (a row-parallel block's rows
+    # get scales of their own half), logits close to one process's int8
+    from nvlm.inference.memory import Serving, load_checked
+    from nvlm.inference.quantize import summary
+
+    lead = dist_util.result(tmp_path / "int8", 0)
+    assert "error" not in lead, lead.get("error")
+    model, processor = load_checked(saved["X"], Serving(device="cpu", dtype="float32", quantize="int8"))
+    want = prefill_logits(model, processor)
+    got = torch.tensor(lead["logits"])
+    err = (got - want).abs().max().item()
+    print(f"int8 TP 2 vs 1 process: max |logit error| {err:.2e} (logits' range {want.abs().max().item():.2f})")
+    assert lead["quantized"] == summary(model)["quantized"] > 0
+    assert err < 0.05 * want.abs().max().item()
 
 
 def _torchrun(args: list[str]) -> list[str]:
