@@ -43,13 +43,17 @@ def answers(engine) -> list[list[int]]:
     return [list(r.output_ids) for r in reqs]
 
 
-def prefill_logits(model, processor) -> torch.Tensor:
-    """The last position's logits of two prompts (one with an image), through a runner (mirrored under TP)."""
+def prefill_logits(model, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last position's logits of two prompts (one with an image) through a runner, and through a plain
+    forward (as an eval's letter scoring runs it): both mirrored to the followers under TP."""
     from nvlm.inference.runner import ModelRunner
 
     samples = [processor.encode(p, [picture(*im) for im in ims]) for p, ims in PROMPTS[:2]]
+    batch = processor.collate(samples, padding_side="left")
+    batch.pop("labels", None)
     with torch.inference_mode():
-        return ModelRunner(model).prefill(processor.collate(samples, padding_side="left"), [0, 1])[:, -1]
+        runner = ModelRunner(model).prefill(batch, [0, 1])[:, -1]
+        return runner, model(**batch, logits_to_keep=1).logits[:, -1]
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
@@ -70,7 +74,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
             try:
                 if job.get("quantize"):
                     out["quantized"] = summary(model)["quantized"]
-                    out["logits"] = prefill_logits(model, processor).tolist()
+                    out["logits"], out["forward"] = (t.tolist() for t in prefill_logits(model, processor))
                 else:
                     engine = Engine(model, processor, max_batch=3).start()
                     try:
@@ -132,8 +136,9 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
     lead = dist_util.result(tmp_path / "int8", 0)
     assert "error" not in lead, lead.get("error")
     model, processor = load_checked(saved["X"], Serving(device="cpu", dtype="float32", quantize="int8"))
-    want = prefill_logits(model, processor)
+    want, _ = prefill_logits(model, processor)
     got = torch.tensor(lead["logits"])
+    torch.testing.assert_close(torch.tensor(lead["forward"]), got)  # the plain forward ran on both ranks too
     err = (got - want).abs().max().item()
     print(f"int8 TP 2 vs 1 process: max |logit error| {err:.2e} (logits' range {want.abs().max().item():.2f})")
     assert lead["quantized"] == summary(model)["quantized"] > 0

@@ -9,7 +9,8 @@
 Each rank holds its shard of the model (``nvlm.distributed.inference``). On rank 0 every ``ModelRunner`` over a
 model that carries ``tp_steps`` sends each call that runs the model or changes its rows (a prefill's host batch,
 a prompt's next chunk, a row moving or leaving, a decoding step, the tokens fed) before running it, so every
-rank runs the same forward on the same rows and the all-reduces inside meet. Requests travel as integer keys,
+rank runs the same forward on the same rows and the all-reduces inside meet; a forward outside a runner (an
+eval's scoring pass) is sent as it is called (``mirror_forwards``). Requests travel as integer keys,
 batches as the processor's host tensors. Rank 0 owns HTTP, the queue and the scheduler; nothing else crosses.
 
 Rank 0 alone samples and sends the tokens it feeds: one sampler state and one set of seeded generators, and no
@@ -61,11 +62,12 @@ class Steps:
         self._gone.append(key)
 
     def send(self, runner: int, call: str, *args: Any) -> None:
+        """Broadcast one call (its tensors copied to the host first)."""
         with self._lock:
             if self.stopped:
                 raise RuntimeError("the tensor-parallel followers have stopped; no step can run")
             gone, self._gone = self._gone, []
-            dist.broadcast_object_list([(runner, call, args, gone)], src=0, group=self.group)
+            dist.broadcast_object_list([(runner, call, _host(args), gone)], src=0, group=self.group)
 
     def close(self) -> None:
         """Tell the followers to return (once; later calls do nothing)."""
@@ -75,6 +77,18 @@ class Steps:
             self.send(-1, "stop")
         finally:
             self.stopped = True
+
+
+def mirror_forwards(model: Any, steps: Steps) -> None:
+    """Rank 0: a forward of `model` outside a runner (a runner's passes its ``KVPool``), e.g. an eval's one-pass
+    scoring of answer letters or ``generate(use_cache=False)``, runs on the followers too."""
+    from nvlm.inference.kv_cache import KVPool
+
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not isinstance(kwargs.get("past_key_values"), KVPool):
+            steps.send(-1, "forward", args, kwargs)
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def follow(model: Any, group: Any) -> int:
@@ -93,6 +107,9 @@ def follow(model: Any, group: Any) -> int:
                 return steps
             if call == "new":
                 runners[key] = ModelRunner(model)
+                continue
+            if call == "forward":
+                model(*args[0], **args[1])
                 continue
             steps += 1
             try:
@@ -119,6 +136,17 @@ def _run(runners: dict[int, ModelRunner], key: int, call: str, args: tuple, devi
         runner.release(args[0])
     else:
         raise ValueError(f"unknown step {call!r}")
+
+
+def _host(x: Any) -> Any:
+    """`x` with every tensor inside (tuples, lists, dicts) on the host, so that the message pickles anywhere."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_host(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _host(v) for k, v in x.items()}
+    return x
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -270,7 +270,7 @@ def load_tensor_parallel(path: str | os.PathLike, s: Serving) -> Any:
     here until rank 0's command ends, then exits 0."""
     import atexit
 
-    from nvlm.distributed.follow import Steps, follow
+    from nvlm.distributed.follow import Steps, follow, mirror_forwards
     from nvlm.distributed.inference import control_group, inference_mesh
     from nvlm.distributed.parallel import init_world, shutdown
     from nvlm.loading import load_sharded
@@ -287,8 +287,10 @@ def load_tensor_parallel(path: str | os.PathLike, s: Serving) -> Any:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun passes SIGTERM on; rank 0 drains, then says stop
-        steps = follow(model, group)
-        logging.getLogger("nvlm.distributed").info("rank %d: rank 0 stopped after %d steps; leaving", world.rank, steps)
+        n = follow(model, group)
+        logging.getLogger("nvlm.distributed").info("rank %d: rank 0 stopped after %d steps; leaving", world.rank, n)
         raise SystemExit(0)
-    model.tp_steps = Steps(group)  # type: ignore[assignment]  # nn.Module types attributes as tensors or modules
+    steps = Steps(group)
+    model.tp_steps = steps  # type: ignore[assignment]  # nn.Module types attributes as tensors or modules
+    mirror_forwards(model, steps)
     return model, processor

@@ -48,9 +48,9 @@ class ModelRunner:
             weakref.finalize(self, self._steps.gone, self._key)
 
     def _mirror(self, call: str, *args: Any) -> None:
-        """Send this call to the tensor-parallel followers (owners as keys, tensors to the host: only then)."""
+        """Send this call to the tensor-parallel followers (owners as keys)."""
         if self._steps is not None:
-            self._steps.send(self._key, call, *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+            self._steps.send(self._key, call, *args)
 
     @property
     def n(self) -> int:
