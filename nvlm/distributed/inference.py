@@ -16,15 +16,16 @@ K/V heads, everything between the pairs is replicated and identical on every ran
 tensors also let torchao quantize a rank's shard like any Linear, and cost no DTensor dispatch per call.
 
 What stays whole on every rank: embeddings, LM head, norms, the projector and the vision tower. The vision tower
-is replicated rather than run on rank 0 and broadcast: every rank already receives the batch (pixels included)
-to run the same forward, so each computes the same features at the same time, with no transfer of
-[tiles, tokens, hidden] features and no rank idle while rank 0 encodes; the price is its weights on every GPU
-(InternViT-6B ≈ 11 GiB in bf16), which the inference memory plan counts per rank.
+is replicated, not split and not kept on rank 0 alone: every rank receives the step's batch (pixels included)
+anyway, so without an encoder cache (``nvlm eval run``, ``nvlm chat``) each rank encodes the same tiles at the
+same time, with no rank idle while another encodes and no feature transfer; with the server's encoder cache,
+rank 0 encodes the images it misses and sends the batch's features with the step, so a cache hit spares every
+rank the tower. The price is the tower's weights on every GPU (InternViT-6B ≈ 11 GiB in bf16), which the
+inference memory plan counts per rank; splitting the tower too would save that at one all-reduce per ViT layer.
 """
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -114,8 +115,3 @@ def _sum_over(group: Any) -> Any:
         return out
 
     return hook
-
-
-def is_follower() -> bool:
-    """True in a torchrun process other than rank 0 (read from the environment, before any process group)."""
-    return int(os.environ.get("RANK", "0")) != 0
