@@ -7,9 +7,11 @@ python -m pytest tests/test_serve_tp.py -q
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import dist_util
@@ -56,6 +58,46 @@ def prefill_logits(model, processor) -> tuple[torch.Tensor, torch.Tensor]:
         return runner, model(**batch, logits_to_keep=1).logits[:, -1]
 
 
+@contextlib.contextmanager
+def failing_decode(at: int) -> Iterator[None]:
+    """The `at`-th decoding forward of this process raises (before its collectives, as a bad input would): the
+    same step on every rank, each counting its own."""
+    from nvlm.models.nvlm import NVLM
+
+    forward, calls = NVLM.forward, [0]
+
+    def failing(self, *args, **kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        if kwargs.get("past_key_values") is not None and ids.shape[1] == 1:  # a decoding step
+            calls[0] += 1
+            if calls[0] == at:
+                raise RuntimeError("injected failure")
+        return forward(self, *args, **kwargs)
+
+    NVLM.forward = failing
+    try:
+        yield
+    finally:
+        NVLM.forward = forward
+
+
+def serve_through_a_failed_step(model, processor) -> tuple[str, list[list[int]]]:
+    """Rank 0's engine fails the rows in flight at the failing step, the follower logs it, and both go on
+    serving (each with a fresh runner). Returns the failed requests' error and the next requests' token ids."""
+    from nvlm.serve.engine import Engine, EngineError
+
+    engine = Engine(model, processor, max_batch=3).start()
+    try:
+        try:
+            answers(engine)
+            error = "no error"
+        except EngineError as e:
+            error = str(e)
+        return error, answers(engine)
+    finally:
+        engine.close()
+
+
 def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     """``load_checked`` as ``nvlm serve`` runs it under torchrun: rank 0 serves the prompts with the engine, then
     stops the followers; a follower returns from the load only by exiting (SystemExit 0) once told to stop."""
@@ -69,10 +111,14 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
         out: dict = {}
         try:
             s = Serving(device="cpu", dtype="float32", max_batch=3, quantize=job.get("quantize"))
-            model, processor = load_checked(job["model"], s)
+            with failing_decode(job["fail_at"]) if job.get("fail_at") else contextlib.nullcontext():
+                model, processor = load_checked(job["model"], s)
             out["local_elements"] = sum(p.numel() for p in model.parameters())
             try:
-                if job.get("quantize"):
+                if job.get("fail_at"):
+                    with failing_decode(job["fail_at"]):
+                        out["error_event"], out["ids"] = serve_through_a_failed_step(model, processor)
+                elif job.get("quantize"):
                     out["quantized"] = summary(model)["quantized"]
                     out["logits"], out["forward"] = (t.tolist() for t in prefill_logits(model, processor))
                 else:
@@ -112,6 +158,7 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
 
     jobs = [{"model": str(saved[a]), "out": str(tmp_path / a)} for a in ("D", "X", "H")]
     jobs.append({"model": str(saved["X"]), "out": str(tmp_path / "int8"), "quantize": "int8"})
+    jobs.append({"model": str(saved["D"]), "out": str(tmp_path / "fail"), "fail_at": 3})
     dist_util.spawn(_worker, jobs, 2, TIMEOUT_S)
     torch.set_num_threads(1)
     for arch in ("D", "X", "H"):
@@ -128,6 +175,10 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
         assert all(len(ids) > 0 for ids in want)
         # rank 0 holds half of each split projection: fewer elements than the whole model
         assert lead["local_elements"] < sum(p.numel() for p in model.parameters())
+    # a step that fails on every rank fails its requests; serving goes on, on both ranks, with the same answers
+    failed, follower = (dist_util.result(tmp_path / "fail", r) for r in (0, 1))
+    assert follower == {"follower_exit": 0}
+    assert "injected failure" in failed["error_event"] and failed["ids"] == dist_util.result(tmp_path / "D")["ids"]
     # int8 weight-only under TP: the same Linears quantized, each rank its block (a row-parallel block's rows
     # get scales of their own half), logits close to one process's int8
     from nvlm.inference.memory import Serving, load_checked
