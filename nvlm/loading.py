@@ -241,56 +241,6 @@ def load(
     return model, unfilled.processor
 
 
-def load_sharded(
-    path: str | os.PathLike,
-    mesh: Any,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    quantize: str | None = None,
-    quantize_keep: tuple[str, ...] | None = None,
-) -> tuple[NVLM, Processor]:
-    """``load`` for tensor-parallel inference over `mesh` (``nvlm.distributed.inference``): the LLM's and the
-    x-attn blocks' projections split as training splits them, each process reading only its block of them from
-    the files, one module at a time straight to `device`; with `quantize`, each block is quantized as it is
-    read (the keep-list as ``load``'s). nvlm's format only: a release folder is converted first."""
-    from nvlm.distributed.inference import localize, split_for_inference
-    from nvlm.inference import quantized_io
-    from nvlm.inference.quantize import Quantizer, check_scheme
-    from nvlm.inference.schemes import DEFAULT_KEEP
-    from nvlm.interop.release import is_release
-
-    root = Path(path)
-    if not (root / "llm").is_dir() and is_release(root):
-        raise UserError(f"{root}: tensor parallelism reads nvlm's format; convert it first: nvlm convert {root} OUT")
-    if quantized_io.is_quantized_folder(root):
-        raise UserError(f"{root} is quantized as a whole; give the full-precision folder with --quantize instead")
-    if any((root / folder / "adapter_config.json").is_file() for folder in ADAPTERS.values()):
-        raise UserError(f"{root} holds LoRA adapters; fold them in first (nvlm merge SRC DST), then serve DST")
-    unfilled = saved_model(root)
-    model, plan = unfilled.model, unfilled.plan()
-    if plan is None:
-        raise UserError(f"{root}: its weights cannot be read block by block (a layout only transformers reads)")
-    keep = DEFAULT_KEEP if quantize_keep is None else tuple(quantize_keep)
-    scheme = check_scheme(quantize)
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    quantizer = Quantizer(model, scheme, keep, dtype, target) if scheme is not None else None
-    group = mesh.get_group()
-
-    def filled(name: str, module: torch.nn.Module) -> None:
-        localize(module, group)  # this rank's block as a plain tensor, before it is cast or quantized
-        if quantizer is not None:
-            quantizer.module_filled(name, module)
-        elif dtype is not None:
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
-
-    split_for_inference(model, mesh)
-    fill.load(model, plan, device=target, after=filled)
-    model.llm.tie_weights()
-    if quantizer is not None:
-        quantizer.quantize_rest(model)
-    return model.eval(), unfilled.processor
-
-
 def _load_quantized(root: Path, dtype: torch.dtype | None, device: torch.device) -> tuple[NVLM, Processor]:
     """A folder written by ``nvlm quantize``: the skeleton filled with the rebuilt quantized tensors."""
     from nvlm.inference import quantized_io

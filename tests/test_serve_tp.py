@@ -222,6 +222,7 @@ def _color_data(tmp_path: Path) -> Path:
     return tmp_path / "color.jsonl"
 
 
+@pytest.mark.slow
 def test_eval_run_under_torchrun_predicts_as_one_process(saved, tmp_path):
     """``torchrun --nproc_per_node=2 -m nvlm eval run --model M``: rank 0 runs the eval (and alone writes it),
     rank 1 follows its generate calls; the predictions equal one process's."""
@@ -243,6 +244,7 @@ def test_eval_run_under_torchrun_predicts_as_one_process(saved, tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 3
 
 
+@pytest.mark.slow
 def test_serve_under_torchrun_answers_concurrent_requests_and_stops_every_rank(saved, tmp_path):
     """``torchrun --nproc_per_node=2 -m nvlm serve M``: concurrent chat requests over HTTP answer as
     ``model.generate`` on one process; on SIGTERM the server drains and both ranks exit (none hangs)."""
@@ -288,3 +290,11 @@ def test_serve_under_torchrun_answers_concurrent_requests_and_stops_every_rank(s
     model, processor = nvlm.load(saved["X"])
     want = [model.generate(processor, p, im, max_new_tokens=8) for p, im in zip(prompts, images, strict=True)]
     assert got == want
+
+
+def test_tp_without_torchrun_is_a_one_line_error(saved, capsys):
+    from nvlm.cli import main
+
+    assert main(["serve", str(saved["D"]), "--tp", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc_per_node=2 -m nvlm" in err and "Traceback" not in err

@@ -22,7 +22,6 @@ An estimate, not a measurement: allocator fragmentation and the CUDA graphs of a
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -245,12 +244,14 @@ def resolve(device: str, dtype: str) -> tuple[str, str]:
 def load_checked(path: str | os.PathLike, s: Serving) -> Any:
     """``nvlm.load`` as `s` says, after the plan is checked against the device's free memory (a UserError
     naming what would fit, before any weight is read). Under torchrun with several processes: tensor parallelism
-    over all of them (``load_tensor_parallel``), where only rank 0 returns."""
+    over all of them (``nvlm.inference.tensor_parallel``), where only rank 0 returns."""
     from nvlm.distributed.parallel import launched_by_torchrun
     from nvlm.loading import load
 
     if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return load_tensor_parallel(path, s)
+        from nvlm.inference.tensor_parallel import load_tensor_parallel
+
+        return load_tensor_parallel(path, s, lambda share: check(serving_model(path), share))
     if s.tp != 1:
         raise UserError(f"--tp {s.tp}: start one process per GPU: torchrun --nproc_per_node={s.tp} -m nvlm ...")
     from nvlm.inference import quantized_io
@@ -261,36 +262,3 @@ def load_checked(path: str | os.PathLike, s: Serving) -> Any:
         return load(path, getattr(torch, s.dtype), s.device)
     check(serving_model(path), s)
     return load(path, getattr(torch, s.dtype), s.device, s.quantize, s.keep)
-
-
-def load_tensor_parallel(path: str | os.PathLike, s: Serving) -> Any:
-    """The model split over torchrun's processes (``nvlm.distributed.inference``; one GPU each, or gloo on the
-    CPU), each reading its own block, after its share of the plan is checked. Rank 0 gets (model, processor),
-    its runners mirrored to the others (``nvlm.distributed.follow``); every other rank follows rank 0's steps
-    here until rank 0's command ends, then exits 0."""
-    import atexit
-
-    from nvlm.distributed.follow import Steps, follow, mirror_forwards
-    from nvlm.distributed.inference import control_group, inference_mesh
-    from nvlm.distributed.parallel import init_world, shutdown
-    from nvlm.loading import load_sharded
-
-    world = init_world(train_device="cpu" if s.device == "cpu" else "cuda")
-    if s.tp not in (1, world.size):
-        raise UserError(f"--tp {s.tp} but torchrun started {world.size} processes: give --tp {world.size} or omit it")
-    s = replace(s, tp=world.size, device=str(world.device))
-    check(serving_model(path), s)
-    mesh, group = inference_mesh(world), control_group()
-    atexit.register(shutdown, world)  # after rank 0's Steps.close (exit hooks run last-registered first)
-    model, processor = load_sharded(path, mesh, getattr(torch, s.dtype), world.device, s.quantize, s.keep)
-    if not world.main:
-        import signal
-
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun passes SIGTERM on; rank 0 drains, then says stop
-        n = follow(model, group)
-        logging.getLogger("nvlm.distributed").info("rank %d: rank 0 stopped after %d steps; leaving", world.rank, n)
-        raise SystemExit(0)
-    steps = Steps(group)
-    model.tp_steps = steps  # type: ignore[assignment]  # nn.Module types attributes as tensors or modules
-    mirror_forwards(model, steps)
-    return model, processor
