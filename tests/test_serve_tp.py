@@ -122,7 +122,8 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
                     out["quantized"] = summary(model)["quantized"]
                     out["logits"], out["forward"] = (t.tolist() for t in prefill_logits(model, processor))
                 else:
-                    engine = Engine(model, processor, max_batch=3).start()
+                    chunk = job.get("max_prefill_tokens", 16384)  # smaller: long prompts in chunks
+                    engine = Engine(model, processor, max_batch=3, max_prefill_tokens=chunk).start()
                     try:
                         out["ids"] = answers(engine)
                     finally:
@@ -157,6 +158,7 @@ def test_two_ranks_answer_as_one_for_d_x_and_h(saved, tmp_path):
     from nvlm.serve.engine import Engine
 
     jobs = [{"model": str(saved[a]), "out": str(tmp_path / a)} for a in ("D", "X", "H")]
+    jobs[2]["max_prefill_tokens"] = 48  # H: every prompt prefilled alone, those with images in chunks
     jobs.append({"model": str(saved["X"]), "out": str(tmp_path / "int8"), "quantize": "int8"})
     jobs.append({"model": str(saved["D"]), "out": str(tmp_path / "fail"), "fail_at": 3})
     dist_util.spawn(_worker, jobs, 2, TIMEOUT_S)
