@@ -173,6 +173,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError(f"{args.src}: no saved model there (no config.json); give an nvlm checkpoint or the release")
     if os.path.isdir(args.dst) and os.listdir(args.dst):
         raise UserError(f"{args.dst} exists and is not empty; give a new folder")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun the model would load split over the processes
+        raise UserError("nvlm quantize writes one whole model: run it as one process, without torchrun")
     from nvlm.inference import quantized_io
     from nvlm.inference.memory import Serving, load_checked, resolve
     from nvlm.inference.quantize import summary

@@ -23,6 +23,7 @@ samples: their data-parallel rank is ``rank // tp`` (the mesh's dp coordinate).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -114,6 +115,33 @@ def tp_plans(model: NVLM) -> list[tuple[str, nn.Module, dict[str, str]]]:
         plans.append((f"llm.layers.{i}", inner, LLM_LAYER_PLAN))
     plans += [(f"xattn.{i}", block, XATTN_BLOCK_PLAN) for i, block in enumerate(model.xattn)]
     return plans
+
+
+def tp_sharded(model: NVLM) -> set[int]:
+    """ids of the parameters tensor parallelism splits, read off the runtime's plans (``tp_plans``): the weights
+    of the column- and row-parallel projections of every decoder layer and x-attn block, and the column-parallel
+    ones' biases (a row-parallel bias is added after the all-reduce: whole). Embeddings, LM head, norms, LoRA
+    adapters, the projector and the vision tower stay whole on every tp rank."""
+    out: set[int] = set()
+    for _, module, plan in tp_plans(model):
+        for sub, style in plan.items():
+            if style not in ("colwise", "rowwise"):
+                continue
+            m = module.get_submodule(sub)
+            base = getattr(m, "base_layer", m)  # a LoRA-wrapped Linear: PEFT's base layer is what is split
+            out.add(id(base.weight))
+            if style == "colwise" and base.bias is not None:
+                out.add(id(base.bias))
+    return out
+
+
+def shard_elements(p: nn.Parameter, dp: int, tp: int = 1) -> int:
+    """Elements of `p` on the busiest rank: FSDP2 splits dim 0 in `dp` chunks, the first ones rounded up,
+    of the tp rank's slice (numel / tp) when tensor parallelism splits `p` (tp > 1)."""
+    if p.dim() == 0:
+        return 1
+    rows = math.ceil(p.shape[0] / tp)  # a row-parallel split of dim 1 gives the same count to within rounding
+    return math.ceil(rows / dp) * (p.numel() // max(p.shape[0], 1))
 
 
 def apply_tensor_parallel(model: NVLM, tp_mesh: DeviceMesh) -> None:

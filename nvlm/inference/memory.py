@@ -3,8 +3,8 @@ refuses a load that cannot fit before any weight is read.
 
 The model is built on the meta device from its config.json (nvlm's format or the released NVLM-D layout), so
 NVLM-D-72B's plan takes seconds on a laptop. Per GPU, for tensor parallelism over `tp` ranks (the LLM's and the
-x-attn blocks' projections split, as the runtime's TP plans split them (``nvlm.training.plan.tp_sharded``);
-embeddings, LM head, norms and the rest whole on every rank):
+x-attn blocks' projections split, as the runtime's TP plans split them:
+``nvlm.distributed.tensor_parallel.tp_sharded``; embeddings, LM head, norms and the rest whole on every rank):
 
     weights      the quantized Linears (``nvlm.inference.quantize``: bytes per weight of the scheme, with its
                  scales), the LLM's kept part (embeddings, LM head, norms, biases) in the load dtype, the vision
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nvlm.distributed.tensor_parallel import shard_elements, tp_sharded
 from nvlm.errors import UserError
 from nvlm.inference.quantize import targets
 from nvlm.inference.schemes import DEFAULT_KEEP, INT4_GROUP
-from nvlm.training.plan import _shard, tp_sharded
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
@@ -74,7 +74,7 @@ def plan(model: NVLM, s: Serving) -> dict[str, Any]:
     split = tp_sharded(model) if s.tp > 1 else set()
 
     def per_rank(p: nn.Parameter) -> int:
-        return _shard(p, 1, s.tp if id(p) in split else 1)
+        return shard_elements(p, 1, s.tp if id(p) in split else 1)
 
     names = set(targets(model, s.keep)) if s.quantize else set()
     quantized = {id(m.weight) for n, m in model.named_modules() if n in names}
@@ -243,11 +243,17 @@ def resolve(device: str, dtype: str) -> tuple[str, str]:
 
 def load_checked(path: str | os.PathLike, s: Serving) -> Any:
     """``nvlm.load`` as `s` says, after the plan is checked against the device's free memory (a UserError
-    naming what would fit, before any weight is read)."""
+    naming what would fit, before any weight is read). Under torchrun with several processes: tensor parallelism
+    over all of them (``nvlm.inference.tensor_parallel``), where only rank 0 returns."""
+    from nvlm.distributed.parallel import launched_by_torchrun
     from nvlm.loading import load
 
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from nvlm.inference.tensor_parallel import load_tensor_parallel
+
+        return load_tensor_parallel(path, s, lambda share: check(serving_model(path), share))
     if s.tp != 1:
-        raise UserError(f"--tp {s.tp}: tensor-parallel serving is not available here yet; plan it with --dry-run")
+        raise UserError(f"--tp {s.tp}: start one process per GPU: torchrun --nproc_per_node={s.tp} -m nvlm ...")
     from nvlm.inference import quantized_io
 
     if quantized_io.is_quantized_folder(path):  # planned as saved; loaded as saved

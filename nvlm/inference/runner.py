@@ -11,10 +11,14 @@ What a step needs is kept, not rebuilt: the LLM's KV and each block's memory K/V
 (written in place, a row's column is its position), positions counted on the device, an attention mask only
 when rows differ in length (then a view of one buffer whose new column is set per step), and the blocks'
 view of the memory made once per set of rows.
+
+Under tensor parallelism (``nvlm.distributed.follow``) the model on rank 0 carries ``tp_steps``: every runner over
+it then sends each call to the other ranks before running it, so theirs run the same steps on their shards.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +42,15 @@ class ModelRunner:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [R, C] 1 = a real column of the row
         self._pos: torch.Tensor | None = None  # [n] each row's next position (= column), counted up per step
         self._rows: torch.Tensor | None = None  # arange(n)
+        self._steps = getattr(model, "tp_steps", None)  # rank 0 of tensor parallelism: calls are mirrored
+        self._key = self._steps.new_runner() if self._steps is not None else -1
+        if self._steps is not None:
+            weakref.finalize(self, self._steps.gone, self._key)
+
+    def _mirror(self, call: str, *args: Any) -> None:
+        """Send this call to the tensor-parallel followers (owners as keys)."""
+        if self._steps is not None:
+            self._steps.send(self._key, call, *args)
 
     @property
     def n(self) -> int:
@@ -60,6 +73,7 @@ class ModelRunner:
         batch's projected tile features [tiles, tokens, d] when known already (an encoder cache), else the
         model computes them from the batch's pixel_values."""
         batch = {k: v for k, v in batch.items() if k != "labels"}
+        self._mirror("prefill", batch, [id(o) for o in owners], all_logits, features)
         b, t = batch["input_ids"].shape
         lengths = batch["attention_mask"].sum(-1).tolist()  # host mask: no synchronisation
         first = self.n
@@ -86,6 +100,9 @@ class ModelRunner:
         chunk of a prompt prefilled in pieces). `load(row)` first writes positions 0 … start−1 (a prefix cache's
         blocks). `batch` holds the tokens from `start` of one unpadded prompt (no attention mask; the decoder
         tiles of its own image-pad runs only). Returns its last position's logits [1, 1, vocab]."""
+        if load is not None and self._steps is not None:
+            raise RuntimeError("a prefix cache cannot load rows under tensor parallelism (its blocks are one rank's)")
+        self._mirror("extend", batch, id(owner), start, features)
         new = owner not in self.owners
         r, t = self.owners.index(owner) if not new else self.n, batch["input_ids"].shape[1]
         self.kv.reserve(max(r + 1, self.n), start + t + 1)
@@ -114,6 +131,7 @@ class ModelRunner:
 
     def adopt(self, other: ModelRunner, owner: Any) -> None:
         """Take `owner`'s row from `other` (where its prompt was prefilled in pieces) as a new row here."""
+        self._mirror("adopt", other._key, id(owner))
         j = other.owners.index(owner)
         n, r = other.kv.lengths[j], self.n
         self.kv.reserve(r + 1, n + 1)
@@ -143,11 +161,13 @@ class ModelRunner:
 
     def feed(self, first: int, tokens: torch.Tensor) -> None:
         """Rows first … first+len−1 feed `tokens` [k] (on the device) at the next decoding step."""
+        self._mirror("feed", first, tokens)
         self._next[first : first + tokens.shape[0]] = tokens
 
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
         """One token for every row (each its fed token) → logits [n, vocab]."""
+        self._mirror("decode")
         n, lengths = self.n, self.kv.lengths
         w = self.width()
         device = self._next.device
@@ -176,6 +196,7 @@ class ModelRunner:
 
     def release(self, owner: Any) -> None:
         """Drop `owner`'s row; the last row moves into its place (its KV, memory K/V, next token, mask)."""
+        self._mirror("release", id(owner))
         r, last = self.owners.index(owner), self.n - 1
         if r != last:
             self.kv.move(last, r)

@@ -84,6 +84,9 @@ class Engine(PrefillSteps):
         self.runner = ModelRunner(model)
         cache_bytes = int(encoder_cache_gb * 2**30)
         self.encoder_cache = EncoderCache(cache_bytes, self.metrics) if cache_bytes > 0 else None
+        if prefix_cache and getattr(model, "tp_steps", None) is not None:  # its blocks would be rank 0's heads only
+            log.info("tensor parallelism: the prefix cache is off")
+            prefix_cache = False
         prefix_bytes = int(prefix_cache_gb * 2**30) if prefix_cache else 0
         self.prefix_cache = PrefixCache(prefix_bytes, self.metrics) if prefix_bytes > 0 else None
         self.output = OutputProcessor(processor.pad_id, self.stop_ids, self._tok_lock, self.metrics)

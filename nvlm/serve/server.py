@@ -76,7 +76,13 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print GiB per GPU from the config alone; load nothing")
     p.add_argument("--json", action="store_true", help="--dry-run: the plan as one JSON object (GiB)")
-    p.add_argument("--tp", type=int, default=1, help="--dry-run: tensor-parallel GPUs to plan for")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel GPUs: --dry-run plans for them; to run, start one process per GPU with torchrun "
+        "--nproc_per_node=N -m nvlm serve MODEL (the process count is the TP degree)",
+    )
     p.add_argument("--max-model-len", type=int, default=4096, help="tokens a request may hold (KV cache plan)")
 
 
@@ -230,7 +236,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was there before it: make that
     # a no-op, so a drained server exits 0 (what process managers expect from a clean stop)
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, limit, args.graceful_timeout)).run()
+    try:
+        uvicorn.Server(uvicorn_config(app, args.host, args.port, limit, args.graceful_timeout)).run()
+    finally:  # tensor parallelism: the engine has drained; the other ranks return too
+        steps = getattr(model, "tp_steps", None)
+        if steps is not None:
+            steps.close()
     log.info("stopped")
     return 0
 

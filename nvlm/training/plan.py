@@ -51,11 +51,10 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from nvlm.config import ConfigError
 from nvlm.distributed.parallel import fsdp_units
-from nvlm.distributed.tensor_parallel import tp_plans
+from nvlm.distributed.tensor_parallel import shard_elements as _shard
+from nvlm.distributed.tensor_parallel import tp_sharded
 from nvlm.models.lora import apply_lora, is_adapter_param
 from nvlm.training.config import RunConfig
 from nvlm.training.stages import components
@@ -107,33 +106,6 @@ def meta_model(cfg: RunConfig) -> NVLM:
 
 
 # ---- parameters and FSDP units ---------------------------------------------------------------------------
-def tp_sharded(model: NVLM) -> set[int]:
-    """ids of the parameters tensor parallelism splits, read off the runtime's plans (``tp_plans``): the weights
-    of the column- and row-parallel projections of every decoder layer and x-attn block, and the column-parallel
-    ones' biases (a row-parallel bias is added after the all-reduce: whole). Embeddings, LM head, norms, LoRA
-    adapters, the projector and the vision tower stay whole on every tp rank."""
-    out: set[int] = set()
-    for _, module, plan in tp_plans(model):
-        for sub, style in plan.items():
-            if style not in ("colwise", "rowwise"):
-                continue
-            m = module.get_submodule(sub)
-            base = getattr(m, "base_layer", m)  # a LoRA-wrapped Linear: PEFT's base layer is what is split
-            out.add(id(base.weight))
-            if style == "colwise" and base.bias is not None:
-                out.add(id(base.bias))
-    return out
-
-
-def _shard(p: nn.Parameter, dp: int, tp: int = 1) -> int:
-    """Elements of `p` on the busiest rank: FSDP2 splits dim 0 in `dp` chunks, the first ones rounded up,
-    of the tp rank's slice (numel / tp) when tensor parallelism splits `p` (tp > 1)."""
-    if p.dim() == 0:
-        return 1
-    rows = math.ceil(p.shape[0] / tp)  # a row-parallel split of dim 1 gives the same count to within rounding
-    return math.ceil(rows / dp) * (p.numel() // max(p.shape[0], 1))
-
-
 def _units(model: NVLM, dp: int, tp: int = 1) -> list[dict[str, Any]]:
     """One row per FSDP unit, in `fsdp_units` order: each unit owns the parameters no earlier unit took.
     ``gathered``/``gathered_trainable``: elements one rank holds while the unit is gathered (its tp slice)."""
