@@ -272,3 +272,14 @@ def test_bounded_strings_become_patterns():
     assert out["properties"]["maxLength"] == {"type": "string", "pattern": "^.{0,3}$"}
     assert out["properties"]["b"] == {"enum": [{"minLength": 2}]}  # data, not a schema
     assert bounded_strings({"minLength": 2}) == {"pattern": "^.{2,}$"}
+
+
+def test_bench_structured_measures_both_side_by_side(build_model):
+    from nvlm.bench.structured import measure, render
+
+    model, processor = build_model("D")
+    r = measure(model, processor, rows=2, requests=4, max_tokens=6, rounds=1)
+    assert r["us_per_token_free"] > 0 and r["us_per_token_json"] > 0 and r["grammar_us_per_token"] > 0
+    assert r["ratio"] == pytest.approx(r["us_per_token_json"] / r["us_per_token_free"])
+    assert r["answers"] == 4 and r["parsed"] == r["stopped"] <= 4
+    assert "without a grammar" in render(r)

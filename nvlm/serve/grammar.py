@@ -194,16 +194,16 @@ class TokenMasks:
         if logits.device.type == "cpu":
             xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=used, indices=rows, backend="cpu")
         else:  # xgrammar's GPU kernel is Triton's; without Triton, its plain-torch one
-            backend = "triton" if _has_triton() else "torch_native"
             dev = mask.to(logits.device, non_blocking=True)
-            xgr.apply_token_bitmask_inplace(logits, dev, vocab_size=used, indices=rows, backend=backend)
+            if _has_triton():
+                xgr.apply_token_bitmask_inplace(logits, dev, vocab_size=used, indices=rows, backend="triton")
+            else:
+                xgr.apply_token_bitmask_inplace(logits, dev, vocab_size=used, indices=rows, backend="torch_native")
         if width > vocab:  # logits past the tokenizer's vocabulary are no text the grammar could accept
             logits[rows, vocab:] = float("-inf")
 
 
 def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
