@@ -72,7 +72,7 @@ def bounded_strings(schema: Any) -> Any:
     if not ints:
         return out
     if "pattern" in out:
-        raise ValueError("the JSON schema cannot be compiled: a string with both pattern and minLength/maxLength")
+        raise ValueError("xgrammar bounds a string with both pattern and minLength/maxLength by its pattern alone")
     out.pop("minLength", None)
     out.pop("maxLength", None)
     low = lo if isinstance(lo, int) and not isinstance(lo, bool) else 0
@@ -129,7 +129,7 @@ class Grammars:
                 alts = " | ".join(json.dumps(s, ensure_ascii=False) for s in json.loads(spec.text))
                 return c.compile_grammar(f"root ::= {alts}")
             return c.compile_grammar(spec.text)
-        except (RuntimeError, ValueError, MemoryError, RecursionError) as e:
+        except Exception as e:  # the library's reason, whatever its exception type: a 400, never a 500
             raise ValueError(f"{_WHAT[spec.kind]} cannot be compiled: {_reason(e)}") from None
 
 
