@@ -283,3 +283,29 @@ def test_bench_structured_measures_both_side_by_side(build_model):
     assert r["ratio"] == pytest.approx(r["us_per_token_json"] / r["us_per_token_free"])
     assert r["answers"] == 4 and r["parsed"] == r["stopped"] <= 4
     assert "without a grammar" in render(r)
+
+
+def test_openai_client_parse_with_a_pydantic_model(server):
+    """The official client's ``chat.completions.parse``: a pydantic model → a strict JSON schema ($defs, enums,
+    bounded lists and strings) → an answer it parses back into the model."""
+    openai = pytest.importorskip("openai")
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):
+        name: str = Field(max_length=6)
+        qty: int = Field(ge=0, le=9)
+
+    class Invoice(BaseModel):
+        kind: Literal["invoice", "receipt"]
+        items: list[Item] = Field(max_length=2)
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.chat.completions.parse(
+        model="nvlm", messages=MESSAGES, response_format=Invoice, temperature=1.0, seed=2, max_tokens=200, n=3
+    )
+    for choice in done.choices:
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Invoice)
