@@ -46,6 +46,12 @@ def test_top_k_and_top_p_limit_the_draws():
     assert seen == [{0, 1}, {0, 1}, {0, 1, 2, 3}]
 
 
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    rows = RowSettings.of([1.0], [1.0], [55883], [_gen(1)], logits.device)
+    assert {int(sample(logits.clone(), rows)) for _ in range(300)} == {0, 1, 2, 3}
+
+
 def test_one_generator_for_all_rows_draws_them_together():
     """generate(seed=…) over a batch: one stream, drawn as one multinomial over the rows (as before)."""
     logits = _logits(3, seed=2)

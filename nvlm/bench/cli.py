@@ -1,5 +1,6 @@
-"""``nvlm bench`` sub-commands: ``train`` (the paper's Table 3 — D/X/H training throughput at equal shapes) and
-``serve`` (a load generator for an OpenAI-compatible server, ``nvlm.bench.serve``).
+"""``nvlm bench`` sub-commands: ``train`` (the paper's Table 3 — D/X/H training throughput at equal shapes),
+``serve`` (a load generator for an OpenAI-compatible server, ``nvlm.bench.serve``) and ``structured`` (structured
+outputs' cost per token, ``nvlm.bench.structured``).
 
 The main CLI creates the ``bench`` parser and calls ``add_bench_subcommands(bench_parser)``; every sub-command
 sets ``func(args) -> int`` (the exit status; 2 = bad arguments, with a message naming the flag).
@@ -113,8 +114,10 @@ def add_bench_subcommands(parser: argparse.ArgumentParser) -> None:
     k.set_defaults(func=run_packing)
 
     from nvlm.bench.serve import add_bench_serve_parser
+    from nvlm.bench.structured import add_bench_structured_parser
 
     add_bench_serve_parser(sub)
+    add_bench_structured_parser(sub)
 
 
 def _vs_flags(p: argparse.ArgumentParser) -> None:

@@ -62,7 +62,8 @@ def sample(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     logits = logits.float()
     if rows.topk:  # keep each row's k most likely tokens (ties at the k-th kept)
         ranked = logits.sort(-1, descending=True).values
-        kth = ranked.gather(1, (rows.top_k - 1).clamp(min=0)[:, None])  # [n, 1]
+        # a k past the vocabulary keeps every token (the API bounds k, not by the model's vocabulary)
+        kth = ranked.gather(1, (rows.top_k - 1).clamp(0, logits.shape[-1] - 1)[:, None])  # [n, 1]
         logits = logits.masked_fill((rows.top_k > 0)[:, None] & (logits < kth), float("-inf"))
     probs = torch.softmax(logits / rows.temperature[:, None], dim=-1)
     if rows.nucleus:  # keep the smallest prefix of sorted tokens whose mass reaches top_p

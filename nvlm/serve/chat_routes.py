@@ -4,12 +4,15 @@ Images pass the media gate before anything is queued; each image's tile budget i
 (``image_url.max_dynamic_patch``, else ``mm_processor_kwargs.max_dynamic_patch``) clamped to the server's
 ceiling, else the model's own; the response's ``nvlm.images`` reports what each image got. ``logprobs`` /
 ``top_logprobs`` are OpenAI's: each answer token's log-probability under the model and its best alternatives.
+``response_format`` / ``structured_outputs`` are compiled here, on a worker thread of the server, before the
+request is queued (a schema the grammar library cannot compile is a 400 with its reason).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,15 +20,25 @@ from starlette.concurrency import run_in_threadpool
 
 from nvlm.serve.common import POST_ERRORS, Serving, collect, error, submit_all
 from nvlm.serve.engine import SamplingParams
+from nvlm.serve.grammar import grammars_for
 from nvlm.serve.logprobs import Pieces, chat_logprobs
 from nvlm.serve.media import MediaError
-from nvlm.serve.protocol import ChatRequest, build_prompt
+from nvlm.serve.protocol import ChatRequest, Sampling, build_prompt
 from nvlm.serve.responses import image_info, stream_chunks, usage
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sampling(req: ChatRequest, i: int) -> SamplingParams:
+async def compile_grammar(ctx: Serving, req: Sampling) -> Any:
+    """The request's compiled grammar (None: free text), compiled off the event loop and the engine's thread;
+    ValueError (→ 400) when it cannot be compiled or xgrammar is not installed."""
+    spec = req.spec
+    if spec is None:
+        return None
+    return await run_in_threadpool(lambda: grammars_for(ctx.engine).compile(spec))
+
+
+def sampling(req: ChatRequest, i: int, grammar: Any = None) -> SamplingParams:
     """Choice i's settings (its seed is the request's + i, so n choices differ and repeat)."""
     return SamplingParams(
         max_tokens=req.budget,
@@ -37,6 +50,7 @@ def sampling(req: ChatRequest, i: int) -> SamplingParams:
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
+        grammar=grammar,
     )
 
 
@@ -50,6 +64,10 @@ def chat_router(ctx: Serving) -> APIRouter:
             prompt, parts = build_prompt(req.messages, ctx.forbidden, ctx.engine.processor.config.template)
         except ValueError as e:
             return error(400, str(e))
+        try:
+            grammar = await compile_grammar(ctx, req)
+        except ValueError as e:
+            return error(400, str(e), param="response_format" if req.response_format else "structured_outputs")
         if len(parts) > ctx.gate.policy.max_images:  # counted before any fetch or decode
             return error(
                 400, f"{len(parts)} images; this server takes at most {ctx.gate.policy.max_images} per request"
@@ -60,7 +78,9 @@ def chat_router(ctx: Serving) -> APIRouter:
             return error(e.status, str(e), "invalid_image")
         shared = req.mm_processor_kwargs.max_dynamic_patch if req.mm_processor_kwargs else None
         tiles = [ctx.tile_budget(p.max_dynamic_patch or shared) for p in parts]
-        submitted = await submit_all(ctx.engine, [(prompt, images, sampling(req, i), tiles) for i in range(req.n)])
+        submitted = await submit_all(
+            ctx.engine, [(prompt, images, sampling(req, i, grammar), tiles) for i in range(req.n)]
+        )
         if isinstance(submitted, Response):
             return submitted
         handles, events = submitted

@@ -5,7 +5,9 @@ the prompt comes back in front of the answer, and with ``logprobs`` (0–20 alte
 log-probabilities: ``{prompt, max_tokens: 1, logprobs: 1, echo: true}`` is how lm-evaluation-harness scores a
 continuation, and ``max_tokens: 0`` with ``echo`` scores the prompt alone. Log-probabilities are the model's
 own (``nvlm.serve.logprobs``). Prompt text is refused if it holds a reserved token, as chat text is; token-id
-prompts are range-checked and may not hold the image-pad token (this route takes no images).
+prompts are range-checked and may not hold the image-pad token (this route takes no images). Structured outputs
+(``response_format``, ``structured_outputs``) constrain every choice as in chat (the echoed prompt is not part
+of what they constrain).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, model_validator
 
-from nvlm.serve.chat_routes import SSE_HEADERS
+from nvlm.serve.chat_routes import SSE_HEADERS, compile_grammar
 from nvlm.serve.common import POST_ERRORS, Serving, collect, error, submit_all
 from nvlm.serve.engine import SamplingParams
 from nvlm.serve.logprobs import MAX_LOGPROBS, Pieces, completion_logprobs
@@ -55,7 +57,7 @@ class CompletionRequest(Sampling):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
 
-    def sampling(self, k: int) -> SamplingParams:
+    def sampling(self, k: int, grammar: Any = None) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -67,6 +69,7 @@ class CompletionRequest(Sampling):
             prompt_logprobs=self.logprobs if self.echo else None,
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
+            grammar=grammar,
         )
 
 
@@ -88,10 +91,13 @@ def completions_router(ctx: Serving) -> APIRouter:
             for j, p in enumerate(prompts):
                 if isinstance(p, str):
                     check_text(p, ctx.forbidden, f"prompt[{j}]")
+            grammar = await compile_grammar(ctx, req)
         except ValueError as e:
             return error(400, str(e))
         each = [p for p in prompts for _ in range(n)]  # choice k answers prompt k // n
-        jobs: list[tuple[Any, list, SamplingParams, Any]] = [(p, [], req.sampling(k), None) for k, p in enumerate(each)]
+        jobs: list[tuple[Any, list, SamplingParams, Any]] = [
+            (p, [], req.sampling(k, grammar), None) for k, p in enumerate(each)
+        ]
         submitted = await submit_all(ctx.engine, jobs)
         if isinstance(submitted, Response):
             return submitted

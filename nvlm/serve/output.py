@@ -3,7 +3,9 @@
 All rows are sampled at once on the logits' device (``nvlm.inference.sampler``: per-row temperature, top-p,
 top-k and seed); the tokens come to the host in one copy per step. Each request's text grows by an incremental
 detokenizer (``nvlm.inference.detok``), which decodes only the new token's window; stop strings, end-of-sequence
-tokens, ``min_tokens``, ``ignore_eos`` and ``max_tokens`` end requests as ``model.generate`` does.
+tokens, ``min_tokens``, ``ignore_eos`` and ``max_tokens`` end requests as ``model.generate`` does. Rows with a
+grammar (structured outputs, ``nvlm.serve.grammar``) sample only what their grammar allows next, and end with
+"stop" when it is complete; when no row has one, no mask is made.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import torch
 
 from nvlm.inference.sampler import RowSettings, sample
+from nvlm.serve.grammar import TokenMasks
 from nvlm.serve.logprobs import step_logprobs
 from nvlm.serve.metrics import EngineMetrics
 from nvlm.serve.request import Event, Request
@@ -25,6 +28,7 @@ class OutputProcessor:
     def __init__(self, pad_id: int, stop_ids: list[int], tok_lock: threading.Lock, metrics: EngineMetrics) -> None:
         self.pad_id, self.stop_ids, self.tok_lock, self.metrics = pad_id, stop_ids, tok_lock, metrics
         self._settings: tuple[tuple[int, ...], RowSettings] | None = None  # for the last set of rows
+        self._masks = TokenMasks()
 
     def settings(self, reqs: list[Request], device: torch.device) -> RowSettings:
         """The rows' sampling settings as tensors, made again only when the rows change."""
@@ -50,6 +54,9 @@ class OutputProcessor:
         if early and self.stop_ids:  # no end-of-sequence token before min_tokens
             rows = torch.tensor(early, device=logits.device)[:, None]
             logits[rows, torch.tensor(self.stop_ids, device=logits.device)] = float("-inf")
+        constrained = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
+        if constrained:  # after the masks above: the grammar may allow end-of-sequence, never the image pad
+            self._masks.apply(logits, [i for i, _ in constrained], [m for _, m in constrained])
         tokens = sample(logits, self.settings(reqs, logits.device))
         host = tokens.tolist()  # the step's one device→host copy
         if any(w is not None for w in wanted):
@@ -74,7 +81,10 @@ class OutputProcessor:
                     self.metrics.ttft.observe(now - r.t_submit)
                 r.t_last = now
                 r.detok.add(tok)
-                reason = "stop" if r.detok.finished else "length" if len(r.output_ids) >= r.params.max_tokens else None
+                if r.matcher is not None:
+                    r.matcher.accept(tok)
+                ended = r.detok.finished or (r.matcher is not None and r.matcher.terminated)
+                reason = "stop" if ended else "length" if len(r.output_ids) >= r.params.max_tokens else None
                 if reason == "length":
                     r.detok.flush()
                 safe = len(r.text) if reason else r.detok.safe_len()

@@ -3,10 +3,15 @@
 Bounds are the first defence against resource abuse (vLLM's unbounded-``n`` OOM, GHSA-3mwp-wvh9-7528): every
 number has a range, lists and strings a length. Unknown OpenAI fields are accepted and ignored, except those
 that would change how the server renders (``chat_template``, ``chat_template_kwargs``) or that we do not
-implement (``tools``, penalties, ``logit_bias``, ``response_format``): those get 400 rather than being
-silently ignored. The tiles per image may be lowered or raised up to the server's ceiling, per image
-(``image_url.max_dynamic_patch``, as LMDeploy takes it) or per request (vLLM's
-``mm_processor_kwargs.max_dynamic_patch``); other ``mm_processor_kwargs`` get 400.
+implement (``tools``, penalties, ``logit_bias``): those get 400 rather than being silently ignored. The tiles
+per image may be lowered or raised up to the server's ceiling, per image (``image_url.max_dynamic_patch``, as
+LMDeploy takes it) or per request (vLLM's ``mm_processor_kwargs.max_dynamic_patch``); other
+``mm_processor_kwargs`` get 400.
+
+Structured outputs (``nvlm.serve.grammar``): OpenAI's ``response_format`` (``json_object``, or ``json_schema``
+with ``strict``) or vLLM's ``structured_outputs`` (exactly one of ``json``, ``regex``, ``choice``, ``grammar``,
+``json_object``) constrain the answer (their shapes: ``nvlm.serve.formats``); each becomes a ``Spec`` here,
+compiled by the route.
 
 Prompt rendering: the model's own template (``nvlm.inference.prompt``: ChatML, or the release's). In a message,
 images come first, one ``<image>`` line each, then the text parts joined by newlines, so a one-question request
@@ -22,10 +27,12 @@ import re
 from abc import abstractmethod
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nvlm.data.processor import IMAGE_PLACEHOLDER
 from nvlm.inference.prompt import render_messages
+from nvlm.serve.formats import MAX_GRAMMAR, ResponseFormat, StructuredOutputs, format_spec
+from nvlm.serve.grammar import Spec
 from nvlm.serve.logprobs import MAX_LOGPROBS
 
 MAX_TEXT = 1_000_000  # characters in one text part
@@ -39,7 +46,6 @@ REFUSED = {
     "presence_penalty": "penalties are not supported",
     "repetition_penalty": "penalties are not supported",
     "logit_bias": "logit_bias is not supported",
-    "response_format": "response_format is not supported",
     "best_of": "best_of is not supported",
     "suffix": "suffix is not supported",
 }
@@ -101,6 +107,9 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS, description="no end-of-sequence token before this many")
     ignore_eos: bool = Field(default=False, description="end-of-sequence tokens do not end the answer")
+    response_format: ResponseFormat | None = Field(default=None, description="OpenAI's structured outputs")
+    structured_outputs: StructuredOutputs | None = Field(default=None, description="vLLM's structured outputs")
+    _spec: Spec | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _refuse(self) -> Sampling:
@@ -109,7 +118,28 @@ class Sampling(BaseModel):
                 raise ValueError(f"{key}: {REFUSED[key]}")
         if self.min_tokens > self.budget:
             raise ValueError(f"min_tokens ({self.min_tokens}) is over max_tokens ({self.budget})")
+        self._spec = self._structure()
         return self
+
+    def _structure(self) -> Spec | None:
+        fmt = format_spec(self.response_format)
+        if fmt is not None and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        spec = self.structured_outputs.spec() if self.structured_outputs is not None else fmt
+        if spec is None:
+            return None
+        if len(spec.text) > MAX_GRAMMAR:
+            raise ValueError(
+                f"the {spec.kind} constraint is {len(spec.text)} characters (as JSON); at most {MAX_GRAMMAR}"
+            )
+        if self.min_tokens or self.ignore_eos:  # the grammar alone decides where the answer may end
+            raise ValueError("min_tokens and ignore_eos cannot be combined with structured outputs")
+        return spec
+
+    @property
+    def spec(self) -> Spec | None:
+        """What the answer is constrained to (None: free text)."""
+        return self._spec
 
     @property
     @abstractmethod

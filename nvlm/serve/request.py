@@ -16,6 +16,7 @@ import torch
 
 from nvlm.data.processor import Encoded
 from nvlm.inference.detok import Detokenizer
+from nvlm.serve.grammar import Matcher
 
 
 class EngineError(RuntimeError):
@@ -42,6 +43,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; None: off
     min_tokens: int = 0  # end-of-sequence tokens cannot be drawn before this many new tokens
     ignore_eos: bool = False  # end-of-sequence tokens do not end the request (stop strings and max_tokens do)
+    grammar: Any = None  # a compiled grammar the answer must match (``nvlm.serve.grammar``); None: free text
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class Request:
     def __post_init__(self) -> None:
         self._events: queue.Queue[Event] = queue.Queue()
         self._generator: torch.Generator | None = None
+        # its own grammar state, made on the submitting thread; it survives a preemption with the output ids
+        self.matcher = Matcher(self.params.grammar) if self.params.grammar is not None else None
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This request's own random stream, on the device its logits are on (None: the global stream)."""
