@@ -66,8 +66,10 @@ def test_rollout_prompt_is_the_training_prompt(build_model, arch):
     if arch != "D":
         set_gates(model, 0.5)  # open the x-attn blocks, so the image reaches the completions
     convs = [
-        Conversation([{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": a}],
-                     [picture(w, h, seed=i)])  # fmt: skip
+        Conversation(
+            [{"role": "user", "content": "<image>\nWhat color?"}, {"role": "assistant", "content": a}],
+            [picture(w, h, seed=i)],
+        )  # fmt: skip
         for i, (a, w, h) in enumerate([("red", 56, 56), ("blue", 150, 100)])
     ]
     samples = [proc.encode_segments(chatml_segments(c), c.images) for c in convs]
@@ -80,6 +82,7 @@ def test_rollout_prompt_is_the_training_prompt(build_model, arch):
     for i, row in enumerate(rows):
         p = ro.prompt_ids[i // 3]
         assert p == samples[i // 3].input_ids[: len(p)]  # the sample's own ids, cut before the answer
+        assert row.input_ids == p + ro.completions[i]
         assert batch["input_ids"][i, : len(p)].tolist() == p
     with torch.no_grad():
         logp, mask = token_logprobs(model, batch)
@@ -147,9 +150,8 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("arch", ["D", "H"])
-def test_grpo_resume_is_exact(backbones, dataset, tmp_path, arch):
-    cfg = grpo_cfg(backbones, dataset, arch, steps=4, kl_coef=0.1, updates_per_rollout=2)
+def test_grpo_resume_is_exact(backbones, dataset, tmp_path):
+    cfg = grpo_cfg(backbones, dataset, "H", steps=4, kl_coef=0.1, updates_per_rollout=2)
     Trainer(cfg, tmp_path / "straight", log=quiet, progress=False).run()
     first = Trainer(cfg, tmp_path / "stopped", log=quiet, progress=False)
     original = first.optimizer_step
@@ -169,10 +171,10 @@ def test_grpo_resume_is_exact(backbones, dataset, tmp_path, arch):
 
 
 def test_tiny_grpo_run_raises_the_reward(backbones, dataset, tmp_path):
-    cfg = grpo_cfg(backbones, dataset, "D", steps=30, group_size=8, temperature=1.0)
-    cfg.train.lr = cfg.train.min_lr = 1e-2
+    cfg = grpo_cfg(backbones, dataset, "D", steps=14, group_size=8)
+    cfg.train.lr = cfg.train.min_lr = 2e-2
     Trainer(cfg, tmp_path, log=quiet, progress=False).run()
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "metrics.jsonl")]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    print(f"mean reward, first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"mean reward, first 3 steps {first:.3f}, last 3 steps {last:.3f}")
     assert last > first + 0.3, rewards

@@ -2,8 +2,8 @@
 
 The answer rewards wrap the evaluation scorers, so a run is rewarded by the metric it is judged by: exact match
 (lm-eval's, case and punctuation ignored), relaxed accuracy (ChartQA: 5 % numeric tolerance), ANLS (DocVQA),
-VQA accuracy (VQAv2's, normalised, against the one reference) and a numeric answer (the completion's last number equals the
-reference's). ``format`` rewards a completion that ended by itself (its end-of-turn token within
+VQA accuracy (VQAv2's, normalised, against the one reference) and a numeric answer (the completion's last number
+equals the reference's). ``format`` rewards a completion that ended by itself (its end-of-turn token within
 ``max_new_tokens``) with a non-empty answer. ``register_reward`` adds one of your own.
 """
 

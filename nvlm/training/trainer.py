@@ -49,6 +49,8 @@ from nvlm.distributed.parallel import (
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.loading import Unfilled
 from nvlm.models.packed_attention import use_packed_attention
+from nvlm.rl.dpo import DPOStep
+from nvlm.rl.pairs import PairStream
 from nvlm.rl.step import GRPOStep, make_reference
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
 from nvlm.training.config import RL_STAGES, ConfigError, RunConfig
@@ -148,25 +150,32 @@ class Trainer:
         self.device = self.world.device
         built = run_model(cfg)  # the skeleton and its processor: the data stream needs no weights
         self.processor = built.processor
-        self.stream = SampleStream(
-            load_blend(cfg),
-            self.processor,
-            cfg.data.max_seq_len,
-            cfg.data.system,
-            cfg.data.max_bad_in_row,
-            cfg.data.max_bad_fraction,
-            self.world.dp_rank,
-            self.world.dp_size,
-            read_timeout=cfg.data.read_timeout_s,
-            workers=cfg.data.workers,
-        )
+        self.stream: SampleStream | PairStream
+        if t.stage == "dpo":  # preference pairs, not conversations (nvlm.rl.pairs)
+            w = self.world
+            self.stream = PairStream(
+                cfg.data.source_specs(), self.processor, cfg.data.system, t.seed, w.dp_rank, w.dp_size
+            )
+        else:
+            self.stream = SampleStream(
+                load_blend(cfg),
+                self.processor,
+                cfg.data.max_seq_len,
+                cfg.data.system,
+                cfg.data.max_bad_in_row,
+                cfg.data.max_bad_fraction,
+                self.world.dp_rank,
+                self.world.dp_size,
+                read_timeout=cfg.data.read_timeout_s,
+                workers=cfg.data.workers,
+            )
         # packed rows attend per sample, never over the dense [rows, 1, T, T] mask (``packed_attention_kind``)
         self.packed_kernel = packed_attention_kind(self.packing, cfg.train.attn, self.device.type)
         self.packed_attention = self.packed_kernel == "per_sample"
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.rl = self._grpo() if t.stage == "grpo" else None  # the step of train.stage=grpo (nvlm.rl)
+        self.rl = self._rl_step() if t.stage in RL_STAGES else None  # GRPO's or DPO's step (nvlm.rl)
         # MFU per logged step: model FLOPs (nvlm.training.flops, from the batches' shapes) / step time / this bf16
         # peak, looked up by GPU name; None (CPU, unknown GPUs): no MFU logged
         self.peak_flops = device_peak_flops(self.device)
@@ -207,17 +216,20 @@ class Trainer:
             )
         return model
 
-    def _grpo(self) -> GRPOStep:
-        """GRPO's step; its reference policy (``train.rl.kl_coef`` > 0): with LoRA the model with its adapters
-        off, else a frozen copy of the starting weights, built again from the run's model spec (so a resumed run
-        keeps the same reference)."""
+    def _rl_step(self) -> GRPOStep | DPOStep:
+        """GRPO's or DPO's step, with its reference policy (DPO; GRPO with ``train.rl.kl_coef`` > 0): with LoRA
+        the model with its adapters off, else a frozen copy of the starting weights, built again from the run's
+        model spec (so a resumed run keeps the same reference)."""
         t = self.cfg.train
         reference = None
-        if t.rl.kl_coef > 0:
+        if t.rl.kl_coef > 0 or t.stage == "dpo":
             frozen = None if t.lora.enabled else build_model(self.cfg, run_model(self.cfg))[0].to(self.device)
             if frozen is not None:
                 frozen.eval().requires_grad_(False)
             reference = make_reference(self.model, frozen)
+        if t.stage == "dpo":
+            assert reference is not None
+            return DPOStep(self.model, self.processor, self.cfg, self.world, reference)
         return GRPOStep(self.model, self.processor, self.cfg, self.world, reference)
 
     @property
@@ -291,11 +303,11 @@ class Trainer:
     def _read(self) -> list[Any]:
         return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.dp_size))
 
-    def _next_batches(self) -> list[dict[str, Any]] | None:
+    def _next_batches(self) -> list[Any] | None:
         """This process's micro-batches for the next step, or None when the run must stop (SIGTERM on any
         process). A data error on any process stops every process with that error."""
         error: Exception | None = None
-        batches: list[dict[str, Any]] = []
+        batches: list[Any] = []
         state = None
         waited = time.perf_counter()
         try:
@@ -403,7 +415,7 @@ class Trainer:
         seen = (self.step - first_step) * t.global_batch_size
         return self._finish(stopped, seen / elapsed if elapsed else 0.0)
 
-    def optimizer_step(self, batches: list[dict[str, Any]]) -> tuple[float, float]:
+    def optimizer_step(self, batches: list[Any]) -> tuple[float, float]:
         """One optimizer step over this process's micro-batches, logged; returns (loss, lr). A non-finite loss
         or gradient norm skips the update (weights untouched); too many in a row stop the run."""
         t = self.cfg.train
@@ -412,7 +424,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        if self.rl is not None:  # GRPO: rollouts, rewards, then the loss over the completions
+        if self.rl is not None:  # GRPO (rollouts, rewards, loss over the completions) or DPO (pairs)
             loss, norm, tokens = self.rl(batches, self.step, self.optimizer)
         else:
             loss, norm, tokens = self.train_step(batches)
