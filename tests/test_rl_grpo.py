@@ -91,6 +91,21 @@ def test_rollout_prompt_is_the_training_prompt(build_model, arch):
         torch.testing.assert_close(logp[i][mask[i]], torch.tensor(lps), atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_rollout_decodes_every_step_under_torchrun(build_model, fixed):
+    """Under torchrun (``fixed_steps``) a process whose completions all ended still takes every decoding step,
+    so it joins the sharded forwards of processes still decoding; alone it stops when all rows are done."""
+    model, proc = build_model("D")
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    prompt = proc.encode("<|im_start|>user\nWhat color?<|im_end|>\n<|im_start|>assistant\n")
+    every_token = list(range(len(proc.tokenizer)))  # whatever is sampled ends the completion
+    ro = rollout(model, proc, [prompt], 2, 6, eos_ids=every_token, fixed_steps=fixed)
+    hook.remove()
+    assert [len(c) for c in ro.completions] == [1, 1] and ro.finished == [True, True]
+    assert len(calls) == (1 + 5 if fixed else 1)  # the prefill, then a decoding step per further token
+
+
 def test_grpo_loss_equals_the_formula_by_hand():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
     old = torch.tensor([[-1.2, -1.9, -0.5], [-0.3, -1.0, 0.0]])

@@ -98,7 +98,6 @@ def rollout(
     return Rollout(ids, completions, finished, lps, time.perf_counter() - t0)
 
 
-@torch.inference_mode()  # the runner's decode steps run so; no autograd bookkeeping anywhere here
 def _sample(
     model: Any,
     processor: Any,
@@ -111,11 +110,33 @@ def _sample(
     generator: torch.Generator | None,
     fixed_steps: bool,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """The decoding loop → per row (B·G) its `max_new_tokens` (or fewer) tokens and their log-probabilities."""
+    """The decoding loop → per row (B·G) its `max_new_tokens` (or fewer) tokens and their log-probabilities.
+
+    One process: in inference mode, as ``ModelRunner.decode`` runs. Under FSDP2 only without gradients: the
+    weights it gathers for a forward in inference mode would be inference tensors that the next training
+    forward cannot write into, so the runner's decode step is called without its inference-mode wrapper."""
+    with torch.no_grad() if fixed_steps else torch.inference_mode():
+        return _loop(model, processor, prompts, g, max_new_tokens, temperature, top_p, eos_ids, generator, fixed_steps)
+
+
+def _loop(
+    model: Any,
+    processor: Any,
+    prompts: list[Encoded],
+    g: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: list[int],
+    generator: torch.Generator | None,
+    fixed_steps: bool,
+) -> tuple[list[list[int]], list[list[float]]]:
     batch = processor.collate(prompts, padding_side="left")
     once = ModelRunner(model)
     first = once.prefill(batch, list(range(len(prompts))))[:, -1]  # [B, vocab]: one prefill per group
     runner = ModelRunner(model)
+    # ``decode`` runs in inference mode; under FSDP2 (fixed_steps) its undecorated body, in this no_grad
+    decode = ModelRunner.decode.__wrapped__ if fixed_steps else ModelRunner.decode  # type: ignore[attr-defined]
     for i in range(len(prompts)):
         for _ in range(g):
             runner.adopt(once, i)  # the prompt's KV and memory K/V, copied, not recomputed
@@ -137,5 +158,5 @@ def _sample(
         if step == max_new_tokens - 1 or (not fixed_steps and bool(done.all())):
             break
         runner.feed(0, nxt)
-        logits = runner.decode()
+        logits = decode(runner)
     return torch.stack(steps, 1).tolist(), torch.stack(lps, 1).tolist()  # [B·G, steps] each
