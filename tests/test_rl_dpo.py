@@ -125,12 +125,12 @@ def test_a_bad_pair_file_is_refused_naming_the_line(tmp_path, backbones, line, s
 
 
 @pytest.mark.parametrize("arch", ["D", "X"])
-def test_reference_logprobs_are_the_frozen_models_and_kept(backbones, pairs, tmp_path, arch):
+def test_reference_logprobs_are_the_starting_models(backbones, pairs, tmp_path, arch):
     cfg = dpo_cfg(backbones, pairs, arch, steps=3)
     trainer = Trainer(cfg, tmp_path, log=quiet, progress=False)
     trainer.run()
     step = trainer.rl
-    assert len(step.ref_cache) == 6  # 3 steps × 2 pairs: every pair once
+    assert len(step.ref_cache) == 6  # every pair, once, before the first step
     frozen = build_model(cfg, run_model(cfg))[0].eval()  # the starting weights, as the run built them
     records = trainer.stream.records
     from nvlm.rl.pairs import encode_pair
@@ -147,3 +147,19 @@ def test_reference_logprobs_are_the_frozen_models_and_kept(backbones, pairs, tmp
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference at the first step
     assert {"dpo/accuracy", "dpo/margin"} <= set(rows[0])
+
+
+def test_with_lora_the_reference_is_the_starting_model(backbones, pairs, tmp_path):
+    """LoRA keeps no second copy either: the reference log-probs are the starting model's (adapters at zero)."""
+    from nvlm.rl.pairs import encode_pair
+
+    cfg = dpo_cfg(backbones, pairs, "D", steps=2, lora={"r": 4, "alpha": 8})
+    trainer = Trainer(cfg, tmp_path, log=quiet, progress=False)
+    trainer.run()
+    frozen = build_model(cfg, run_model(cfg))[0].eval()
+    for i in (0, 2):
+        batch = trainer.rl.batch([encode_pair(trainer.processor, trainer.stream.records[i], i)])
+        with torch.no_grad():
+            start = answer_logprobs(*token_logprobs(frozen, batch))
+        torch.testing.assert_close(torch.tensor(trainer.rl.ref_cache[i]), start, atol=1e-5, rtol=0)
+    assert read_metrics(tmp_path / "metrics.jsonl")[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)

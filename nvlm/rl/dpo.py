@@ -4,8 +4,10 @@ For a prompt x with a chosen answer y_w and a rejected one y_l, with log π(y|x)
 
     loss = −log σ(β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])
 
-averaged over the step's pairs. The reference's log-probabilities are computed once per pair and kept (the
-reference never changes): a frozen copy of the starting weights, or with LoRA the model with its adapters off.
+averaged over the step's pairs. The reference is the starting model, and its log-probabilities are computed once
+for every pair when the step is made, before the first update (and before a resumed run loads its checkpoint):
+no second copy of the model is kept, and with LoRA the reference is the starting model too, not the base LLM
+under a projector that has trained meanwhile.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import torch.nn.functional as F
 
 from nvlm.distributed.parallel import World, all_reduce, grad_norm
 from nvlm.rl.grpo import token_logprobs
-from nvlm.rl.pairs import Pair
+from nvlm.rl.pairs import Pair, PairRecord, encode_pair
 from nvlm.rl.rollout import with_completion
-from nvlm.rl.step import Reference
 from nvlm.training.micro_batch import fill_unused_grads
 
 
@@ -41,24 +42,33 @@ class DPOStep:
     """One DPO step of the trainer (``train.stage=dpo``) over the pairs it read; returns the global (loss, grad
     norm, answer tokens) for the trainer to apply."""
 
-    def __init__(self, model: Any, processor: Any, cfg: Any, world: World, reference: Reference) -> None:
-        self.model, self.processor, self.cfg, self.world, self.reference = model, processor, cfg, world, reference
-        self.ref_cache: dict[int, tuple[float, float]] = {}  # pair index → reference (chosen, rejected)
+    def __init__(self, model: Any, processor: Any, cfg: Any, world: World, records: list[PairRecord]) -> None:
+        self.model, self.processor, self.cfg, self.world = model, processor, cfg, world
         self.stats: dict[str, float] = {}
+        self.ref_cache = self.reference_logprobs(records)  # pair index → the reference's (chosen, rejected)
 
     def batch(self, pairs: list[Pair]) -> dict[str, Any]:
         """Rows 2i and 2i+1: pair i's prompt with its chosen and its rejected answer (right padded)."""
         rows = [with_completion(p.prompt, ids) for p in pairs for ids in (p.chosen, p.rejected)]
         return self.processor.collate(rows, padding_side="right")
 
-    def reference_logprobs(self, pairs: list[Pair], batch: dict[str, Any]) -> torch.Tensor:
-        """[B, 2] the reference's (chosen, rejected) log-probs, from the cache or computed once and kept."""
-        if any(p.index not in self.ref_cache for p in pairs):
-            with torch.no_grad():
-                summed = answer_logprobs(self.reference(batch), batch["labels"][:, 1:] != -100).view(-1, 2)
-            for p, (c, r) in zip(pairs, summed.tolist(), strict=True):
-                self.ref_cache.setdefault(p.index, (c, r))
-        return torch.tensor([self.ref_cache[p.index] for p in pairs])
+    def reference_logprobs(self, records: list[PairRecord]) -> dict[int, tuple[float, float]]:
+        """Every pair's (chosen, rejected) log-probs under the model as it is now, `micro_batch_size` pairs a
+        forward (every process computes all of them: under FSDP they take the same forwards)."""
+        out: dict[int, tuple[float, float]] = {}
+        mb, was_training = self.cfg.train.micro_batch_size, self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for i in range(0, len(records), mb):
+                pairs = [
+                    encode_pair(self.processor, r, i + j, self.cfg.data.system)
+                    for j, r in enumerate(records[i : i + mb])
+                ]
+                batch = self.batch(pairs)
+                summed = answer_logprobs(*token_logprobs(self.model, batch)).view(-1, 2)  # [pairs, 2]
+                out.update({p.index: (c, r) for p, (c, r) in zip(pairs, summed.tolist(), strict=True)})
+        self.model.train(was_training)
+        return out
 
     def __call__(self, pairs: list[Pair], step: int, optimizer: torch.optim.Optimizer) -> tuple[float, float, int]:
         t0 = time.perf_counter()
@@ -69,7 +79,7 @@ class DPOStep:
         for i in range(0, len(pairs), mb):
             chunk = pairs[i : i + mb]
             batch = self.batch(chunk)
-            ref = self.reference_logprobs(chunk, batch)
+            ref = torch.tensor([self.ref_cache[p.index] for p in chunk])
             logp, mask = token_logprobs(model, batch)
             policy = answer_logprobs(logp, mask).view(-1, 2)  # [pairs, (chosen, rejected)]
             ref = ref.to(policy.device, policy.dtype)

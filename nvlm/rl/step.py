@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -136,28 +135,12 @@ class GRPOStep:
         return out
 
 
-@contextmanager
-def adapters_off(model: Any) -> Iterator[None]:
-    """The model without its LoRA adapters (PEFT layers disabled): the base model, a LoRA run's reference."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-
-
-def make_reference(model: Any, frozen: Any | None) -> Reference:
-    """The reference policy: `frozen` (a separate copy of the starting weights), or with LoRA the model itself
-    with its adapters off (no second copy)."""
+def make_reference(frozen: Any) -> Reference:
+    """The reference policy of GRPO's KL: `frozen`, a separate copy of the starting weights. With LoRA too: the
+    LLM with its adapters off is not the starting model once the projector (and x-attn) has trained."""
 
     def logprobs(batch: dict[str, Any]) -> torch.Tensor:
-        ref = frozen if frozen is not None else model
-        with torch.no_grad(), adapters_off(model) if frozen is None else nullcontext():
-            return token_logprobs(ref, batch)[0]
+        with torch.no_grad():
+            return token_logprobs(frozen, batch)[0]
 
     return logprobs

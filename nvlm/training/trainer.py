@@ -217,19 +217,16 @@ class Trainer:
         return model
 
     def _rl_step(self) -> GRPOStep | DPOStep:
-        """GRPO's or DPO's step, with its reference policy (DPO; GRPO with ``train.rl.kl_coef`` > 0): with LoRA
-        the model with its adapters off, else a frozen copy of the starting weights, built again from the run's
-        model spec (so a resumed run keeps the same reference)."""
+        """GRPO's or DPO's step, made before a resumed run loads its checkpoint: DPO's reference log-probs and
+        GRPO's reference policy (``train.rl.kl_coef`` > 0: a frozen copy, built again from the run's model spec)
+        are those of the starting model, also after a resume."""
         t = self.cfg.train
+        if isinstance(self.stream, PairStream):
+            return DPOStep(self.model, self.processor, self.cfg, self.world, self.stream.records)
         reference = None
-        if t.rl.kl_coef > 0 or t.stage == "dpo":
-            frozen = None if t.lora.enabled else build_model(self.cfg, run_model(self.cfg))[0].to(self.device)
-            if frozen is not None:
-                frozen.eval().requires_grad_(False)
-            reference = make_reference(self.model, frozen)
-        if t.stage == "dpo":
-            assert reference is not None
-            return DPOStep(self.model, self.processor, self.cfg, self.world, reference)
+        if t.rl.kl_coef > 0:
+            frozen = build_model(self.cfg, run_model(self.cfg))[0].to(self.device).eval().requires_grad_(False)
+            reference = make_reference(frozen)
         return GRPOStep(self.model, self.processor, self.cfg, self.world, reference)
 
     @property
