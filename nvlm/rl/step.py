@@ -18,7 +18,7 @@ import torch
 from nvlm.data.processor import Encoded
 from nvlm.distributed.parallel import World, all_reduce, grad_norm
 from nvlm.inference.detok import stop_ids
-from nvlm.rl.grpo import LossParts, group_advantages, grpo_loss, token_logprobs
+from nvlm.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from nvlm.rl.rewards import Completion, score
 from nvlm.rl.rollout import rollout, split_answer, with_completion
 from nvlm.training.micro_batch import fill_unused_grads
@@ -72,21 +72,19 @@ class GRPOStep:
     def _updates(
         self, rows: list[Encoded], advantages: torch.Tensor, optimizer: torch.optim.Optimizer
     ) -> tuple[float, float, int]:
+        """`updates_per_rollout` forward/backward passes over the rollouts; all but the last applied here."""
         batches = self._batches(rows, advantages)
         local = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in batches)
         (tokens,) = all_reduce([float(local)], self.world)
-        with torch.no_grad():
+        with torch.no_grad():  # π_old: the sampling weights (one update: the loss's own log-probs, detached)
             old = [token_logprobs(self.model, b)[0] for b, _ in batches] if self.rl.updates_per_rollout > 1 else None
             ref = [self.reference(b) for b, _ in batches] if self.reference is not None else None
-        loss, norm, parts = self._update(batches, old, ref, tokens)
-        for _ in range(
-            1, self.rl.updates_per_rollout
-        ):  # earlier updates of these rollouts; the trainer applies the last
+        loss, norm = self._update(batches, old, ref, tokens)
+        for _ in range(1, self.rl.updates_per_rollout):
             if math.isfinite(loss) and math.isfinite(norm):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss, norm, parts = self._update(batches, old, ref, tokens)
-        self._parts = parts
+            loss, norm = self._update(batches, old, ref, tokens)
         return loss, norm, int(tokens)
 
     def _update(
@@ -95,8 +93,9 @@ class GRPOStep:
         old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
         tokens: float,
-    ) -> tuple[float, float, LossParts]:
-        """One forward/backward over the micro-batches → the global (loss, grad norm) and the summed parts."""
+    ) -> tuple[float, float]:
+        """One forward/backward over the micro-batches → the global (loss, grad norm); the KL and the clip
+        fraction per completion token go to ``self.stats``."""
         model, w, rl = self.model, self.world, self.rl
         model.train()
         loss_sum, clipped, kl = 0.0, 0.0, 0.0
@@ -105,11 +104,8 @@ class GRPOStep:
             parts = grpo_loss(logp, old[i] if old is not None else logp.detach(), adv.to(logp.device), mask,
                               rl.clip_eps, ref[i] if ref is not None else None, rl.kl_coef)  # fmt: skip
             (parts.loss_sum * w.dp_size / max(tokens, 1)).backward()  # FSDP averages over ranks: undo it
-            loss_sum, clipped, kl = (
-                loss_sum + float(parts.loss_sum.detach()),
-                clipped + parts.clipped,
-                kl + parts.kl_sum,
-            )
+            loss_sum += float(parts.loss_sum.detach())
+            clipped, kl = clipped + parts.clipped, kl + parts.kl_sum
         images = any(b.get("pixel_values") is not None for b, _ in batches)
         memory = any(b["memory_index"].numel() > 0 for b, _ in batches)
         used = {"llm": True, "projector": images, "resampler": images, "vision": images,
@@ -118,19 +114,23 @@ class GRPOStep:
         norm = grad_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
         loss_sum, clipped, kl = all_reduce([loss_sum, clipped, kl], w)
         n = max(tokens, 1)
-        return loss_sum / n, norm, LossParts(torch.tensor(loss_sum), clipped / n, kl / n, int(tokens))
+        self.stats.update(kl=kl / n, clip_fraction=clipped / n)
+        return loss_sum / n, norm
 
     def _stats(
         self, rewards: dict[str, list[float]], completions: list[list[int]], rollout_s: float, train_s: float
     ) -> dict[str, float]:
+        """Rewards (each and their sum: mean and std over every process's completions), completion length and
+        this process's rollout and training seconds."""
+        named = {**rewards, "": [sum(v) for v in zip(*rewards.values(), strict=True)]}
+        sums = [f(v) for v in named.values() for f in (sum, lambda v: sum(x * x for x in v))]
+        n, length, *sums = all_reduce([float(len(completions)), float(sum(map(len, completions))), *sums], self.world)
         out: dict[str, float] = {}
-        for name, values in rewards.items():
-            v = torch.tensor(values)
-            out[f"reward/{name}/mean"], out[f"reward/{name}/std"] = float(v.mean()), float(v.std(correction=0))
-        total = torch.tensor([sum(v) for v in zip(*rewards.values(), strict=True)])
-        out["reward/mean"], out["reward/std"] = float(total.mean()), float(total.std(correction=0))
-        out["kl"], out["clip_fraction"] = self._parts.kl_sum, self._parts.clipped
-        out["completion_len"] = sum(map(len, completions)) / max(len(completions), 1)
+        for k, name in enumerate(named):
+            mean, square = sums[2 * k] / n, sums[2 * k + 1] / n
+            key = f"reward/{name}/" if name else "reward/"
+            out[key + "mean"], out[key + "std"] = mean, math.sqrt(max(square - mean * mean, 0.0))
+        out.update(kl=self.stats["kl"], clip_fraction=self.stats["clip_fraction"], completion_len=length / n)
         out["rollout_s"], out["train_s"] = rollout_s, train_s
         return out
 
