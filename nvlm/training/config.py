@@ -19,6 +19,7 @@ import yaml
 from nvlm.config import ARCHS
 from nvlm.config_schema import ConfigError as ConfigError
 from nvlm.config_schema import bounded, check, from_dict, with_overrides
+from nvlm.rl.rewards import check_rewards
 
 
 @dataclass(kw_only=True)
@@ -111,9 +112,37 @@ class LoraSpec:
 
 
 @dataclass(kw_only=True)
+class RLConfig:
+    """GRPO's rollouts and loss (``train.stage=grpo``, ``nvlm.rl``) and DPO's β (``train.stage=dpo``)."""
+
+    group_size: int = bounded(8, ge=2)
+    """Completions sampled per prompt (G); each prompt's advantages are normalised over its group."""
+    max_new_tokens: int = bounded(64, ge=1)
+    temperature: float = bounded(1.0, gt=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    clip_eps: float = bounded(0.2, gt=0, le=1)
+    """ε of the clipped policy ratio, clip(ρ, 1 − ε, 1 + ε)."""
+    kl_coef: float = bounded(0.0, ge=0)
+    """β of the k3 KL to the frozen starting model (0: no reference kept; with LoRA the base model is it)."""
+    rewards: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Reward names (``nvlm.rl.rewards``), summed: exact_match, relaxed_accuracy, anls, vqa_accuracy, numeric,
+    format."""
+    updates_per_rollout: int = bounded(1, ge=1)
+    """Optimizer updates per rollout batch (> 1: the ratio moves off 1 and the clip acts)."""
+    adv_eps: float = bounded(1e-4, gt=0)
+    """eps of (r − mean) / (std + eps)."""
+    beta: float = bounded(0.1, gt=0)
+    """DPO's β: the strength of the implicit KL to the reference."""
+
+
+RL_STAGES = ("grpo", "dpo")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    stage: str = bounded("sft", one_of=("pretrain", "sft"))
-    """"pretrain" (stage 1: alignment modules only) or "sft" (stage 2: + LLM)."""
+    stage: str = bounded("sft", one_of=("pretrain", "sft", *RL_STAGES))
+    """"pretrain" (stage 1: alignment modules only), "sft" (stage 2: + LLM), or after SFT "grpo" / "dpo"
+    (reinforcement learning, ``nvlm.rl``: what trains is SFT's)."""
     max_steps: int = bounded(100, ge=1)
     global_batch_size: int = bounded(8, ge=1)
     """Samples per optimizer step over all processes: each of N processes reads global_batch_size / N of them,
@@ -175,6 +204,8 @@ class TrainConfig:
     """torch CPU threads (0: leave torch's default)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """``train.lora.r=16``: LoRA on the LLM (PEFT); projector and x-attn blocks still train in full."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """``train.rl.group_size=8`` …: GRPO / DPO settings, read only in those stages."""
     allow_data_change: bool = False
     """Resume although the data files or blend changed since the checkpoint (refused by default: the saved
     position would silently point at other samples; see ``nvlm.training.resume_check``)."""
@@ -192,8 +223,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """ConfigError unless the fields agree with each other (`check` has judged each one on its own)."""
-        if self.lora.enabled and (self.stage != "sft" or self.freeze_llm):
-            raise ConfigError("train.lora applies to the LLM, which trains only in stage 2: use train.stage=sft")
+        if self.lora.enabled and (self.stage not in ("sft", *RL_STAGES) or self.freeze_llm):
+            raise ConfigError(
+                "train.lora applies to the LLM, which trains from stage 2 on: use train.stage=sft, grpo or dpo"
+            )
+        if self.stage == "grpo":
+            try:
+                check_rewards(self.rl.rewards)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.lora.enabled and not [t for t in self.lora.targets.split(",") if t.strip()]:
             raise ConfigError("train.lora.targets must name layers, e.g. train.lora.targets=attn,mlp")
         self.accumulation(1)

@@ -3,12 +3,14 @@
     stage        D                   X                                   H
     pretrain     projector           projector + x-attn                  projector + x-attn
     sft          projector + LLM     projector + x-attn + LLM            projector + x-attn + LLM
+    grpo, dpo    as sft              as sft                              as sft
 
 The optional Perceiver resampler (Appendix C, off by default) trains wherever the projector does, as Flamingo's.
 The vision encoder is frozen in both stages (``unfreeze_vision=True`` for weak encoders); NVLM-X's SFT can keep
 the LLM frozen (``freeze_llm=True``, the Llama 3-V choice the paper argues against in §4.3). A model with PEFT
 LoRA adapters (``nvlm.models.lora``, ``train.lora``) trains only the adapters of its LLM (and of its vision
-tower, when that has some) where the component would train in full; the base weights stay frozen.
+tower, when that has some) where the component would train in full; the base weights stay frozen. The
+reinforcement-learning stages after SFT (``nvlm.rl``: GRPO, DPO) train what SFT trains, LoRA included.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nvlm.models.lora import has_adapters, is_adapter_param
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "grpo", "dpo")
 
 
 def components(model: NVLM) -> dict[str, nn.Module]:
@@ -33,15 +35,16 @@ def components(model: NVLM) -> dict[str, nn.Module]:
 
 
 def apply_stage(model: NVLM, stage: str, *, freeze_llm: bool = False, unfreeze_vision: bool = False) -> None:
-    """Set ``requires_grad`` on every parameter for `stage` ("pretrain" = stage 1, "sft" = stage 2)."""
+    """Set ``requires_grad`` on every parameter for `stage` ("pretrain" = stage 1, "sft" = stage 2, "grpo" and
+    "dpo" as "sft")."""
     if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES} (stage 1 = pretrain, stage 2 = sft), got {stage!r}")
+        raise ValueError(f"stage must be one of {STAGES} (stage 1 = pretrain, stage 2 = sft, then RL), got {stage!r}")
     trains = {
         "vision": unfreeze_vision,
         "projector": True,
         "resampler": True,
         "xattn": True,
-        "llm": stage == "sft" and not freeze_llm,
+        "llm": stage != "pretrain" and not freeze_llm,
     }
     if has_adapters(model.vision):
         trains["vision"] = True

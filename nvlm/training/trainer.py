@@ -49,8 +49,11 @@ from nvlm.distributed.parallel import (
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.loading import Unfilled
 from nvlm.models.packed_attention import use_packed_attention
+from nvlm.rl.dpo import DPOStep
+from nvlm.rl.pairs import PairStream
+from nvlm.rl.step import GRPOStep, make_reference
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
-from nvlm.training.config import ConfigError, RunConfig
+from nvlm.training.config import RL_STAGES, ConfigError, RunConfig
 from nvlm.training.flops import batch_flops, device_peak_flops
 from nvlm.training.metrics import MetricsWriter, plot_curves, read_metrics
 from nvlm.training.micro_batch import (
@@ -147,24 +150,32 @@ class Trainer:
         self.device = self.world.device
         built = run_model(cfg)  # the skeleton and its processor: the data stream needs no weights
         self.processor = built.processor
-        self.stream = SampleStream(
-            load_blend(cfg),
-            self.processor,
-            cfg.data.max_seq_len,
-            cfg.data.system,
-            cfg.data.max_bad_in_row,
-            cfg.data.max_bad_fraction,
-            self.world.dp_rank,
-            self.world.dp_size,
-            read_timeout=cfg.data.read_timeout_s,
-            workers=cfg.data.workers,
-        )
+        self.stream: SampleStream | PairStream
+        if t.stage == "dpo":  # preference pairs, not conversations (nvlm.rl.pairs)
+            w = self.world
+            self.stream = PairStream(
+                cfg.data.source_specs(), self.processor, cfg.data.system, t.seed, w.dp_rank, w.dp_size
+            )
+        else:
+            self.stream = SampleStream(
+                load_blend(cfg),
+                self.processor,
+                cfg.data.max_seq_len,
+                cfg.data.system,
+                cfg.data.max_bad_in_row,
+                cfg.data.max_bad_fraction,
+                self.world.dp_rank,
+                self.world.dp_size,
+                read_timeout=cfg.data.read_timeout_s,
+                workers=cfg.data.workers,
+            )
         # packed rows attend per sample, never over the dense [rows, 1, T, T] mask (``packed_attention_kind``)
         self.packed_kernel = packed_attention_kind(self.packing, cfg.train.attn, self.device.type)
         self.packed_attention = self.packed_kernel == "per_sample"
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
+        self.rl = self._rl_step() if t.stage in RL_STAGES else None  # GRPO's or DPO's step (nvlm.rl)
         # MFU per logged step: model FLOPs (nvlm.training.flops, from the batches' shapes) / step time / this bf16
         # peak, looked up by GPU name; None (CPU, unknown GPUs): no MFU logged
         self.peak_flops = device_peak_flops(self.device)
@@ -205,14 +216,29 @@ class Trainer:
             )
         return model
 
+    def _rl_step(self) -> GRPOStep | DPOStep:
+        """GRPO's or DPO's step, made before a resumed run loads its checkpoint: DPO's reference log-probs and
+        GRPO's reference policy (``train.rl.kl_coef`` > 0: a frozen copy, built again from the run's model spec)
+        are those of the starting model, also after a resume."""
+        t = self.cfg.train
+        if isinstance(self.stream, PairStream):
+            return DPOStep(self.model, self.processor, self.cfg, self.world, self.stream.records)
+        reference = None
+        if t.rl.kl_coef > 0:
+            frozen = build_model(self.cfg, run_model(self.cfg))[0].to(self.device).eval().requires_grad_(False)
+            reference = make_reference(frozen)
+        return GRPOStep(self.model, self.processor, self.cfg, self.world, reference)
+
     @property
     def packing(self) -> bool:
         """data.pack, or when unset: SFT with several samples per micro-batch (see DataSpec.pack)."""
         return should_pack(self.cfg.data.pack, self.cfg.train.stage, self.cfg.train.micro_batch_size)
 
     # ---- one optimizer step --------------------------------------------------------------------------
-    def batches(self, samples: list) -> list[dict[str, Any]]:
+    def batches(self, samples: list) -> list[Any]:
         t, proc = self.cfg.train, self.processor
+        if t.stage in RL_STAGES:  # the samples themselves: the RL step makes its rows (prompts, completions, pairs)
+            return samples
         micro = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
         if not self.packing:
             return [proc.collate(m, padding_side="right") for m in micro]
@@ -271,14 +297,14 @@ class Trainer:
         (summed,) = [v / w.tp for v in all_reduce([float(total)], w)]
         return summed / max(tokens, 1), norm, int(tokens)
 
-    def _read(self) -> list[dict[str, Any]]:
+    def _read(self) -> list[Any]:
         return self.batches(self.stream.batch(self.cfg.train.global_batch_size // self.world.dp_size))
 
-    def _next_batches(self) -> list[dict[str, Any]] | None:
+    def _next_batches(self) -> list[Any] | None:
         """This process's micro-batches for the next step, or None when the run must stop (SIGTERM on any
         process). A data error on any process stops every process with that error."""
         error: Exception | None = None
-        batches: list[dict[str, Any]] = []
+        batches: list[Any] = []
         state = None
         waited = time.perf_counter()
         try:
@@ -386,7 +412,7 @@ class Trainer:
         seen = (self.step - first_step) * t.global_batch_size
         return self._finish(stopped, seen / elapsed if elapsed else 0.0)
 
-    def optimizer_step(self, batches: list[dict[str, Any]]) -> tuple[float, float]:
+    def optimizer_step(self, batches: list[Any]) -> tuple[float, float]:
         """One optimizer step over this process's micro-batches, logged; returns (loss, lr). A non-finite loss
         or gradient norm skips the update (weights untouched); too many in a row stop the run."""
         t = self.cfg.train
@@ -395,7 +421,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, norm, tokens = self.train_step(batches)
+        if self.rl is not None:  # GRPO (rollouts, rewards, loss over the completions) or DPO (pairs)
+            loss, norm, tokens = self.rl(batches, self.step, self.optimizer)
+        else:
+            loss, norm, tokens = self.train_step(batches)
         if math.isfinite(loss) and math.isfinite(norm):  # global values: every process agrees
             self.optimizer.step()
             self.nonfinite_in_row = 0
@@ -418,9 +447,10 @@ class Trainer:
             "samples_per_s": t.global_batch_size / (time.perf_counter() - t0),
             "skipped_nonfinite": self.skipped,
             **self._step_data,  # data_wait_s, samples_degraded, samples_dropped, samples_bad
+            **(self.rl.stats if self.rl is not None else {}),  # rewards, KL, clip fraction, rollout/train time
         }
         if self.step % t.log_every == 0 or self.step == t.max_steps:
-            if self.peak_flops:  # this process's FLOPs and time; shapes only, no device sync
+            if self.peak_flops and self.rl is None:  # this process's FLOPs and time; shapes only, no device sync
                 f = sum(batch_flops(self.model, b, t.stage, freeze_llm=t.freeze_llm,
                                     unfreeze_vision=t.unfreeze_vision) for b in batches)  # fmt: skip
                 self.mfu = f / (t.global_batch_size / row["samples_per_s"]) / self.peak_flops
