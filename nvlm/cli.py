@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_repro_parser(sub)
 
-    p = sub.add_parser("train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft)")
+    p = sub.add_parser(
+        "train", help="train a recipe or a config file (stage 1 = pretrain, stage 2 = sft, then grpo / dpo)"
+    )
     p.add_argument("recipe", help="a recipe name (e.g. tiny-d, d-72b-sft) or a YAML/JSON run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.add_argument("--out", help="run folder; re-running with the same folder resumes")

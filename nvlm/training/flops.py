@@ -29,11 +29,11 @@ from torch import nn
 
 from nvlm.models.llm import decoder_layers
 from nvlm.models.xattn import GatedCrossAttentionBlock
+from nvlm.training.stages import STAGES
 
 if TYPE_CHECKING:
     from nvlm.models.nvlm import NVLM
 
-STAGES = ("pretrain", "sft")
 # dense bf16 FLOP/s by GPU name, the lower-clocked PCIe / NVL boards first (NVIDIA's data sheets, dense = half the
 # sparse figure: H100 SXM / H200 SXM 989 T, H100 PCIe 756 T, H100 NVL / H200 NVL 835 T, A100 312 T)
 PEAK_BF16 = [
@@ -72,7 +72,8 @@ def trainable_parts(stage: str, *, freeze_llm: bool = False, unfreeze_vision: bo
     """Which parts train in `stage`, as ``nvlm.training.stages.apply_stage`` sets them."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    return {"vision": unfreeze_vision, "projector": True, "xattn": True, "llm": stage == "sft" and not freeze_llm}
+    # GRPO and DPO train what SFT trains (``apply_stage``)
+    return {"vision": unfreeze_vision, "projector": True, "xattn": True, "llm": stage != "pretrain" and not freeze_llm}
 
 
 def linear_numel(module: nn.Module) -> int:
