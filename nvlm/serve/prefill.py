@@ -138,7 +138,9 @@ class PrefillSteps:
         new = r not in runner.owners  # else a later chunk: the runner has the row's memory K/V
         known = self._known_kv(r, sample) if new else None
         feats = None
-        if rest["decoder_tiles"].numel() or (self.model.xattn and new and known is None):  # tiles this part needs
+        # tiles this part needs: its decoder tiles', and a new row's memory (K/V known here are not sent to
+        # tensor-parallel followers, which project their own)
+        if rest["decoder_tiles"].numel() or (self.model.xattn and new):
             rest["pixel_values"] = batch["pixel_values"]
             if self.encoder_cache is not None and r.image_keys:
                 feats = self.encoder_cache.features(self.model, [sample], [r.image_keys])
