@@ -24,6 +24,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from nvlm.models.xattn import XAttnState
 
+BlockKV = dict[int, tuple[torch.Tensor, torch.Tensor]]  # gated block → (K, V) of an image memory, [B, kvH, M, hd]
+
 
 @dataclass
 class Plan:
@@ -161,6 +163,13 @@ class MemoryKV:
                 nk[first:rows, :, :m], nv[first:rows, :, :m] = k, v
             self.kv[i] = (nk, nv)
 
+    def row(self, r: int) -> BlockKV | None:
+        """Row `r`'s K/V per block over its own memory, views [1, kvH, m, hd] (None: the row has no image)."""
+        m = self.lens[r] if r < len(self.lens) else 0
+        if m == 0 or not self.kv:
+            return None
+        return {i: (k[r : r + 1, :, :m], v[r : r + 1, :, :m]) for i, (k, v) in self.kv.items()}
+
     def move(self, src: int, dst: int) -> None:
         for k, v in self.kv.values():
             k[dst], v[dst] = k[src], v[src]
@@ -184,3 +193,17 @@ class MemoryKV:
             kv = {i: (k[:n, :, :m], v[:n, :, :m]) for i, (k, v) in self.kv.items()}
             self._state = XAttnState(memory=memory, memory_len=lens, kv=kv)
         return self._state
+
+
+def stack_memory_kv(rows: list[BlockKV], width: int) -> BlockKV:
+    """Per-row K/V per block ([1, kvH, m_j, hd] each) → the batch's [B, kvH, width, hd], zeros past a row's memory
+    (what the blocks compute for a padded memory: no bias, and RMSNorm keeps a zero K zero)."""
+    out: BlockKV = {}
+    for i, (k0, _) in rows[0].items():
+        k = k0.new_zeros(len(rows), k0.shape[1], width, k0.shape[3])  # [B, kvH, width, hd]
+        v = torch.zeros_like(k)
+        for j, row in enumerate(rows):
+            m = row[i][0].shape[2]
+            k[j, :, :m], v[j, :, :m] = row[i][0][0], row[i][1][0]
+        out[i] = (k, v)
+    return out

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from nvlm.inference.kv_cache import KVPool, MemoryKV, Plan
+from nvlm.inference.kv_cache import BlockKV, KVPool, MemoryKV, Plan
 from nvlm.models.xattn import XAttnState
 
 
@@ -66,12 +66,21 @@ class ModelRunner:
         return max(self.kv.lengths, default=0) + 1
 
     def prefill(
-        self, batch: dict[str, Any], owners: list[Any], all_logits: bool = False, features: torch.Tensor | None = None
+        self,
+        batch: dict[str, Any],
+        owners: list[Any],
+        all_logits: bool = False,
+        features: torch.Tensor | None = None,
+        memory_kv: BlockKV | None = None,
     ) -> torch.Tensor:
         """Append the rows of a left-padded `batch` (the processor's, host tensors); returns the logits of
         their last position [B, 1, vocab] (every position's [B, T, vocab] with `all_logits`). `features`: the
         batch's projected tile features [tiles, tokens, d] when known already (an encoder cache), else the
-        model computes them from the batch's pixel_values."""
+        model computes them from the batch's pixel_values. `memory_kv`: each block's K/V of the batch's memory
+        when known already (``stack_memory_kv`` of cached rows), else the blocks project the memory.
+
+        Tensor-parallel followers are not sent `memory_kv` (K/V known here are this rank's heads): they project
+        their own heads' K/V."""
         batch = {k: v for k, v in batch.items() if k != "labels"}
         self._mirror("prefill", batch, [id(o) for o in owners], all_logits, features)
         b, t = batch["input_ids"].shape
@@ -82,7 +91,11 @@ class ModelRunner:
         try:
             with _given_features(self.model, features):
                 out = self.model(
-                    **batch, use_cache=True, past_key_values=self.kv, logits_to_keep=0 if all_logits else 1
+                    **batch,
+                    use_cache=True,
+                    past_key_values=self.kv,
+                    memory_kv=memory_kv,
+                    logits_to_keep=0 if all_logits else 1,
                 )
         finally:
             self.kv.plan = Plan()
@@ -94,17 +107,29 @@ class ModelRunner:
         return out.logits
 
     def extend(
-        self, batch: dict[str, Any], owner: Any, start: int, load: Any = None, features: torch.Tensor | None = None
+        self,
+        batch: dict[str, Any],
+        owner: Any,
+        start: int,
+        load: Any = None,
+        features: torch.Tensor | None = None,
+        memory_kv: BlockKV | None = None,
     ) -> torch.Tensor:
         """Prefill `owner`'s row from position `start` on: a new row, or its own row when it has one (the next
         chunk of a prompt prefilled in pieces). `load(row)` first writes positions 0 … start−1 (a prefix cache's
         blocks). `batch` holds the tokens from `start` of one unpadded prompt (no attention mask; the decoder
-        tiles of its own image-pad runs only). Returns its last position's logits [1, 1, vocab]."""
+        tiles of its own image-pad runs only). Returns its last position's logits [1, 1, vocab].
+
+        A row's memory K/V are projected once: a later chunk reuses those its first chunk wrote (so its batch
+        needs pixel_values only for its own decoder tiles); a new row takes `memory_kv` [1, kvH, m, hd] per block
+        when known already (as ``prefill``; not sent to tensor-parallel followers)."""
         if load is not None and self._steps is not None:
             raise RuntimeError("a prefix cache cannot load rows under tensor parallelism (its blocks are one rank's)")
         self._mirror("extend", batch, id(owner), start, features)
         new = owner not in self.owners
         r, t = self.owners.index(owner) if not new else self.n, batch["input_ids"].shape[1]
+        own = None if new else self.memory.row(r)  # views of the pool: the row's memory K/V stay as they are
+        memory_kv = own if own is not None else memory_kv
         self.kv.reserve(max(r + 1, self.n), start + t + 1)
         if load is not None:
             load(r)
@@ -113,14 +138,20 @@ class ModelRunner:
         try:
             with _given_features(self.model, features):
                 out = self.model(
-                    **batch, use_cache=True, past_key_values=self.kv, position_ids=position, logits_to_keep=1
+                    **batch,
+                    use_cache=True,
+                    past_key_values=self.kv,
+                    position_ids=position,
+                    memory_kv=memory_kv,
+                    logits_to_keep=1,
                 )
         finally:
             self.kv.plan = Plan()
         index: torch.Tensor | None = batch.get("memory_index")
         has_memory = out.xattn_state is not None and index is not None
         mem = (index >= 0).sum(-1).tolist() if index is not None and has_memory else [0]
-        self.memory.write(r, out.xattn_state if has_memory else None, mem)
+        if own is None:  # (writing the row's own K/V would zero them first)
+            self.memory.write(r, out.xattn_state if has_memory else None, mem)
         if new:
             self._add_rows([start + t], [owner])
         else:
@@ -137,12 +168,13 @@ class ModelRunner:
         self.kv.reserve(r + 1, n + 1)
         for mine, theirs in zip(self.kv.layers, other.kv.layers, strict=True):
             mine.write(r, 0, theirs.k[j, :, :n], theirs.v[j, :, :n])  # type: ignore[union-attr]
-        state = other.memory.state(other.n)
-        if state is not None:
-            m = int(other.memory.lens[j])
-            kv = {i: (k[j : j + 1, :, :m], v[j : j + 1, :, :m]) for i, (k, v) in state.kv.items()}
-            part = XAttnState(memory=state.memory[j : j + 1, :m], memory_len=state.memory_len[j : j + 1], kv=kv)
-            self.memory.write(r, part, [m])
+        kv = other.memory.row(j)
+        if kv is not None:
+            m = other.memory.lens[j]
+            k0 = next(iter(kv.values()))[0]
+            memory = k0.new_zeros(1, m, 0)  # a stand-in: only the blocks' K/V of the memory are kept
+            lens = torch.tensor([m], device=k0.device)
+            self.memory.write(r, XAttnState(memory=memory, memory_len=lens, kv=kv), [m])
         else:
             self.memory.write(r, None, [0])
         self._add_rows([n], [owner])

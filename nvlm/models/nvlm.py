@@ -173,11 +173,14 @@ class NVLM(nn.Module):
         memory_index: torch.Tensor | None = None,
         memory_tag_ids: torch.Tensor | None = None,
         pads_checked: bool = False,
+        memory_known: bool = False,
     ) -> tuple[torch.Tensor, XAttnState | None, torch.Tensor | None]:
         """Token embeddings with decoder tiles scattered into the pad slots, and the x-attn memory gathered by
         `memory_index` (see ``nvlm.data.processor.memory_tensors``) from the tiles' tokens and the embeddings
         of `memory_tag_ids`. Third: the features of tiles given but used by neither (else None). `pads_checked`:
-        the caller has run ``check_image_pads`` on the host ids already (the trainer, whose ids FSDP moves)."""
+        the caller has run ``check_image_pads`` on the host ids already (the trainer, whose ids FSDP moves).
+        `memory_known`: every block's K/V of the memory are given, so the memory is not gathered (its state holds
+        a [B, M, 0] stand-in that gives its shape) and tile features are needed only for decoder tiles."""
         if not pads_checked:
             self.check_image_pads(input_ids, decoder_tiles)
         input_ids = input_ids.to(self.device)
@@ -190,8 +193,9 @@ class NVLM(nn.Module):
             flat = torch.cat([flat, memory_tag_ids.to(flat.device)])
         table = self.llm.get_input_embeddings()(flat)  # [B·T + tags, d]
         embeds = table[: b * t].reshape(b, t, -1)  # [B, T, d]
-        feats = self.encode_tiles(pixel_values) if pixel_values is not None else None
         n_dec = 0 if decoder_tiles is None else decoder_tiles.numel()
+        skip = has_memory and memory_known and not n_dec  # no tile feature is read
+        feats = self.encode_tiles(pixel_values) if pixel_values is not None and not skip else None
         if decoder_tiles is not None and n_dec:
             if feats is None:
                 raise ValueError(f"{n_dec} decoder tile(s) but no pixel_values")
@@ -200,6 +204,13 @@ class NVLM(nn.Module):
             embeds = embeds.masked_scatter(is_pad[..., None], dec.to(embeds.dtype))
         if memory_index is None or not has_memory:
             return embeds, None, feats if not n_dec else None
+        if memory_known:
+            index = memory_index.to(self.device)  # [B, M], -1 = padding
+            return (
+                embeds,
+                XAttnState(memory=embeds.new_zeros(b, index.shape[1], 0), memory_len=(index >= 0).sum(-1)),
+                None,
+            )
         d = embeds.shape[-1]
         tiles = feats.reshape(-1, d) if feats is not None else table[:0]  # [N·256, d]: tile i's token t at i·256+t
         source = torch.cat([tiles.to(embeds.dtype), table[b * t :]])  # [N·256 + tags, d]
@@ -254,6 +265,7 @@ class NVLM(nn.Module):
         *,
         past_key_values: Any = None,
         xattn_state: XAttnState | None = None,
+        memory_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
@@ -274,11 +286,16 @@ class NVLM(nn.Module):
         sample) and the LLM runs with ``nvlm.models.packed_attention``: attention per sample, boundaries read once.
         `label_rows` (``label_rows(labels)``, made on the host) and `pads_checked` (``check_image_pads`` run on the
         host) spare a sharded run, whose inputs arrive on the GPU, a device→host read each.
+        `memory_kv` (block → K, V [B, kvH, M, hd], M = `memory_index`'s width, zeros past a row's memory): each
+        block's K/V of this batch's memory when an earlier forward computed them (a serving engine's cache, a
+        prompt prefilled in chunks); the blocks then skip their K/V projections and the memory is not gathered.
         """
         # embed checks the image pads on the ids as given (host ids: no synchronisation), then moves them
         embeds, state, unused = self.embed(
-            input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids, pads_checked
+            input_ids, pixel_values, decoder_tiles, memory_index, memory_tag_ids, pads_checked, memory_kv is not None
         )
+        if state is not None and memory_kv is not None:
+            state.kv.update(memory_kv)  # the blocks read these instead of projecting the memory
         input_ids = input_ids.to(self.device)
         state = state or xattn_state
         if attention_mask is not None:

@@ -2,18 +2,25 @@
 requests and looked up by the image's content, so the same image sent again skips the vision encoder, the most
 expensive part of a VLM's time to first token.
 
+For NVLM-X and -H it also keeps each gated cross-attention block's K/V of a sample's image memory (paper §4.3),
+so a repeated image with a new question skips every block's K/V projections as well: the memory is fixed by the
+sample's images and its layout (which tiles and tile tags, in which order), which make the key.
+
 An image's key is a hash of its tiles' pixels (the decoded image as tiled with the request's tile settings) and
-its tile plan, taken on the submitting thread. Entries are kept least-recently-used first out, within a bound
-in bytes (``--encoder-cache-gb``; 0 turns the cache off). Hits, lookups and bytes held are in ``/metrics``.
+its tile plan, taken on the submitting thread. Features and memory K/V share one least-recently-used store
+bounded in bytes (``--encoder-cache-gb``; 0 turns the cache off): both are what a repeated image saves, and one
+bound is what an operator sizes. Hits, lookups and bytes held are in ``/metrics``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 
+from nvlm.inference.kv_cache import BlockKV
 from nvlm.serve.lru import ByteLRU
 from nvlm.serve.metrics import EngineMetrics
 
@@ -32,12 +39,44 @@ def image_keys(encoded: Any) -> list[tuple[str, int]]:
     return out
 
 
+def memory_key(sample: Any, keys: list[tuple[str, int]]) -> Hashable | None:
+    """The key of a sample's x-attn memory (None: it has none): its images' keys and its memory recipe (local
+    tile indices and tag token ids, in order)."""
+    if not sample.memory_len or not keys:
+        return None
+    return ("memory", tuple(k for k, _ in keys), repr(sample.memory))
+
+
+def _nbytes(entry: torch.Tensor | BlockKV) -> int:
+    tensors = [entry] if isinstance(entry, torch.Tensor) else [t for kv in entry.values() for t in kv]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class EncoderCache:
-    """Projected features [tiles, tokens_per_tile, d] per image key, least recently used evicted first."""
+    """Projected features [tiles, tokens_per_tile, d] per image key and each block's memory K/V
+    [1, kvH, m, hd] per memory key, least recently used evicted first."""
 
     def __init__(self, max_bytes: int, metrics: EngineMetrics) -> None:
         self.metrics = metrics
-        self._entries: ByteLRU[torch.Tensor] = ByteLRU(max_bytes, lambda t: t.numel() * t.element_size())
+        self._entries: ByteLRU[torch.Tensor | BlockKV] = ByteLRU(max_bytes, _nbytes)
+
+    def memory_kv(self, key: Hashable | None) -> BlockKV | None:
+        """Each block's K/V of the memory `key` names, when held (counted in ``/metrics``)."""
+        if key is None:
+            return None
+        self.metrics.count("xattn_kv_cache_queries")
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        self.metrics.count("xattn_kv_cache_hits")
+        assert isinstance(hit, dict)
+        return hit
+
+    def keep_memory_kv(self, key: Hashable | None, kv: BlockKV | None) -> None:
+        """Keep a row's memory K/V (copied: the runner's views change as rows come and go)."""
+        if key is not None and kv is not None:
+            self._entries.put(key, {i: (k.clone(), v.clone()) for i, (k, v) in kv.items()})
+            self.metrics.gauges["encoder_cache_bytes"] = self._entries.bytes
 
     def features(self, model: Any, samples: list[Any], keys: list[list[tuple[str, int]]]) -> torch.Tensor | None:
         """The features of every tile of `samples` in the order the processor collates them (None: no image);
@@ -51,6 +90,7 @@ class EncoderCache:
             start = 0
             for key, n in sample_keys:
                 hit = self._entries.get(key)
+                assert hit is None or isinstance(hit, torch.Tensor)
                 self.metrics.count("encoder_cache_queries")
                 if hit is not None:
                     self.metrics.count("encoder_cache_hits")

@@ -19,6 +19,8 @@ COUNTERS = {
     "prefix_cache_hits": "prompt tokens whose KV came from the prefix cache",
     "encoder_cache_queries": "images looked up in the encoder cache",
     "encoder_cache_hits": "images whose features came from the encoder cache",
+    "xattn_kv_cache_queries": "image memories (NVLM-X/H) whose cross-attention K/V were looked up in the encoder cache",
+    "xattn_kv_cache_hits": "image memories whose cross-attention K/V came from the encoder cache",
 }
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -2,7 +2,10 @@
 left-padded batch; a request whose prompt starts with blocks the prefix cache holds is prefilled alone from its
 first uncached token; a prompt longer than ``max_prefill_tokens`` is prefilled a chunk per step in a runner of
 its own, so the running rows keep decoding between its chunks (chunked prefill), and joins them after the last.
-Each new row's first token is sampled here; the encoder cache gives the images' features where it holds them.
+Each new row's first token is sampled here; the encoder cache gives the images' features where it holds them,
+and for NVLM-X/H each block's K/V of a sample's image memory: new rows whose memory K/V it holds are prefilled
+as a batch of their own that skips the blocks' K/V projections (a chunked prompt projects them at its first
+chunk only, in its runner).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 
 import torch
 
+from nvlm.inference.kv_cache import BlockKV, stack_memory_kv
 from nvlm.inference.runner import ModelRunner
-from nvlm.serve.encoder_cache import EncoderCache
+from nvlm.serve.encoder_cache import EncoderCache, memory_key
 from nvlm.serve.logprobs import prompt_logprobs
 from nvlm.serve.metrics import EngineMetrics
 from nvlm.serve.output import OutputProcessor
@@ -52,13 +56,16 @@ class PrefillSteps:
             return self._start_chunks(reqs[0], samples[0], starts[0])
         fresh = [i for i, start in enumerate(starts) if start == 0]
         hits = [i for i, start in enumerate(starts) if start > 0]
+        known = {i: self._known_kv(reqs[i], samples[i]) for i in fresh}  # memory K/V the encoder cache holds
+        groups = [g for g in ([i for i in fresh if known[i]], [i for i in fresh if not known[i]]) if g]
         first = self.runner.n
         logits = []
-        if fresh:
-            logits.append(self._prefill_batch([reqs[i] for i in fresh], [samples[i] for i in fresh]))
+        for g in groups:  # rows with their memory K/V known, then the others: one left-padded batch each
+            kv = [k for i in g if (k := known[i]) is not None] or None  # all rows of g, or none
+            logits.append(self._prefill_batch([reqs[i] for i in g], [samples[i] for i in g], kv))
         for i in hits:
             logits.append(self._extend(reqs[i], samples[i], starts[i]))
-        rows = [reqs[i] for i in fresh + hits]  # in the runner's row order
+        rows = [reqs[i] for g in groups for i in g] + [reqs[i] for i in hits]  # in the runner's row order
         tokens, host = self.output.sample(torch.cat(logits), rows)
         self.runner.feed(first, tokens)
         if self.prefix_cache is not None:
@@ -70,20 +77,34 @@ class PrefillSteps:
         self.metrics.observe_step("prefill", time.perf_counter() - t0, computed)
         self._finish_rows(self.output.advance(rows, host))
 
-    def _prefill_batch(self, reqs: list[Request], samples: list[Any]) -> torch.Tensor:
-        """One left-padded prefill → the rows' last logits [B, vocab] (and prompt logprobs where asked)."""
+    def _prefill_batch(self, reqs: list[Request], samples: list[Any], known: list[BlockKV] | None) -> torch.Tensor:
+        """One left-padded prefill → the rows' last logits [B, vocab] (and prompt logprobs where asked). `known`:
+        every row's memory K/V from the encoder cache (else the blocks project them, and the cache keeps them)."""
         batch = self.processor.collate(samples, padding_side="left")
         cache = self.encoder_cache
         feats = cache.features(self.model, samples, [r.image_keys for r in reqs]) if cache is not None else None
         scored = [r.params.prompt_logprobs is not None and r.prompt_logprobs is None for r in reqs]
+        kv = stack_memory_kv(known, batch["memory_index"].shape[1]) if known else None
+        first = self.runner.n
         # every position's logits only when a row scores its prompt ([B, T, vocab]; else [B, 1, vocab])
-        logits = self.runner.prefill(batch, list(reqs), all_logits=any(scored), features=feats)
+        logits = self.runner.prefill(batch, list(reqs), all_logits=any(scored), features=feats, memory_kv=kv)
+        if cache is not None and known is None:
+            for j, (r, sample) in enumerate(zip(reqs, samples, strict=True)):
+                cache.keep_memory_kv(self._memory_key(r, sample), self.runner.memory.row(first + j))
         width = batch["input_ids"].shape[1]
         for i, r in enumerate(reqs):
             if scored[i]:  # left padded: row i's prompt is its last prompt_tokens positions
                 rows = logits[i, width - r.prompt_tokens :]
                 r.prompt_logprobs = prompt_logprobs(rows, r.encoded.input_ids, r.params.prompt_logprobs or 0)
         return logits[:, -1]
+
+    def _memory_key(self, r: Request, sample: Any) -> Any:
+        return memory_key(sample, r.image_keys) if self.model.xattn else None
+
+    def _known_kv(self, r: Request, sample: Any) -> BlockKV | None:
+        """`r`'s memory K/V per block when the encoder cache holds them (None: not held, no cache, no memory)."""
+        cache = self.encoder_cache
+        return cache.memory_kv(self._memory_key(r, sample)) if cache is not None else None
 
     def _cached_tokens(self, r: Request, sample: Any) -> int:
         """Leading prompt tokens whose KV the prefix cache holds and a prefill can start after (0: none)."""
@@ -114,17 +135,24 @@ class PrefillSteps:
             "memory_index": batch["memory_index"],
             "memory_tag_ids": batch["memory_tag_ids"],
         }
+        new = r not in runner.owners  # else a later chunk: the runner has the row's memory K/V
+        known = self._known_kv(r, sample) if new else None
         feats = None
-        if rest["decoder_tiles"].numel() or self.model.xattn:  # tiles this part still needs
+        # tiles this part needs: its decoder tiles', and a new row's memory (K/V known here are not sent to
+        # tensor-parallel followers, which project their own)
+        if rest["decoder_tiles"].numel() or (self.model.xattn and new):
             rest["pixel_values"] = batch["pixel_values"]
             if self.encoder_cache is not None and r.image_keys:
                 feats = self.encoder_cache.features(self.model, [sample], [r.image_keys])
         load = None
-        if r not in runner.owners and start > 0:
+        if new and start > 0:
             cache, hashes = self.prefix_cache, r.block_hashes
             assert cache is not None
             load = lambda row: cache.load(runner.kv, row, hashes, start)  # noqa: E731
-        return runner.extend(rest, r, start, load, feats)[:, -1]
+        logits = runner.extend(rest, r, start, load, feats, known)[:, -1]
+        if new and known is None and self.encoder_cache is not None:
+            self.encoder_cache.keep_memory_kv(self._memory_key(r, sample), runner.memory.row(runner.owners.index(r)))
+        return logits
 
     def _start_chunks(self, r: Request, sample: Any, start: int) -> None:
         """A prompt longer than `max_prefill_tokens`: prefilled a chunk per step into a runner of its own, so the
