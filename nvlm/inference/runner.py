@@ -196,9 +196,10 @@ class ModelRunner:
         self._mirror("feed", first, tokens)
         self._next[first : first + tokens.shape[0]] = tokens
 
-    @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """One token for every row (each its fed token) → logits [n, vocab]."""
+        """One token for every row (each its fed token) → logits [n, vocab]. The caller sets the grad mode, as for
+        ``prefill``: inference mode in ``generate``, the engine and TP followers; no_grad for RL rollouts under
+        FSDP2, whose gathered weights must stay writable by the next training step."""
         self._mirror("decode")
         n, lengths = self.n, self.kv.lengths
         w = self.width()

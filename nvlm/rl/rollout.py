@@ -112,9 +112,8 @@ def _sample(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """The decoding loop → per row (B·G) its `max_new_tokens` (or fewer) tokens and their log-probabilities.
 
-    One process: in inference mode, as ``ModelRunner.decode`` runs. Under FSDP2 only without gradients: the
-    weights it gathers for a forward in inference mode would be inference tensors that the next training
-    forward cannot write into, so the runner's decode step is called without its inference-mode wrapper."""
+    One process: in inference mode. Under FSDP2 only without gradients: the weights it gathers for a forward in
+    inference mode would be inference tensors that the next training forward cannot write into."""
     with torch.no_grad() if fixed_steps else torch.inference_mode():
         return _loop(model, processor, prompts, g, max_new_tokens, temperature, top_p, eos_ids, generator, fixed_steps)
 
@@ -135,8 +134,6 @@ def _loop(
     once = ModelRunner(model)
     first = once.prefill(batch, list(range(len(prompts))))[:, -1]  # [B, vocab]: one prefill per group
     runner = ModelRunner(model)
-    # ``decode`` runs in inference mode; under FSDP2 (fixed_steps) its undecorated body, in this no_grad
-    decode = ModelRunner.decode.__wrapped__ if fixed_steps else ModelRunner.decode  # type: ignore[attr-defined]
     for i in range(len(prompts)):
         for _ in range(g):
             runner.adopt(once, i)  # the prompt's KV and memory K/V, copied, not recomputed
@@ -158,5 +155,5 @@ def _loop(
         if step == max_new_tokens - 1 or (not fixed_steps and bool(done.all())):
             break
         runner.feed(0, nxt)
-        logits = decode(runner)
+        logits = runner.decode()
     return torch.stack(steps, 1).tolist(), torch.stack(lps, 1).tolist()  # [B·G, steps] each
