@@ -117,7 +117,7 @@ def main() -> None:
     lmms_score = float(results["results"][name]["exact_match,none"])
     samples_file = sorted((a.out / "lmms-eval").rglob(f"*samples_{name}.jsonl"))[-1]
     samples = sorted((json.loads(x) for x in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
-    lmms_preds = [s["resps"][0][0] if isinstance(s["resps"][0], list) else s["resps"][0] for s in samples]
+    lmms_preds = [s["filtered_resps"] for s in samples]  # 0.7.3 logs the one answer as a string
     same = sum(x.strip() == y.strip() for x, y in zip(lmms_preds, nvlm_preds, strict=True))
     print("\n| task (items) | lmms-eval | nvlm eval run | same answer |\n|---|---|---|---|")
     print(f"| {a.data.stem}, exact match ({len(docs)}) | {lmms_score:.4f} | {nvlm_score:.4f} | {same}/{len(docs)} |")
