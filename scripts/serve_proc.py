@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--name", default="nvlm-d", help="--served-model-name")
     ap.add_argument("--record", type=Path, help="record request bodies here (the server then listens on port+1)")
     a, extra = ap.parse_known_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the server child is stopped too
     extra = [x for x in extra if x != "--"]
     with served(a.model, a.port + 1 if a.record else a.port, a.name, extra) as url:
         print(f"serving {a.name} at {url}", file=sys.stderr, flush=True)
