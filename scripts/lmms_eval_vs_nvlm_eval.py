@@ -9,11 +9,10 @@ the model in this process.
 lmms-eval 0.7.3 goes in its own environment over this one (its pinned filelock and torchvision must not touch
 the project's):
 
-    python -m venv --system-site-packages /tmp/lmmsvenv
-    /tmp/lmmsvenv/bin/pip install --no-deps lmms-eval==0.7.3 && /tmp/lmmsvenv/bin/pip install loguru jsonlines \
-        "filelock<3.19" sqlitedict pytablewriter
+    python -m venv --system-site-packages lmmsvenv
+    lmmsvenv/bin/pip install --no-deps lmms-eval==0.7.3 && lmmsvenv/bin/pip install loguru jsonlines "filelock<3.19"
     python scripts/lmms_eval_vs_nvlm_eval.py --model runs/demo/nvlm-d/stage2/final \
-        --data runs/demo/data/test/color.jsonl --limit 40 --lmms-python /tmp/lmmsvenv/bin/python
+        --data runs/demo/data/test/color.jsonl --limit 40 --lmms-python lmmsvenv/bin/python
 """
 
 from __future__ import annotations
