@@ -1,7 +1,8 @@
 """Third-party clients as tests, without installing them: the request bodies that lm-evaluation-harness
 (local-completions, its remote tokenizer, local-chat-completions), lmms-eval, VLMEvalKit's LMDeploy client
-and GuideLLM send (recorded from their source in ``tests/fixtures/clients/``) are replayed against a served
-tiny model, and each response is read the way that client reads it.
+and GuideLLM send (written from their source, or recorded as sent through ``scripts/serve_proc.py --record``, in
+``tests/fixtures/clients/``) are replayed against a served tiny model, and each response is read the way that
+client reads it.
 
 python -m pytest tests/test_serve_clients.py -q
 """
@@ -97,6 +98,11 @@ def lmdeploy_chat(r, req, engine, model):
     assert image["max_tiles"] == req["max_tiles"]  # the per-image budget was applied, not ignored
 
 
+def health_ok(r, req, engine, model):
+    """GuideLLM's backend ``validate``: GET /health must answer 2xx before a run starts."""
+    assert 200 <= r.status_code < 300
+
+
 def load_stream(r, req, engine, model):
     """GuideLLM's ``add_streaming_line``: id, text deltas, and the usage of the last chunk; ignore_eos means
     exactly the asked number of tokens."""
@@ -129,6 +135,7 @@ CHECKS = {
         lm_eval_chat,
         models_first_id,
         lmdeploy_chat,
+        health_ok,
         load_stream,
     )
 }
@@ -153,4 +160,5 @@ def test_every_client_is_recorded():
         "lmms_eval_openai",
         "vlmevalkit_lmdeploy",
         "guidellm_streams",
+        "guidellm_recorded",
     } <= names
