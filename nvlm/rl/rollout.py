@@ -112,48 +112,33 @@ def _sample(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """The decoding loop → per row (B·G) its `max_new_tokens` (or fewer) tokens and their log-probabilities.
 
-    One process: in inference mode. Under FSDP2 only without gradients: the weights it gathers for a forward in
-    inference mode would be inference tensors that the next training forward cannot write into."""
+    One process: in inference mode. Under FSDP2 (`fixed_steps`) only without gradients: the weights it gathers
+    for a forward in inference mode would be inference tensors that the next training forward cannot write into."""
     with torch.no_grad() if fixed_steps else torch.inference_mode():
-        return _loop(model, processor, prompts, g, max_new_tokens, temperature, top_p, eos_ids, generator, fixed_steps)
-
-
-def _loop(
-    model: Any,
-    processor: Any,
-    prompts: list[Encoded],
-    g: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    eos_ids: list[int],
-    generator: torch.Generator | None,
-    fixed_steps: bool,
-) -> tuple[list[list[int]], list[list[float]]]:
-    batch = processor.collate(prompts, padding_side="left")
-    once = ModelRunner(model)
-    first = once.prefill(batch, list(range(len(prompts))))[:, -1]  # [B, vocab]: one prefill per group
-    runner = ModelRunner(model)
-    for i in range(len(prompts)):
-        for _ in range(g):
-            runner.adopt(once, i)  # the prompt's KV and memory K/V, copied, not recomputed
-    del once
-    logits = first.repeat_interleave(g, 0)  # [B·G, vocab]
-    n, device = logits.shape[0], logits.device
-    settings = RowSettings.of([temperature] * n, [top_p] * n, [0] * n, [generator] * n, device)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    pad_id = model.config.image_token_id  # never sampled: the image-pad token stands for no features
-    steps, lps = [], []
-    for step in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float(), -1)
-        logits[:, pad_id] = float("-inf")
-        nxt = torch.where(done, eos[0], sample(logits, settings))
-        steps.append(nxt)
-        lps.append(logp.gather(1, nxt[:, None])[:, 0])
-        done |= torch.isin(nxt, eos)
-        if step == max_new_tokens - 1 or (not fixed_steps and bool(done.all())):
-            break
-        runner.feed(0, nxt)
-        logits = runner.decode()
-    return torch.stack(steps, 1).tolist(), torch.stack(lps, 1).tolist()  # [B·G, steps] each
+        batch = processor.collate(prompts, padding_side="left")
+        once = ModelRunner(model)
+        first = once.prefill(batch, list(range(len(prompts))))[:, -1]  # [B, vocab]: one prefill per group
+        runner = ModelRunner(model)
+        for i in range(len(prompts)):
+            for _ in range(g):
+                runner.adopt(once, i)  # the prompt's KV and memory K/V, copied, not recomputed
+        del once
+        logits = first.repeat_interleave(g, 0)  # [B·G, vocab]
+        n, device = logits.shape[0], logits.device
+        settings = RowSettings.of([temperature] * n, [top_p] * n, [0] * n, [generator] * n, device)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        pad_id = model.config.image_token_id  # never sampled: the image-pad token stands for no features
+        steps, lps = [], []
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), -1)
+            logits[:, pad_id] = float("-inf")
+            nxt = torch.where(done, eos[0], sample(logits, settings))
+            steps.append(nxt)
+            lps.append(logp.gather(1, nxt[:, None])[:, 0])
+            done |= torch.isin(nxt, eos)
+            if step == max_new_tokens - 1 or (not fixed_steps and bool(done.all())):
+                break
+            runner.feed(0, nxt)
+            logits = runner.decode()
+        return torch.stack(steps, 1).tolist(), torch.stack(lps, 1).tolist()  # [B·G, steps] each

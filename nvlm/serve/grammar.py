@@ -12,8 +12,8 @@ the maintained libraries it had the lowest per-token cost on CPU when we measure
   ``max_tokens``, "length", may not).
 - JSON is generated compact (no whitespace between tokens), so a model cannot spend its budget on spaces.
 - xgrammar 0.2.9 lowers a string's ``minLength`` / ``maxLength`` to a character class that admits raw control
-  characters, which JSON forbids (its issue 800); its ``pattern`` path does not, so ``bounded_strings`` states
-  such bounds as the equivalent pattern before compiling.
+  characters, which JSON forbids (a known bug of that release); its ``pattern`` path does not, so
+  ``bounded_strings`` states such bounds as the equivalent pattern before compiling.
 """
 
 from __future__ import annotations

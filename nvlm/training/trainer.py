@@ -49,9 +49,8 @@ from nvlm.distributed.parallel import (
 from nvlm.distributed.tensor_parallel import clip_grad_norm
 from nvlm.loading import Unfilled
 from nvlm.models.packed_attention import use_packed_attention
-from nvlm.rl.dpo import DPOStep
+from nvlm.rl.build import rl_step
 from nvlm.rl.pairs import PairStream
-from nvlm.rl.step import GRPOStep, make_reference
 from nvlm.training.build import build_model, build_sharded, prepare, run_model
 from nvlm.training.config import RL_STAGES, ConfigError, RunConfig
 from nvlm.training.flops import batch_flops, device_peak_flops
@@ -175,7 +174,10 @@ class Trainer:
         self.model = self._model(built)
         self._fingerprint = fingerprint(cfg)  # data and blend, saved with every checkpoint
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, t.betas)
-        self.rl = self._rl_step() if t.stage in RL_STAGES else None  # GRPO's or DPO's step (nvlm.rl)
+        pairs = self.stream.records if isinstance(self.stream, PairStream) else None
+        self.rl = (
+            rl_step(self.model, self.processor, cfg, self.world, self.device, pairs) if t.stage in RL_STAGES else None
+        )
         # MFU per logged step: model FLOPs (nvlm.training.flops, from the batches' shapes) / step time / this bf16
         # peak, looked up by GPU name; None (CPU, unknown GPUs): no MFU logged
         self.peak_flops = device_peak_flops(self.device)
@@ -215,19 +217,6 @@ class Trainer:
                 f"{self.accum} accumulation steps = global batch {t.global_batch_size}"
             )
         return model
-
-    def _rl_step(self) -> GRPOStep | DPOStep:
-        """GRPO's or DPO's step, made before a resumed run loads its checkpoint: DPO's reference log-probs and
-        GRPO's reference policy (``train.rl.kl_coef`` > 0: a frozen copy, built again from the run's model spec)
-        are those of the starting model, also after a resume."""
-        t = self.cfg.train
-        if isinstance(self.stream, PairStream):
-            return DPOStep(self.model, self.processor, self.cfg, self.world, self.stream.records)
-        reference = None
-        if t.rl.kl_coef > 0:
-            frozen = build_model(self.cfg, run_model(self.cfg))[0].to(self.device).eval().requires_grad_(False)
-            reference = make_reference(frozen)
-        return GRPOStep(self.model, self.processor, self.cfg, self.world, reference)
 
     @property
     def packing(self) -> bool:
