@@ -1,6 +1,6 @@
 """Shared fixtures: tiny backbones saved to disk in HF format once per session, and loaders for them.
 
-Run: python -m pytest tests -q
+Run: python -m pytest tests -q -m "not slow"   (the long tier: -m slow; CI runs both)
 """
 
 from __future__ import annotations

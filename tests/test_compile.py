@@ -109,6 +109,7 @@ def conversation(words: int) -> Conversation:
     )
 
 
+@pytest.mark.slow
 def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_model):
     model, processor = build_model("D")
     model.train()
@@ -133,6 +134,7 @@ def test_packed_rows_with_new_sample_counts_reuse_the_compiled_graphs(build_mode
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_images_with_new_tile_counts_reuse_the_compiled_vision_layers(build_model):
     model, processor = build_model("D")
     model.train()

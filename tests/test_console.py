@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ASSET = Path(__file__).parent / "assets" / "nvlm-x-before-wrapping"
 
 
+@pytest.mark.slow
 def test_chat_prints_the_answer_and_nothing_else():
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     run = subprocess.run(

@@ -25,6 +25,9 @@ from nvlm.distributed.dcp import complete_checkpoints
 from nvlm.training.config import RunConfig
 from nvlm.training.trainer import Trainer, build_model
 
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 240
 
 

@@ -161,6 +161,7 @@ print(json.dumps({"to_ours": measured(big, out + "/ours"), "to_release": measure
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets the peak RSS in /proc/self")
+@pytest.mark.slow
 def test_conversion_streams_peak_rss_under_two_shards(tmp_path):
     """On a 5-shard replica of ~110 MB, converting either way raises the process's peak RSS by less than two of
     its largest shard (loading the whole model would add more than that)."""

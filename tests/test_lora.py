@@ -135,6 +135,7 @@ def test_unknown_target_is_a_clear_error(backbones, dataset, tmp_path):
         Trainer(cfg, tmp_path, log=quiet)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_exact(backbones, dataset, tmp_path):
     """`nvlm train` with LoRA, SIGTERM mid-run (it saves a DCP checkpoint), run again: the same losses and
     weights as a run never stopped."""

@@ -22,6 +22,9 @@ from dist_util import quiet
 
 from nvlm.training.config import RunConfig
 
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 300
 
 

@@ -221,6 +221,7 @@ def _check_outputs(out: Path, name: str) -> dict:
     return s
 
 
+@pytest.mark.slow
 def test_text_sft_and_speed_end_to_end_at_tiny_budgets(tmp_path, capsys):
     from nvlm.repro.cli import run_claim
 
@@ -246,6 +247,7 @@ def test_text_sft_and_speed_end_to_end_at_tiny_budgets(tmp_path, capsys):
     "resampler" not in NVLMConfig.__dataclass_fields__,
     reason="the Perceiver resampler (model key resampler.latents) is built on branch issue-12-stage1; not merged yet",
 )
+@pytest.mark.slow
 def test_resampler_end_to_end_at_tiny_budget(tmp_path):
     from nvlm.repro.cli import run_claim
 

@@ -10,12 +10,16 @@ import json
 import traceback
 
 import dist_util
+import pytest
 from conftest import write_color_dataset
 from dist_util import quiet, result
 
 from nvlm.training.config import RunConfig
 from nvlm.training.metrics import read_metrics
 from nvlm.training.trainer import Trainer
+
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 600
 

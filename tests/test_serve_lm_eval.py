@@ -16,6 +16,9 @@ from serve_util import served
 from nvlm.eval.runner import LocalModel, letter_logprobs
 from nvlm.eval.scorers.mmlu import letter_from_logprobs, mmlu_prompt
 
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 lm_eval = pytest.importorskip("lm_eval")
 
 TASK = """task: nvlm_mc_local

@@ -18,6 +18,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from serve_util import served, user, wait_for
 
 
@@ -111,6 +112,7 @@ def test_slow_clients_idle_connections_and_oversized_headers(build_model):
         assert httpx.get(url + "/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_drains_the_in_flight_stream_then_exits_0(build_model, tmp_path):
     model, processor = build_model("D")
     model.save_pretrained(str(tmp_path / "m"))

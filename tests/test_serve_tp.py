@@ -21,6 +21,9 @@ from conftest import picture, save_pair, set_gates
 
 from nvlm.data.chat import chat_prompt
 
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 240
 PROMPTS = [
     (chat_prompt("Describe.", 1), [(150, 100, 0)]),

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import dist_util
+import pytest
 import torch
 from conftest import save_pair
 from safetensors import safe_open
@@ -20,6 +21,9 @@ from test_distributed import tied_bf16_llm
 
 from nvlm.training.build import build_model
 from nvlm.training.config import RunConfig
+
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 240
 

@@ -24,6 +24,9 @@ from nvlm.distributed.tensor_parallel import check_heads, layout, tp_plans
 from nvlm.training.config import RunConfig
 from nvlm.training.trainer import Trainer
 
+# several processes each (gloo ranks, torchrun or a client package): the long tier, `pytest -m slow`
+pytestmark = pytest.mark.slow
+
 TIMEOUT_S = 420
 STEPS = 3
 

@@ -186,6 +186,7 @@ def test_stage1_checkpoint_hands_over_to_stage2(backbones, dataset, tmp_path):
     assert (tmp_path / "s2" / "final" / "model.safetensors").is_file() and (tmp_path / "s2" / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(backbones, dataset, tmp_path):
     cfg = make_cfg(backbones, dataset, steps=400)
     cfg.save(tmp_path / "run.json")
