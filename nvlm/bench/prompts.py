@@ -23,12 +23,16 @@ def make_prompts(n: int, image_ratio: float, seed: int = 0) -> list[tuple[str, l
     for i in range(n):
         images = []
         if rng.random() < image_ratio:
-            w, h = rng.choice([(448, 448), (896, 448), (300, 600), (1000, 800)])
-            im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
-            d = ImageDraw.Draw(im)
-            for _ in range(4):
-                x, y = rng.randrange(w), rng.randrange(h)
-                d.ellipse([x, y, x + w // 5, y + h // 5], fill=tuple(rng.randrange(256) for _ in range(3)))
-            images.append(im)
+            images.append(draw_image(rng, *rng.choice([(448, 448), (896, 448), (300, 600), (1000, 800)])))
         out.append((QUESTIONS[i % len(QUESTIONS)], images))
     return out
+
+
+def draw_image(rng: random.Random, w: int, h: int) -> Image.Image:
+    """A `w`×`h` image of four coloured ellipses on a coloured ground, drawn from `rng`."""
+    im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(4):
+        x, y = rng.randrange(w), rng.randrange(h)
+        d.ellipse([x, y, x + w // 5, y + h // 5], fill=tuple(rng.randrange(256) for _ in range(3)))
+    return im

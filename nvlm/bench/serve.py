@@ -5,9 +5,10 @@ Per concurrency level it sends ``--num-prompts`` streamed chat requests (at most
 whole level cut off at ``--timeout`` seconds) and reports TTFT (time to the first content chunk), TPOT ((E2E −
 TTFT) / (output tokens − 1)), ITL (gaps between content chunks) and E2E latency percentiles p50/p90/p99, plus
 request and output-token throughput. It talks to loopback addresses only: ``--model`` starts the server in
-this process on 127.0.0.1; ``--url`` must name 127.0.0.1, ::1 or localhost. With ``--model`` the same prompts
-also go one at a time through ``model.generate``; the continuous-batching gain is the ratio of request
-throughputs.
+this process on 127.0.0.1; ``--url`` must name 127.0.0.1, ::1 or localhost. The load generator runs in a process of
+its own, as ``vllm bench serve`` does: in the server's process its parsing of every streamed chunk would take the
+interpreter lock from the engine and the HTTP server it measures. With ``--model`` the same prompts also go one
+at a time through ``model.generate``; the continuous-batching gain is the ratio of request throughputs.
 """
 
 from __future__ import annotations
@@ -92,6 +93,20 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, timeout: flo
         duration = time.perf_counter() - t0
     recs = [t.result() for t in done]
     return summarize(recs, duration, concurrency, len(pending))
+
+
+def run_levels(url: str, bodies: list[dict], levels: list[int], timeout: float, api_key: str | None) -> list[dict]:
+    """Every level in turn, from a fresh process (see the module docstring); a warm-up of two requests first."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_levels, url, bodies, levels, timeout, api_key).result()
+
+
+def _levels(url: str, bodies: list[dict], levels: list[int], timeout: float, api_key: str | None) -> list[dict]:
+    asyncio.run(run_level(url, bodies[:2], 2, timeout, api_key))  # warm-up: connections, the server's first steps
+    return [asyncio.run(run_level(url, bodies, c, timeout, api_key)) for c in levels]
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -274,8 +289,7 @@ def run_bench_serve(args: Any) -> int:
     bodies = bodies_for(prompts, args.max_tokens, "nvlm")
     if args.url:
         url = args.url.rstrip("/").removesuffix("/v1")
-        for c in levels:
-            result["levels"].append(asyncio.run(run_level(url, bodies, c, args.timeout, args.api_key)))
+        result["levels"] = run_levels(url, bodies, levels, args.timeout, args.api_key)
     else:
         from nvlm.serve.app import create_app
         from nvlm.serve.engine import Engine
@@ -284,9 +298,7 @@ def run_bench_serve(args: Any) -> int:
         assert model is not None  # without --url, --model is required (checked above)
         engine = Engine(model[0], model[1], max_batch=max(levels), max_queue=max(levels))
         with BackgroundServer(create_app(engine, model_name="nvlm")) as url:
-            asyncio.run(run_level(url, bodies[:2], 2, args.timeout, None))  # warm-up
-            for c in levels:
-                result["levels"].append(asyncio.run(run_level(url, bodies, c, args.timeout, args.api_key)))
+            result["levels"] = run_levels(url, bodies, levels, args.timeout, args.api_key)
     if model is not None and args.engine_checks:
         from nvlm.bench.engine_checks import run_engine_checks
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,14 +94,47 @@ class Serving:
         return min(requested or own, self.max_tiles)
 
 
-def sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> Any:
-    """An engine callback that hands (choice index, event) to the event loop's queue."""
+class Mailbox:
+    """Events from the engine thread to one event loop, delivered in batches.
 
-    def put(ev: Event) -> None:  # runs on the engine thread
+    The engine emits an event per row per step; waking the loop for each (``call_soon_threadsafe`` writes to its
+    self-pipe) cost a system call per row and token on the engine's thread (12 % of its time at 16 rows, in a
+    profile). Here events are appended under a lock and the loop is woken once for all that arrived since it
+    last drained them, in their order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:  # runs on the engine thread
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is already on its way
+                return
         try:
-            loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+            self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
+
+    def _drain(self) -> None:  # runs on the loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> Any:
+    """An engine callback that hands (choice index, event) to the event loop's queue (through its mailbox)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+
+    def put(ev: Event) -> None:  # runs on the engine thread
+        box.post(events, (index, ev))
 
     return put
 
