@@ -32,7 +32,7 @@ def served(built, policy: MediaPolicy | None = None, gates: float | None = 0.5, 
     model, processor = built
     if gates is not None and model.xattn:
         set_gates(model, gates)
-    eng_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue", "stall_s") if k in kw}
+    eng_kw = {k: kw.pop(k) for k in ("max_batch", "max_queue", "stall_s", "encoder_cache_gb") if k in kw}
     keep_alive = kw.pop("timeout_keep_alive", 5)
     engine = Engine(model, processor, **eng_kw)
     app = create_app(engine, MediaGate(policy or MediaPolicy()), **kw)

@@ -97,3 +97,50 @@ def test_placeholder_in_the_text_places_the_image(build_model):
         for text in ("<image>\n<image>\nTwo?", "<image><|im_end|>"):  # a count that does not match; a reserved token
             r = _ask(url, [{"type": "text", "text": text}, image])
             assert r.status_code == 400 and "reserved token" in r.json()["error"]["message"], text
+
+
+def test_a_tiled_image_encodes_as_its_image_and_keeps_its_budget(build_model):
+    proc = Engine(*build_model("H")).processor
+    wide = picture(2700, 900)
+    plain = proc.encode("<image>\nQ", [wide], max_tiles=3)
+    tiled = proc.encode("<image>\nQ", [proc.tile(wide, 3)], max_tiles=3)
+    assert tiled.input_ids == plain.input_ids and tiled.plans == plain.plans and tiled.memory == plain.memory
+    assert tiled.pixel_values.equal(plain.pixel_values)
+    with pytest.raises(ValueError, match="tiled for 3 tiles"):
+        proc.encode("<image>\nQ", [proc.tile(wide, 3)], max_tiles=2)
+
+
+def test_a_repeated_image_is_neither_decoded_nor_tiled_again(build_model, monkeypatch):
+    built = build_model("D")
+    with served(built) as (url, engine):
+        calls = {"tile": 0, "decode": 0}
+        tile, decode = engine.processor.tile, MediaGate.decode
+
+        def counted_tile(*args, **kwargs):
+            calls["tile"] += 1
+            return tile(*args, **kwargs)
+
+        def counted_decode(self, data):
+            calls["decode"] += 1
+            return decode(self, data)
+
+        monkeypatch.setattr(engine.processor, "tile", counted_tile)
+        monkeypatch.setattr(MediaGate, "decode", counted_decode)
+        image = data_url(picture(900, 600, seed=3))
+        answers = []
+        for budget in (None, None, 2, 2):
+            part = {"url": image} | ({"max_dynamic_patch": budget} if budget else {})
+            r = _ask(url, [{"type": "image_url", "image_url": part}, {"type": "text", "text": "What?"}])
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["choices"][0]["message"]["content"])
+        # one decode and one tiling per (image bytes, tile budget): the repeats come from the encoder cache
+        assert calls == {"tile": 2, "decode": 2}
+        assert answers[0] == answers[1] and answers[2] == answers[3]
+        counts = engine.metrics.counts
+        assert (counts["image_tile_cache_queries"], counts["image_tile_cache_hits"]) == (4, 2)
+        assert "nvlm:image_tile_cache_hits_total 2" in httpx.get(url + "/metrics").text
+    # without the cache the same answer, and nothing looked up
+    with served(built, encoder_cache_gb=0) as (url, engine):
+        r = _ask(url, [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What?"}])
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == answers[0]
+        assert engine.metrics.counts["image_tile_cache_queries"] == 0

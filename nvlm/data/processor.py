@@ -94,6 +94,17 @@ class Encoded:
     labels: list[int] = field(default_factory=list)  # -100 where no loss
 
 
+@dataclass(frozen=True)
+class TiledImage:
+    """An image cut into tiles by ``Processor.tile`` for a budget of `max_tiles` regular tiles: its plan and its
+    tiles [N, 3, S, S], normalised. A sample built from it skips decoding and tiling (a server keeps these for
+    images sent again)."""
+
+    plan: TilePlan
+    pixel_values: torch.Tensor
+    max_tiles: int
+
+
 def memory_tensors(recipes: list[list[tuple[str, Any]]], tokens_per_tile: int, n_tiles: int) -> dict[str, Any]:
     """Each row's x-attn memory recipe → the tensors the model gathers it with (it parses no recipe):
 
@@ -252,6 +263,16 @@ class Processor:
                 sample.text(self.check_text(part), train, cache=False)  # free text: not cached, a run sees millions
         return sample.result()
 
+    def tile(self, source: Any, max_tiles: int | None = None) -> TiledImage:
+        """Decode `source` (path, bytes or PIL image) and cut it into tiles (paper §4.2) for a budget of
+        `max_tiles` regular tiles (default: the config's)."""
+        tiling = self.config.tiling
+        top = tiling.max_tiles if max_tiles is None else max_tiles
+        image = load_image(source, max_pixels=tiling.max_pixels)
+        low = min(tiling.min_tiles, top)
+        plan = plan_tiles(image.width, image.height, self.tile_size, low, top, tiling.use_thumbnail)
+        return TiledImage(plan, tiles_to_tensor(tile_image(image, plan), self.mean, self.std), top)
+
     def tile_budgets(self, max_tiles: int | Sequence[int] | None, n: int) -> list[int]:
         """Each image's most regular tiles: the config's, or this call's (one for all, or one per image)."""
         tiling, tags = self.config.tiling, self.config.tags
@@ -370,19 +391,17 @@ class _SampleBuilder:
     def image(self, source: Any) -> None:
         """Tile an image and append its block (paper §4.2–4.4): memory pieces, then the decoder pieces."""
         cfg, proc, tpt = self.cfg, self.proc, self.proc.tokens_per_tile
-        image = load_image(source, max_pixels=cfg.tiling.max_pixels)
         top = self.budgets[len(self.plans)]
-        plan = plan_tiles(
-            image.width,
-            image.height,
-            proc.tile_size,
-            min(cfg.tiling.min_tiles, top),
-            top,
-            cfg.tiling.use_thumbnail,
-        )
+        tiled = source if isinstance(source, TiledImage) else proc.tile(source, top)
+        if tiled.max_tiles != top or tiled.plan.tile_size != proc.tile_size:
+            raise ValueError(
+                f"image {len(self.plans) + 1} was tiled for {tiled.max_tiles} tiles of {tiled.plan.tile_size} px; "
+                f"this sample asks for {top} of {proc.tile_size} px: tile it again with Processor.tile"
+            )
+        plan = tiled.plan
         base = sum(p.num_tiles for p in self.plans)  # this image's first tile in the sample
         self.plans.append(plan)
-        self.tiles.append(tiles_to_tensor(tile_image(image, plan), proc.mean, proc.std))
+        self.tiles.append(tiled.pixel_values)
         block = image_block(
             cfg.arch, plan, cfg.tags.style, cfg.tags.thumbnail_tag, cfg.tags.image_start, cfg.tags.image_end
         )

@@ -72,12 +72,12 @@ def chat_router(ctx: Serving) -> APIRouter:
             return error(
                 400, f"{len(parts)} images; this server takes at most {ctx.gate.policy.max_images} per request"
             )
-        try:
-            images = await run_in_threadpool(ctx.gate.load_all, [p.url for p in parts])
-        except MediaError as e:
-            return error(e.status, str(e), "invalid_image")
         shared = req.mm_processor_kwargs.max_dynamic_patch if req.mm_processor_kwargs else None
         tiles = [ctx.tile_budget(p.max_dynamic_patch or shared) for p in parts]
+        try:
+            images = await run_in_threadpool(ctx.load_images, [p.url for p in parts], tiles)
+        except MediaError as e:
+            return error(e.status, str(e), "invalid_image")
         submitted = await submit_all(
             ctx.engine, [(prompt, images, sampling(req, i, grammar), tiles) for i in range(req.n)]
         )

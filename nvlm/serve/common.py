@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from nvlm.data.processor import TiledImage
 from nvlm.serve.engine import Engine, EngineError, Event, SamplingParams
-from nvlm.serve.media import MediaGate
+from nvlm.serve.media import MediaError, MediaGate
 
 _TYPES = {
     400: "invalid_request_error",
@@ -87,6 +88,23 @@ class Serving:
     def max_tiles(self) -> int:
         """The most regular tiles per image a request may ask for: the gate's ceiling, else the model's own."""
         return self.gate.policy.max_tiles or self.engine.processor.config.tiling.max_tiles
+
+    def load_images(self, urls: list[str], budgets: list[int]) -> list[TiledImage]:
+        """Each image URL fetched and checked, then decoded and tiled for its budget; bytes the encoder cache has
+        seen with the same budget are neither decoded nor tiled again. MediaError for a bad image."""
+        if len(urls) > self.gate.policy.max_images:
+            most = self.gate.policy.max_images
+            raise MediaError(f"{len(urls)} images in one request; this server takes at most {most}")
+        cache, processor = self.engine.encoder_cache, self.engine.processor
+        out = []
+        for url, top in zip(urls, budgets, strict=True):
+            data = self.gate.fetch(url)
+
+            def make(data: bytes = data, top: int = top) -> TiledImage:
+                return processor.tile(self.gate.decode(data), top)
+
+            out.append(cache.tiled(data, top, make) if cache is not None else make())
+        return out
 
     def tile_budget(self, requested: int | None) -> int:
         """Tiles for one image: what the request asked (clamped to the ceiling), else the model's setting."""

@@ -1,6 +1,7 @@
 """The media gate: the one place an image URL from a request becomes pixels (the server's guard against SSRF).
 
-Every ingress path (the HTTP server, the web chat, the eval client) calls ``MediaGate.load_all``. Policy:
+Every ingress path (the HTTP server, the web chat, the eval client) calls ``MediaGate.fetch`` and then
+``MediaGate.decode`` (``load`` does both). Policy:
 
 * ``data:image/…;base64,…`` URLs are always accepted; their size is judged from the length of the base64 text
   before anything is decoded, and the MIME type must be one of the allowed image formats.
@@ -64,13 +65,12 @@ class MediaGate:
     def __init__(self, policy: MediaPolicy | None = None) -> None:
         self.policy = policy or MediaPolicy()
 
-    def load_all(self, urls: list[str]) -> list[Image.Image]:
-        if len(urls) > self.policy.max_images:
-            raise MediaError(f"{len(urls)} images in one request; this server takes at most {self.policy.max_images}")
-        return [self.load(u) for u in urls]
-
     def load(self, url: str) -> Image.Image:
         """One image URL → an RGB PIL image, or MediaError."""
+        return self.decode(self.fetch(url))
+
+    def fetch(self, url: str) -> bytes:
+        """One image URL → its bytes, every check but the pixel count done (``decode`` does that), or MediaError."""
         if not isinstance(url, str) or not url:
             raise MediaError("image_url.url must be a non-empty string")
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -85,7 +85,9 @@ class MediaGate:
                 f"unsupported image URL scheme {scheme or '(none)'!r}: use a data: URL"
                 + (", or http(s) for --allowed-media-domains" if self.policy.allowed_domains else "")
             )
-        return self._decode(data)
+        if len(data) > self.policy.max_bytes:
+            raise MediaError(f"image is over {self.policy.max_bytes:,} bytes", 413)
+        return data
 
     # ---- sources ------------------------------------------------------------------------------------
     def _data_url(self, url: str) -> bytes:
@@ -180,7 +182,8 @@ class MediaGate:
             return f.read(self.policy.max_bytes + 1)
 
     # ---- decoding -----------------------------------------------------------------------------------
-    def _decode(self, data: bytes) -> Image.Image:
+    def decode(self, data: bytes) -> Image.Image:
+        """Fetched bytes → an RGB PIL image, once the header's pixel count is within the bound; or MediaError."""
         if len(data) > self.policy.max_bytes:
             raise MediaError(f"image is over {self.policy.max_bytes:,} bytes", 413)
         try:  # header only: the pixel count decides before any pixel is decoded

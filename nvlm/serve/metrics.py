@@ -17,6 +17,8 @@ COUNTERS = {
     "prefill_tokens_computed": "prompt tokens run through the model in prefills (not taken from the prefix cache)",
     "prefix_cache_queries": "prompt tokens looked up in the prefix cache",
     "prefix_cache_hits": "prompt tokens whose KV came from the prefix cache",
+    "image_tile_cache_queries": "images looked up by their bytes in the encoder cache before decoding and tiling",
+    "image_tile_cache_hits": "images whose tiles came from the encoder cache (not decoded or tiled again)",
     "encoder_cache_queries": "images looked up in the encoder cache",
     "encoder_cache_hits": "images whose features came from the encoder cache",
     "xattn_kv_cache_queries": "image memories (NVLM-X/H) whose cross-attention K/V were looked up in the encoder cache",
