@@ -166,7 +166,12 @@ def host_ms_per_token(model: Any, processor: Any, tokens: int, rows: int = 16) -
         engine.close()
         del model.forward
     h = engine.metrics.decode_step
-    return {"steps": h.count, "host_ms_per_token": 1000 * (h.sum - forward[0]) / h.count / rows}
+    return {
+        "steps": h.count,
+        "step_ms": 1000 * h.sum / h.count,
+        "forward_ms": 1000 * forward[0] / h.count,
+        "host_ms_per_token": 1000 * (h.sum - forward[0]) / h.count / rows,
+    }
 
 
 def run_engine_checks(loaded: Any) -> dict[str, Any]:
@@ -181,8 +186,10 @@ def run_engine_checks(loaded: Any) -> dict[str, Any]:
         out.update(prefix_cache_drop(model, processor))
         out.update(chunked_prefill_itl(model, processor))
         host_ms_per_token(model, processor, 8)  # warm-up
-        out["host_ms_per_token_32"] = host_ms_per_token(model, processor, 32)["host_ms_per_token"]
-        out["host_ms_per_token_512"] = host_ms_per_token(model, processor, 512)["host_ms_per_token"]
+        for n in (32, 512):
+            step = host_ms_per_token(model, processor, n)
+            out[f"host_ms_per_token_{n}"] = step["host_ms_per_token"]
+            out[f"decode_step_ms_{n}"], out[f"decode_forward_ms_{n}"] = step["step_ms"], step["forward_ms"]
 
     worker = threading.Thread(target=work)
     worker.start()
@@ -209,6 +216,8 @@ def render_engine_checks(c: dict[str, Any]) -> str:
             f"{c['itl_p99_ms_one_piece']:.1f} ms prefilled in one piece, "
             f"{c['itl_p99_ms_chunked']:.1f} ms in 128-token chunks",
             f"host time per token (16 rows): {c['host_ms_per_token_32']:.3f} ms at 32 tokens, "
-            f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens",
+            f"{c['host_ms_per_token_512']:.3f} ms at 512 tokens; a decoding step of 16 rows "
+            f"{c['decode_step_ms_32']:.2f} ms ({c['decode_forward_ms_32']:.2f} of it the model's forward) at 32 "
+            f"tokens, {c['decode_step_ms_512']:.2f} ms ({c['decode_forward_ms_512']:.2f}) at 512",
         ]
     )
