@@ -7,6 +7,7 @@ A request is encoded (tiles, tokens) before it is queued; the engine thread then
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -86,6 +87,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self._events: queue.Queue[Event] = queue.Queue()
+        self._final: Event | None = None
+        self._done = threading.Event()  # what `result` waits on: one wake-up at the end, not one per token
         self._generator: torch.Generator | None = None
         # its own grammar state, made on the submitting thread; it survives a preemption with the output ids
         self.matcher = Matcher(self.params.grammar) if self.params.grammar is not None else None
@@ -128,6 +131,9 @@ class Request:
 
     def emit(self, event: Event) -> None:
         (self.on_event or self._events.put)(event)
+        if event.finish_reason is not None:
+            self._final = event
+            self._done.set()
 
     def __iter__(self) -> Iterator[Event]:
         """Events until the request finishes (blocking; only without an `on_event` callback)."""
@@ -137,10 +143,13 @@ class Request:
             if event.finish_reason is not None:
                 return
 
-    def result(self) -> str:
-        for event in self:
-            if event.error:
-                raise EngineError(event.error)
+    def result(self, timeout: float = 600) -> str:
+        """The whole answer, once the request has finished (blocking); EngineError if it failed."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        assert self._final is not None
+        if self._final.error:
+            raise EngineError(self._final.error)
         return self.text
 
 
