@@ -101,6 +101,7 @@ def save_tiny_backbones(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nvlm.models.saving import no_shard_bars
     from nvlm.vision.encoder import vision_model_from_config
 
     root = Path(root)
@@ -108,8 +109,9 @@ def save_tiny_backbones(
     tokenizer = tiny_tokenizer()
     llm = AutoModelForCausalLM.from_config(tiny_llm_config(llm_kind, len(tokenizer), **llm_kwargs))
     llm_dir, vision_dir = root / f"llm-{llm_kind}", root / f"vision-{vision_kind}"
-    llm.save_pretrained(llm_dir)
-    tokenizer.save_pretrained(llm_dir)
     vcfg = tiny_vision_config(vision_kind)
-    vision_model_from_config(vision_kind, vcfg.to_dict()).save_pretrained(vision_dir)
+    with no_shard_bars():
+        llm.save_pretrained(llm_dir)
+        vision_model_from_config(vision_kind, vcfg.to_dict()).save_pretrained(vision_dir)
+    tokenizer.save_pretrained(llm_dir)
     return llm_dir, vision_dir
