@@ -47,18 +47,20 @@ class GRPOStep:
         ro = rollout(self.model, self.processor, prompts, g, rl.max_new_tokens, temperature=rl.temperature,
                      top_p=rl.top_p, eos_ids=self.eos, generator=generator,
                      fixed_steps=self.world.distributed)  # fmt: skip
+        per = [i // g for i in range(len(ro.completions))]
+        ids, finished = fit_completions([len(ro.prompt_ids[i]) for i in per], ro.completions, ro.finished,
+                                        self.cfg.data.max_seq_len)  # fmt: skip
         tok = self.processor.tokenizer
         completions = [Completion(tok.decode(c, skip_special_tokens=True), f)
-                       for c, f in zip(ro.completions, ro.finished, strict=True)]  # fmt: skip
+                       for c, f in zip(ids, finished, strict=True)]  # fmt: skip
         texts = [tok.decode(p, skip_special_tokens=True) for p in ro.prompt_ids]
-        per = [i // g for i in range(len(completions))]
         rewards = score(rl.rewards, [texts[i] for i in per], completions, [references[i] for i in per])
         total = torch.tensor([sum(v) for v in zip(*rewards.values(), strict=True)])
         advantages = group_advantages(total, g, rl.adv_eps)
-        rows = [with_completion(prompts[i], c) for i, c in zip(per, ro.completions, strict=True)]
+        rows = [with_completion(prompts[i], c) for i, c in zip(per, ids, strict=True)]
         t0 = time.perf_counter()
         out = self._updates(rows, advantages, optimizer)
-        self.stats = self._stats(rewards, ro.completions, ro.seconds, time.perf_counter() - t0)
+        self.stats = self._stats(rewards, ids, ro.seconds, time.perf_counter() - t0)
         return out
 
     def _batches(self, rows: list[Encoded], advantages: torch.Tensor) -> list[tuple[dict[str, Any], torch.Tensor]]:
@@ -133,6 +135,16 @@ class GRPOStep:
         out.update(kl=self.stats["kl"], clip_fraction=self.stats["clip_fraction"], completion_len=length / n)
         out["rollout_s"], out["train_s"] = rollout_s, train_s
         return out
+
+
+def fit_completions(
+    prompt_lens: list[int], completions: list[list[int]], finished: list[bool], max_seq_len: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Each completion cut so that its prompt and it fit ``data.max_seq_len`` (what SFT's samples must fit); a
+    cut completion did not end by itself. The rollout still decodes ``max_new_tokens`` for every row: under
+    torchrun all processes decode the same number of steps, whatever their prompts' lengths."""
+    cut = [c[: max(max_seq_len - n, 0)] for n, c in zip(prompt_lens, completions, strict=True)]
+    return cut, [f and len(k) == len(c) for f, k, c in zip(finished, cut, completions, strict=True)]
 
 
 def make_reference(frozen: Any) -> Reference:
