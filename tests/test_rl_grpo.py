@@ -222,3 +222,18 @@ def test_grpo_rows_fit_max_seq_len(backbones, dataset, tmp_path, monkeypatch):
     seen.clear()
     Trainer(cfg, tmp_path / "capped", log=quiet, progress=False).run()
     assert seen and max(seen) == longest - 4  # the same draws (seeded per step), the long ones cut at the limit
+
+
+def test_stats_count_the_groups_that_teach():
+    from types import SimpleNamespace
+
+    from nvlm.distributed.parallel import World
+    from nvlm.rl.step import GRPOStep
+
+    step = GRPOStep.__new__(GRPOStep)
+    step.rl, step.world = SimpleNamespace(group_size=4), World()
+    step.stats = {"kl": 0.0, "clip_fraction": 0.0}
+    # three groups of 4: all right, all wrong (no advantage either way), and mixed
+    rewards = {"exact_match": [1.0] * 4 + [0.0] * 4 + [1.0, 0.0, 0.0, 1.0]}
+    out = step._stats(rewards, [[1, 2]] * 12, 1.0, 2.0)
+    assert out["mixed_groups"] == pytest.approx(1 / 3) and out["reward/mean"] == pytest.approx(6 / 12)

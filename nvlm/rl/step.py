@@ -122,17 +122,23 @@ class GRPOStep:
     def _stats(
         self, rewards: dict[str, list[float]], completions: list[list[int]], rollout_s: float, train_s: float
     ) -> dict[str, float]:
-        """Rewards (each and their sum: mean and std over every process's completions), completion length and
-        this process's rollout and training seconds."""
+        """Rewards (each and their sum: mean and std over every process's completions), the share of groups
+        whose rewards differ, completion length and this process's rollout and training seconds."""
         named = {**rewards, "": [sum(v) for v in zip(*rewards.values(), strict=True)]}
         sums = [f(v) for v in named.values() for f in (sum, lambda v: sum(x * x for x in v))]
-        n, length, *sums = all_reduce([float(len(completions)), float(sum(map(len, completions))), *sums], self.world)
+        g = self.rl.group_size
+        groups = [named[""][i : i + g] for i in range(0, len(completions), g)]
+        mixed = float(sum(max(r) != min(r) for r in groups))  # groups that teach: not every reward equal
+        n, length, mixed, *sums = all_reduce(
+            [float(len(completions)), float(sum(map(len, completions))), mixed, *sums], self.world
+        )
         out: dict[str, float] = {}
         for k, name in enumerate(named):
             mean, square = sums[2 * k] / n, sums[2 * k + 1] / n
             key = f"reward/{name}/" if name else "reward/"
             out[key + "mean"], out[key + "std"] = mean, math.sqrt(max(square - mean * mean, 0.0))
         out.update(kl=self.stats["kl"], clip_fraction=self.stats["clip_fraction"], completion_len=length / n)
+        out["mixed_groups"] = mixed * g / n  # the share of groups with a non-zero advantage
         out["rollout_s"], out["train_s"] = rollout_s, train_s
         return out
 
