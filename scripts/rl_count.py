@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl", type=float, default=0.0)
+    p.add_argument("--updates", type=int, default=1, help="GRPO: optimizer updates per rollout batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -54,7 +55,8 @@ def main() -> int:
     cfg = stage_config(args.arch, "sft", demo, BUDGETS["quick"], init_from=str(start), seed=args.seed)
     batch = args.prompts * (args.group if args.stage == "sft" else 1)
     count = {"path": str(data / "train" / "count.jsonl"), "weight": 1.0, "image_root": str(data)}
-    rl = RLConfig(group_size=args.group, max_new_tokens=3, temperature=args.temperature, kl_coef=args.kl)
+    rl = RLConfig(group_size=args.group, max_new_tokens=3, temperature=args.temperature, kl_coef=args.kl,
+                  updates_per_rollout=args.updates)  # fmt: skip
     train = dataclasses.replace(cfg.train, stage=args.stage, max_steps=args.steps, global_batch_size=batch,
                                 micro_batch_size=batch, lr=args.lr, min_lr=args.lr, warmup_steps=0, log_every=1,
                                 rl=rl)  # fmt: skip
@@ -70,7 +72,8 @@ def main() -> int:
     k = max(1, len(rewards) // 5)
     result = {
         "stage": args.stage, "arch": args.arch, "steps": args.steps, "lr": args.lr, "group": args.group,
-        "temperature": args.temperature, "kl": args.kl, "prompts": args.prompts, "seed": args.seed,
+        "temperature": args.temperature, "kl": args.kl, "updates": args.updates, "prompts": args.prompts,
+        "seed": args.seed,
         "before": json.loads(before_path.read_text()), "after": evaluate_counts(r.final_dir, data),
         "reward_first": sum(rewards[:k]) / k if rewards else None,
         "reward_last": sum(rewards[-k:]) / k if rewards else None,

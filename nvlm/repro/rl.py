@@ -47,9 +47,11 @@ def accuracy(loaded: Any, data: Path, name: str, batch_size: int = 50) -> float:
     return right / len(convs)
 
 
-def evaluate_counts(checkpoint: Path, data: Path) -> dict[str, float]:
+def evaluate_counts(checkpoint: Path | None, data: Path) -> dict[str, float]:
     import nvlm
 
+    if checkpoint is None:  # a run stopped before its first checkpoint
+        raise RuntimeError("no final checkpoint to evaluate")
     loaded = nvlm.load(checkpoint)
     return {metric: accuracy(loaded, data, name) for name, metric in EVAL_SETS.items()}
 
