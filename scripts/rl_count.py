@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--updates", type=int, default=1, help="GRPO: optimizer updates per rollout batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", help="start from this checkpoint instead of the demo's stage-2 model")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     import torch
@@ -45,7 +46,7 @@ def main() -> int:
     from nvlm.training.trainer import Trainer
 
     demo, out = Path(args.demo), Path(args.out)
-    start = demo / f"nvlm-{args.arch.lower()}" / "stage2" / "final"
+    start = Path(args.init) if args.init else demo / f"nvlm-{args.arch.lower()}" / "stage2" / "final"
     if not start.exists():
         print(f"error: no stage-2 model at {start}; run `nvlm demo --quick --arch {args.arch}` first", file=sys.stderr)
         return 2

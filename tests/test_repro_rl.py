@@ -59,6 +59,9 @@ def test_arms_share_stages_one_and_two_and_differ_only_in_the_third():
         assert s[2].train.global_batch_size == g[2].train.global_batch_size * g[2].train.rl.group_size
         assert g[2].train.lr == scale.rl_lr and s[2].train.lr == g[1].train.min_lr
     assert by_arm["GRPO"][1].model.arch == "D" and by_arm["GRPO, NVLM-X"][1].model.arch == "X"
+    stage1, stage2 = by_arm["GRPO"][:2]  # the quick demo's stages, which teach count (held out: 0.41 for D)
+    assert (stage1.train.max_steps, stage2.train.max_steps) == (scale.rl_stage1_steps, scale.rl_stage2_steps)
+    assert stage2.train.global_batch_size == scale.rl_stage_batch
 
 
 def test_claim_is_checked_like_the_others_and_not_in_all():
@@ -78,7 +81,9 @@ def test_rl_vs_sft_end_to_end_at_tiny_budget(tmp_path):
     from nvlm.repro.cli import run_claim
     from tests.test_repro import TINY, _check_outputs
 
-    scale = dataclasses.replace(TINY, rl_steps=1, rl_prompts=2, rl_group=2)
+    scale = dataclasses.replace(
+        TINY, rl_stage1_steps=2, rl_stage2_steps=3, rl_stage_batch=4, rl_steps=1, rl_prompts=2, rl_group=2
+    )
     run_claim("rl-vs-sft", tmp_path, "D", 1, scale, [], "cpu")
     s = _check_outputs(tmp_path, "rl-vs-sft")
     assert len(s["runs"]) == 4

@@ -1,8 +1,9 @@
 """One arm × seed of the ``rl-vs-sft`` claim: the demo's two stages, then GRPO or more SFT on ``count`` alone.
 
-Stages 1 and 2 are the demo recipe's (``nvlm.demo.pipeline.stage_config``, with the arm's model overrides and the
-user's ``--set``), shared by every arm of one architecture and seed: both third stages start from the very same
-stage-2 model. The third stage reads only ``train/count.jsonl`` (1–5 shapes):
+Stages 1 and 2 are the demo recipe's (``nvlm.demo.pipeline.stage_config``, at the quick demo's steps and batch:
+``Scale.rl_stage*``; with the arm's model overrides and the user's ``--set``), shared by every arm of one
+architecture and seed: both third stages start from the very same stage-2 model. The third stage reads only
+``train/count.jsonl`` (1–5 shapes):
 
 * GRPO (``train.stage=grpo``): ``rl_prompts`` images a step, ``rl_group`` sampled answers each, exact-match
   reward, ``rl_lr`` constant;
@@ -58,7 +59,8 @@ def evaluate_counts(checkpoint: Path | None, data: Path) -> dict[str, float]:
 
 def stage_configs(root: Path, scale: Any, arm: Arm, seed: int, sets: list[str]) -> tuple[RunConfig, ...]:
     """The arm's stage 1, stage 2 and third-stage run configs (init_from filled in by `run_rl_arm`)."""
-    budget = scale.budget()
+    budget = dataclasses.replace(scale.budget(), stage1_steps=scale.rl_stage1_steps,
+                                 stage2_steps=scale.rl_stage2_steps, batch=scale.rl_stage_batch)  # fmt: skip
     s1, s2 = (stage_config(arm.arch, stage, root, budget, seed=seed) for stage in ("pretrain", "sft"))
     s1, s2 = (
         dataclasses.replace(c, model=dataclasses.replace(c.model, overrides={**c.model.overrides, **arm.model}))

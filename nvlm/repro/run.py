@@ -44,7 +44,12 @@ class Scale:
     bench_steps: int = 5  # speed claim: timed steps per arch
     bench_warmup: int = 2
     bench: dict[str, Any] = field(default_factory=dict)  # other `nvlm bench train` Shape fields (tests: tiny)
-    # rl-vs-sft's third stage (nvlm.repro.rl): steps, images a step, GRPO's group size, lr and temperature
+    # rl-vs-sft (nvlm.repro.rl): its stages 1 and 2 are the quick demo's (at the stage budgets above, a first
+    # default run's stage-2 model counted at chance, 0.18), then the third stage: steps, images a step, GRPO's
+    # group size, lr and temperature
+    rl_stage1_steps: int = 80
+    rl_stage2_steps: int = 480
+    rl_stage_batch: int = 32
     rl_steps: int = 40
     rl_prompts: int = 8
     rl_group: int = 8
@@ -56,7 +61,22 @@ class Scale:
 
 
 SCALES = {
-    "quick": Scale("quick", 300, 40, 100, 120, 10, 30, batch=16, bench_steps=3, bench_warmup=1, rl_steps=2),
+    "quick": Scale(
+        "quick",
+        300,
+        40,
+        100,
+        120,
+        10,
+        30,
+        batch=16,
+        bench_steps=3,
+        bench_warmup=1,
+        rl_stage1_steps=10,
+        rl_stage2_steps=30,
+        rl_stage_batch=16,
+        rl_steps=2,
+    ),  # fmt: skip
     "default": Scale("default", 2000, 100, 300, 300, 60, 180, batch=16, bench_steps=15),
 }
 
