@@ -163,3 +163,29 @@ def test_with_lora_the_reference_is_the_starting_model(backbones, pairs, tmp_pat
             start = answer_logprobs(*token_logprobs(frozen, batch))
         torch.testing.assert_close(torch.tensor(trainer.rl.ref_cache[i]), start, atol=1e-5, rtol=0)
     assert read_metrics(tmp_path / "metrics.jsonl")[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_pair_files_are_drawn_by_their_weights():
+    from nvlm.rl.pairs import weighted_epoch
+
+    spans = [(0, 4, 3.0), (4, 4, 1.0)]  # two files of 4 pairs; the first weighs 3 times the second
+    order = weighted_epoch(spans, "0:0")
+    assert len(order) == 8 and sum(i < 4 for i in order) == 6  # 8 × 3/4 from the first file
+    assert set(i for i in order if i < 4) == {0, 1, 2, 3}  # upsampled: every pair of it, some twice
+    assert order == weighted_epoch(spans, "0:0") and order != weighted_epoch(spans, "0:1")
+    third = weighted_epoch([(0, 2, 1.0), (2, 1, 1.0), (3, 4, 1.0)], "s")  # 7 slots, 7/3 each: 3, 2, 2
+    assert sorted(sum(a <= i < a + n for i in third) for a, n in ((0, 2), (2, 1), (3, 4))) == [2, 2, 3]
+    zero = weighted_epoch([(0, 3, 1.0), (3, 2, 0.0)], "s")
+    assert len(zero) == 5 and set(zero) == {0, 1, 2}  # weight 0: never drawn, its slots go to the other file
+
+
+def test_one_pair_file_keeps_its_permutation(pairs):
+    from types import SimpleNamespace
+
+    from nvlm.rl.pairs import PairStream
+
+    one = SimpleNamespace(path=str(pairs), image_root=None, weight=5.0)
+    stream = PairStream([one], None, None, 7, 0, 1)
+    assert sorted(stream._order(0)) == list(range(6))  # each pair once an epoch, whatever its weight
+    two = PairStream([one, SimpleNamespace(path=str(pairs), image_root=None, weight=0.0)], None, None, 7, 0, 1)
+    assert len(two.records) == 12 and all(i < 6 for i in two._order(0))  # weight 0: never drawn

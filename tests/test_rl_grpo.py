@@ -193,3 +193,47 @@ def test_tiny_grpo_run_raises_the_reward(backbones, dataset, tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     print(f"mean reward, first 3 steps {first:.3f}, last 3 steps {last:.3f}")
     assert last > first + 0.3, rewards
+
+
+def test_completions_are_cut_to_max_seq_len():
+    from nvlm.rl.step import fit_completions
+
+    ids, done = fit_completions([5, 5, 8], [[1, 2, 9], [1, 9], [1, 2, 9]], [True, True, True], 8)
+    assert ids == [[1, 2, 9], [1, 9], []] and done == [True, True, False]  # 5 + 3 fits 8; 8 + 0 is full
+    ids, done = fit_completions([6], [[1, 2, 9]], [True], 8)
+    assert ids == [[1, 2]] and done == [False]  # cut before its end token: not ended by itself
+
+
+def test_grpo_rows_fit_max_seq_len(backbones, dataset, tmp_path, monkeypatch):
+    from nvlm.rl.step import GRPOStep
+
+    seen: list[int] = []
+    original = GRPOStep._updates
+
+    def record(self, rows, advantages, optimizer):
+        seen.extend(len(r.input_ids) for r in rows)
+        return original(self, rows, advantages, optimizer)
+
+    monkeypatch.setattr(GRPOStep, "_updates", record)
+    cfg = grpo_cfg(backbones, dataset, "D", steps=1, max_new_tokens=16)
+    Trainer(cfg, tmp_path / "free", log=quiet, progress=False).run()
+    longest = max(seen)  # the longest prompt + completion with room to spare
+    cfg.data.max_seq_len = longest - 4
+    seen.clear()
+    Trainer(cfg, tmp_path / "capped", log=quiet, progress=False).run()
+    assert seen and max(seen) == longest - 4  # the same draws (seeded per step), the long ones cut at the limit
+
+
+def test_stats_count_the_groups_that_teach():
+    from types import SimpleNamespace
+
+    from nvlm.distributed.parallel import World
+    from nvlm.rl.step import GRPOStep
+
+    step = GRPOStep.__new__(GRPOStep)
+    step.rl, step.world = SimpleNamespace(group_size=4), World()
+    step.stats = {"kl": 0.0, "clip_fraction": 0.0}
+    # three groups of 4: all right, all wrong (no advantage either way), and mixed
+    rewards = {"exact_match": [1.0] * 4 + [0.0] * 4 + [1.0, 0.0, 0.0, 1.0]}
+    out = step._stats(rewards, [[1, 2]] * 12, 1.0, 2.0)
+    assert out["mixed_groups"] == pytest.approx(1 / 3) and out["reward/mean"] == pytest.approx(6 / 12)

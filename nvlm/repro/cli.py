@@ -1,6 +1,6 @@
 """``nvlm repro {tags,speed,pretrain-data,text-sft,freeze-llm,resampler,all}``: re-run one (or all six) of the
 paper's design findings at laptop scale and write ``results.json``, a PNG per claim and ``REPORT.md`` under
-``--out``."""
+``--out``. ``nvlm repro rl-vs-sft`` (GRPO vs more SFT after the paper's SFT) runs only when named."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvlm.errors import UserError
-from nvlm.repro.claims import NAMES, claim
+from nvlm.repro.claims import EXTRA, NAMES, claim
 
 if TYPE_CHECKING:
     from nvlm.repro.run import Scale
@@ -24,7 +24,11 @@ per-seed numbers by `nvlm.repro.stats` (rule under the table), never written by 
 
 def add_repro_parser(sub: Any) -> None:
     p = sub.add_parser("repro", help="re-run the paper's six design findings at small scale, with a report")
-    p.add_argument("claim", choices=[*NAMES, "all"], help="which finding (all: the six, then REPORT.md)")
+    p.add_argument(
+        "claim",
+        choices=[*NAMES, *EXTRA, "all"],
+        help="which finding (all: the paper's six, then REPORT.md; rl-vs-sft, beyond the paper, only by name)",
+    )
     p.add_argument(
         "--arch",
         default="D",
@@ -81,6 +85,7 @@ def run_claim(
     from tqdm import tqdm
 
     from nvlm.repro import plots, report
+    from nvlm.repro.rl import run_rl_arm
     from nvlm.repro.run import prepare, run_arm, run_speed
 
     c = claim(name, arch)
@@ -96,7 +101,10 @@ def run_claim(
         info = prepare(out, scale, log)
         for arm in c.arms:  # one progress line per arm
             for seed in tqdm(range(seeds), desc=f"{c.name}: {arm.name}", unit="seed"):
-                runs.append(run_arm(out, scale, c, arm, seed, sets, info["text_backbone_accuracy"]))
+                if arm.after_sft:
+                    runs.append(run_rl_arm(out, scale, c, arm, seed, sets))
+                else:
+                    runs.append(run_arm(out, scale, c, arm, seed, sets, info["text_backbone_accuracy"]))
     summary = report.summarise(c, runs)
     png = out / f"{c.name}.png"
     drawn = plots.claim_figure(summary, png, curves=name == "resampler")

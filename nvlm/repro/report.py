@@ -16,6 +16,10 @@ METRICS = {
     "text_accuracy": "held-out text-only accuracy (single-digit addition, 20 unseen pairs)",
     "final_loss": "stage-2 training loss (mean of the last 10 % of steps)",
     "samples_per_s": "training samples/s (median step, interleaved D/X/H)",
+    "count_accuracy": "held-out count accuracy (1-5 shapes, as trained; exact match)",
+    "wide_accuracy": "count accuracy on 8-9 tile canvases, larger than any training image",
+    "many_accuracy": "count accuracy on 6-7 shapes, more than any training answer",
+    "start_count_accuracy": "the stage-2 model's held-out count accuracy (where the third stage starts)",
 }
 
 
@@ -36,11 +40,16 @@ def per_arm(claim: Claim, runs: list[dict[str, Any]]) -> dict[str, dict[str, lis
 
 def chance(metric: str, tasks: tuple[str, ...]) -> float | None:
     """A uniform guess's value of `metric` on the claim's tasks (None: the metric has no chance level)."""
+    from nvlm.demo.synthetic import TASKS as DEMO_TASKS
     from nvlm.demo.synthetic import TEXT_TASKS
-    from nvlm.repro.tasks import TASKS
+    from nvlm.repro.tasks import COUNT_OOD, TASKS
 
     if metric in ("text_accuracy", "text_backbone_accuracy"):
         return TEXT_TASKS["add"].chance
+    if metric in ("count_accuracy", "start_count_accuracy"):
+        return DEMO_TASKS["count"].chance
+    if metric in ("wide_accuracy", "many_accuracy"):
+        return COUNT_OOD[f"count_{metric.split('_')[0]}"][2]
     if metric == "char_accuracy" and tasks:
         return sum(TASKS[t].char_chance for t in tasks) / len(tasks)
     if metric == "vl_accuracy" and tasks:
@@ -125,6 +134,8 @@ def section(summary: dict[str, Any], claim: Claim, plot: str | None) -> str:
     shown = [metric] + sorted({c["metric"] for c in summary["comparisons"]} - {metric})
     if summary["name"] == "text-sft":
         shown.append("text_backbone_accuracy")
+    if summary["name"] == "rl-vs-sft":
+        shown += ["many_accuracy", "start_count_accuracy"]
     lines = [f"## {summary['title']}", "", f"**Paper:** {summary['claim']}.", "", claim.paper, ""]
     lines += ["**Ours** (mean ± sample std over seeds, [min, max], per-seed values):", ""]
     lines += ["| arm | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]

@@ -44,13 +44,39 @@ class Scale:
     bench_steps: int = 5  # speed claim: timed steps per arch
     bench_warmup: int = 2
     bench: dict[str, Any] = field(default_factory=dict)  # other `nvlm bench train` Shape fields (tests: tiny)
+    # rl-vs-sft (nvlm.repro.rl): its stages 1 and 2 are the quick demo's (at the stage budgets above, a first
+    # default run's stage-2 model counted at chance, 0.18), then the third stage: steps, images a step, GRPO's
+    # group size, lr and temperature
+    rl_stage1_steps: int = 80
+    rl_stage2_steps: int = 480
+    rl_stage_batch: int = 32
+    rl_steps: int = 40
+    rl_prompts: int = 8
+    rl_group: int = 8
+    rl_lr: float = 5e-5
+    rl_temperature: float = 1.0
 
     def budget(self) -> Budget:
         return Budget(self.demo_n_train, self.n_test, self.text_steps, self.stage1_steps, self.stage2_steps, self.batch)
 
 
 SCALES = {
-    "quick": Scale("quick", 300, 40, 100, 120, 10, 30, batch=16, bench_steps=3, bench_warmup=1),
+    "quick": Scale(
+        "quick",
+        300,
+        40,
+        100,
+        120,
+        10,
+        30,
+        batch=16,
+        bench_steps=3,
+        bench_warmup=1,
+        rl_stage1_steps=10,
+        rl_stage2_steps=30,
+        rl_stage_batch=16,
+        rl_steps=2,
+    ),  # fmt: skip
     "default": Scale("default", 2000, 100, 300, 300, 60, 180, batch=16, bench_steps=15),
 }
 
@@ -164,6 +190,11 @@ def eval_tasks(loaded: Any, data: Path, names: tuple[str, ...], batch_size: int 
     return out
 
 
+def slug(name: str) -> str:
+    """An arm's name as a folder name."""
+    return name.replace(" ", "_").replace(",", "").replace("%", "pct").replace("(", "").replace(")", "")
+
+
 def run_arm(
     root: Path, scale: Scale, claim: Claim, arm: Arm, seed: int, sets: list[str], backbone_text: float
 ) -> dict[str, Any]:
@@ -171,8 +202,7 @@ def run_arm(
     import nvlm
     from nvlm.training.trainer import Trainer
 
-    slug = arm.name.replace(" ", "_").replace(",", "").replace("%", "pct").replace("(", "").replace(")", "")
-    out = root / claim.name / slug / f"seed{seed}"
+    out = root / claim.name / slug(arm.name) / f"seed{seed}"
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     t0 = time.perf_counter()

@@ -9,6 +9,10 @@ demo's primitives (:mod:`nvlm.demo.draw`) at its 32 px tile scale.
 * ``ocr_line`` (Appendix C): a line of 6 small digits across a 3×1 image, two per tile, each in its own half
   tile (so each sits under its own tile tokens and none straddles a tile border); transcribe it.
 
+Held-out only, out of the demo's ``count`` distribution (1–5 shapes on 1–6 tile canvases, RL vs SFT):
+``count_wide``: 1–5 shapes on 4×2 and 3×3 canvases, more tiles than any training image (the tiler fits them into
+its 6, so the shapes also appear smaller); ``count_many``: 6–7 shapes, counts no training answer holds.
+
 Deterministic per (seed, split, task); the held-out split draws from its own random stream and any held-out
 image whose pixels equal a training image's is redrawn, so the splits are disjoint.
 """
@@ -101,6 +105,58 @@ def sample_ocr_line(rng: random.Random) -> draw.Scene:
         ops.append(("glyph", (x, max(0, y)), mask, ink))
     text = "".join(digits)
     return draw.Scene(cols * TILE, TILE, _background(rng), text, f"a line of digits {' '.join(text)}", ops)
+
+
+WIDE_GRIDS = ((4, 2), (3, 3))  # 8 and 9 tiles: beyond the demo's 1-6 tile grids (and the tiler's 6)
+MANY_GRIDS = ((3, 1), (2, 2), (3, 2))  # room for 7 shapes of the demo's sizes
+
+
+def sample_count_beyond(rng: random.Random, counts: tuple[int, int], grids: tuple[tuple[int, int], ...]) -> draw.Scene:
+    """The demo's count scene (its shape sizes, colours and no-touch rule), with its count and canvas drawn from
+    other ranges."""
+    cols, rows = rng.choice(grids)
+    w, h, bg = cols * TILE, rows * TILE, _background(rng)
+    n = rng.randint(*counts)
+    placed: list[tuple[int, int, int]] = []
+    while len(placed) < n:  # rejection sampling: n shapes of radius <= 5 fit these canvases easily
+        r = rng.randint(round(0.1 * TILE), round(0.16 * TILE))
+        cx, cy = rng.randint(r, w - 1 - r), rng.randint(r, h - 1 - r)
+        if all(abs(cx - x) > r + s + 2 or abs(cy - y) > r + s + 2 for x, y, s in placed):
+            placed.append((cx, cy, r))
+    ops = []
+    for cx, cy, r in placed:  # every shape fills exactly its box [cx-r, cx+r]², as the demo's
+        kind, fill = rng.choice(draw.SHAPES), draw.PALETTE[rng.choice(list(draw.PALETTE))]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        ops.append(
+            ("ellipse", box, fill) if kind == "circle"
+            else ("rectangle", box, fill) if kind == "square"
+            else ("polygon", [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill)
+        )  # fmt: skip
+    return draw.Scene(w, h, bg, str(n), f"{n} shapes", ops)
+
+
+COUNT_QUESTION = "How many shapes are there?"  # the demo's count question
+COUNT_OOD = {
+    "count_wide": ((1, 5), WIDE_GRIDS, 1 / 5),  # (counts, canvases, chance: a uniform guess among 1-5)
+    "count_many": ((6, 7), MANY_GRIDS, 1 / 7),  # a guess among 1-7
+}
+
+
+def generate_count_ood(data: Path, n: int, seed: int = 0) -> dict[str, int]:
+    """Write ``test/count_wide.jsonl`` and ``test/count_many.jsonl`` (n items each) with their PNGs under `data`,
+    in the demo's record layout; same arguments → same bytes."""
+    for name, (counts, grids, _) in COUNT_OOD.items():
+        for folder in (data / "images" / "test", data / "test"):
+            folder.mkdir(parents=True, exist_ok=True)
+        rng = stream(seed, "test", name)
+        recs = []
+        for i in range(n):
+            scene = sample_count_beyond(rng, counts, grids)
+            rel = f"images/test/{name}_{i:06d}.png"
+            draw.render(scene).save(data / rel, format="PNG", compress_level=1)
+            recs.append(_record(f"test_{name}_{i:06d}", COUNT_QUESTION, scene.answer, name, rel))
+        _write(data / "test" / f"{name}.jsonl", recs)
+    return {name: n for name in COUNT_OOD}
 
 
 SAMPLERS = {"tile_read": sample_tile_read, "tile_mark": sample_tile_mark, "ocr_line": sample_ocr_line}

@@ -11,7 +11,8 @@ One pair a line (blank lines skipped):
 
 Image paths are relative to the file's folder (or ``image_root``). A pair is the prompt encoded once, rendered as
 ChatML up to ``<|im_start|>assistant\\n``, and each answer's ids with its ``<|im_end|>`` (as SFT labels answers).
-The stream hands out pairs in a seeded order, a new permutation each epoch, position p to process p mod N; the
+The stream hands out pairs in a seeded order, a new permutation each epoch (several files: each file's share of
+an epoch is its ``weight``'s), position p to process p mod N; the
 position is the whole of its state, so a resumed run reads the pairs it would have read.
 """
 
@@ -132,21 +133,48 @@ def encode_pair(processor: Any, record: PairRecord, index: int, system: str | No
     return Pair(index, prompt, ids[0], ids[1])
 
 
+def weighted_epoch(spans: list[tuple[int, int, float]], seed: str) -> list[int]:
+    """One epoch of pair indices over several files, as many as all files hold, each file's share its weight's
+    (``data.sources[].weight``, as SFT's blend; largest remainders round): file f's pairs ``spans[f] = (start,
+    count, weight)`` in a seeded permutation, repeated when its share exceeds its count, then all shuffled."""
+    total, weights = sum(n for _, n, _ in spans), sum(w for _, _, w in spans)
+    exact = [total * w / weights for _, _, w in spans]
+    quota = [int(e) for e in exact]
+    by_remainder = sorted(range(len(spans)), key=lambda f: quota[f] - exact[f])
+    for f in by_remainder[: total - sum(quota)]:
+        quota[f] += 1
+    order: list[int] = []
+    for f, ((start, n, _), q) in enumerate(zip(spans, quota, strict=True)):
+        own = list(range(start, start + n))
+        random.Random(f"{seed}:{f}").shuffle(own)
+        order += [own[k % n] for k in range(q)]
+    random.Random(seed).shuffle(order)
+    return order
+
+
 class PairStream:
     """The pairs of every ``data.sources`` file for one process, in a seeded order, encoded as they are read.
     The trainer drives it as its sample stream (``batch``, ``state_dict``, ``load_state_dict``, ``close``)."""
 
     def __init__(self, sources: list[Any], processor: Any, system: str | None, seed: int, rank: int, world: int):
-        self.records = [r for s in sources for r in read_pairs(s.path, s.image_root)]
+        read = [read_pairs(s.path, s.image_root) for s in sources]
+        self.records = [r for rs in read for r in rs]
+        starts = [sum(len(rs) for rs in read[:i]) for i in range(len(read))]
+        self.spans = [(a, len(rs), float(s.weight)) for a, rs, s in zip(starts, read, sources, strict=True)]
+        if sum(w for _, _, w in self.spans) <= 0:
+            raise UserError("data.sources: every pair file has weight 0; give at least one a weight > 0")
         self.processor, self.system, self.seed, self.rank, self.world = processor, system, seed, rank, world
         self.position = 0
         self.counts: Counter[str] = Counter()
         self._epoch: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        if self._epoch[0] != epoch:  # one permutation per epoch, the same on every process and after a resume
-            order = list(range(len(self.records)))
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        if self._epoch[0] != epoch:  # one order per epoch, the same on every process and after a resume
+            if len(self.spans) == 1:  # one file: a permutation of its pairs
+                order = list(range(len(self.records)))
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            else:
+                order = weighted_epoch(self.spans, f"{self.seed}:{epoch}")
             self._epoch = (epoch, order)
         return self._epoch[1]
 

@@ -47,18 +47,20 @@ class GRPOStep:
         ro = rollout(self.model, self.processor, prompts, g, rl.max_new_tokens, temperature=rl.temperature,
                      top_p=rl.top_p, eos_ids=self.eos, generator=generator,
                      fixed_steps=self.world.distributed)  # fmt: skip
+        per = [i // g for i in range(len(ro.completions))]
+        ids, finished = fit_completions([len(ro.prompt_ids[i]) for i in per], ro.completions, ro.finished,
+                                        self.cfg.data.max_seq_len)  # fmt: skip
         tok = self.processor.tokenizer
         completions = [Completion(tok.decode(c, skip_special_tokens=True), f)
-                       for c, f in zip(ro.completions, ro.finished, strict=True)]  # fmt: skip
+                       for c, f in zip(ids, finished, strict=True)]  # fmt: skip
         texts = [tok.decode(p, skip_special_tokens=True) for p in ro.prompt_ids]
-        per = [i // g for i in range(len(completions))]
         rewards = score(rl.rewards, [texts[i] for i in per], completions, [references[i] for i in per])
         total = torch.tensor([sum(v) for v in zip(*rewards.values(), strict=True)])
         advantages = group_advantages(total, g, rl.adv_eps)
-        rows = [with_completion(prompts[i], c) for i, c in zip(per, ro.completions, strict=True)]
+        rows = [with_completion(prompts[i], c) for i, c in zip(per, ids, strict=True)]
         t0 = time.perf_counter()
         out = self._updates(rows, advantages, optimizer)
-        self.stats = self._stats(rewards, ro.completions, ro.seconds, time.perf_counter() - t0)
+        self.stats = self._stats(rewards, ids, ro.seconds, time.perf_counter() - t0)
         return out
 
     def _batches(self, rows: list[Encoded], advantages: torch.Tensor) -> list[tuple[dict[str, Any], torch.Tensor]]:
@@ -120,19 +122,35 @@ class GRPOStep:
     def _stats(
         self, rewards: dict[str, list[float]], completions: list[list[int]], rollout_s: float, train_s: float
     ) -> dict[str, float]:
-        """Rewards (each and their sum: mean and std over every process's completions), completion length and
-        this process's rollout and training seconds."""
+        """Rewards (each and their sum: mean and std over every process's completions), the share of groups
+        whose rewards differ, completion length and this process's rollout and training seconds."""
         named = {**rewards, "": [sum(v) for v in zip(*rewards.values(), strict=True)]}
         sums = [f(v) for v in named.values() for f in (sum, lambda v: sum(x * x for x in v))]
-        n, length, *sums = all_reduce([float(len(completions)), float(sum(map(len, completions))), *sums], self.world)
+        g = self.rl.group_size
+        groups = [named[""][i : i + g] for i in range(0, len(completions), g)]
+        mixed = float(sum(max(r) != min(r) for r in groups))  # groups that teach: not every reward equal
+        n, length, mixed, *sums = all_reduce(
+            [float(len(completions)), float(sum(map(len, completions))), mixed, *sums], self.world
+        )
         out: dict[str, float] = {}
         for k, name in enumerate(named):
             mean, square = sums[2 * k] / n, sums[2 * k + 1] / n
             key = f"reward/{name}/" if name else "reward/"
             out[key + "mean"], out[key + "std"] = mean, math.sqrt(max(square - mean * mean, 0.0))
         out.update(kl=self.stats["kl"], clip_fraction=self.stats["clip_fraction"], completion_len=length / n)
+        out["mixed_groups"] = mixed * g / n  # the share of groups with a non-zero advantage
         out["rollout_s"], out["train_s"] = rollout_s, train_s
         return out
+
+
+def fit_completions(
+    prompt_lens: list[int], completions: list[list[int]], finished: list[bool], max_seq_len: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Each completion cut so that its prompt and it fit ``data.max_seq_len`` (what SFT's samples must fit); a
+    cut completion did not end by itself. The rollout still decodes ``max_new_tokens`` for every row: under
+    torchrun all processes decode the same number of steps, whatever their prompts' lengths."""
+    cut = [c[: max(max_seq_len - n, 0)] for n, c in zip(prompt_lens, completions, strict=True)]
+    return cut, [f and len(k) == len(c) for f, k, c in zip(finished, cut, completions, strict=True)]
 
 
 def make_reference(frozen: Any) -> Reference:
