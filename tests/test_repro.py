@@ -269,3 +269,47 @@ def test_ocr_line_digits_each_sit_in_their_own_half_tile():
         for slot, (_, (x, y), mask, _) in enumerate(glyphs):
             assert x // half == (x + mask.width - 1) // half == slot, (k, slot, x, mask.width)
             assert 0 <= y and y + mask.height <= tasks.TILE
+
+
+def test_an_arm_reuses_only_a_result_of_its_own_configs(tmp_path):
+    from nvlm.repro.run import configs_key, earlier_result
+
+    c1, c2 = arm_configs(tmp_path, SCALES["quick"], claims.TEXT_SFT, claims.TEXT_SFT.arms[0], 0, [])
+    key = configs_key({"stage1": c1, "stage2": c2})
+    other = configs_key({"stage1": c1, "stage2": dataclasses.replace(c2, train=dataclasses.replace(c2.train, lr=1.0))})
+    assert key != other
+    out = tmp_path / "text-sft" / "arm" / "seed0"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"configs_key": key, "metrics": {"text_accuracy": 0.5}}))
+    assert earlier_result(out, key) == {"configs_key": key, "metrics": {"text_accuracy": 0.5}}
+    # another config (an edited claim, another --set): the old result is set aside, kept, and the arm runs again
+    assert earlier_result(out, other) is None
+    assert not out.exists() and json.loads((out.parent / f"seed0.old-{key[:10]}" / "result.json").read_text())
+    # a result from before results carried their configs' key is not trusted either
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"metrics": {}}))
+    assert earlier_result(out, key) is None and (out.parent / "seed0.old-unkeyed").is_dir()
+    # an unfinished arm of other configs: its stages must not resume from checkpoints of those configs
+    out.mkdir()
+    (out / "configs_key").write_text(other)
+    assert earlier_result(out, key) is None and (out.parent / f"seed0.old-{other[:10]}").is_dir()
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_repro_run_with_code_130(tmp_path, monkeypatch, capsys):
+    from nvlm.cli import main
+    from nvlm.repro import cli as repro_cli
+    from nvlm.repro.run import Interrupted, trained
+    from nvlm.training.trainer import TrainResult
+
+    stopped = TrainResult(12, None, True, {}, 1.0)
+    with pytest.raises(Interrupted, match="the same command resumes it"):
+        trained(stopped, tmp_path / "stage2")
+    assert trained(dataclasses.replace(stopped, final_dir=tmp_path, interrupted=False), tmp_path) == tmp_path
+
+    def stops(*args, **kwargs):
+        raise Interrupted(f"stopped by a signal in {tmp_path}; the same command resumes it")
+
+    monkeypatch.setattr(repro_cli, "run_claim", stops)
+    assert main(["repro", "text-sft", "--out", str(tmp_path), "--threads", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by a signal" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ paper's design findings at laptop scale and write ``results.json``, a PNG per cl
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,14 @@ def cmd_repro(args: argparse.Namespace) -> int:
     seeds = 2 if args.quick else args.seeds  # two: the least a verdict can be computed from
     out = Path(args.out) / ("quick" if args.quick else "")
     scale = SCALES["quick" if args.quick else "default"]
-    for name, arch in runs:
-        run_claim(name, out, arch, seeds, scale, args.set, args.device)
+    from nvlm.repro.run import Interrupted
+
+    try:
+        for name, arch in runs:
+            run_claim(name, out, arch, seeds, scale, args.set, args.device)
+    except Interrupted as e:
+        print(f"nvlm repro: {e}", file=sys.stderr)
+        return 130  # the shell's code for a run stopped by a signal
     print(f"report: {out / 'REPORT.md'}; data: {out / 'results.json'}")
     return 0
 

@@ -98,31 +98,34 @@ def _key(cfg: RunConfig) -> str:
 
 def run_rl_arm(root: Path, scale: Any, claim: Claim, arm: Arm, seed: int, sets: list[str]) -> dict[str, Any]:
     """Stages 1 and 2 (shared by the arms of one arch and seed), the third stage and the held-out evaluations."""
-    from nvlm.repro.run import _quiet, slug
+    from nvlm.repro.run import _quiet, configs_key, earlier_result, slug, trained
     from nvlm.training.trainer import Trainer
 
     out = root / claim.name / slug(arm.name) / f"seed{seed}"
-    if (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
+    c1, c2, c3 = stage_configs(root, scale, arm, seed, sets)
+    key = configs_key({"stage1": c1, "stage2": c2, "stage3": c3})
+    earlier = earlier_result(out, key)
+    if earlier is not None:
+        return earlier
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "configs_key").write_text(key)
     log, data = _quiet(out / "log.txt"), root / "data"
     if not (data / "test" / "count_wide.jsonl").exists():
         rtasks.generate_count_ood(data, scale.n_test)
-    c1, c2, c3 = stage_configs(root, scale, arm, seed, sets)
     s1 = root / "stage1" / f"{arm.arch}-{_key(c1)}"
     r1 = Trainer(c1, s1, log=log, progress=False).run()
-    c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(r1.final_dir)))
+    c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(trained(r1, s1))))
     s2 = root / "stage2" / f"{arm.arch}-{_key(c2)}"  # the same stage-2 model for GRPO and more SFT
-    r2 = Trainer(c2, s2, log=log, progress=False).run()
+    final2 = trained(Trainer(c2, s2, log=log, progress=False).run(), s2)
     if not (s2 / "counts.json").exists():
-        (s2 / "counts.json").write_text(json.dumps(evaluate_counts(r2.final_dir, data)))
+        (s2 / "counts.json").write_text(json.dumps(evaluate_counts(final2, data)))
     start = json.loads((s2 / "counts.json").read_text())
-    c3 = dataclasses.replace(c3, model=dataclasses.replace(c3.model, init_from=str(r2.final_dir)))
+    c3 = dataclasses.replace(c3, model=dataclasses.replace(c3.model, init_from=str(final2)))
     t3 = time.perf_counter()
     r3 = Trainer(c3, out / "stage3", log=log, progress=False).run()
     stage3_s = time.perf_counter() - t3
-    after = evaluate_counts(r3.final_dir, data)
+    after = evaluate_counts(trained(r3, out / "stage3"), data)
     rows = list(read_metrics(out / "stage3" / "metrics.jsonl"))
     result = {
         "claim": claim.name,
@@ -136,6 +139,7 @@ def run_rl_arm(root: Path, scale: Any, claim: Claim, arm: Arm, seed: int, sets: 
         "stage3_s": stage3_s,
         "wall_s": time.perf_counter() - t0,
         "config": {"stage1": c1.to_dict(), "stage2": c2.to_dict(), "stage3": c3.to_dict()},
+        "configs_key": key,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result

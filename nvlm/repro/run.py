@@ -164,6 +164,38 @@ def _key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
+class Interrupted(Exception):
+    """A stage was stopped by a signal (its checkpoint saved): the repro run stops; the same command resumes it."""
+
+
+def trained(result: Any, where: Path) -> Path:
+    """The final checkpoint of a finished stage; Interrupted when a signal stopped it first."""
+    if result.interrupted or result.final_dir is None:
+        raise Interrupted(f"stopped by a signal in {where}; the same command resumes it (finished arms are kept)")
+    return Path(result.final_dir)
+
+
+def configs_key(configs: dict[str, RunConfig]) -> str:
+    """What an arm's result is made from: its stages' run configs (before the runs fill in init_from)."""
+    return hashlib.sha256(json.dumps({k: c.to_dict() for k, c in configs.items()}, sort_keys=True).encode()).hexdigest()
+
+
+def earlier_result(out: Path, key: str) -> dict[str, Any] | None:
+    """An arm's earlier result when it was made from the same configs. A result of other configs (an edited claim,
+    other --set values, an older nvlm) is set aside as ``seedN.old-<its key>``, kept, and the arm runs again."""
+    path = out / "result.json"
+    if not path.exists():
+        if out.exists():  # an unfinished arm: its stages resume only if they were made from the same configs
+            if (out / "configs_key").exists() and (out / "configs_key").read_text() != key:
+                out.rename(out.with_name(f"{out.name}.old-{(out / 'configs_key').read_text()[:10]}"))
+        return None
+    old = json.loads(path.read_text())
+    if old.get("configs_key") == key:
+        return old
+    out.rename(out.with_name(f"{out.name}.old-{str(old.get('configs_key', 'unkeyed'))[:10]}"))
+    return None
+
+
 def eval_tasks(loaded: Any, data: Path, names: tuple[str, ...], batch_size: int = 50) -> dict[str, Any]:
     """Greedy answers of (model, processor) on every held-out item → exact-match and per-character accuracy per
     task."""
@@ -203,17 +235,20 @@ def run_arm(
     from nvlm.training.trainer import Trainer
 
     out = root / claim.name / slug(arm.name) / f"seed{seed}"
-    if (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
+    c1, c2 = arm_configs(root, scale, claim, arm, seed, sets)
+    key = configs_key({"stage1": c1, "stage2": c2})
+    earlier = earlier_result(out, key)
+    if earlier is not None:
+        return earlier
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "configs_key").write_text(key)
     log = _quiet(out / "log.txt")
-    c1, c2 = arm_configs(root, scale, claim, arm, seed, sets)
     s1 = root / "stage1" / f"{arm.arch}-{_key(c1)}"  # arms with equal stage-1 configs share it
     r1 = Trainer(c1, s1, log=log, progress=False).run()
-    c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(r1.final_dir)))
+    c2 = dataclasses.replace(c2, model=dataclasses.replace(c2.model, init_from=str(trained(r1, s1))))
     r2 = Trainer(c2, out / "stage2", log=log, progress=False).run()
-    loaded = nvlm.load(r2.final_dir)
+    loaded = nvlm.load(trained(r2, out / "stage2"))
     per_task = eval_tasks(loaded, root / "data", claim.tasks)
     text = evaluate(loaded, root / "data", ("add",))["add"]["accuracy"]
     curves = {"stage 1": [r["loss"] for r in read_metrics(s1 / "metrics.jsonl")]}
@@ -235,6 +270,7 @@ def run_arm(
         "samples_per_s": {"stage1": r1.samples_per_s, "stage2": r2.samples_per_s},
         "wall_s": time.perf_counter() - t0,
         "config": {"stage1": c1.to_dict(), "stage2": c2.to_dict()},
+        "configs_key": key,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
