@@ -1,6 +1,6 @@
 """`nvlm demo --quick` end to end: held-out accuracy above chance, results.json, a chat-able checkpoint.
 
-python -m pytest tests/test_demo.py -q      (about 3 minutes on 2 cores)
+python -m pytest tests/test_demo.py -q      (about 3 minutes on 2 cores; marked slow)
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ def test_demo_quick_learns_every_task(tmp_path, capsys):
         json.loads(line)["loss"] for line in (out / "nvlm-d" / "stage1" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(stage1) >= 6 and sum(stage1[-3:]) <= 0.75 * sum(stage1[:3]), stage1
-    # the stage-1 model alone is evaluated on the same held-out sets (the quick budget's 80 steps are too few
-    # to beat chance reliably; the default 400 steps are what the README reports)
+    # the stage-1 model alone (LLM frozen) is evaluated on the same held-out sets, and the alignment reaches the
+    # frozen LLM: above chance on some task. Measured (1 thread) with 240 stage-1 steps: 2 tasks for seed 0 and 3
+    # for seed 1; with the former 80 steps, none for seed 1 (and none in an earlier seed-0 run)
     assert set(results["tasks_stage1"]) == set(tasks)
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == tasks[t]["n"] for t, r in results["tasks_stage1"].items())
+    assert any(r["accuracy"] > r["chance"] for r in results["tasks_stage1"].values()), results["tasks_stage1"]
     ckpt = results["runs"][0]["checkpoint"]
     assert (out / "nvlm-d" / "loss.png").is_file()
     assert (
