@@ -11,7 +11,7 @@ import pytest
 
 from nvlm.repro import claims, report, rl
 from nvlm.repro import tasks as rtasks
-from nvlm.repro.run import SCALES
+from nvlm.repro.run import SCALES, _key
 
 
 def test_out_of_distribution_counts_and_canvases():
@@ -49,7 +49,7 @@ def test_arms_share_stages_one_and_two_and_differ_only_in_the_third():
     by_arm = {a.name: rl.stage_configs(root, scale, a, 3, []) for a in c.arms}
     for grpo, sft in (("GRPO", "more SFT"), ("GRPO, NVLM-X", "more SFT, NVLM-X")):
         g, s = by_arm[grpo], by_arm[sft]
-        assert rl._key(g[0]) == rl._key(s[0]) and rl._key(g[1]) == rl._key(s[1])  # one stage-2 model for both
+        assert _key(g[0]) == _key(s[0]) and _key(g[1]) == _key(s[1])  # one stage-2 model for both
         assert g[2].train.stage == "grpo" and s[2].train.stage == "sft"
         for cfg in (g[2], s[2]):
             assert [Path(src["path"]).name for src in cfg.data.sources] == ["count.jsonl"]

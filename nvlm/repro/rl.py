@@ -90,26 +90,17 @@ def stage_configs(root: Path, scale: Any, arm: Arm, seed: int, sets: list[str]) 
     return override(s1, sets), override(s2, sets), override(s3, sets)
 
 
-def _key(cfg: RunConfig) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-
-
 def run_rl_arm(root: Path, scale: Any, claim: Claim, arm: Arm, seed: int, sets: list[str]) -> dict[str, Any]:
     """Stages 1 and 2 (shared by the arms of one arch and seed), the third stage and the held-out evaluations."""
-    from nvlm.repro.run import _quiet, configs_key, earlier_result, slug, trained
+    from nvlm.repro.run import _key, _quiet, begin_arm, slug, trained
     from nvlm.training.trainer import Trainer
 
     out = root / claim.name / slug(arm.name) / f"seed{seed}"
     c1, c2, c3 = stage_configs(root, scale, arm, seed, sets)
-    key = configs_key({"stage1": c1, "stage2": c2, "stage3": c3})
-    earlier = earlier_result(out, key)
+    key, earlier = begin_arm(out, {"stage1": c1, "stage2": c2, "stage3": c3})
     if earlier is not None:
         return earlier
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "configs_key").write_text(key)
     log, data = _quiet(out / "log.txt"), root / "data"
     if not (data / "test" / "count_wide.jsonl").exists():
         rtasks.generate_count_ood(data, scale.n_test)

@@ -180,6 +180,17 @@ def configs_key(configs: dict[str, RunConfig]) -> str:
     return hashlib.sha256(json.dumps({k: c.to_dict() for k, c in configs.items()}, sort_keys=True).encode()).hexdigest()
 
 
+def begin_arm(out: Path, configs: dict[str, RunConfig]) -> tuple[str, dict[str, Any] | None]:
+    """(the key of an arm's stage configs, its earlier result made from them or None); an arm that runs gets its
+    folder, marked with the key."""
+    key = configs_key(configs)
+    earlier = earlier_result(out, key)
+    if earlier is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "configs_key").write_text(key)
+    return key, earlier
+
+
 def earlier_result(out: Path, key: str) -> dict[str, Any] | None:
     """An arm's earlier result when it was made from the same configs. A result of other configs (an edited claim,
     other --set values, an older nvlm) is set aside as ``seedN.old-<its key>``, kept, and the arm runs again."""
@@ -236,13 +247,10 @@ def run_arm(
 
     out = root / claim.name / slug(arm.name) / f"seed{seed}"
     c1, c2 = arm_configs(root, scale, claim, arm, seed, sets)
-    key = configs_key({"stage1": c1, "stage2": c2})
-    earlier = earlier_result(out, key)
+    key, earlier = begin_arm(out, {"stage1": c1, "stage2": c2})
     if earlier is not None:
         return earlier
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "configs_key").write_text(key)
     log = _quiet(out / "log.txt")
     s1 = root / "stage1" / f"{arm.arch}-{_key(c1)}"  # arms with equal stage-1 configs share it
     r1 = Trainer(c1, s1, log=log, progress=False).run()
