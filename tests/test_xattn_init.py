@@ -79,5 +79,5 @@ def test_an_x_attn_tensor_without_a_rule_is_an_error():
             super().__init__()
             self.xattn = torch.nn.ModuleList([Odd()])
 
-    with pytest.raises(NotImplementedError, match="xattn.0.scale"):
+    with pytest.raises(TypeError, match="xattn.0.scale"):
         xattn_init.plan(Model(), seed=1)

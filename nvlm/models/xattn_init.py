@@ -78,4 +78,4 @@ def _rule(module: nn.Module, local: str, key: str) -> tuple[str, float]:
         return "constant", 1.0 if local == "weight" else 0.0
     if local.startswith("gate_"):  # tanh(0) = 0: the block adds nothing until it has learnt to
         return "constant", 0.0
-    raise NotImplementedError(f"no starting values for the x-attn tensor {key} ({type(module).__name__})")
+    raise TypeError(f"no starting values for the x-attn tensor {key} ({type(module).__name__}): give it a rule here")
