@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nvlm.data.processor import TiledImage
 from nvlm.serve.engine import Engine, EngineError, Event, SamplingParams
-from nvlm.serve.media import MediaError, MediaGate
+from nvlm.serve.media import MediaGate
 
 _TYPES = {
     400: "invalid_request_error",
@@ -91,10 +91,8 @@ class Serving:
 
     def load_images(self, urls: list[str], budgets: list[int]) -> list[TiledImage]:
         """Each image URL fetched and checked, then decoded and tiled for its budget; bytes the encoder cache has
-        seen with the same budget are neither decoded nor tiled again. MediaError for a bad image."""
-        if len(urls) > self.gate.policy.max_images:
-            most = self.gate.policy.max_images
-            raise MediaError(f"{len(urls)} images in one request; this server takes at most {most}")
+        seen with the same budget are neither decoded nor tiled again. MediaError for a bad image. (The route has
+        counted the images against ``max_images`` before any fetch.)"""
         cache, processor = self.engine.encoder_cache, self.engine.processor
         out = []
         for url, top in zip(urls, budgets, strict=True):
